@@ -1,0 +1,350 @@
+"""COCO-format detection data for torchvision detectors.
+
+`CocoDetection` reads any COCO instances JSON (the synthetic shapes set or real COCO 2017) and returns
+torchvision targets: `boxes` xyxy float pixels, contiguous `labels`, `image_id`, `area`, `iscrowd` and
+optionally instance `masks`. Category ids are mapped to contiguous model labels once, here, by a
+`LabelMap` that travels with checkpoints so predictions can be written back as dataset category ids.
+
+Bad input fails early with a `DataError` that names the file and the offending id: the JSON is validated
+before pycocotools sees it, and each image is checked against its JSON entry when it is loaded.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from pycocotools.coco import COCO
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+
+class DataError(ValueError):
+    """Bad input data (annotation file, image file, label map); the message names the file and the id."""
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """Contiguous model labels <-> dataset category ids.
+
+    `labels[i]` is the model's class index for dataset category `cat_ids[i]` named `names[i]`. Label 0 is
+    background (torchvision detectors reserve it), so labels start at 1.
+    """
+
+    labels: tuple[int, ...]
+    cat_ids: tuple[int, ...]
+    names: tuple[str, ...]
+    _to_cat: dict = field(init=False, repr=False, compare=False)
+    _to_label: dict = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        # Accept lists (e.g. from JSON) but store tuples so the map stays hashable and immutable.
+        labels, cat_ids = tuple(int(v) for v in self.labels), tuple(int(v) for v in self.cat_ids)
+        names = tuple(str(v) for v in self.names)
+        if not len(labels) == len(cat_ids) == len(names):
+            raise DataError(f"label map needs as many labels, category ids and names; found "
+                            f"{len(labels)}, {len(cat_ids)} and {len(names)}")
+        if len(set(labels)) != len(labels) or len(set(cat_ids)) != len(cat_ids):
+            raise DataError(f"label map labels and category ids must be unique; found labels {labels}, "
+                            f"category ids {cat_ids}")
+        if any(v < 1 for v in labels):
+            raise DataError(f"label map labels must be >= 1 (0 is background); found {labels}")
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "cat_ids", cat_ids)
+        object.__setattr__(self, "names", names)
+        object.__setattr__(self, "_to_cat", dict(zip(labels, cat_ids)))
+        object.__setattr__(self, "_to_label", dict(zip(cat_ids, labels)))
+
+    @property
+    def num_classes(self) -> int:
+        """Number of model classes including background: `max(labels) + 1`."""
+        return max(self.labels, default=0) + 1
+
+    def to_cat_id(self, label: int) -> int:
+        try:
+            return self._to_cat[int(label)]
+        except KeyError:
+            raise KeyError(f"model label {label} is not in the label map (labels {self.labels})") from None
+
+    def to_label(self, cat_id: int) -> int:
+        try:
+            return self._to_label[int(cat_id)]
+        except KeyError:
+            raise KeyError(f"category id {cat_id} is not in the label map (category ids {self.cat_ids})") from None
+
+    def name_of_label(self, label: int) -> str:
+        return self.names[self.labels.index(int(label))]
+
+    @classmethod
+    def from_categories(cls, categories: list[dict]) -> LabelMap:
+        """Labels 1..K for the categories sorted by id (the usual mapping for training from scratch)."""
+        cats = sorted(categories, key=lambda c: int(c["id"]))
+        return cls(tuple(range(1, len(cats) + 1)), tuple(int(c["id"]) for c in cats),
+                   tuple(str(c.get("name", c["id"])) for c in cats))
+
+    @classmethod
+    def identity(cls, categories: list[dict]) -> LabelMap:
+        """Label == category id: the mapping of torchvision's COCO weights (91 classes with gaps)."""
+        cats = sorted(categories, key=lambda c: int(c["id"]))
+        ids = tuple(int(c["id"]) for c in cats)
+        return cls(ids, ids, tuple(str(c.get("name", c["id"])) for c in cats))
+
+    def to_dict(self) -> dict:
+        """Plain lists of ints and strs: safe for JSON and `torch.load(weights_only=True)`."""
+        return {"labels": list(self.labels), "cat_ids": list(self.cat_ids), "names": list(self.names)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LabelMap:
+        missing = {"labels", "cat_ids", "names"} - set(d)
+        if missing:
+            raise DataError(f"label map dict is missing {sorted(missing)}; found keys {sorted(d)}")
+        return cls(tuple(d["labels"]), tuple(d["cat_ids"]), tuple(d["names"]))
+
+
+def load_coco(ann_file) -> COCO:
+    """Read and validate a COCO instances JSON, then index it with pycocotools.
+
+    Checked before pycocotools sees the data (which would fail with a bare KeyError or silently
+    overwrite): readable file and valid JSON, the top-level lists, required keys of every image,
+    annotation and category, unique ids, and annotations pointing at known images and categories.
+    """
+    ann_file = Path(ann_file)
+    try:
+        text = ann_file.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read annotation file {ann_file}: {e}") from e
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"malformed JSON in {ann_file} at line {e.lineno} column {e.colno}: {e.msg}") from e
+    _validate(d, ann_file)
+    coco = COCO()
+    coco.dataset = d
+    with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
+        coco.createIndex()
+    return coco
+
+
+def _validate(d, ann_file: Path) -> None:
+    if not isinstance(d, dict):
+        raise DataError(f"{ann_file}: expected a JSON object at top level, found {type(d).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(d.get(key), list):
+            found = "nothing" if key not in d else type(d[key]).__name__
+            raise DataError(f"{ann_file}: expected top-level key {key!r} with a list, found {found}")
+
+    def check_keys(entry, required, kind, index):
+        if not isinstance(entry, dict):
+            raise DataError(f"{ann_file}: {kind} #{index} should be an object, found {type(entry).__name__}")
+        missing = [k for k in required if k not in entry]
+        if missing:
+            where = f"id {entry['id']}" if "id" in entry else f"#{index} (no id)"
+            raise DataError(f"{ann_file}: {kind} {where} is missing {missing}")
+
+    def check_unique(ids, kind):
+        if len(set(ids)) != len(ids):
+            seen, dup = set(), None
+            for i in ids:
+                if i in seen:
+                    dup = i
+                    break
+                seen.add(i)
+            raise DataError(f"{ann_file}: duplicate {kind} id {dup}")
+
+    for i, cat in enumerate(d["categories"]):
+        check_keys(cat, ("id", "name"), "category", i)
+    for i, img in enumerate(d["images"]):
+        check_keys(img, ("id", "file_name", "width", "height"), "image", i)
+    for i, ann in enumerate(d["annotations"]):
+        check_keys(ann, ("id", "image_id", "category_id", "bbox"), "annotation", i)
+    for img in d["images"]:
+        if not all(isinstance(img[k], int) and img[k] > 0 for k in ("width", "height")):
+            raise DataError(f"{ann_file}: image id {img['id']} width and height should be positive integers, "
+                            f"found {img['width']!r} x {img['height']!r}")
+    check_unique([c["id"] for c in d["categories"]], "category")
+    check_unique([img["id"] for img in d["images"]], "image")
+    check_unique([a["id"] for a in d["annotations"]], "annotation")
+
+    image_ids = {img["id"] for img in d["images"]}
+    cat_ids = {c["id"] for c in d["categories"]}
+    for ann in d["annotations"]:
+        if ann["image_id"] not in image_ids:
+            raise DataError(f"{ann_file}: annotation id {ann['id']} points at unknown image id {ann['image_id']}")
+        if ann["category_id"] not in cat_ids:
+            raise DataError(f"{ann_file}: annotation id {ann['id']} has unknown category id "
+                            f"{ann['category_id']} (known: {sorted(cat_ids)})")
+        bbox = ann["bbox"]
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+            raise DataError(f"{ann_file}: annotation id {ann['id']} bbox should be 4 numbers [x, y, w, h], "
+                            f"found {bbox!r}")
+
+
+class CocoDetection(Dataset):
+    """A COCO-format detection dataset returning `(image (3, H, W) float in [0, 1], target dict)`.
+
+    Target: `boxes` float32 `(K, 4)` xyxy pixels, `labels` int64 `(K,)` (model labels via `label_map`),
+    `image_id` int64 scalar, `area` float32 `(K,)`, `iscrowd` int64 `(K,)` and, with `masks=True`, `masks`
+    uint8 `(K, H, W)`. Crowd annotations are left out (COCOeval reads them from the JSON) and so are boxes
+    with no extent inside the image (one warning per dataset with the count). Images without annotations
+    are kept, with empty `(0, 4)` boxes. `train=True` flips image, boxes and masks horizontally with
+    probability `hflip_prob` (torch's global RNG).
+    """
+
+    def __init__(self, image_dir, ann_file, *, train: bool = False, masks: bool = False,
+                 label_map: LabelMap | None = None, hflip_prob: float = 0.5):
+        self.image_dir = Path(image_dir)
+        self.ann_file = Path(ann_file)
+        self.train = train
+        self.masks = masks
+        self.hflip_prob = hflip_prob
+        self.coco = load_coco(self.ann_file)
+        categories = self.coco.dataset["categories"]
+        if label_map is None:
+            label_map = LabelMap.from_categories(categories)
+        else:
+            missing = sorted({c["id"] for c in categories} - set(label_map.cat_ids))
+            if missing:
+                raise DataError(f"label map does not cover category ids {missing} of {self.ann_file} "
+                                f"(it maps category ids {list(label_map.cat_ids)})")
+        self.label_map = label_map
+        self.ids = sorted(self.coco.imgs)
+        self._anns = self._usable_annotations()
+
+    def _usable_annotations(self) -> dict[int, list[tuple[dict, list[float]]]]:
+        """Per image id: (annotation, clipped xyxy box) for every non-crowd annotation with a real box."""
+        usable, skipped = {}, 0
+        for image_id in self.ids:
+            info = self.coco.imgs[image_id]
+            w, h = info["width"], info["height"]
+            usable[image_id] = []
+            for ann in self.coco.imgToAnns.get(image_id, []):
+                if ann.get("iscrowd", 0):
+                    continue
+                x, y, bw, bh = ann["bbox"]
+                box = [min(max(x, 0), w), min(max(y, 0), h), min(max(x + bw, 0), w), min(max(y + bh, 0), h)]
+                if box[2] > box[0] and box[3] > box[1]:  # also False for NaN
+                    usable[image_id].append((ann, box))
+                else:
+                    skipped += 1
+        if skipped:
+            warnings.warn(f"skipped {skipped} annotations with degenerate boxes in {self.ann_file}", stacklevel=3)
+        return usable
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        image_id = self.ids[index]
+        info = self.coco.imgs[image_id]
+        image = self._load_image(info)
+        anns = self._anns[image_id]
+        target = {
+            "boxes": torch.tensor([box for _, box in anns], dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor([self.label_map.to_label(a["category_id"]) for a, _ in anns],
+                                   dtype=torch.int64),
+            "image_id": torch.tensor(image_id, dtype=torch.int64),
+            "area": torch.tensor([a.get("area", (b[2] - b[0]) * (b[3] - b[1])) for a, b in anns],
+                                 dtype=torch.float32),
+            "iscrowd": torch.zeros(len(anns), dtype=torch.int64),
+        }
+        if self.masks:
+            target["masks"] = self._load_masks(info, [a for a, _ in anns])
+        if self.train and torch.rand(1).item() < self.hflip_prob:
+            image, target = hflip(image, target)
+        return image, target
+
+    def _load_image(self, info: dict) -> torch.Tensor:
+        path = self.image_dir / info["file_name"]
+        where = f"image id {info['id']} of {self.ann_file}"
+        if not path.is_file():
+            raise DataError(f"image file not found: {path} ({where})")
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for truncated / unknown files
+            raise DataError(f"cannot decode image {path} ({where}): {e}") from e
+        if img.size != (info["width"], info["height"]):
+            raise DataError(f"image {path} ({where}) is {img.size[0]}x{img.size[1]} (WxH) but the JSON says "
+                            f"{info['width']}x{info['height']}")
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div_(255)
+
+    def _load_masks(self, info: dict, anns: list[dict]) -> torch.Tensor:
+        """Instance masks `(K, H, W)` uint8 from polygons or (un)compressed RLE (pycocotools annToMask)."""
+        h, w = info["height"], info["width"]
+        masks = []
+        for ann in anns:
+            seg = ann.get("segmentation")
+            if not seg:
+                raise DataError(f"{self.ann_file}: annotation id {ann['id']} (image id {info['id']}) has no "
+                                f"segmentation but masks were requested")
+            if isinstance(seg, dict) and list(seg.get("size", [])) != [h, w]:
+                raise DataError(f"{self.ann_file}: annotation id {ann['id']} RLE size {seg.get('size')} does not "
+                                f"match image id {info['id']} size [{h}, {w}] (height, width)")
+            try:
+                masks.append(self.coco.annToMask(ann))
+            except Exception as e:  # pycocotools raises bare TypeError/ValueError on malformed segmentations
+                raise DataError(f"{self.ann_file}: cannot decode segmentation of annotation id {ann['id']} "
+                                f"(image id {info['id']}): {e}") from e
+        if not masks:
+            return torch.zeros((0, h, w), dtype=torch.uint8)
+        return torch.from_numpy(np.stack(masks)).to(torch.uint8)
+
+
+def hflip(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
+    """Mirror `image (3, H, W)` and its target left-right: boxes `x -> W - x`, masks `(K, H, W)` flipped."""
+    width = image.shape[-1]
+    target = dict(target)
+    boxes = target["boxes"].clone()
+    boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
+    target["boxes"] = boxes
+    if "masks" in target:
+        target["masks"] = target["masks"].flip(-1)
+    return image.flip(-1), target
+
+
+def collate_fn(batch) -> tuple[list[torch.Tensor], list[dict]]:
+    """Keep images and targets as lists: torchvision detectors take images of different sizes."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+class _SeedWorker:
+    """Seeds each loader worker from (seed, epoch, rank, worker id), so augmentation is reproducible per epoch.
+
+    Workers are started anew for every epoch (no persistent workers), after `sampler.set_epoch`, so the
+    sampler's epoch is the current one.
+    """
+
+    def __init__(self, sampler: DistributedSampler, seed: int):
+        self.sampler, self.seed = sampler, seed
+
+    def __call__(self, worker_id: int) -> None:
+        s = np.random.SeedSequence([self.seed, self.sampler.epoch, self.sampler.rank, worker_id])
+        worker_seed = int(s.generate_state(1, dtype=np.uint64)[0] >> 1)
+        torch.manual_seed(worker_seed)
+        np.random.seed(worker_seed % 2**32)
+
+
+def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int = 0, num_workers: int = 0,
+                distributed: bool = False, drop_last: bool = False) -> DataLoader:
+    """A DataLoader over a `DistributedSampler` (1 replica unless `distributed` and torch.distributed is up).
+
+    Shuffling depends only on `(seed, epoch)`: call `loader.sampler.set_epoch(epoch)` before each epoch.
+    The loader has its own generator, so iterating it does not consume torch's global RNG.
+    """
+    if distributed and dist.is_available() and dist.is_initialized():
+        num_replicas, rank = dist.get_world_size(), dist.get_rank()
+    else:
+        num_replicas, rank = 1, 0
+    sampler = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                                 drop_last=drop_last)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate_fn, drop_last=drop_last,
+                      worker_init_fn=_SeedWorker(sampler, seed) if num_workers > 0 else None,
+                      generator=torch.Generator().manual_seed(seed))

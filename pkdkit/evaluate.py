@@ -1,0 +1,440 @@
+"""COCO evaluation of torchvision detectors with pycocotools.
+
+The flow reads like torchvision's ``references/detection/coco_eval.py``, as plain functions:
+
+    results = predict(model, dataset, label_map)          # detector outputs -> COCO result dicts
+    metrics = coco_evaluate(dataset.coco, results)        # COCOeval -> 12 named stats + per-class AP
+    record  = evaluate_detector(model, dataset, label_map, out_dir=..., config=...)  # both + JSON files
+
+Numbers are pycocotools' own: `run_cocoeval` is ``loadRes -> COCOeval.evaluate -> accumulate`` and the
+stats are read from the accumulated ``eval["precision"]`` / ``eval["recall"]`` arrays exactly as
+``COCOeval.summarize`` reads them. A faster evaluator can be plugged in through ``cocoeval_cls``: any
+``COCOeval`` subclass that fills the same ``eval`` arrays (``precision`` ``(T, R, K, A, M)``, ``recall``
+``(T, K, A, M)``) works with every function here.
+
+Conventions: stats are fractions in [0, 1]; ``-1.0`` means "undefined" exactly as in COCOeval (no ground
+truth in that area range, or a class with no ground truth at all), never NaN, so every metrics dict is
+plain JSON.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import io
+import json
+import os
+import tempfile
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import nn
+from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from pkdkit.data import CocoDetection, LabelMap
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+IOU_TYPES = ("bbox", "segm")
+MASK_THRESHOLD = 0.5  # mask probability -> binary mask, as torchvision's reference evaluation does
+
+
+# ----------------------------------------------------------------------------------------------------
+# Predictions -> COCO results
+@torch.no_grad()
+def predict(model: nn.Module, dataset: "CocoDetection", label_map: "LabelMap", *,
+            device: str | torch.device | None = "cpu", batch_size: int = 4, score_threshold: float = 0.0,
+            progress: bool = True) -> list[dict]:
+    """Run a torchvision detector over `dataset` and return its detections as COCO result dicts.
+
+    model: torchvision detector; in eval mode it maps a list of images (3, H, W) to dicts with
+        ``boxes (K, 4)`` xyxy pixels, ``scores (K,)``, ``labels (K,)`` and optionally ``masks (K, 1, H, W)``
+        probabilities. It is moved to `device` (in place, like ``nn.Module.to``; None keeps its device),
+        run in eval mode, and its training mode is restored afterwards.
+    label_map: the MODEL's label map (model label -> dataset category id). Detections whose label it does
+        not know, or whose category id is not in ``dataset.coco``, are dropped with one warning.
+    dataset: a ``CocoDetection`` built with ``train=False`` (no random flips); its ``coco`` is the truth.
+    Returns ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"[, "segmentation": RLE]}]`` with
+    boxes rounded to 0.01 px and scores to 1e-6, so a results JSON reloads to the same numbers.
+    """
+    from pkdkit.data import collate_fn
+
+    if getattr(dataset, "train", False) and getattr(dataset, "hflip_prob", 0.0) > 0:
+        raise ValueError(f"predict: dataset {getattr(dataset, 'ann_file', '')} has train=True (random flips would "
+                         f"move the boxes away from the ground truth); build it with train=False")
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    cat_ids = set(dataset.coco.getCatIds())
+    to_cat = {label: label_map.to_cat_id(label) for label in label_map.labels}
+    to_cat = {label: cat for label, cat in to_cat.items() if cat in cat_ids}
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+
+    was_training = model.training
+    model.to(device).eval()
+    results: list[dict] = []
+    dropped: dict[int, int] = {}
+    try:
+        for images, targets in tqdm(loader, desc="predict", disable=not progress):
+            outputs = model([img.to(device, non_blocking=True) for img in images])
+            for target, output in zip(targets, outputs):
+                image_id = int(target["image_id"])
+                results.extend(_to_coco_results(image_id, output, to_cat, score_threshold, dropped))
+    finally:
+        model.train(was_training)
+    if dropped:
+        warnings.warn(
+            f"predict: dropped {sum(dropped.values())} detections whose model label has no category in "
+            f"{getattr(dataset, 'ann_file', 'the dataset')} through the given label map "
+            f"(label: count {dict(sorted(dropped.items()))}); is this the model's own label map?",
+            stacklevel=2)
+    return results
+
+
+def _to_coco_results(image_id: int, output: dict[str, torch.Tensor], to_cat: dict[int, int],
+                     score_threshold: float, dropped: dict[int, int]) -> list[dict]:
+    """One image's detector output -> COCO result dicts; counts unmapped labels into `dropped`."""
+    labels = output["labels"].tolist()
+    keep = [i for i, score in enumerate(output["scores"].tolist()) if score >= score_threshold]
+    for i in keep:
+        if labels[i] not in to_cat:
+            dropped[labels[i]] = dropped.get(labels[i], 0) + 1
+    keep = [i for i in keep if labels[i] in to_cat]
+    if not keep:
+        return []
+    idx = torch.as_tensor(keep, device=output["boxes"].device)
+    boxes = output["boxes"][idx].float().cpu()
+    boxes[:, 2:] -= boxes[:, :2]  # xyxy -> xywh
+    scores = output["scores"][idx].float().cpu().tolist()
+    results = [{"image_id": image_id, "category_id": to_cat[labels[i]],
+                "bbox": [round(v, 2) for v in box], "score": round(score, 6)}
+               for i, box, score in zip(keep, boxes.tolist(), scores)]
+    if "masks" in output:
+        binary = (output["masks"][idx, 0] > MASK_THRESHOLD).to(torch.uint8).cpu().numpy()  # (K, H, W)
+        rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))  # wants (H, W, K) Fortran
+        for result, rle in zip(results, rles):
+            rle["counts"] = rle["counts"].decode("ascii")  # bytes -> str so results are JSON
+            result["segmentation"] = rle
+    return results
+
+
+def results_to_json(results: list[dict], path: str | os.PathLike) -> Path:
+    """Write COCO results (or any JSON-able object) to `path` atomically: temp file + ``os.replace``."""
+    return _write_json(results, path)
+
+
+def _write_json(obj: Any, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# COCOeval
+def run_cocoeval(coco_gt: COCO | str | os.PathLike, results: list[dict] | str | os.PathLike,
+                 iou_type: str = "bbox", *, max_dets: int = 100,
+                 cocoeval_cls: type[COCOeval] = COCOeval) -> COCOeval:
+    """Evaluate `results` against `coco_gt` with pycocotools; return the accumulated ``COCOeval``.
+
+    This is ``coco_gt.loadRes(results)``, ``COCOeval(...).evaluate()``, ``.accumulate()`` with pycocotools'
+    printing silenced, plus what plain pycocotools gets wrong for a pipeline:
+    - empty results evaluate to zeros instead of crashing in ``loadRes``;
+    - `results` is not modified (``loadRes`` adds ``area``/``id``/``segmentation`` keys to the dicts);
+    - for ``segm``, the ground-truth annotation dicts are not modified either (``COCOeval`` replaces their
+      polygons by byte RLEs in place, which would break e.g. ``json.dump(dataset.coco.dataset)``);
+    - bad input raises ``ValueError`` saying what is wrong instead of an ``AssertionError``/``KeyError``.
+    max_dets: detections per image and class for the last ``maxDets`` entry (``[1, 10, max_dets]``);
+        the stat names ``AP``/``AR100`` keep COCO's names.
+    """
+    if iou_type not in IOU_TYPES:
+        raise ValueError(f"run_cocoeval: iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
+    if max_dets < 10:
+        raise ValueError(f"run_cocoeval: max_dets must be >= 10 (maxDets are [1, 10, max_dets]), got {max_dets}")
+    coco_gt = _load_gt(coco_gt)
+    results, where = _load_results(results)
+    _check_results(coco_gt, results, iou_type, where)
+    if iou_type == "segm":
+        coco_gt = _shallow_copy(coco_gt)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes([dict(r) for r in results]) if results else _empty_results(coco_gt)
+        cocoeval = cocoeval_cls(coco_gt, coco_dt, iou_type)
+        cocoeval.params.maxDets = [1, 10, max_dets]
+        cocoeval.evaluate()
+        cocoeval.accumulate()
+    return cocoeval
+
+
+def _load_gt(coco_gt: COCO | str | os.PathLike) -> COCO:
+    if isinstance(coco_gt, COCO):
+        return coco_gt
+    if not Path(coco_gt).is_file():
+        raise FileNotFoundError(f"ground-truth annotation file not found: {coco_gt}")
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(coco_gt))
+
+
+def _load_results(results: list[dict] | str | os.PathLike) -> tuple[list[dict], str]:
+    if isinstance(results, (str, os.PathLike)):
+        with open(results) as f:
+            loaded = json.load(f)
+        if not isinstance(loaded, list):
+            raise ValueError(f"{results}: expected a JSON list of COCO results, found {type(loaded).__name__}")
+        return loaded, str(results)
+    return list(results), "results"
+
+
+def _check_results(coco_gt: COCO, results: list[dict], iou_type: str, where: str) -> None:
+    unknown = {r["image_id"] for r in results} - set(coco_gt.getImgIds())
+    if unknown:
+        raise ValueError(f"{where}: {len(unknown)} image ids are not in the ground truth, e.g. "
+                         f"{sorted(unknown)[:5]}; was the model run on another dataset or split?")
+    if iou_type == "segm":
+        missing = sum("segmentation" not in r for r in results)
+        if missing:
+            raise ValueError(f"{where}: segm evaluation needs a 'segmentation' (RLE) in every result, "
+                             f"{missing} of {len(results)} have none; is this a mask-less detector "
+                             f"(evaluate iou_types=('bbox',) instead)?")
+        no_gt_seg = [a["id"] for a in coco_gt.dataset["annotations"] if "segmentation" not in a]
+        if no_gt_seg:
+            raise ValueError(f"segm evaluation needs ground-truth 'segmentation' on every annotation; "
+                             f"{len(no_gt_seg)} have none, e.g. annotation ids {no_gt_seg[:5]}")
+
+
+def _shallow_copy(coco: COCO) -> COCO:
+    """A COCO over copies of the annotation dicts (cheap), so in-place edits by COCOeval stay private."""
+    copied = COCO()
+    copied.dataset = {**coco.dataset, "annotations": [dict(a) for a in coco.dataset["annotations"]]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        copied.createIndex()
+    return copied
+
+
+def _empty_results(coco_gt: COCO) -> COCO:
+    """What ``loadRes([])`` would return if it did not fail on an empty list."""
+    res = COCO()
+    res.dataset = {"images": list(coco_gt.dataset["images"]),
+                   "categories": copy.deepcopy(coco_gt.dataset["categories"]), "annotations": []}
+    res.createIndex()
+    return res
+
+
+def cocoeval_metrics(cocoeval: COCOeval) -> dict[str, Any]:
+    """The JSON-able metrics of an accumulated COCOeval.
+
+    Returns ``{"stats": {name: float} for STAT_NAMES, "per_class": {category name: AP}, "summary": str}``.
+    stats equal ``cocoeval.stats`` after ``summarize()`` (same arrays, same reductions), except that with
+    ``max_dets != 100`` AP is read at ``max_dets`` where ``summarize`` reports -1.
+    per_class: AP@[.5:.95] per category, area "all", the last maxDets: the mean of
+    ``precision[:, :, k, 0, -1]`` over valid (> -1) entries, as detectron2 computes it; -1.0 for a
+    category without ground truth (COCOeval's "undefined"), 0.0 for one with ground truth but no hits.
+    summary: the text ``COCOeval.summarize()`` prints.
+    """
+    if not cocoeval.eval:
+        raise ValueError("cocoeval_metrics: the COCOeval has not been accumulated; call evaluate() and "
+                         "accumulate() first (run_cocoeval does both)")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        cocoeval.summarize()
+    p = cocoeval.params
+    precision, recall = cocoeval.eval["precision"], cocoeval.eval["recall"]  # (T,R,K,A,M), (T,K,A,M)
+    m = len(p.maxDets) - 1
+
+    def mean_valid(s: np.ndarray) -> float:
+        s = s[s > -1]
+        return float(np.mean(s)) if s.size else -1.0
+
+    def ap(iou: float | None = None, area: str = "all") -> float:
+        s = precision if iou is None else precision[np.where(iou == p.iouThrs)[0]]
+        return mean_valid(s[:, :, :, p.areaRngLbl.index(area), m])
+
+    def ar(max_det_index: int, area: str = "all") -> float:
+        return mean_valid(recall[:, :, p.areaRngLbl.index(area), max_det_index])
+
+    values = [ap(), ap(0.5), ap(0.75), ap(area="small"), ap(area="medium"), ap(area="large"),
+              ar(0), ar(1), ar(m), ar(m, "small"), ar(m, "medium"), ar(m, "large")]
+
+    names = _category_names(cocoeval.cocoGt, p.catIds)
+    per_class = {names[k]: mean_valid(precision[:, :, k, p.areaRngLbl.index("all"), m])
+                 for k in range(len(p.catIds))}
+    return {"stats": dict(zip(STAT_NAMES, values)), "per_class": per_class, "summary": out.getvalue()}
+
+
+def _category_names(coco: COCO, cat_ids: Sequence[int]) -> list[str]:
+    """Category names for the per-class table; a name shared by several ids gets ``name#id``."""
+    names = [coco.cats[c].get("name", str(c)) for c in cat_ids]
+    return [f"{n}#{c}" if names.count(n) > 1 else n for n, c in zip(names, cat_ids)]
+
+
+def coco_evaluate(coco_gt: COCO | str | os.PathLike, results: list[dict] | str | os.PathLike,
+                  iou_types: Sequence[str] = ("bbox",), *, max_dets: int = 100,
+                  cocoeval_cls: type[COCOeval] = COCOeval) -> dict[str, dict[str, Any]]:
+    """COCO metrics of `results` (list or JSON path, possibly empty) against `coco_gt` (COCO or path).
+
+    Returns ``{iou_type: {"stats": {name: float}, "per_class": {category name: AP}, "summary": str}}``
+    (see `cocoeval_metrics`); plain JSON. For PR curves use `run_cocoeval` + `pr_curve` instead.
+    """
+    coco_gt = _load_gt(coco_gt)
+    results, where = _load_results(results)
+    metrics = {}
+    for iou_type in iou_types:
+        cocoeval = run_cocoeval(coco_gt, results, iou_type, max_dets=max_dets, cocoeval_cls=cocoeval_cls)
+        metrics[iou_type] = cocoeval_metrics(cocoeval)
+    return metrics
+
+
+def pr_curve(cocoeval: COCOeval, iou: float = 0.5, area: str = "all",
+             cat_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Precision-recall curve of an accumulated COCOeval at one IoU threshold and the last maxDets.
+
+    Returns ``(recall (R,), precision (R,))`` with R = 101 COCO recall thresholds. Precision is COCOeval's
+    interpolated precision for `cat_id`, or, when `cat_id` is None, its mean over the categories that have
+    ground truth in `area`. NaN where undefined (no ground truth).
+    """
+    if not cocoeval.eval:
+        raise ValueError("pr_curve: the COCOeval has not been accumulated; use run_cocoeval")
+    p = cocoeval.params
+    t = np.flatnonzero(np.isclose(p.iouThrs, iou))
+    if t.size == 0:
+        raise ValueError(f"pr_curve: iou={iou} is not one of the COCOeval IoU thresholds {p.iouThrs.round(2).tolist()}")
+    if area not in p.areaRngLbl:
+        raise ValueError(f"pr_curve: area={area!r} is not one of {p.areaRngLbl}")
+    precision = cocoeval.eval["precision"][t[0], :, :, p.areaRngLbl.index(area), -1]  # (R, K)
+    if cat_id is not None:
+        if cat_id not in p.catIds:
+            raise ValueError(f"pr_curve: cat_id={cat_id} is not one of the evaluated categories {p.catIds}")
+        precision = precision[:, [p.catIds.index(cat_id)]]
+    precision = np.where(precision > -1, precision, np.nan)
+    with warnings.catch_warnings():  # all-NaN rows (no ground truth) stay NaN without a RuntimeWarning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(precision, axis=1)
+    return np.asarray(p.recThrs, dtype=float).copy(), mean
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model -> metrics files
+def evaluate_detector(model: nn.Module, dataset: "CocoDetection", label_map: "LabelMap", *,
+                      out_dir: str | os.PathLike | None = None, name: str = "model",
+                      device: str | torch.device | None = "cpu", batch_size: int = 4,
+                      iou_types: Sequence[str] | None = None, config: Any = None,
+                      progress: bool = True) -> dict[str, Any]:
+    """Predict over `dataset`, evaluate against its COCO ground truth, and optionally write JSON files.
+
+    iou_types: default ``("bbox", "segm")`` for a detector with masks (a Mask R-CNN, i.e. it has
+        ``roi_heads.mask_predictor``, or its results carry masks), else ``("bbox",)``.
+    config: the (JSON-able dict or dataclass) configuration that produced the model; stored with the metrics.
+    Returns the record ``{"name", "metrics": {iou_type: {...}}, "config", "ann_file", "image_dir",
+    "num_images", "num_detections", "iou_types", "seconds": {"predict", "evaluate"}, "timestamp"}``;
+    with `out_dir`, it is written to ``<out_dir>/<name>.json`` and the COCO results (dataset category ids)
+    to ``<out_dir>/<name>_results.json``, both atomically.
+    """
+    tic = time.perf_counter()
+    results = predict(model, dataset, label_map, device=device, batch_size=batch_size, progress=progress)
+    predict_s = time.perf_counter() - tic
+    if iou_types is None:
+        has_masks = getattr(getattr(model, "roi_heads", None), "mask_predictor", None) is not None
+        has_masks = has_masks or any("segmentation" in r for r in results)
+        iou_types = ("bbox", "segm") if has_masks else ("bbox",)
+    tic = time.perf_counter()
+    metrics = coco_evaluate(dataset.coco, results, iou_types)
+    evaluate_s = time.perf_counter() - tic
+
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    record = {
+        "name": name,
+        "metrics": metrics,
+        "config": config,
+        "ann_file": str(dataset.ann_file),
+        "image_dir": str(dataset.image_dir),
+        "num_images": len(dataset),
+        "num_detections": len(results),
+        "iou_types": list(iou_types),
+        "seconds": {"predict": round(predict_s, 3), "evaluate": round(evaluate_s, 3)},
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if out_dir is not None:
+        results_to_json(results, Path(out_dir) / f"{name}_results.json")
+        _write_json(record, Path(out_dir) / f"{name}.json")
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reporting
+def comparison_table(metrics_by_run: dict[str, dict], iou_type: str = "bbox",
+                     stats: Sequence[str] = ("AP", "AP50", "AP75", "APs", "APm", "APl")) -> str:
+    """A markdown table of COCO stats (in %, one decimal), one row per run, plus AP minus the first row's.
+
+    metrics_by_run: run name -> `coco_evaluate` output or `evaluate_detector` record (anything with
+    ``[iou_type]["stats"]`` or ``["metrics"][iou_type]["stats"]``). Undefined stats (-1) and runs without
+    `iou_type` show ``n/a``.
+    """
+    if not metrics_by_run:
+        raise ValueError("comparison_table: no runs given")
+    unknown = [s for s in stats if s not in STAT_NAMES]
+    if unknown:
+        raise ValueError(f"comparison_table: unknown stats {unknown}; known: {STAT_NAMES}")
+
+    def stat_values(run: dict) -> dict[str, float] | None:
+        metrics = run.get("metrics", run)
+        return metrics[iou_type]["stats"] if iou_type in metrics else None
+
+    def fmt(v: float | None, sign: str = "") -> str:
+        return "n/a" if v is None or v < 0 else f"{100 * v:{sign}.1f}"
+
+    rows = []
+    ref_ap = None
+    for i, (run, metrics) in enumerate(metrics_by_run.items()):
+        values = stat_values(metrics)
+        ap = values.get("AP") if values else None
+        if i == 0:
+            ref_ap = ap
+        delta = "n/a" if ap is None or ap < 0 or ref_ap is None or ref_ap < 0 else f"{100 * (ap - ref_ap):+.1f}"
+        cells = [fmt(values.get(s) if values else None) for s in stats]
+        rows.append([run, *cells, delta])
+    header = ["run", *stats, "ΔAP"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot_pr_curves(cocoevals: dict[str, COCOeval], iou: float = 0.5, ax: Any = None) -> "Figure":
+    """Mean precision-recall curves (all areas, all classes with ground truth) of several runs at one IoU.
+
+    Draws on `ax` if given, else on a new Figure (made without pyplot, so it works under Agg and shows
+    once in a notebook). The legend shows each run's AP at that IoU.
+    """
+    from matplotlib.figure import Figure
+
+    if ax is None:
+        fig = Figure(figsize=(5, 4), layout="constrained")
+        ax = fig.add_subplot()
+    fig = ax.get_figure()
+    for run, cocoeval in cocoevals.items():
+        recall, precision = pr_curve(cocoeval, iou=iou)
+        ap = float(np.nanmean(precision)) if not np.all(np.isnan(precision)) else float("nan")
+        ax.plot(recall, precision, label=f"{run} (AP{100 * iou:.0f} = {100 * ap:.1f})")
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
+           title=f"precision-recall at IoU {iou:.2f}")
+    ax.grid(alpha=0.3)
+    if cocoevals:
+        ax.legend(loc="lower left")
+    return fig

@@ -1,0 +1,235 @@
+"""Look at what distillation changed, image by image, in FiftyOne.
+
+`build_dataset` puts a COCO ground-truth file and several models' COCO results (the JSON that pkdkit's
+evaluation writes) into one FiftyOne dataset; `evaluate_models` runs FiftyOne's COCO-style evaluation on each
+model; `fixed_by` is the view of images where the distilled student makes fewer mistakes than its baseline.
+
+Counts follow pycocotools. At one IoU threshold, over all areas, with at most 100 detections per image and
+class, TP/FP/FN here equal what pycocotools' `COCOeval.evalImgs` gives (tests/test_fiftyone.py checks it):
+crowd ground truth (`iscrowd=1`) is never a false negative, and a detection matched to a crowd region counts
+neither as TP nor FP. FiftyOne matches crowds the same way but tallies them as TP/FN, so `evaluate_models`
+re-tallies and marks those objects "ignore" (see there).
+
+`import fiftyone` below is an absolute import: it loads the installed FiftyOne package, not this module.
+FiftyOne needs a MongoDB server; offline installs get one from `scripts/ensure_fiftyone_db.py`.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+if __name__ == "fiftyone":  # Python was started inside pkdkit/, so this file shadows the package
+    raise ImportError(f"{__file__} was imported as the fiftyone package; run Python outside pkdkit/")
+
+try:
+    import fiftyone as fo
+    from fiftyone import ViewField as F
+except ImportError as e:  # optional dependency
+    raise ImportError(f"pkdkit.fiftyone needs FiftyOne (pip install 'pkdkit[fiftyone]', then "
+                      f"scripts/ensure_fiftyone_db.py for an offline MongoDB); importing it failed: {e}") from e
+
+GT_FIELD = "ground_truth"
+# Sample fields of a built dataset that a model name must not map onto.
+_RESERVED = {"id", "filepath", "tags", "metadata", "media_type", "created_at", "last_modified_at", "coco_id",
+             GT_FIELD}
+
+
+def model_field(name: str) -> str:
+    """FiftyOne field name for a model name: lower case, `[a-z0-9_]`, starts with a letter.
+
+    "ResNet-18 student (KD)" -> "resnet_18_student_kd"; "2stage" -> "m_2stage".
+    """
+    field = re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
+    if not field or not field[0].isalpha():
+        field = "m_" + field
+    return field
+
+
+def _load_json(path: str | Path, what: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"could not read {what} {path}: {e}") from e
+
+
+def build_dataset(
+    name: str,
+    gt_json: str | Path,
+    image_dir: str | Path,
+    predictions: dict[str, list[dict] | str | Path],
+    *,
+    overwrite: bool = True,
+    persistent: bool = False,
+) -> fo.Dataset:
+    """One FiftyOne sample per image of a COCO ground-truth file, with every model's detections.
+
+    Args:
+        name: dataset name in the FiftyOne database.
+        gt_json: COCO instances file; `images[].width/height` give the relative box coordinates.
+        image_dir: folder holding `images[].file_name` (stored as absolute paths; the files must exist).
+        predictions: model name -> COCO results (list of `{"image_id", "category_id", "bbox": [x, y, w, h],
+            "score"}` or the path of such a JSON file). Each model becomes the field `model_field(name)`.
+        overwrite: replace an existing dataset of that name.
+        persistent: keep the dataset after the Python process exits.
+
+    Fields: `coco_id` (image id), `ground_truth` (fo.Detections, `iscrowd` 0/1 and the annotation's
+    `coco_id` as attributes; FiftyOne's COCO evaluation reads `iscrowd`), one fo.Detections field per
+    model (`confidence` = score). Boxes are relative `[x, y, w, h]`, not clipped, so IoUs equal pixel IoUs.
+    Labels are category names. `dataset.info["models"]` maps model names to fields.
+    """
+    gt_json, image_dir = Path(gt_json), Path(image_dir).resolve()
+    gt = _load_json(gt_json, "ground-truth file")
+    names = {c["id"]: c["name"] for c in gt.get("categories", [])}
+    if len(set(names.values())) != len(names):
+        raise ValueError(f"{gt_json}: category names must be unique (they are FiftyOne labels), found "
+                        f"{sorted(names.values())}")
+    images = {img["id"]: img for img in gt.get("images", [])}
+
+    fields = {}
+    for model in predictions:
+        field = model_field(model)
+        if field in _RESERVED or field in fields.values():
+            raise ValueError(f"model name {model!r} maps to field {field!r}, which is reserved or taken by "
+                             f"another model ({fields}); rename the model")
+        fields[model] = field
+
+    def detections(entries: list[dict], source: str, *, is_gt: bool) -> dict[int, list]:
+        per_image: dict[int, list] = {i: [] for i in images}
+        for k, e in enumerate(entries):
+            img = images.get(e.get("image_id"))
+            if img is None:
+                raise ValueError(f"{source}: entry {k} has image_id {e.get('image_id')!r}, which is not an "
+                                f"image of {gt_json}")
+            if e.get("category_id") not in names:
+                raise ValueError(f"{source}: entry {k} (image {img['id']}) has category_id "
+                                f"{e.get('category_id')!r}, not one of {sorted(names)} in {gt_json}")
+            x, y, w, h = e["bbox"]
+            W, H = img["width"], img["height"]
+            box = [x / W, y / H, w / W, h / H]
+            label = names[e["category_id"]]
+            if is_gt:
+                det = fo.Detection(label=label, bounding_box=box, iscrowd=int(e.get("iscrowd", 0)),
+                                   coco_id=e.get("id"))
+            else:
+                det = fo.Detection(label=label, bounding_box=box, confidence=float(e["score"]))
+            per_image[img["id"]].append(det)
+        return per_image
+
+    gt_dets = detections(gt.get("annotations", []), str(gt_json), is_gt=True)
+    model_dets = {}
+    for model, results in predictions.items():
+        source = f"predictions of {model!r}"
+        if isinstance(results, (str, Path)):
+            source = f"{results} ({model!r})"
+            results = _load_json(results, "COCO results file")
+        model_dets[model] = detections(results, source, is_gt=False)
+
+    samples = []
+    for image_id, img in sorted(images.items()):
+        path = image_dir / img["file_name"]
+        if not path.is_file():
+            raise FileNotFoundError(f"image {image_id} of {gt_json}: file {path} does not exist")
+        sample = fo.Sample(filepath=str(path), coco_id=image_id,
+                           metadata=fo.ImageMetadata(width=img["width"], height=img["height"]))
+        sample[GT_FIELD] = fo.Detections(detections=gt_dets[image_id])
+        for model, field in fields.items():
+            sample[field] = fo.Detections(detections=model_dets[model][image_id])
+        samples.append(sample)
+
+    dataset = fo.Dataset(name, overwrite=overwrite)
+    dataset.persistent = persistent
+    dataset.add_samples(samples, progress=False)
+    dataset.info["models"] = fields
+    dataset.save()
+    return dataset
+
+
+def evaluate_models(
+    dataset: fo.Dataset, model_fields: list[str], *, gt_field: str = GT_FIELD, iou: float = 0.5
+) -> dict[str, dict]:
+    """FiftyOne COCO evaluation of each model field; returns `{field: {"tp", "fp", "fn", "mAP"}}`.
+
+    Runs `dataset.evaluate_detections(field, eval_key=f"eval_{field}", method="coco", iou=iou,
+    compute_mAP=True)` (classwise matching, highest score first). `mAP` is FiftyOne's COCO mAP@[.5:.95];
+    it equals pycocotools' AP except where detections of one class tie in score across images (FiftyOne
+    ranks the TPs of a tie first, pycocotools by image id), which float scores of real models rarely do.
+
+    FiftyOne matches crowds like pycocotools but counts a detection matched to a crowd as TP and an
+    unmatched crowd as FN; pycocotools ignores both. So afterwards the per-object `eval_<field>` label of
+    crowd ground truth and of detections matched to a crowd becomes "ignore", and the per-sample fields
+    `eval_<field>_tp/_fp/_fn` are re-tallied from the labels: "tp"/"fp" detections, "fn" ground truth.
+    The totals are their sums and equal pycocotools' counts at this IoU (for <= 100 detections per image
+    and class: FiftyOne does not cap them at this step, pycocotools keeps the top 100).
+    """
+    out = {}
+    for field in model_fields:
+        key = f"eval_{field}"
+        results = dataset.evaluate_detections(field, gt_field=gt_field, eval_key=key, method="coco", iou=iou,
+                                              compute_mAP=True)
+        gt_ids, gt_crowd, gt_eval, pred_eval, pred_match = dataset.values([
+            f"{gt_field}.detections.id", f"{gt_field}.detections.iscrowd", f"{gt_field}.detections.{key}",
+            f"{field}.detections.{key}", f"{field}.detections.{key}_id",
+        ])
+        tps, fps, fns, new_gt_eval, new_pred_eval = [], [], [], [], []
+        for ids, crowd, g_eval, p_eval, match in zip(gt_ids, gt_crowd, gt_eval, pred_eval, pred_match):
+            crowd_ids = {i for i, c in zip(ids or [], crowd or []) if c}
+            g_eval = ["ignore" if c else e for c, e in zip(crowd or [], g_eval or [])]
+            p_eval = ["ignore" if m in crowd_ids else e for e, m in zip(p_eval or [], match or [])]
+            tps.append(p_eval.count("tp"))
+            fps.append(p_eval.count("fp"))
+            fns.append(g_eval.count("fn"))
+            new_gt_eval.append(g_eval)
+            new_pred_eval.append(p_eval)
+        dataset.set_values(f"{gt_field}.detections.{key}", new_gt_eval)
+        dataset.set_values(f"{field}.detections.{key}", new_pred_eval)
+        for name, counts in (("tp", tps), ("fp", fps), ("fn", fns)):
+            dataset.set_values(f"{key}_{name}", counts)
+        out[field] = {"tp": sum(tps), "fp": sum(fps), "fn": sum(fns), "mAP": float(results.mAP())}
+    return out
+
+
+def fixed_by(dataset: fo.Dataset, baseline_field: str, improved_field: str) -> fo.DatasetView:
+    """Images where `improved_field` makes fewer errors (FP + FN) than `baseline_field`, most improved first.
+
+    Both fields must have been evaluated by `evaluate_models`. Ties are ordered by `coco_id`.
+    Sample ids: `fixed_by(...).values("id")`.
+    """
+    for field in (baseline_field, improved_field):
+        if f"eval_{field}_fp" not in dataset.get_field_schema():
+            raise ValueError(f"field {field!r} of dataset {dataset.name!r} has no evaluation "
+                             f"(eval_{field}_fp missing): run evaluate_models(dataset, [{field!r}]) first")
+    errors = lambda f: F(f"eval_{f}_fp") + F(f"eval_{f}_fn")  # noqa: E731
+    gain = errors(baseline_field) - errors(improved_field)
+    return dataset.match(gain > 0).sort_by([(gain, -1), ("coco_id", 1)])
+
+
+def summary_table(counts: dict[str, dict]) -> str:
+    """Plain-text table of `evaluate_models` output: TP, FP, FN, precision, recall, mAP per model."""
+    rows = [("model", "TP", "FP", "FN", "precision", "recall", "mAP")]
+    for field, c in counts.items():
+        prec = c["tp"] / (c["tp"] + c["fp"]) if c["tp"] + c["fp"] else 0.0
+        rec = c["tp"] / (c["tp"] + c["fn"]) if c["tp"] + c["fn"] else 0.0
+        rows.append((field, str(c["tp"]), str(c["fp"]), str(c["fn"]), f"{prec:.3f}", f"{rec:.3f}",
+                     f"{c['mAP']:.3f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def launch_app(dataset: fo.Dataset | fo.DatasetView, *, enabled: bool, **kwargs) -> fo.Session | None:
+    """`fo.launch_app(dataset)` when `enabled`, else nothing (returns None).
+
+    The App starts a web server and waits for a browser, so headless runs (papermill, CI, `make demo`)
+    must pass `enabled=False`. Nothing here can tell them apart reliably (papermill sets no environment
+    variable), so the notebooks expose it as a parameter that defaults to False.
+    """
+    if not enabled:
+        print("FiftyOne App not launched (enabled=False); open it with fo.launch_app(dataset)")
+        return None
+    if isinstance(dataset, fo.DatasetView):
+        return fo.launch_app(view=dataset, **kwargs)
+    return fo.launch_app(dataset, **kwargs)

@@ -1,0 +1,336 @@
+"""Distillation plans: a student, data, and a sequence of stages (one teacher each), and `run_plan`.
+
+A plan file (YAML or JSON) looks like::
+
+    name: progressive
+    out_dir: runs/tiny/progressive        # relative paths are relative to the plan file
+    student: {arch: retinanet, backbone: resnet18, num_classes: 6, fpn_channels: 32, min_size: 96, max_size: 96}
+    student_init: runs/tiny/baseline/model.pt   # optional: the trained baseline student
+    data: {train_images: data/train, train_json: data/annotations/instances_train.json,
+           val_images: data/val, val_json: data/annotations/instances_val.json}
+    train: {epochs: 12, lr: 0.005, batch_size: 8}  # defaults for every stage
+    stages:
+      - {name: r34, teacher: runs/tiny/teachers/retinanet_resnet34/model.pt, loss: mgd}
+      - {name: r50, teacher: runs/tiny/teachers/retinanet_resnet50/model.pt, loss: mgd, train: {epochs: 6}}
+
+Stage k starts from stage k-1's `student.pt` (student-only weights, as the paper's released code hands
+them over); stage 1 starts from `student_init` (and, with `inherit_teacher_head`, the teacher's neck and
+head). A one-shot distillation is a one-stage plan. The run directory holds ``plan.yaml``,
+``baseline/eval.json``, ``stage_<k>_<name>/{last.pt, student.pt, metrics.json, eval.json}`` and
+``summary.json``. Running a plan again skips finished stages and resumes an interrupted one exactly.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from pkdkit.data import CocoDetection, LabelMap
+from pkdkit.distill import build_distiller, inherit_teacher_head
+from pkdkit.engine import TrainConfig, barrier, init_distributed, resolve_device, seed_everything, train, write_json
+from pkdkit.evaluate import comparison_table, evaluate_detector
+from pkdkit.features import feature_levels, match_levels
+from pkdkit.losses import LOSSES
+from pkdkit.models import (TORCHVISION_DETECTORS, CheckpointError, DetectorSpec, build_detector, load_checkpoint,
+                           load_detector, save_detector, torchvision_label_map)
+
+
+class PlanError(ValueError):
+    """A plan that cannot run; the message names the stage and the field."""
+
+
+@dataclass
+class DataConfig:
+    """Where the COCO-format data is. `masks` loads instance masks (Mask R-CNN students). `labels`:
+    "contiguous" maps categories to labels 1..K; "identity" uses the category id as label (COCO with
+    torchvision's 91-class COCO detectors)."""
+
+    train_images: str
+    train_json: str
+    val_images: str
+    val_json: str
+    masks: bool = False
+    labels: str = "contiguous"
+
+    def __post_init__(self) -> None:
+        if self.labels not in ("contiguous", "identity"):
+            raise ValueError(f"data.labels must be 'contiguous' or 'identity', not {self.labels!r}")
+
+    @classmethod
+    def from_root(cls, root: str | os.PathLike, masks: bool = False) -> "DataConfig":
+        """The synthetic layout (`pkdkit synth`): root/{train,val}, root/annotations/instances_{split}.json;
+        COCO 2017 uses the same names with train2017/val2017 folders."""
+        root = Path(root)
+        split = ("train2017", "val2017") if (root / "train2017").is_dir() else ("train", "val")
+        return cls(str(root / split[0]), str(root / "annotations" / f"instances_{split[0]}.json"),
+                   str(root / split[1]), str(root / "annotations" / f"instances_{split[1]}.json"), masks)
+
+    def train_dataset(self, label_map: LabelMap | None = None) -> CocoDetection:
+        return self._dataset(self.train_images, self.train_json, True, label_map)
+
+    def val_dataset(self, label_map: LabelMap | None = None) -> CocoDetection:
+        return self._dataset(self.val_images, self.val_json, False, label_map)
+
+    def _dataset(self, images: str, ann: str, train: bool, label_map: LabelMap | None) -> CocoDetection:
+        ds = CocoDetection(images, ann, train=train, masks=self.masks, label_map=label_map)
+        if label_map is None and self.labels == "identity":
+            ds.label_map = LabelMap.identity(ds.coco.dataset["categories"])
+        return ds
+
+
+@dataclass
+class Stage:
+    """One teacher. `teacher`: a pkdkit checkpoint path or a torchvision COCO weight name
+    (``"FCOS_ResNet50_FPN_Weights.COCO_V1"``). `train` overrides the plan's training settings."""
+
+    name: str
+    teacher: str
+    loss: str = "mgd"
+    loss_params: dict[str, Any] = field(default_factory=dict)
+    levels: list[str] | None = None
+    inherit_teacher_head: bool = False
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    name: str
+    student: DetectorSpec
+    data: DataConfig
+    stages: list[Stage]
+    out_dir: str
+    student_init: str | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def stage_dir(self, k: int) -> Path:
+        return Path(self.out_dir) / f"stage_{k + 1}_{self.stages[k].name}"
+
+    def stage_train(self, k: int) -> TrainConfig:
+        return self.train.replace(**self.stages[k].train)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "out_dir": self.out_dir, "student": self.student.to_dict(),
+                "student_init": self.student_init, "data": asdict(self.data), "train": self.train.to_dict(),
+                "stages": [asdict(s) for s in self.stages]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], base_dir: str | os.PathLike = ".") -> "Plan":
+        """Build a plan from a dict; relative paths are taken relative to `base_dir`."""
+        where = "plan"
+        try:
+            known = {f.name for f in fields(cls)}
+            unknown = set(d) - known
+            if unknown:
+                raise PlanError(f"plan: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+            for key in ("name", "student", "data", "out_dir"):
+                if key not in d:
+                    raise PlanError(f"plan: missing {key!r}")
+            base = Path(base_dir)
+
+            def path(p: str | None) -> str | None:
+                if p is None or _is_torchvision_weight(p) or Path(p).is_absolute():
+                    return p
+                return str(base / p)
+
+            stages = []
+            for i, s in enumerate(d.get("stages") or []):
+                where = f"stage {i + 1}"
+                if not isinstance(s, dict):
+                    raise PlanError(f"stage {i + 1}: expected a mapping, found {s!r}")
+                bad = set(s) - {f.name for f in fields(Stage)}
+                if bad:
+                    raise PlanError(f"stage {i + 1} ({s.get('name', '?')}): unknown keys {sorted(bad)}")
+                stages.append(Stage(**{**s, "teacher": path(s.get("teacher"))}))
+            where = "student"
+            student = DetectorSpec.from_dict(d["student"])
+            where = "data"
+            data = DataConfig(**{k: (path(v) if k not in ("masks", "labels") else v) for k, v in d["data"].items()})
+            where = "train"
+            tcfg = TrainConfig.from_dict(d.get("train") or {})
+        except PlanError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise PlanError(f"{where}: {e}") from e
+        return cls(name=d["name"], student=student, data=data, stages=stages, out_dir=path(d["out_dir"]),
+                   student_init=path(d.get("student_init")), train=tcfg)
+
+
+def _is_torchvision_weight(ref: str) -> bool:
+    return ref.split(".")[0] in TORCHVISION_DETECTORS
+
+
+def load_plan(path: str | os.PathLike) -> Plan:
+    """Read a plan from YAML or JSON (chosen by extension; YAML also reads JSON)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise PlanError(f"cannot read plan {path}: {e}") from e
+    try:
+        d = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise PlanError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from e
+    if not isinstance(d, dict):
+        raise PlanError(f"{path}: expected a mapping at the top level, found {type(d).__name__}")
+    try:
+        return Plan.from_dict(d, base_dir=path.parent)
+    except PlanError as e:
+        raise PlanError(f"{path}: {e}") from e
+
+
+def save_plan(plan: Plan, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(plan.to_dict(), sort_keys=False))
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+def load_model_ref(ref: str, like: DetectorSpec | None = None) -> tuple[nn.Module, DetectorSpec, LabelMap]:
+    """A teacher or student from a pkdkit checkpoint path or a torchvision COCO weight name.
+    `like` gives the image sizes a torchvision detector should use (the student's)."""
+    if _is_torchvision_weight(ref):
+        arch, backbone, _ = TORCHVISION_DETECTORS[ref.split(".")[0]]
+        size = dict(min_size=like.min_size, max_size=like.max_size) if like else {}
+        label_map = torchvision_label_map(ref)
+        spec = DetectorSpec(arch=arch, backbone=backbone, num_classes=label_map.num_classes, weights=ref, **size)
+        return build_detector(spec), spec, label_map
+    model, spec, label_map, _ = load_detector(ref)
+    return model, spec, label_map
+
+
+def _teacher_meta(ref: str) -> tuple[DetectorSpec, LabelMap]:
+    """Spec and label map of a teacher without building it (cheap validation)."""
+    if _is_torchvision_weight(ref):
+        label_map = torchvision_label_map(ref)
+        arch, backbone, _ = TORCHVISION_DETECTORS[ref.split(".")[0]]
+        return DetectorSpec(arch=arch, backbone=backbone, num_classes=label_map.num_classes), label_map
+    payload = load_checkpoint(ref)
+    return DetectorSpec.from_dict(payload["spec"]), LabelMap.from_dict(payload["label_map"])
+
+
+def validate_plan(plan: Plan, dataset_label_map: LabelMap) -> None:
+    """Fail early and clearly: no stages, unknown loss, missing teacher, class mismatch, unmatched levels."""
+    if not plan.stages:
+        raise PlanError(f"plan {plan.name!r} has no stages: give at least one teacher")
+    if plan.student.num_classes != dataset_label_map.num_classes:
+        raise PlanError(f"student has num_classes={plan.student.num_classes} but the data "
+                        f"({plan.data.train_json}) has {len(dataset_label_map.cat_ids)} categories "
+                        f"(num_classes={dataset_label_map.num_classes} with background)")
+    if plan.student_init and not Path(plan.student_init).is_file():
+        raise PlanError(f"student_init checkpoint not found: {plan.student_init}")
+    student_levels = feature_levels(build_detector(replace(plan.student, weights=None, backbone_weights=None)))
+    names = [s.name for s in plan.stages]
+    if len(set(names)) != len(names):
+        raise PlanError(f"stage names must be unique, found {names}")
+    for k, stage in enumerate(plan.stages):
+        where = f"stage {k + 1} ({stage.name})"
+        if stage.loss not in LOSSES:
+            raise PlanError(f"{where}: unknown loss {stage.loss!r}; available: {sorted(LOSSES)}")
+        try:
+            plan.stage_train(k)
+        except ValueError as e:
+            raise PlanError(f"{where}: {e}") from e
+        try:
+            t_spec, t_map = _teacher_meta(stage.teacher)
+        except CheckpointError as e:
+            raise PlanError(f"{where}: teacher {e}") from e
+        missing = sorted(set(dataset_label_map.cat_ids) - set(t_map.cat_ids))
+        if missing:
+            raise PlanError(f"{where}: class mismatch: teacher {stage.teacher} has {len(t_map.cat_ids)} classes "
+                            f"(num_classes={t_spec.num_classes}) but the student's data has {len(dataset_label_map.cat_ids)}; "
+                            f"category ids {missing} are unknown to the teacher")
+        t_levels = feature_levels(build_detector(replace(t_spec, weights=None, backbone_weights=None)))
+        try:
+            match_levels(student_levels, t_levels, stage.levels)
+        except ValueError as e:
+            raise PlanError(f"{where}: {e}") from e
+
+
+def state_fingerprint(model: nn.Module) -> str:
+    """sha256 of a model's state dict (names, shapes, values): proves which weights a stage started from."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def run_plan(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
+    """Run every stage in order (skipping finished ones), evaluate after each, return the summary.
+
+    Summary: {"plan", "rows": {"baseline": eval record, "<stage name>": eval record, ...}, "table": markdown}.
+    """
+    info = init_distributed(plan.train.device)
+    out = Path(plan.out_dir)
+    val_ds = plan.data.val_dataset()
+    label_map = val_ds.label_map
+    validate_plan(plan, label_map)
+    train_ds = plan.data.train_dataset(label_map)
+    device = resolve_device(plan.train.device)
+    if info.is_main:
+        save_plan(plan, out / "plan.yaml")
+    config = plan.to_dict()
+
+    def evaluate(model: nn.Module, folder: Path, name: str) -> dict[str, Any]:
+        return evaluate_detector(model, val_ds, label_map, out_dir=folder, name=name, device=device,
+                                 config=config, progress=progress)
+
+    rows: dict[str, Any] = {}
+    seed_everything(plan.train.seed)
+    if plan.student_init:
+        student, _, _, _ = load_detector(plan.student_init, expected=plan.student)
+    else:
+        student = build_detector(plan.student)
+    baseline_json = out / "baseline" / "eval.json"
+    if info.is_main:
+        rows["baseline"] = (json.loads(baseline_json.read_text()) if baseline_json.exists()
+                            else evaluate(student, baseline_json.parent, "eval"))
+    init_ref = plan.student_init or "fresh"
+
+    for k, stage in enumerate(plan.stages):
+        folder = plan.stage_dir(k)
+        done = folder / "student.pt"
+        if done.exists() and (folder / "eval.json").exists():
+            if info.is_main:
+                rows[stage.name] = json.loads((folder / "eval.json").read_text())
+            init_ref = str(done)
+            continue
+        cfg = plan.stage_train(k)
+        seed_everything(cfg.seed + 1000 * (k + 1))
+        if k > 0:  # hand-over: the previous stage's student-only weights
+            student, _, _, _ = load_detector(init_ref, expected=plan.student)
+        teacher, t_spec, _ = load_model_ref(stage.teacher, like=plan.student)
+        inherited = inherit_teacher_head(student, teacher) if (k == 0 and stage.inherit_teacher_head) else None
+        stage_config = {**config, "stage": {**asdict(stage), "index": k + 1, "init_from": init_ref,
+                                            "init_fingerprint": state_fingerprint(student),
+                                            "teacher_spec": t_spec.to_dict(),
+                                            "inherited": {k2: len(v) for k2, v in inherited.items()} if inherited else None}}
+        distiller = build_distiller(student, teacher, stage.loss, stage.loss_params, stage.levels)
+        train(distiller, train_ds, cfg.replace(progress=progress and cfg.progress), folder,
+              desc=f"stage {k + 1}/{len(plan.stages)} {stage.name}", config=stage_config)
+        if info.is_main:
+            save_detector(done, distiller.student, plan.student, label_map, config=stage_config)
+            rows[stage.name] = evaluate(distiller.student, folder, "eval")
+        barrier(info)
+        student = distiller.student
+        init_ref = str(done)
+        del distiller, teacher
+
+    summary: dict[str, Any] = {"plan": config}
+    if info.is_main:
+        summary["rows"] = rows
+        summary["table"] = comparison_table(rows)
+        write_json(summary, out / "summary.json")
+        if progress:
+            print(f"\n{plan.name}: student after each stage (val set)\n{summary['table']}")
+    return summary
