@@ -95,6 +95,9 @@ class DetectorSpec:
             raise ValueError(f"unknown backbone {self.backbone!r}; expected one of {tuple(BACKBONES)}")
         if self.anchor_sizes is not None:
             self.anchor_sizes = tuple(int(s) for s in self.anchor_sizes)
+        if self.arch == "fcos" and self.fpn_channels % 32:
+            raise ValueError(f"FCOS's head uses GroupNorm(32, C): fpn_channels must be a multiple of 32, "
+                             f"not {self.fpn_channels}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -281,9 +281,9 @@ def run_plan(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
         save_plan(plan, out / "plan.yaml")
     config = plan.to_dict()
 
-    def evaluate(model: nn.Module, folder: Path, name: str) -> dict[str, Any]:
-        return evaluate_detector(model, val_ds, label_map, out_dir=folder, name=name, device=device,
-                                 config=config, progress=progress)
+    def evaluate(model: nn.Module, folder: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+        return evaluate_detector(model, val_ds, label_map, out_dir=folder, name="eval", device=device,
+                                 config=cfg, progress=progress)
 
     rows: dict[str, Any] = {}
     seed_everything(plan.train.seed)
@@ -292,10 +292,10 @@ def run_plan(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
     else:
         student = build_detector(plan.student)
     baseline_json = out / "baseline" / "eval.json"
+    init_ref = plan.student_init or "fresh"
     if info.is_main:
         rows["baseline"] = (json.loads(baseline_json.read_text()) if baseline_json.exists()
-                            else evaluate(student, baseline_json.parent, "eval"))
-    init_ref = plan.student_init or "fresh"
+                            else evaluate(student, baseline_json.parent, {**config, "student_init": init_ref}))
 
     for k, stage in enumerate(plan.stages):
         folder = plan.stage_dir(k)
@@ -320,7 +320,7 @@ def run_plan(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
               desc=f"stage {k + 1}/{len(plan.stages)} {stage.name}", config=stage_config)
         if info.is_main:
             save_detector(done, distiller.student, plan.student, label_map, config=stage_config)
-            rows[stage.name] = evaluate(distiller.student, folder, "eval")
+            rows[stage.name] = evaluate(distiller.student, folder, stage_config)
         barrier(info)
         student = distiller.student
         init_ref = str(done)

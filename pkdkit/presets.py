@@ -43,7 +43,7 @@ def _tiny() -> Preset:
         distill=TrainConfig(epochs=4, batch_size=8, lr=0.01, warmup_iters=5, grad_clip=10.0),
         # MGD's alpha=2e-5 is tuned for 256-channel maps summed over 100x100 positions: scale it up for
         # 32 channels at 12x12 so the distillation term is not negligible.
-        loss_params={"alpha": 2e-3},
+        loss_params={"alpha_mgd": 2e-3},
         calibration_images=32,
         notes="CPU demo: 64+16 synthetic images of 96 px, thin FPN; minutes on 2 cores. AP is low by design.",
     )
@@ -62,7 +62,7 @@ def _small() -> Preset:
         },
         train=TrainConfig(epochs=24, batch_size=16, lr=0.01, warmup_iters=200),
         distill=TrainConfig(epochs=12, batch_size=16, lr=0.01, warmup_iters=100),
-        loss_params={"alpha": 2e-4},
+        loss_params={"alpha_mgd": 2e-4},
         notes="One GPU: 2000+300 synthetic images of 256 px, ResNet-18 student vs ResNet-50/101 teachers.",
     )
 

@@ -20,10 +20,12 @@ so their FPN levels have the same spatial size and the cost compares features of
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
+import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +37,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, Rectangle
 from torch import nn
 
-from pkdkit.features import backbone_features, feature_levels
+from pkdkit.features import backbone_features
 
 METHODS = ("closed_form", "sgd")
 OBJECTIVES = ("sum", "max")
@@ -160,23 +162,24 @@ def _check_same_transform(models: "OrderedDict[str, nn.Module]") -> None:
                              "adaptation costs need every model to see the same transformed batch")
 
 
-def _common_levels(models: "OrderedDict[str, nn.Module]", levels: Sequence[str] | None) -> list[str]:
-    found = {name: feature_levels(m) for name, m in models.items()}
+def _common_levels(found: dict[str, dict[str, int]], levels: Sequence[str] | None) -> list[str]:
+    """`levels`, or every level all models have; `found`: {model: {level: channels}}."""
     common = [lvl for lvl in next(iter(found.values())) if all(lvl in f for f in found.values())]
+    have = ", ".join(f"{n}: {list(f)}" for n, f in found.items())
     if levels is None:
         if not common:
-            raise ValueError(f"the models share no FPN level: {', '.join(f'{n}: {list(f)}' for n, f in found.items())}")
+            raise ValueError(f"the models share no FPN level ({have})")
         return common
     missing = [lvl for lvl in levels if lvl not in common]
     if missing:
-        raise ValueError(f"levels {missing} are not in every model "
-                         f"({', '.join(f'{n}: {list(f)}' for n, f in found.items())})")
+        raise ValueError(f"levels {missing} are not in every model ({have})")
     return list(levels)
 
 
-def _feature_batches(models: "OrderedDict[str, nn.Module]", images: Any, levels: list[str], batch_size: int,
-                     device: torch.device) -> Iterator[tuple[int, dict[str, list[torch.Tensor]]]]:
-    """Per calibration batch: (N, {level: [features of each model as (N*H*W, C_m) rows]}).
+def _feature_batches(models: "OrderedDict[str, nn.Module]", images: Any, levels: Sequence[str] | None,
+                     batch_size: int, device: torch.device) -> Iterator[tuple[int, dict[str, list[torch.Tensor]]]]:
+    """Per calibration batch: (N, {level: [features of each model as (N*H*W, C_m) rows]}) for `levels`
+    (default: the levels all models have, found on the first batch).
 
     The first model's transform makes the batch (N, 3, H, W); every backbone+FPN runs on that tensor.
     """
@@ -185,6 +188,8 @@ def _feature_batches(models: "OrderedDict[str, nn.Module]", images: Any, levels:
         with torch.no_grad():
             batch, _ = first.transform([img.to(device) for img in imgs])
             per_model = {name: backbone_features(m, batch.tensors) for name, m in models.items()}
+        levels = _common_levels({n: {k: f.shape[1] for k, f in feats.items()} for n, feats in per_model.items()},
+                                levels)
         out: dict[str, list[torch.Tensor]] = {}
         for lvl in levels:
             maps = [per_model[name][lvl] for name in models]
@@ -222,7 +227,7 @@ class _Moments:
 
 
 def _closed_form_cost(cov: torch.Tensor, xs: slice, ys: slice, ridge: float) -> float:
-    """Normalised residual of the best affine map x -> y: min_W,b E||y - W^T x - b||^2 / tr(Cov y).
+    """In-sample normalised residual of the best affine map x -> y: min_W,c E||y - W^T x - c||^2 / tr(Cov y).
 
     W = (Cxx + lam I)^-1 Cxy with lam = ridge * tr(Cxx) / C_x (scale-free); the bias is implied by
     centring. The residual is that of this W, so the ridge can only make the cost larger, never negative.
@@ -236,42 +241,67 @@ def _closed_form_cost(cov: torch.Tensor, xs: slice, ys: slice, ridge: float) -> 
         return 1.0
     w = torch.linalg.solve(cxx + lam * torch.eye(cxx.shape[0], dtype=cxx.dtype, device=cxx.device), cxy)
     resid = total - 2 * torch.sum(w * cxy).item() + torch.sum(w * (cxx @ w)).item()
-    return min(max(resid / total, 0.0), 1.0)
+    return max(resid / total, 0.0)
 
 
-def _sgd_cost(xs: list[torch.Tensor], ys: list[torch.Tensor], cov: torch.Tensor, mean: torch.Tensor,
-              xsl: slice, ysl: slice, steps: int, lr: float) -> float:
-    """Train a 1x1 adapter (a per-pixel linear map with bias) from x to y with Adam on MSE for `steps`
-    steps, one calibration batch per step (cycling), from zero init; return its residual on all batches
-    divided by the total variance of y, as `_closed_form_cost` does.
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """On CPU, run the block with one intra-op thread: adapter steps are tiny matmuls, and on a 2-core
+    machine two threads made them about 8x slower (synchronisation costs more than it saves)."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
-    Inputs are standardised per channel and targets centred and divided by one scalar (their RMS
-    deviation) before training; the adapter's function class is unchanged, but the step budget then means
-    the same thing for every pair whatever the feature scales.
+
+def _sgd_costs(feats: list[list[torch.Tensor]], mom: "_Moments", source: int, targets: list[int], steps: int,
+               lr: float) -> dict[int, float]:
+    """In-sample normalised residual, {target: cost}, of 1x1 adapters (per-pixel linear maps with bias)
+    from model `source`'s features to each target's, trained from zero with Adam on the MSE for `steps`
+    steps, one calibration batch per step (cycling). `feats[m]`: model m's (P_k, C_m) rows per batch.
+
+    Inputs are standardised per channel, targets centred and divided by one scalar (their RMS deviation):
+    the adapter's function class is unchanged, but the step budget then means the same for every pair
+    whatever the feature scales. The adapters to all targets are one Linear trained on the sum of their
+    losses; Adam works per weight and each weight only sees its own target's loss, so this is exactly
+    training them one by one.
     """
-    mx = mean[xsl].float()
-    sx = cov[xsl, xsl].diagonal().clamp_min(0).sqrt().float().clamp_min(1e-12)
-    total = torch.trace(cov[ysl, ysl]).item()
-    if total <= 0.0:
-        return 0.0
-    my, cy = mean[ysl].float(), ys[0].shape[1]
-    sy = math.sqrt(total / cy)
-    adapter = nn.Linear(xs[0].shape[1], cy).to(xs[0].device)
+    cov, mean = mom.covariance(), mom.sum / mom.n
+    var = cov.diagonal().clamp_min(0)
+    xsl = mom.block(source)
+    mx, sx = mean[xsl].float(), var[xsl].sqrt().float().clamp_min(1e-12)
+    out = {j: 0.0 for j in targets if var[mom.block(j)].sum() <= 0}  # constant targets: a bias is enough
+    targets = [j for j in targets if j not in out]
+    if not targets:
+        return out
+    shift = torch.cat([mean[mom.block(j)] for j in targets]).float()
+    scale = torch.cat([torch.full_like(mean[mom.block(j)], math.sqrt(var[mom.block(j)].mean().item()))
+                       for j in targets]).float()
+    weight = torch.cat([torch.full_like(mean[mom.block(j)], 1.0 / len(var[mom.block(j)])) for j in targets]).float()
+
+    batches = [((x - mx) / sx, (torch.cat([feats[j][k] for j in targets], dim=1) - shift) / scale)
+               for k, x in enumerate(feats[source])]
+    adapter = nn.Linear(len(mx), len(shift)).to(mx.device)
     nn.init.zeros_(adapter.weight)
     nn.init.zeros_(adapter.bias)
     opt = torch.optim.Adam(adapter.parameters(), lr=lr)
-    norm = lambda k: ((xs[k] - mx) / sx, (ys[k] - my) / sy)  # noqa: E731
-    with torch.enable_grad():
+    with torch.enable_grad(), _one_cpu_thread(mx.device):
         for step in range(steps):
-            x, y = norm(step % len(xs))
-            loss = torch.mean((adapter(x) - y) ** 2)
+            x, y = batches[step % len(batches)]
+            loss = (((adapter(x) - y) ** 2) * weight).sum(1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
     with torch.no_grad():
-        sq = sum(((adapter(x) - y) ** 2).sum().double().item() for x, y in map(norm, range(len(xs))))
-    n = sum(x.shape[0] for x in xs)
-    return min(max(sq / (n * cy), 0.0), 1.0)  # standardised y has total variance cy per pixel
+        sq = sum(((adapter(x) - y) ** 2).double().sum(0) for x, y in batches)
+    bounds = np.cumsum([0, *(mom.block(j).stop - mom.block(j).start for j in targets)])
+    # standardised targets have total variance C_j per pixel
+    out.update({j: sq[bounds[k]:bounds[k + 1]].sum().item() / (mom.n * (bounds[k + 1] - bounds[k]))
+                for k, j in enumerate(targets)})
+    return out
 
 
 def _pairwise_costs(models: "OrderedDict[str, nn.Module]", images: Any, *, levels: Sequence[str] | None,
@@ -279,7 +309,12 @@ def _pairwise_costs(models: "OrderedDict[str, nn.Module]", images: Any, *, level
                     lr: float, pairs: list[tuple[int, int]] | None = None
                     ) -> tuple[dict[tuple[int, int], dict[str, float]], list[str], int]:
     """{(i, j): {level: cost(i -> j)}} for the requested ordered pairs (all i != j by default), the levels
-    used and the number of calibration images. One backbone forward per model per batch."""
+    used and the number of calibration images. One backbone forward per model per batch.
+
+    In-sample residuals of a fit with C_a + 1 parameters per output channel are optimistic when a level
+    has few pixels, so every cost gets the degrees-of-freedom correction of the adjusted R^2,
+    (n - 1) / (n - C_a - 1) for n pixel samples, and levels with n < 2 (C_a + 1) are not used.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown adaptation-cost method {method!r}; expected one of {METHODS}")
     if batch_size < 1:
@@ -290,11 +325,10 @@ def _pairwise_costs(models: "OrderedDict[str, nn.Module]", images: Any, *, level
         m.to(device).eval()
     try:
         _check_same_transform(models)
-        levels = _common_levels(models, levels)
         n = len(models)
         pairs = pairs if pairs is not None else [(i, j) for i in range(n) for j in range(n) if i != j]
         moments: dict[str, _Moments] = {}
-        cache: dict[str, list[list[torch.Tensor]]] = {lvl: [[] for _ in models] for lvl in levels}
+        cache: dict[str, list[list[torch.Tensor]]] = {}
         n_images = 0
         for n_batch, feats in _feature_batches(models, images, levels, batch_size, device):
             n_images += n_batch
@@ -302,30 +336,53 @@ def _pairwise_costs(models: "OrderedDict[str, nn.Module]", images: Any, *, level
                 if lvl not in moments:
                     moments[lvl] = _Moments([f.shape[1] for f in per_model], device)
                 moments[lvl].add(per_model)
-                if method == "sgd":  # the trained adapter needs the features themselves
+                if method == "sgd":  # the trained adapters need the features themselves
                     for k, f in enumerate(per_model):
-                        cache[lvl][k].append(f.float())
-        if not moments:
+                        cache.setdefault(lvl, [[] for _ in models])[k].append(f.float())
+        if not n_images:
             raise ValueError("no calibration images: the image set is empty")
+        used = _levels_with_enough_samples(moments, sorted({i for i, _ in pairs}), n_images, explicit=levels is not None)
         costs: dict[tuple[int, int], dict[str, float]] = {p: {} for p in pairs}
-        for lvl, mom in moments.items():
+        for lvl in used:
+            mom = moments[lvl]
             cov = mom.covariance()
-            for i, j in pairs:
+            for i in sorted({i for i, _ in pairs}):
+                targets = [j for a, j in pairs if a == i]
                 if method == "closed_form":
-                    costs[(i, j)][lvl] = _closed_form_cost(cov, mom.block(i), mom.block(j), ridge)
+                    raw = {j: _closed_form_cost(cov, mom.block(i), mom.block(j), ridge) for j in targets}
                 else:
-                    costs[(i, j)][lvl] = _sgd_cost(cache[lvl][i], cache[lvl][j], cov, mom.sum / mom.n,
-                                                   mom.block(i), mom.block(j), sgd_steps, lr)
-        return costs, levels, n_images
+                    raw = _sgd_costs(cache[lvl], mom, i, targets, sgd_steps, lr)
+                c_in = mom.block(i).stop - mom.block(i).start
+                dof = (mom.n - 1) / (mom.n - c_in - 1)
+                for j, c in raw.items():
+                    costs[(i, j)][lvl] = min(c * dof, 1.0)
+        return costs, used, n_images
     finally:
         for name, m in models.items():
             m.train(modes[name])
 
 
+def _levels_with_enough_samples(moments: dict[str, _Moments], sources: list[int], n_images: int,
+                                explicit: bool) -> list[str]:
+    """Levels with at least 2 (C + 1) pixel samples for every source model's C channels."""
+    short = {lvl: 2 * (max(m.block(i).stop - m.block(i).start for i in sources) + 1)
+             for lvl, m in moments.items()}
+    short = {lvl: need for lvl, need in short.items() if moments[lvl].n < need}
+    used = [lvl for lvl in moments if lvl not in short]
+    if short:
+        detail = ", ".join(f"{lvl}: {moments[lvl].n} < {need}" for lvl, need in short.items())
+        msg = (f"too few pixel samples on {n_images} calibration images to fit a 1x1 adapter at levels "
+               f"{list(short)} ({detail}); use more or larger images")
+        if explicit or not used:
+            raise ValueError(msg)
+        warnings.warn(msg + f"; using levels {used}", stacklevel=4)
+    return used
+
+
 # ----------------------------------------------------------------------------------------------------
 # Adaptation cost and cost matrix
 def adaptation_cost(a: nn.Module, b: nn.Module, images: Any, *, levels: Sequence[str] | None = None,
-                    method: str = "closed_form", ridge: float = 1e-3, batch_size: int = 8,
+                    method: str = "closed_form", ridge: float = 1e-5, batch_size: int = 8,
                     device: str | torch.device = "cpu", sgd_steps: int = 200, lr: float = 1e-2) -> CostResult:
     """How hard it is for detector `a` (student) to imitate detector `b` (teacher) through a 1x1 adapter.
 
@@ -366,7 +423,7 @@ def adaptation_cost(a: nn.Module, b: nn.Module, images: Any, *, levels: Sequence
 
 
 def cost_matrix(models: dict[str, nn.Module], images: Any, *, method: str = "closed_form",
-                levels: Sequence[str] | None = None, ridge: float = 1e-3, batch_size: int = 8,
+                levels: Sequence[str] | None = None, ridge: float = 1e-5, batch_size: int = 8,
                 device: str | torch.device = "cpu", sgd_steps: int = 200, lr: float = 1e-2) -> CostMatrix:
     """Adaptation cost of every ordered pair of `models` ({name: detector}), see `adaptation_cost`.
 

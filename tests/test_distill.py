@@ -1,0 +1,217 @@
+"""Distiller, plans and staged runs with hand-over, on real torchvision detectors (tiny sizes)."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pkdkit.data import CocoDetection
+from pkdkit.distill import Distiller, build_distiller, inherit_teacher_head
+from pkdkit.engine import TrainConfig, train
+from pkdkit.models import DetectorSpec, build_detector, load_checkpoint, load_detector, save_detector
+from pkdkit.plan import PlanError, load_plan, run_plan, state_fingerprint
+
+SIZE = dict(fpn_channels=32, min_size=96, max_size=96)
+ANCHORS = dict(anchor_sizes=(8, 16, 32, 64, 128))
+CFG = TrainConfig(epochs=1, batch_size=8, optimizer="adamw", lr=1e-3, weight_decay=0.05, warmup_iters=2,
+                  grad_clip=10.0, device="cpu", progress=False)
+
+
+@pytest.fixture(scope="session")
+def label_map(tiny_coco):
+    return CocoDetection(tiny_coco["val_images"], tiny_coco["val_json"]).label_map
+
+
+@pytest.fixture(scope="session")
+def teachers(tiny_coco, label_map, tmp_path_factory):
+    """Teacher checkpoints written by pkdkit itself (untrained: the mechanics do not need skill)."""
+    root = tmp_path_factory.mktemp("teachers")
+    n = label_map.num_classes
+    specs = {
+        "r34": DetectorSpec(arch="retinanet", backbone="resnet34", num_classes=n, **SIZE, **ANCHORS),
+        "fcos50": DetectorSpec(arch="fcos", backbone="resnet50", num_classes=n, **SIZE, **ANCHORS),
+        "frcnn": DetectorSpec(arch="fasterrcnn", backbone="resnet18", num_classes=n, **SIZE),
+        "wrong_classes": DetectorSpec(arch="retinanet", backbone="resnet18", num_classes=3, **SIZE, **ANCHORS),
+    }
+    paths = {}
+    for name, spec in specs.items():
+        torch.manual_seed(len(name))
+        lm = label_map if spec.num_classes == n else type(label_map)(label_map.labels[:2], label_map.cat_ids[:2], label_map.names[:2])
+        paths[name] = str(save_detector(root / f"{name}.pt", build_detector(spec), spec, lm))
+    return paths
+
+
+def _student_spec(label_map) -> DetectorSpec:
+    return DetectorSpec(arch="retinanet", backbone="resnet18", num_classes=label_map.num_classes, **SIZE, **ANCHORS)
+
+
+def _plan_dict(tiny_coco, label_map, teachers, out: Path, stages=None) -> dict:
+    return {
+        "name": "test",
+        "out_dir": str(out),
+        "student": _student_spec(label_map).to_dict(),
+        "data": {"train_images": str(tiny_coco["train_images"]), "train_json": str(tiny_coco["train_json"]),
+                 "val_images": str(tiny_coco["val_images"]), "val_json": str(tiny_coco["val_json"])},
+        "train": {k: v for k, v in CFG.to_dict().items() if k != "progress"},
+        "stages": stages if stages is not None else [
+            {"name": "r34", "teacher": teachers["r34"], "loss": "mgd", "loss_params": {"alpha_mgd": 2e-3}},
+            {"name": "fcos50", "teacher": teachers["fcos50"], "loss": "mgd", "loss_params": {"alpha_mgd": 2e-3},
+             "train": {"epochs": 2}},
+        ],
+    }
+
+
+def _write_plan(tmp_path: Path, d: dict) -> Path:
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+# ----------------------------------------------------------------------------------------------------
+def test_distiller_adds_one_loss_per_common_level_and_never_trains_the_teacher(tiny_coco, label_map, teachers, tmp_path):
+    torch.manual_seed(0)
+    student = build_detector(_student_spec(label_map))
+    teacher, _, _, _ = load_detector(teachers["frcnn"])  # Faster R-CNN: P2-P6, student RetinaNet: P3-P7
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    distiller = build_distiller(student, teacher, "mgd")
+    assert list(distiller.losses) == ["p3", "p4", "p5", "p6"]
+    assert not any(p is q for p in distiller.parameters() for q in teacher.parameters())
+    assert not any(k.startswith("_teacher") for k in distiller.state_dict())
+    train_ds = CocoDetection(tiny_coco["train_images"], tiny_coco["train_json"], train=True)
+    train(distiller, train_ds, CFG, tmp_path)
+    _assert_same_state(before, teacher.state_dict())
+    assert not teacher.training and all(p.grad is None for p in teacher.parameters())
+    assert not student.backbone._forward_hooks and not student.transform._forward_hooks
+
+
+def test_distiller_forward_returns_detection_and_distillation_losses(tiny_coco, label_map, teachers):
+    student = build_detector(_student_spec(label_map))
+    teacher, _, _, _ = load_detector(teachers["r34"])
+    distiller = build_distiller(student, teacher, "pkd", levels=["p3", "p5"])
+    ds = CocoDetection(tiny_coco["train_images"], tiny_coco["train_json"], train=True)
+    images, targets = zip(*[ds[i] for i in range(2)])
+    losses = distiller(list(images), list(targets))
+    assert set(losses) == {"classification", "bbox_regression", "distill_p3", "distill_p5"}
+    sum(losses.values()).backward()
+    assert student.backbone.body.features.conv1.weight.grad is not None
+
+
+def test_teacher_with_other_normalisation_is_refused(label_map, teachers):
+    student = build_detector(_student_spec(label_map))
+    teacher, _, _, _ = load_detector(teachers["r34"])
+    teacher.transform.image_mean = [0.5, 0.5, 0.5]
+    with pytest.raises(ValueError, match="normalises images"):
+        Distiller(student, teacher, {})
+
+
+def test_inherit_teacher_head_copies_neck_and_head_and_reports_skips(label_map, teachers):
+    student = build_detector(_student_spec(label_map))
+    teacher, _, _, _ = load_detector(teachers["wrong_classes"])  # same arch, 3 classes
+    report = inherit_teacher_head(student, teacher)
+    assert report["copied"] and all(not k.startswith("backbone.body.") for k in report["copied"])
+    assert "head.classification_head.cls_logits.weight" in report["skipped"]  # other class count
+    for k in report["copied"]:
+        assert torch.equal(student.state_dict()[k], teacher.state_dict()[k])
+    assert "backbone.fpn.inner_blocks.0.0.weight" in report["copied"]
+
+
+# ----------------------------------------------------------------------------------------------------
+def test_two_stage_plan_hands_the_student_over_and_reruns_skip(tiny_coco, label_map, teachers, tmp_path):
+    plan_path = _write_plan(tmp_path, _plan_dict(tiny_coco, label_map, teachers, tmp_path / "run"))
+    summary = run_plan(load_plan(plan_path), progress=False)
+    run = tmp_path / "run"
+    s1, s2 = run / "stage_1_r34", run / "stage_2_fcos50"
+    for d in (s1, s2):
+        assert {"last.pt", "student.pt", "metrics.json", "eval.json", "eval_results.json"} <= {p.name for p in d.iterdir()}
+    assert list(summary["rows"]) == ["baseline", "r34", "fcos50"]
+    assert "| baseline |" in summary["table"] and "| fcos50 |" in summary["table"]
+    # stage 2 provably starts from stage 1's student
+    stage1_student, _, _, _ = load_detector(s1 / "student.pt")
+    stage2_config = json.loads((s2 / "eval.json").read_text())["config"]["stage"]
+    assert stage2_config["init_from"] == str(s1 / "student.pt")
+    assert stage2_config["init_fingerprint"] == state_fingerprint(stage1_student)
+    # student-only hand-over: no distillation adapters in student.pt
+    assert not any(k.startswith("losses.") for k in load_checkpoint(s2 / "student.pt")["model"])
+    assert json.loads((s2 / "metrics.json").read_text())["epochs"][-1]["epoch"] == 2
+    assert (run / "plan.yaml").exists() and json.loads((run / "summary.json").read_text())["table"] == summary["table"]
+    mtimes = {p: p.stat().st_mtime for p in (s1 / "student.pt", s2 / "student.pt")}
+    again = run_plan(load_plan(plan_path), progress=False)
+    assert again["table"] == summary["table"]
+    assert all(p.stat().st_mtime == t for p, t in mtimes.items())
+
+
+def test_kill_in_stage_two_and_resume_matches_uninterrupted_run(tiny_coco, label_map, teachers, tmp_path):
+    def plan_file(name: str) -> Path:
+        d = _plan_dict(tiny_coco, label_map, teachers, tmp_path / name)
+        d["stages"][1]["train"] = {"epochs": 3}
+        (tmp_path / name).mkdir()
+        return _write_plan(tmp_path / name, d)
+
+    cmd = [sys.executable, "-m", "pkdkit.cli", "--quiet", "distill"]
+    straight, killed = plan_file("straight"), plan_file("killed")
+    subprocess.run([*cmd, str(straight)], check=True, capture_output=True)
+    proc = subprocess.Popen([*cmd, str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "stage_2_fcos50" / "metrics.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(json.loads(metrics.read_text())["epochs"]) >= 1):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (metrics.parent / "student.pt").exists(), "stage 2 finished before it could be killed"
+    subprocess.run([*cmd, str(killed)], check=True, capture_output=True)
+    _assert_same_state(load_checkpoint(tmp_path / "straight" / "stage_2_fcos50" / "student.pt")["model"],
+                       load_checkpoint(metrics.parent / "student.pt")["model"])
+
+
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("change, message", [
+    (lambda d, t: d.update(stages=[]), "has no stages"),
+    (lambda d, t: d["stages"][0].update(loss="kld"), r"stage 1 \(r34\): unknown loss 'kld'"),
+    (lambda d, t: d["stages"][1].update(teacher="/nowhere/teacher.pt"), r"stage 2 \(fcos50\): teacher checkpoint not found: /nowhere/teacher.pt"),
+    (lambda d, t: d["stages"][0].update(teacher=t["wrong_classes"]), r"stage 1 \(r34\): class mismatch: .*has 2 classes \(num_classes=3\)"),
+    (lambda d, t: d["stages"][0].update(levels=["p2"]), r"stage 1 \(r34\): levels \['p2'\] are not in both"),
+    (lambda d, t: d["stages"][0].update(train={"optimizer": "lamb"}), r"stage 1 \(r34\): optimizer must be"),
+    (lambda d, t: d["student"].update(num_classes=3), r"student has num_classes=3 but the data"),
+])
+def test_invalid_plans_fail_early_with_the_stage_and_reason(tiny_coco, label_map, teachers, tmp_path, change, message):
+    d = _plan_dict(tiny_coco, label_map, teachers, tmp_path / "run")
+    change(d, teachers)
+    with pytest.raises(PlanError, match=message):
+        run_plan(load_plan(_write_plan(tmp_path, d)), progress=False)
+    assert not (tmp_path / "run" / "stage_1_r34").exists()
+
+
+def test_plan_files_with_bad_syntax_or_keys_name_the_file(tmp_path, tiny_coco, label_map, teachers):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages: [unclosed")
+    with pytest.raises(PlanError, match="bad.yaml is not valid YAML"):
+        load_plan(bad)
+    d = _plan_dict(tiny_coco, label_map, teachers, tmp_path / "run")
+    d["stages"][0]["lr"] = 0.1
+    with pytest.raises(PlanError, match=r"stage 1 \(r34\): unknown keys \['lr'\]"):
+        load_plan(_write_plan(tmp_path, d))
+    j = tmp_path / "plan.json"
+    j.write_text(json.dumps(_plan_dict(tiny_coco, label_map, teachers, tmp_path / "run")))
+    assert [s.name for s in load_plan(j).stages] == ["r34", "fcos50"]
+
+
+def test_relative_paths_in_a_plan_are_relative_to_the_plan_file(tmp_path, tiny_coco, label_map, teachers):
+    d = _plan_dict(tiny_coco, label_map, teachers, Path("run"))
+    d["stages"][0]["teacher"] = "teachers/r34.pt"
+    plan = load_plan(_write_plan(tmp_path, d))
+    assert plan.out_dir == str(tmp_path / "run") and plan.stages[0].teacher == str(tmp_path / "teachers/r34.pt")
+    assert replace(plan.stages[1]).teacher == teachers["fcos50"]

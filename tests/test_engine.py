@@ -1,0 +1,164 @@
+"""Supervised training: real torchvision RetinaNet on the tiny synthetic set, resume, NaN, DDP."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pkdkit.data import CocoDetection
+from pkdkit.engine import NonFiniteLossError, TrainConfig, lr_factor, train, train_detector
+from pkdkit.evaluate import evaluate_detector
+from pkdkit.models import DetectorSpec, build_detector, load_checkpoint, load_detector
+
+SPEC = dict(arch="retinanet", backbone="resnet18", fpn_channels=32, min_size=96, max_size=96,
+            anchor_sizes=(8, 16, 32, 64, 128))
+CFG = TrainConfig(epochs=3, batch_size=8, optimizer="adamw", lr=1e-3, weight_decay=0.05, warmup_iters=2,
+                  grad_clip=10.0, device="cpu", progress=False)
+
+
+def _datasets(tiny_coco):
+    train_ds = CocoDetection(tiny_coco["train_images"], tiny_coco["train_json"], train=True)
+    return train_ds, CocoDetection(tiny_coco["val_images"], tiny_coco["val_json"])
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pkdkit.cli", "--quiet", *args]
+
+
+def _train_args(tiny_coco, out: Path, epochs: int) -> list[str]:
+    return ["train", "--data", str(tiny_coco["root"]), "--preset", "tiny", "--out", str(out), "--epochs", str(epochs),
+            "--optimizer", "adamw", "--lr", "1e-3", "--weight-decay", "0.05", "--warmup-iters", "2",
+            "--device", "cpu"]
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def test_short_training_run_loss_falls_and_train_ap_is_above_zero(tiny_coco, tmp_path):
+    train_ds, _ = _datasets(tiny_coco)
+    spec = DetectorSpec(num_classes=train_ds.label_map.num_classes, **SPEC)
+    torch.manual_seed(0)
+    model = build_detector(spec)
+    history = train(model, train_ds, CFG.replace(epochs=6), tmp_path, config={"spec": spec.to_dict()})
+    losses = [h["loss"] for h in history]
+    assert losses[-1] < losses[0]
+    train_eval = CocoDetection(tiny_coco["train_images"], tiny_coco["train_json"])
+    model.score_thresh = 0.01
+    record = evaluate_detector(model, train_eval, train_ds.label_map, progress=False)
+    assert record["metrics"]["bbox"]["stats"]["AP50"] > 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["config"]["spec"]["backbone"] == "resnet18" and metrics["config"]["train"]["lr"] == 1e-3
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3, 4, 5, 6]
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "epoch"} <= set(state) and state["epoch"] == 6
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tiny_coco, tmp_path):
+    """`pkdkit train` killed in its third epoch and run again ends with the uninterrupted run's weights."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_cli(*_train_args(tiny_coco, straight, 3)), check=True, capture_output=True)
+    proc = subprocess.Popen(_cli(*_train_args(tiny_coco, killed, 3)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill once epoch 2 is checkpointed, i.e. during epoch 3
+        metrics = killed / "metrics.json"
+        if metrics.exists() and len(json.loads(metrics.read_text())["epochs"]) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model.pt").exists(), "the run finished before it could be killed"
+    assert load_checkpoint(killed / "last.pt")["epoch"] == 2
+    subprocess.run(_cli(*_train_args(tiny_coco, killed, 3)), check=True, capture_output=True)
+    _assert_same_weights(load_checkpoint(straight / "model.pt")["model"], load_checkpoint(killed / "model.pt")["model"])
+    a = json.loads((straight / "metrics.json").read_text())["epochs"]
+    b = json.loads((killed / "metrics.json").read_text())["epochs"]
+    assert [e["loss"] for e in a] == [e["loss"] for e in b]
+
+
+def test_resume_with_other_settings_is_refused(tiny_coco, tmp_path):
+    train_ds, _ = _datasets(tiny_coco)
+    spec = DetectorSpec(num_classes=train_ds.label_map.num_classes, **SPEC)
+    train(build_detector(spec), train_ds, CFG.replace(epochs=1), tmp_path)
+    with pytest.raises(RuntimeError, match=r"lr: 0.001 -> 0.1"):
+        train(build_detector(spec), train_ds, CFG.replace(epochs=2, lr=0.1), tmp_path)
+
+
+class PoisonedImages(torch.utils.data.Dataset):
+    """The real dataset, but every image becomes NaN once `poisoned` is set (a corrupt input stream)."""
+
+    def __init__(self, dataset: CocoDetection):
+        self.dataset, self.poisoned = dataset, False
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, target = self.dataset[i]
+        return (image * float("nan"), target) if self.poisoned else (image, target)
+
+
+def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(tiny_coco, tmp_path):
+    train_ds, _ = _datasets(tiny_coco)
+    data = PoisonedImages(train_ds)
+    spec = DetectorSpec(num_classes=train_ds.label_map.num_classes, **SPEC)
+
+    def poison_after_first_epoch(epoch, model):
+        data.poisoned = True
+        return {}
+
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 1 \(global step 3\).*last good checkpoint .*last.pt is intact"):
+        train(build_detector(spec), data, CFG.replace(epochs=2), tmp_path, on_epoch_end=poison_after_first_epoch)
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "metrics.json"]
+
+
+def test_lr_schedule_warms_up_then_steps_or_decays():
+    cfg = TrainConfig(warmup_iters=10, warmup_factor=0.001, milestones=(0.5, 0.75), gamma=0.1)
+    assert lr_factor(0, 100, cfg) == pytest.approx(0.001)
+    assert lr_factor(10, 100, cfg) == 1.0
+    assert lr_factor(60, 100, cfg) == pytest.approx(0.1) and lr_factor(80, 100, cfg) == pytest.approx(0.01)
+    cosine = cfg.replace(schedule="cosine", warmup_iters=0)
+    assert lr_factor(50, 100, cosine) == pytest.approx(0.5) and lr_factor(100, 100, cosine) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="lamb")
+
+
+def test_train_detector_writes_model_eval_and_config_and_skips_when_done(tiny_coco, tmp_path):
+    train_ds, val_ds = _datasets(tiny_coco)
+    spec = DetectorSpec(num_classes=train_ds.label_map.num_classes, **SPEC)
+    record = train_detector(spec, train_ds, val_ds, CFG.replace(epochs=1), tmp_path)
+    assert {"model.pt", "eval.json", "eval_results.json", "last.pt", "metrics.json"} <= {p.name for p in tmp_path.iterdir()}
+    assert record["config"]["spec"] == spec.to_dict() and set(record["metrics"]["bbox"]["stats"]) >= {"AP", "AR100"}
+    _, spec2, label_map, _ = load_detector(tmp_path / "model.pt")
+    assert spec2 == spec and label_map == train_ds.label_map
+    mtime = (tmp_path / "model.pt").stat().st_mtime
+    assert train_detector(spec, train_ds, val_ds, CFG.replace(epochs=1), tmp_path) == record
+    assert (tmp_path / "model.pt").stat().st_mtime == mtime
+    with pytest.raises(ValueError, match="num_classes=3"):
+        train_detector(DetectorSpec(num_classes=3, **SPEC), train_ds, val_ds, CFG, tmp_path / "other")
+
+
+def test_torchrun_two_cpu_processes_train_with_gloo(tiny_coco, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "pkdkit.cli", "--quiet", *_train_args(tiny_coco, out, 2)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "eval_results.json", "last.pt", "metrics.json", "model.pt"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    # 16 training images over 2 ranks at batch 8: one step per rank per epoch
+    assert load_checkpoint(out / "last.pt")["scheduler"]["last_epoch"] == 2
