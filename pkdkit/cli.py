@@ -139,7 +139,9 @@ def _name_eq_path(s: str) -> tuple[str, str]:
 def cmd_notebooks(args: argparse.Namespace) -> int:
     from pkdkit.notebooks import NotebookRunError, run_notebooks
 
-    params = dict(_name_eq_path(p) for p in args.param)
+    import yaml
+
+    params = {k: yaml.safe_load(v) for k, v in (_name_eq_path(p) for p in args.param)}
     try:
         summary = run_notebooks(args.preset, args.out, run_dir=args.run_dir, device=args.device,
                                 parameters=params, only=args.only)
@@ -199,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", help="shared run directory (default: <out>/run)")
     r.add_argument("--device", default="auto")
     r.add_argument("--only", nargs="*", help="run only these notebooks (file names)")
-    r.add_argument("-p", "--param", action="append", default=[], help="NAME=VALUE passed to every notebook")
+    r.add_argument("-p", "--param", action="append", default=[],
+                   help="NAME=VALUE for every notebook's parameters cell (YAML value: 3, 0.5, true, null, [a, b])")
     r.set_defaults(func=cmd_notebooks)
     return parser
 

@@ -8,8 +8,10 @@ The flow reads like torchvision's ``references/detection/coco_eval.py``, as plai
 
 Numbers are pycocotools' own: `run_cocoeval` is ``loadRes -> COCOeval.evaluate -> accumulate`` and the
 stats are read from the accumulated ``eval["precision"]`` / ``eval["recall"]`` arrays exactly as
-``COCOeval.summarize`` reads them. A faster evaluator can be plugged in through ``cocoeval_cls``: any
-``COCOeval`` subclass that fills the same ``eval`` arrays (``precision`` ``(T, R, K, A, M)``, ``recall``
+``COCOeval.summarize`` reads them. The matching itself runs in faster-coco-eval's C++ when it is installed
+(`pkdkit.fasteval.DEFAULT_COCOEVAL`: the same arrays as pycocotools' to 1e-15, several times faster), else in
+pycocotools. Another evaluator can be plugged in through ``cocoeval_cls``: any class with ``COCOeval``'s
+interface that fills the same ``eval`` arrays (``precision`` ``(T, R, K, A, M)``, ``recall``
 ``(T, K, A, M)``) works with every function here.
 
 Conventions: stats are fractions in [0, 1]; ``-1.0`` means "undefined" exactly as in COCOeval (no ground
@@ -38,6 +40,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 from tqdm.auto import tqdm
+
+from pkdkit.fasteval import DEFAULT_COCOEVAL
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -152,8 +156,9 @@ def _write_json(obj: Any, path: str | os.PathLike) -> Path:
 # COCOeval
 def run_cocoeval(coco_gt: COCO | str | os.PathLike, results: list[dict] | str | os.PathLike,
                  iou_type: str = "bbox", *, max_dets: int = 100,
-                 cocoeval_cls: type[COCOeval] = COCOeval) -> COCOeval:
-    """Evaluate `results` against `coco_gt` with pycocotools; return the accumulated ``COCOeval``.
+                 cocoeval_cls: type[COCOeval] = DEFAULT_COCOEVAL) -> COCOeval:
+    """Evaluate `results` against `coco_gt` with pycocotools' COCO and `cocoeval_cls` (default: faster-coco-eval
+    when installed, else pycocotools' COCOeval); return the accumulated evaluator.
 
     This is ``coco_gt.loadRes(results)``, ``COCOeval(...).evaluate()``, ``.accumulate()`` with pycocotools'
     printing silenced, plus what plain pycocotools gets wrong for a pipeline:
@@ -286,7 +291,7 @@ def _category_names(coco: COCO, cat_ids: Sequence[int]) -> list[str]:
 
 def coco_evaluate(coco_gt: COCO | str | os.PathLike, results: list[dict] | str | os.PathLike,
                   iou_types: Sequence[str] = ("bbox",), *, max_dets: int = 100,
-                  cocoeval_cls: type[COCOeval] = COCOeval) -> dict[str, dict[str, Any]]:
+                  cocoeval_cls: type[COCOeval] = DEFAULT_COCOEVAL) -> dict[str, dict[str, Any]]:
     """COCO metrics of `results` (list or JSON path, possibly empty) against `coco_gt` (COCO or path).
 
     Returns ``{iou_type: {"stats": {name: float}, "per_class": {category name: AP}, "summary": str}}``
@@ -299,6 +304,29 @@ def coco_evaluate(coco_gt: COCO | str | os.PathLike, results: list[dict] | str |
         cocoeval = run_cocoeval(coco_gt, results, iou_type, max_dets=max_dets, cocoeval_cls=cocoeval_cls)
         metrics[iou_type] = cocoeval_metrics(cocoeval)
     return metrics
+
+
+def match_counts(cocoeval: COCOeval, iou: float = 0.5) -> dict[str, int]:
+    """TP/FP/FN at one IoU threshold from an evaluated COCOeval (area "all", the largest maxDets).
+
+    COCO's matching: a detection is TP if matched to a non-crowd ground truth, FP if unmatched and not
+    ignored; a non-crowd ground truth without a match is FN. Detections matched to crowd regions count
+    as neither (FiftyOne's `evaluate_detections(method="coco")` is reconciled to this in pkdkit.fiftyone).
+    """
+    hits = np.flatnonzero(np.isclose(cocoeval.params.iouThrs, iou))
+    if not len(hits):
+        raise ValueError(f"IoU {iou} is not one of COCOeval's thresholds {list(cocoeval.params.iouThrs)}")
+    t = int(hits[0])
+    all_area = cocoeval.params.areaRng[cocoeval.params.areaRngLbl.index("all")]
+    tp = fp = fn = 0
+    for e in cocoeval.evalImgs:
+        if e is None or e["aRng"] != all_area or e["maxDet"] != cocoeval.params.maxDets[-1]:
+            continue
+        matched, ignored = e["dtMatches"][t] > 0, e["dtIgnore"][t].astype(bool)
+        tp += int(np.sum(matched & ~ignored))
+        fp += int(np.sum(~matched & ~ignored))
+        fn += int(np.sum((e["gtMatches"][t] == 0) & ~np.asarray(e["gtIgnore"], bool)))
+    return {"tp": tp, "fp": fp, "fn": fn}
 
 
 def pr_curve(cocoeval: COCOeval, iou: float = 0.5, area: str = "all",

@@ -29,22 +29,24 @@ class Preset:
 
 
 def _tiny() -> Preset:
+    # FCOS: from scratch on 64 images it learns within minutes on a CPU, where RetinaNet barely starts.
     size = dict(num_classes=6, fpn_channels=32, min_size=96, max_size=96, anchor_sizes=(8, 16, 32, 64, 128))
     return Preset(
         name="tiny",
         synth=dict(n_train=64, n_val=16, size=96, seed=0),
-        student=DetectorSpec(arch="retinanet", backbone="resnet18", **size),
+        student=DetectorSpec(arch="fcos", backbone="resnet18", **size),
         teachers={
-            "retinanet_r34": DetectorSpec(arch="retinanet", backbone="resnet34", **size),
+            "fcos_r34": DetectorSpec(arch="fcos", backbone="resnet34", **size),
             "fcos_r50": DetectorSpec(arch="fcos", backbone="resnet50", **size),
-            "retinanet_r50": DetectorSpec(arch="retinanet", backbone="resnet50", **size),
         },
-        train=TrainConfig(epochs=8, batch_size=8, lr=0.01, warmup_iters=20, grad_clip=10.0),
-        distill=TrainConfig(epochs=4, batch_size=8, lr=0.01, warmup_iters=5, grad_clip=10.0),
-        # MGD's alpha=2e-5 is tuned for 256-channel maps summed over 100x100 positions: scale it up for
-        # 32 channels at 12x12 so the distillation term is not negligible.
-        loss_params={"alpha_mgd": 2e-3},
-        calibration_images=32,
+        train=TrainConfig(epochs=12, batch_size=8, optimizer="adamw", lr=1e-3, weight_decay=0.05, warmup_iters=10,
+                          grad_clip=10.0),
+        distill=TrainConfig(epochs=4, batch_size=8, optimizer="adamw", lr=5e-4, weight_decay=0.05, warmup_iters=4,
+                            grad_clip=10.0),
+        # MGD's alpha=2e-5 is set for 256-channel maps of ~100x150 positions; these maps are 32 x 12x12, so a
+        # larger alpha keeps the distillation term a visible share of the loss.
+        loss_params={"alpha_mgd": 2e-4},
+        calibration_images=16,
         notes="CPU demo: 64+16 synthetic images of 96 px, thin FPN; minutes on 2 cores. AP is low by design.",
     )
 

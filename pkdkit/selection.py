@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import tempfile
 import warnings
@@ -133,7 +132,8 @@ def _image_batches(images: Any, batch_size: int) -> Iterator[list[torch.Tensor]]
     if isinstance(images, torch.Tensor):
         yield from chunks(as_images(images))
     elif isinstance(images, torch.utils.data.Dataset) and hasattr(images, "__len__"):
-        yield from chunks(images[i][0] for i in range(len(images)))  # a map-style dataset: take images
+        items = (images[i] for i in range(len(images)))  # a map-style dataset: take the images
+        yield from chunks(x[0] if isinstance(x, (tuple, list)) else x for x in items)
     elif isinstance(images, (list, tuple)) and all(isinstance(x, torch.Tensor) and x.dim() == 3 for x in images):
         yield from chunks(images)
     else:
@@ -277,11 +277,10 @@ def _sgd_costs(feats: list[list[torch.Tensor]], mom: "_Moments", source: int, ta
     targets = [j for j in targets if j not in out]
     if not targets:
         return out
-    shift = torch.cat([mean[mom.block(j)] for j in targets]).float()
-    scale = torch.cat([torch.full_like(mean[mom.block(j)], math.sqrt(var[mom.block(j)].mean().item()))
-                       for j in targets]).float()
-    weight = torch.cat([torch.full_like(mean[mom.block(j)], 1.0 / len(var[mom.block(j)])) for j in targets]).float()
-
+    blocks = [mom.block(j) for j in targets]
+    shift = torch.cat([mean[b] for b in blocks]).float()
+    scale = torch.cat([torch.full_like(var[b], var[b].mean().sqrt().item()) for b in blocks]).float()
+    weight = torch.cat([torch.full_like(var[b], 1.0 / len(var[b])) for b in blocks]).float()  # MSE per target
     batches = [((x - mx) / sx, (torch.cat([feats[j][k] for j in targets], dim=1) - shift) / scale)
                for k, x in enumerate(feats[source])]
     adapter = nn.Linear(len(mx), len(shift)).to(mx.device)
@@ -297,10 +296,11 @@ def _sgd_costs(feats: list[list[torch.Tensor]], mom: "_Moments", source: int, ta
             opt.step()
     with torch.no_grad():
         sq = sum(((adapter(x) - y) ** 2).double().sum(0) for x, y in batches)
-    bounds = np.cumsum([0, *(mom.block(j).stop - mom.block(j).start for j in targets)])
-    # standardised targets have total variance C_j per pixel
-    out.update({j: sq[bounds[k]:bounds[k + 1]].sum().item() / (mom.n * (bounds[k + 1] - bounds[k]))
-                for k, j in enumerate(targets)})
+    start = 0
+    for j, b in zip(targets, blocks):  # standardised targets have total variance C_j per pixel
+        c = b.stop - b.start
+        out[j] = sq[start:start + c].sum().item() / (mom.n * c)
+        start += c
     return out
 
 
@@ -341,12 +341,13 @@ def _pairwise_costs(models: "OrderedDict[str, nn.Module]", images: Any, *, level
                         cache.setdefault(lvl, [[] for _ in models])[k].append(f.float())
         if not n_images:
             raise ValueError("no calibration images: the image set is empty")
-        used = _levels_with_enough_samples(moments, sorted({i for i, _ in pairs}), n_images, explicit=levels is not None)
+        sources = sorted({i for i, _ in pairs})
+        used = _levels_with_enough_samples(moments, sources, n_images, explicit=levels is not None)
         costs: dict[tuple[int, int], dict[str, float]] = {p: {} for p in pairs}
         for lvl in used:
             mom = moments[lvl]
             cov = mom.covariance()
-            for i in sorted({i for i, _ in pairs}):
+            for i in sources:
                 targets = [j for a, j in pairs if a == i]
                 if method == "closed_form":
                     raw = {j: _closed_form_cost(cov, mom.block(i), mom.block(j), ridge) for j in targets}
@@ -365,14 +366,13 @@ def _pairwise_costs(models: "OrderedDict[str, nn.Module]", images: Any, *, level
 def _levels_with_enough_samples(moments: dict[str, _Moments], sources: list[int], n_images: int,
                                 explicit: bool) -> list[str]:
     """Levels with at least 2 (C + 1) pixel samples for every source model's C channels."""
-    short = {lvl: 2 * (max(m.block(i).stop - m.block(i).start for i in sources) + 1)
-             for lvl, m in moments.items()}
-    short = {lvl: need for lvl, need in short.items() if moments[lvl].n < need}
+    need = {lvl: 2 * (max(m.block(i).stop - m.block(i).start for i in sources) + 1) for lvl, m in moments.items()}
+    short = [lvl for lvl, m in moments.items() if m.n < need[lvl]]
     used = [lvl for lvl in moments if lvl not in short]
     if short:
-        detail = ", ".join(f"{lvl}: {moments[lvl].n} < {need}" for lvl, need in short.items())
+        detail = ", ".join(f"{lvl}: {moments[lvl].n} < {need[lvl]}" for lvl in short)
         msg = (f"too few pixel samples on {n_images} calibration images to fit a 1x1 adapter at levels "
-               f"{list(short)} ({detail}); use more or larger images")
+               f"{short} ({detail}); use more or larger images")
         if explicit or not used:
             raise ValueError(msg)
         warnings.warn(msg + f"; using levels {used}", stacklevel=4)
@@ -397,11 +397,16 @@ def adaptation_cost(a: nn.Module, b: nn.Module, images: Any, *, levels: Sequence
 
         cost_l = min_{W, c} E ||y - W x - c||^2 / E ||y - E y||^2      (= 1 - R^2 of a linear probe)
 
-    averaged over levels. It is 0 when b's features are an invertible channel mixing of a's (b could be
-    matched exactly), 1 when a's features explain nothing of b's, does not change when b's features are
-    scaled or rotated (orthogonal mixing) or when a's are mixed by any invertible 1x1 map. A general
-    (non-orthogonal) mixing of b changes which channels dominate the squared error, and so the cost,
-    exactly as it would change an MSE distillation loss on b's raw features.
+    averaged over levels. The residual is measured on the calibration pixels the adapter was fitted on,
+    which flatters levels with few pixels, so it gets the degrees-of-freedom correction of the adjusted
+    R^2, (n - 1) / (n - C_a - 1) for n pixel samples; levels with n < 2 (C_a + 1) are left out with a
+    warning (an error when `levels` names them): on 64 images of 96 px, P7 (1x1 per image) is.
+
+    The cost is 0 when b's features are an invertible channel mixing of a's (b can be matched exactly)
+    and 1 when a's features explain nothing of b's. It does not change when b's features are scaled or
+    rotated (orthogonal mixing), nor when a's are mixed by any invertible 1x1 map. A general
+    (non-orthogonal) mixing of a different b changes which channels dominate the squared error, and so
+    the cost, exactly as it would change an MSE distillation loss on b's raw features.
 
     method:
     - ``"closed_form"``: the exact optimum of that linear probe (least squares with a ridge of
@@ -589,10 +594,11 @@ def order_shortest_path(matrix: CostMatrix, student: str, teachers: Sequence[str
     walk = _best_walk(cost, 0, nodes.index(final), k, allowed, by_sum)
     order = [nodes[i] for i in walk[1:]]
     direct = matrix.cost(student, final)
+    what = "total" if objective == "sum" else "largest step"
     why = [why_final,
-           f"minimising the {'total' if objective == 'sum' else 'largest step'} of the path over "
-           f"{len(teachers)} candidates (at most {k} teachers); going straight to {final} costs {direct:.4f}"]
-    return _selection(f"shortest_path[{objective}]", matrix, student, order, why)
+           f"objective {objective!r}: minimising the {what} of the path over {len(teachers)} candidates "
+           f"(at most {k} teachers); going straight to {final} costs {direct:.4f}"]
+    return _selection("shortest_path", matrix, student, order, why)
 
 
 def order_by_ap(matrix: CostMatrix, student: str, teachers: Sequence[str], *,
@@ -663,8 +669,6 @@ def load_selection(path: str | os.PathLike) -> tuple[Selection, CostMatrix, dict
         matrix = CostMatrix.from_dict(d.pop("cost_matrix"))
         config = d.pop("config", {})
         return Selection(**d), matrix, config
-    except FileNotFoundError:
-        raise
     except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not a pkdkit selection.json: {e}") from e
 
@@ -673,7 +677,8 @@ def plot_cost_matrix(matrix: CostMatrix, selection: Selection | None = None, ax:
     """Heatmap of the adaptation costs (rows: from, columns: to), values written in the cells, with the
     chosen path drawn over it: a box on each step's cell (student -> t1, t1 -> t2, ...) and arrows from
     one step to the next."""
-    if ax is None:
+    own = ax is None
+    if own:
         fig = Figure(figsize=(1.2 * len(matrix.names) + 2.5, 1.0 * len(matrix.names) + 1.8))
         ax = fig.add_subplot()
     else:
@@ -704,7 +709,8 @@ def plot_cost_matrix(matrix: CostMatrix, selection: Selection | None = None, ax:
                                          color="red", linewidth=1.5, shrinkA=8, shrinkB=8))
         title += f"\n{selection.strategy}: {' -> '.join(path)}"
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
+    if own:
+        fig.tight_layout()
     return fig
 
 

@@ -6,6 +6,9 @@ import os
 import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Tests start processes side by side (DDP ranks, CLI runs, notebook kernels): one OpenMP thread each, since
+# oversubscribed OpenMP threads spin and make CPU training many times slower. Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pkdkit.evaluate import cocoeval_metrics, run_cocoeval  # noqa: E402
+from pkdkit.evaluate import cocoeval_metrics, match_counts, run_cocoeval  # noqa: E402
 from pkdkit.fiftyone import (  # noqa: E402
     build_dataset, evaluate_models, fixed_by, launch_app, model_field, summary_table)
 
@@ -127,17 +127,7 @@ def pycocotools_counts(gt_json, results, iou):
     unmatched and not ignored; a ground truth is FN if unmatched and not ignored (ignored = crowd).
     """
     ev = run_cocoeval(gt_json, results)
-    t = int(np.flatnonzero(np.isclose(ev.params.iouThrs, iou))[0])
-    all_area = ev.params.areaRng[ev.params.areaRngLbl.index("all")]
-    tp = fp = fn = 0
-    for e in ev.evalImgs:
-        if e is None or e["aRng"] != all_area or e["maxDet"] != ev.params.maxDets[-1]:
-            continue
-        matched, ignored = e["dtMatches"][t] > 0, e["dtIgnore"][t].astype(bool)
-        tp += int(np.sum(matched & ~ignored))
-        fp += int(np.sum(~matched & ~ignored))
-        fn += int(np.sum((e["gtMatches"][t] == 0) & ~np.asarray(e["gtIgnore"], bool)))
-    return {"tp": tp, "fp": fp, "fn": fn}, cocoeval_metrics(ev)["stats"]["AP"]
+    return match_counts(ev, iou), cocoeval_metrics(ev)["stats"]["AP"]
 
 
 def test_model_names_become_field_names():

@@ -11,7 +11,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from pkdkit.data import CocoDetection, LabelMap, collate_fn, make_loader
+from pkdkit.data import CocoDetection, LabelMap, make_loader
 from pkdkit.models import DetectorSpec, build_detector, save_detector
 from pkdkit.selection import (
     STRATEGIES, CostMatrix, Selection, adaptation_cost, cost_matrix, load_selection, order_by_ap, order_greedy,
@@ -189,7 +189,8 @@ def test_models_without_a_common_level_raise(student, images):
 
 
 def test_models_that_transform_images_differently_raise(student, images):
-    other = build_detector(DetectorSpec(arch="retinanet", backbone="resnet18", **{**TINY, "min_size": 96, "max_size": 96}))
+    larger = {**TINY, "min_size": 96, "max_size": 96}
+    other = build_detector(DetectorSpec(arch="retinanet", backbone="resnet18", **larger))
     with pytest.raises(ValueError, match="transform images differently.*min_size"):
         adaptation_cost(student, other, images)
 

@@ -1,0 +1,80 @@
+"""A realistic COCO ground truth and detector results, made from a seed, for timing and checking evaluators.
+
+`make_eval_set(n_images=500)` gives a ground truth (polygon masks, crowd regions as RLE, objects in all three
+COCO area ranges, non-contiguous category ids, one category without ground truth, images without objects)
+and results like a detector's (jittered boxes and masks of the objects, confused classes, duplicates, false
+positives, scores rounded to 1e-3 so that ties occur, RLE masks as pkdkit's `predict` writes them). About
+20 detections per image.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+CATEGORY_IDS = (1, 3, 4, 7, 9, 12, 15, 18, 20, 23, 27, 31)  # 31 never has ground truth
+
+
+def _ellipse(cx: float, cy: float, w: float, h: float, n: int = 16) -> list[float]:
+    """A polygon [x0, y0, x1, y1, ...] of an ellipse inscribed in the box centred at (cx, cy)."""
+    t = np.linspace(0, 2 * math.pi, n, endpoint=False)
+    xy = np.stack([cx + 0.5 * w * np.cos(t), cy + 0.5 * h * np.sin(t)], axis=1)
+    return [round(float(v), 2) for v in xy.ravel()]
+
+
+def _rle(polygon: list[float], h: int, w: int) -> tuple[dict, float]:
+    """(JSON-able RLE of the polygon's mask, its area in pixels)."""
+    rle = mask_utils.merge(mask_utils.frPyObjects([polygon], h, w))
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}, float(mask_utils.area(rle))
+
+
+def _clip_box(x: float, y: float, w: float, h: float, width: int, height: int) -> tuple[float, ...]:
+    x, y = min(max(x, 0.0), width - 2.0), min(max(y, 0.0), height - 2.0)
+    return x, y, max(min(w, width - x), 1.0), max(min(h, height - y), 1.0)
+
+
+def make_eval_set(n_images: int = 500, seed: int = 0, dets_per_object: float = 1.6,
+                  false_positives: float = 6.0) -> tuple[dict, list[dict]]:
+    """(COCO ground-truth dict, list of COCO result dicts with "bbox", "score" and "segmentation" RLEs)."""
+    rng = np.random.default_rng(seed)
+    cats = [{"id": c, "name": f"class_{c}"} for c in CATEGORY_IDS]
+    present = CATEGORY_IDS[:-1]
+    images, anns, results = [], [], []
+    for image_id in range(1, n_images + 1):
+        width, height = int(rng.choice([320, 400, 480])), int(rng.choice([240, 320, 360]))
+        images.append({"id": image_id, "file_name": f"{image_id:06d}.jpg", "width": width, "height": height})
+        n_obj = 0 if rng.random() < 0.05 else int(rng.integers(1, 12))
+        objects = []
+        for _ in range(n_obj):
+            side = float(np.exp(rng.uniform(math.log(6), math.log(min(width, height) * 0.9))))  # all areas
+            w, h = side * rng.uniform(0.6, 1.4), side * rng.uniform(0.6, 1.4)
+            x, y, w, h = _clip_box(rng.uniform(0, width - w / 2), rng.uniform(0, height - h / 2), w, h, width, height)
+            cat = int(rng.choice(present))
+            crowd = int(rng.random() < 0.04)
+            poly = _ellipse(x + w / 2, y + h / 2, w, h)
+            rle, area = _rle(poly, height, width)
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": cat,
+                         "bbox": [round(x, 2), round(y, 2), round(w, 2), round(h, 2)],
+                         "area": area,
+                         "iscrowd": crowd, "segmentation": rle if crowd else [poly]})
+            objects.append((x, y, w, h, cat))
+        for x, y, w, h, cat in objects:
+            for _ in range(rng.poisson(dets_per_object)):
+                jx, jy = rng.normal(0, 0.1 * w), rng.normal(0, 0.1 * h)
+                bx, by, bw, bh = _clip_box(x + jx, y + jy, w * rng.uniform(0.75, 1.25), h * rng.uniform(0.75, 1.25),
+                                           width, height)
+                c = cat if rng.random() < 0.85 else int(rng.choice(CATEGORY_IDS))
+                results.append(_result(image_id, c, bx, by, bw, bh, rng, height, width))
+        for _ in range(rng.poisson(false_positives)):
+            bw, bh = rng.uniform(4, width / 2), rng.uniform(4, height / 2)
+            bx, by, bw, bh = _clip_box(rng.uniform(0, width - bw), rng.uniform(0, height - bh), bw, bh, width, height)
+            results.append(_result(image_id, int(rng.choice(CATEGORY_IDS)), bx, by, bw, bh, rng, height, width))
+    return {"images": images, "annotations": anns, "categories": cats}, results
+
+
+def _result(image_id: int, cat: int, x: float, y: float, w: float, h: float, rng: np.random.Generator,
+            height: int, width: int) -> dict:
+    return {"image_id": image_id, "category_id": cat, "bbox": [round(x, 2), round(y, 2), round(w, 2), round(h, 2)],
+            "score": round(float(rng.random()), 3),
+            "segmentation": _rle(_ellipse(x + w / 2, y + h / 2, w * 0.95, h * 0.95, n=12), height, width)[0]}

@@ -1,0 +1,85 @@
+"""Run the walk-through notebooks headless with papermill, in order, sharing one run directory.
+
+`run_notebooks("tiny", "reports/demo")` executes every notebook of `notebooks/` with the preset's parameters
+and writes, into the report folder: the executed notebooks, `figures/*.png` and `metrics.json` (each notebook
+adds its section, together with the preset and run directory that produced it). A failing cell stops the run
+with `NotebookRunError` naming the notebook and the cell.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pkdkit.engine import write_json
+
+NOTEBOOKS = (
+    "01_data_and_teachers.ipynb",
+    "02_teacher_selection.ipynb",
+    "03_staged_distillation.ipynb",
+    "04_feature_maps.ipynb",
+    "05_evaluation_and_fiftyone.ipynb",
+)
+
+
+class NotebookRunError(RuntimeError):
+    """A notebook failed; the message names the notebook, the cell and the error."""
+
+
+def notebooks_dir() -> Path:
+    """The repository's `notebooks/` folder (pkdkit is installed from the repository, editable)."""
+    here = Path(__file__).resolve().parent.parent / "notebooks"
+    if not (here / NOTEBOOKS[0]).exists():
+        raise FileNotFoundError(f"notebooks not found in {here}: run from a clone of the pkdkit repository")
+    return here
+
+
+def run_notebooks(preset: str, out: str | os.PathLike, *, run_dir: str | os.PathLike | None = None,
+                  device: str = "auto", parameters: dict[str, Any] | None = None,
+                  only: list[str] | None = None, progress: bool = False) -> dict[str, Any]:
+    """Execute the notebooks with papermill; returns {"out", "notebooks": {name: seconds}}.
+
+    run_dir: shared run directory (default `runs/<preset>`, so checkpoints stay out of the report).
+    parameters: extra values for every notebook's `parameters` cell (names a notebook lacks are ignored
+    by papermill with a warning).
+    """
+    import papermill as pm
+
+    out = Path(out).resolve()
+    run_dir = Path(run_dir or Path("runs") / preset).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    params = {"preset": preset, "run_dir": str(run_dir), "device": device, "progress": progress,
+              "figures_dir": str(out / "figures"), "report_metrics": str(out / "metrics.json"), **(parameters or {})}
+    names = list(NOTEBOOKS)
+    if only:
+        unknown = sorted(set(only) - set(NOTEBOOKS))
+        if unknown:
+            raise ValueError(f"unknown notebooks {unknown}; available: {list(NOTEBOOKS)}")
+        names = [n for n in NOTEBOOKS if n in only]
+    # The kernel is "python3"; make sure it is this interpreter (the one with pkdkit installed).
+    env_path = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env_path])
+    timings: dict[str, float] = {}
+    try:
+        for name in names:
+            tic = time.time()
+            print(f"[pkdkit] running {name} ...", flush=True)
+            try:
+                pm.execute_notebook(str(notebooks_dir() / name), str(out / name), parameters=params,
+                                    kernel_name="python3", language="python", cwd=str(notebooks_dir()),
+                                    progress_bar=False)
+            except pm.PapermillExecutionError as e:
+                raise NotebookRunError(f"{name} failed in cell {e.exec_count} (executed copy: {out / name}): "
+                                       f"{e.ename}: {e.evalue}") from None
+            timings[name] = round(time.time() - tic, 1)
+            print(f"[pkdkit] {name} done in {timings[name]} s", flush=True)
+    finally:
+        os.environ["PATH"] = env_path
+    metrics = out / "metrics.json"
+    summary = json.loads(metrics.read_text()) if metrics.exists() else {}
+    summary.update({"parameters": params, "notebook_seconds": timings})
+    write_json(summary, metrics)
+    return {"out": str(out), "run_dir": str(run_dir), "notebooks": timings}
