@@ -215,3 +215,17 @@ def test_relative_paths_in_a_plan_are_relative_to_the_plan_file(tmp_path, tiny_c
     plan = load_plan(_write_plan(tmp_path, d))
     assert plan.out_dir == str(tmp_path / "run") and plan.stages[0].teacher == str(tmp_path / "teachers/r34.pt")
     assert replace(plan.stages[1]).teacher == teachers["fcos50"]
+
+
+def test_torchrun_two_cpu_processes_run_a_plan(tiny_coco, label_map, teachers, tmp_path):
+    import os
+
+    d = _plan_dict(tiny_coco, label_map, teachers, tmp_path / "run", stages=[
+        {"name": "r34", "teacher": teachers["r34"], "loss": "mgd"}])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+           "-m", "pkdkit.cli", "--quiet", "distill", str(_write_plan(tmp_path, d))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stage = tmp_path / "run" / "stage_1_r34"
+    assert {"student.pt", "eval.json", "last.pt"} <= {p.name for p in stage.iterdir()}
+    assert list(json.loads((tmp_path / "run" / "summary.json").read_text())["rows"]) == ["baseline", "r34"]

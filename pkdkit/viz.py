@@ -1,0 +1,732 @@
+"""Figures of features, losses and results, and an ipywidgets feature explorer.
+
+Every plotting function returns a `matplotlib.figure.Figure` made without pyplot, so nothing is left in
+pyplot's figure list: under Agg (tests, papermill) nothing leaks, and in a notebook a returned figure is
+shown once (by the inline backend's formatter, active after ``%matplotlib inline``). `show(fig, path)`
+saves and displays in one call, `save_figure(fig, path)` only saves.
+
+- `feature_summary`: one (C, H, W) map -> (H, W) image (mean / max |activation|, one channel) or
+  (H, W, 3) (first three principal components over channels).
+- `plot_feature_maps`: models x FPN levels, one colour scale per level so rows compare.
+- `plot_feature_difference`: student vs teacher after per-channel standardisation, per level.
+- `plot_loss_masks`: what a distillation loss sees (MGD's random mask and generated map, FGD's masks and
+  attention, the per-position loss of PKD / CWD / MSE).
+- `plot_loss_curves`, `plot_ap_bars`, `plot_samples`: training and evaluation summaries.
+- `FeatureExplorer`: the same views, interactive.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import os
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
+from torch import Tensor, nn
+
+from pkdkit.features import extract_features
+from pkdkit.losses import CWDLoss, FGDLoss, MGDLoss, MSELoss, PKDLoss, _check_boxes, _fgd_attention, fgd_masks
+
+__all__ = ["feature_summary", "plot_feature_maps", "plot_feature_difference", "plot_loss_masks",
+           "plot_loss_curves", "plot_ap_bars", "plot_samples", "FeatureExplorer", "save_figure", "show"]
+
+MODES = ("mean", "pca", "max")
+DPI = 110
+_META_KEYS = ("epoch", "lr", "seconds")  # per-epoch record entries that are not losses (engine.train)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Output
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = DPI) -> Path:
+    """Write `fig` to `path` (PNG unless the suffix names another format), creating parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, format=path.suffix[1:].lower() or "png", bbox_inches="tight")
+    return path
+
+
+def show(fig: Figure, path: str | os.PathLike | None = None, dpi: int = DPI) -> None:
+    """Save `fig` to `path` (when given) and display it once in a notebook; outside IPython only save.
+
+    Displays the PNG bytes rather than the Figure so it shows whether or not matplotlib's inline
+    formatter is active; returns None so that a cell ending with `show(...)` does not show it twice.
+    """
+    if path is not None:
+        save_figure(fig, path, dpi)
+    try:
+        from IPython import get_ipython
+        from IPython.display import Image, display
+    except ImportError:
+        return
+    if get_ipython() is not None:
+        display(Image(data=_png_bytes(fig, dpi)))
+
+
+def _png_bytes(fig: Figure, dpi: int = DPI) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Feature summaries
+def feature_summary(feat: Tensor, mode: str | int = "mean") -> np.ndarray:
+    """Summarise a feature map `feat` (C, H, W) as an image.
+
+    mode: ``"mean"`` mean |activation| over channels -> (H, W); ``"max"`` max |activation| -> (H, W);
+    an int c: channel c as is (signed) -> (H, W); ``"pca"`` the first three principal components over
+    channels (positions are samples), each min-max scaled to [0, 1] -> (H, W, 3) RGB. Component signs are
+    fixed (largest loading positive) so the result is deterministic. FPN outputs are not rectified, hence
+    the absolute values.
+    """
+    if not isinstance(feat, Tensor) or feat.dim() != 3:
+        raise ValueError(f"feature_summary: expected a feature map of shape (C, H, W), got "
+                         f"{tuple(feat.shape) if isinstance(feat, Tensor) else type(feat).__name__}")
+    x = feat.detach().to("cpu", torch.float64)
+    c, h, w = x.shape
+    if isinstance(mode, (int, np.integer)) and not isinstance(mode, bool):
+        if not 0 <= mode < c:
+            raise ValueError(f"feature_summary: channel {mode} is out of range for a map with {c} channels")
+        out = x[int(mode)]
+    elif mode == "mean":
+        out = x.abs().mean(dim=0)
+    elif mode == "max":
+        out = x.abs().amax(dim=0)
+    elif mode == "pca":
+        return _pca_rgb(x)
+    else:
+        raise ValueError(f"feature_summary: mode must be one of {MODES} or a channel index (int), got {mode!r}")
+    return out.numpy().astype(np.float32)
+
+
+def _pca_rgb(x: Tensor) -> np.ndarray:
+    """(C, H, W) float64 -> (H, W, 3) float32 in [0, 1]: projections on the top 3 principal axes."""
+    c, h, w = x.shape
+    samples = x.reshape(c, h * w).T
+    samples = samples - samples.mean(dim=0, keepdim=True)  # (HW, C)
+    _, _, vh = torch.linalg.svd(samples, full_matrices=False)  # rows of vh: principal axes
+    axes = vh[:3]
+    signs = torch.sign(axes.gather(1, axes.abs().argmax(dim=1, keepdim=True)))
+    axes = axes * torch.where(signs == 0, 1.0, signs)
+    proj = samples @ axes.T  # (HW, k), k = min(3, C, HW)
+    lo, hi = proj.amin(dim=0), proj.amax(dim=0)
+    proj = (proj - lo) / (hi - lo).clamp(min=1e-12)
+    rgb = torch.zeros(h * w, 3, dtype=torch.float64)
+    rgb[:, : proj.shape[1]] = proj
+    return rgb.reshape(h, w, 3).numpy().astype(np.float32)
+
+
+def _standardised_difference(student: Tensor, teacher: Tensor) -> Tensor:
+    """mean_c |z(S)_c - z(T)_c| for maps (C, H, W), z standardising each channel over its H*W positions."""
+    def z(f: Tensor) -> Tensor:
+        f = f.detach().to("cpu", torch.float64).flatten(1)
+        return (f - f.mean(dim=1, keepdim=True)) / (f.std(dim=1, unbiased=False, keepdim=True) + 1e-6)
+
+    return (z(student) - z(teacher)).abs().mean(dim=0).reshape(student.shape[-2:])
+
+
+def _one_image(feat: Tensor, index: int, where: str) -> Tensor:
+    """(N, C, H, W) -> (C, H, W) of image `index`, with an error naming `where` on bad input."""
+    if not isinstance(feat, Tensor) or feat.dim() != 4:
+        shape = tuple(feat.shape) if isinstance(feat, Tensor) else type(feat).__name__
+        raise ValueError(f"{where}: expected features of shape (N, C, H, W), got {shape}")
+    if not -feat.shape[0] <= index < feat.shape[0]:
+        raise ValueError(f"{where}: image index {index} is out of range for a batch of {feat.shape[0]}")
+    return feat[index].detach()
+
+
+def _image_hwc(image: Tensor) -> np.ndarray:
+    """(3, H, W) or (1, H, W) tensor -> (H, W, 3) in [0, 1] for imshow (min-max scaled if outside)."""
+    if image.dim() != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"expected an image of shape (3, H, W), got {tuple(image.shape)}")
+    x = image.detach().to("cpu", torch.float32).expand(3, -1, -1)
+    if x.min() < 0 or x.max() > 1:
+        x = (x - x.min()) / (x.max() - x.min()).clamp(min=1e-12)
+    return x.permute(1, 2, 0).numpy()
+
+
+def _bare(ax: Any) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _level_order(name: str) -> tuple[int, str]:
+    return (int(name[1:]), name) if name[1:].isdigit() else (1_000, name)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Feature figures
+def plot_feature_maps(features: Mapping[str, Mapping[str, Tensor]], image: Tensor | None = None, *, index: int = 0,
+                      levels: Sequence[str] | None = None, mode: str | int = "mean") -> Figure:
+    """Grid of FPN feature summaries: one row per model, one column per level (the input image first).
+
+    features: {row name ("teacher r50", "student after stage 1", ...): {level: (N, C, H, W)}} as returned
+    by `extract_features`; `index` picks the image of the batch. levels: default the levels every model
+    has, in the first model's order. mode: see `feature_summary`. Scalar modes share one colour scale per
+    level column (one colorbar under it), so a brighter cell means a larger activation in any row. PCA
+    colours are computed per map and do not compare across rows (different networks' channels).
+    """
+    if not features:
+        raise ValueError("plot_feature_maps: no models given")
+    names = list(features)
+    levels = _pick_levels(features, levels, "plot_feature_maps")
+    maps = {(name, lvl): feature_summary(_one_image(features[name][lvl], index, f"plot_feature_maps: {name} {lvl}"),
+                                         mode) for name in names for lvl in levels}
+    first = 1 if image is not None else 0
+    ncols, nrows = first + len(levels), len(names)
+    fig = Figure(figsize=(2.3 * ncols + 0.6, 2.1 * nrows + (0.9 if mode != "pca" else 0.5)), layout="constrained")
+    axes = np.asarray(fig.subplots(nrows, ncols, squeeze=False))
+    for r, name in enumerate(names):
+        if image is not None:
+            axes[r, 0].imshow(_image_hwc(image))
+        axes[r, 0].set_ylabel(name, fontsize=10)
+    if image is not None:
+        axes[0, 0].set_title("input")
+    signed = isinstance(mode, (int, np.integer)) and not isinstance(mode, bool)
+    for j, lvl in enumerate(levels, start=first):
+        column = [maps[(name, lvl)] for name in names]
+        lo, hi = min(float(m.min()) for m in column), max(float(m.max()) for m in column)
+        if signed:
+            lo, hi = -max(abs(lo), abs(hi)), max(abs(lo), abs(hi))
+        im = None
+        for r, m in enumerate(column):
+            kw = {} if mode == "pca" else dict(cmap="RdBu_r" if signed else "magma", vmin=lo, vmax=hi)
+            im = axes[r, j].imshow(m, interpolation="nearest", **kw)
+        h, w = column[0].shape[:2]
+        axes[0, j].set_title(f"{lvl} ({h}×{w})")
+        if mode != "pca":
+            fig.colorbar(im, ax=list(axes[:, j]), location="bottom", shrink=0.85, aspect=15)
+    for ax in axes.flat:
+        _bare(ax)
+    what = {"mean": "mean |activation|", "max": "max |activation|", "pca": "first 3 principal components (RGB)"}
+    fig.suptitle(f"FPN features: {f'channel {mode}' if signed else what[mode]}")
+    return fig
+
+
+def _pick_levels(features: Mapping[str, Mapping[str, Tensor]], levels: Sequence[str] | None, where: str) -> list[str]:
+    names = list(features)
+    if levels is None:
+        levels = [lvl for lvl in features[names[0]] if all(lvl in features[n] for n in names)]
+        if not levels:
+            raise ValueError(f"{where}: the models share no FPN level: "
+                             + "; ".join(f"{n}: {list(features[n])}" for n in names))
+        return levels
+    for n in names:
+        missing = [lvl for lvl in levels if lvl not in features[n]]
+        if missing:
+            raise ValueError(f"{where}: {n} has no level(s) {missing}; it has {list(features[n])}")
+    return list(levels)
+
+
+def plot_feature_difference(student: Mapping[str, Tensor], teacher: Mapping[str, Tensor], *, index: int = 0,
+                            levels: Sequence[str] | None = None,
+                            adapter: nn.Module | Mapping[str, nn.Module | None] | None = None) -> Figure:
+    """Per level, mean over channels of |z(S) - z(T)|, z standardising each channel over H*W.
+
+    student, teacher: {level: (N, C, H, W)} of the same transformed batch; `index` picks the image.
+    Standardising per channel removes each network's scale, so the map shows where the *patterns* differ
+    (0: identical up to scale and shift; about 1.13 for unrelated channels). adapter: a 1x1 conv applied to
+    the student first, or {level: module} (e.g. the distillation losses' `adapter`s) when channel counts
+    differ; the same colour scale for all levels, the level's mean in its title.
+    """
+    levels = _pick_levels({"student": student, "teacher": teacher}, levels, "plot_feature_difference")
+    diffs = {}
+    for lvl in levels:
+        s = _one_image(student[lvl], index, f"plot_feature_difference: student {lvl}")
+        t = _one_image(teacher[lvl], index, f"plot_feature_difference: teacher {lvl}")
+        module = adapter.get(lvl) if isinstance(adapter, Mapping) else adapter
+        if module is not None:
+            p = next(module.parameters(), None)
+            with torch.no_grad():
+                s = module(s.unsqueeze(0).to(p.device if p is not None else s.device))[0]
+        if s.shape != t.shape:
+            raise ValueError(f"plot_feature_difference: level {lvl}: student map {tuple(s.shape)} and teacher map "
+                             f"{tuple(t.shape)} differ (C, H, W); pass the 1x1 `adapter` when channels differ and "
+                             "features of the same transformed batch")
+        diffs[lvl] = _standardised_difference(s, t).numpy()
+    fig = Figure(figsize=(2.4 * len(levels) + 1.0, 3.0), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(levels), squeeze=False)[0])
+    hi = max(float(d.max()) for d in diffs.values())
+    im = None
+    for ax, (lvl, d) in zip(axes, diffs.items()):
+        im = ax.imshow(d, cmap="viridis", vmin=0, vmax=hi, interpolation="nearest")
+        ax.set_title(f"{lvl}: mean {d.mean():.2f}")
+        _bare(ax)
+    fig.colorbar(im, ax=list(axes), shrink=0.85, label="|z(S) − z(T)|")
+    fig.suptitle("student vs teacher, per-channel standardised (lower = closer)")
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------
+# What a loss sees
+def plot_loss_masks(loss_module: nn.Module, student_feat: Tensor, teacher_feat: Tensor, *,
+                    boxes: Sequence[Tensor] | None = None, image_size: tuple[int, int] | None = None,
+                    index: int = 0, seed: int = 0) -> Figure:
+    """The view of one distillation loss (pkdkit.losses) on one FPN level, for image `index` of the batch.
+
+    student_feat (N, Cs, H, W), teacher_feat (N, Ct, H, W): same batch, as the loss takes them (the
+    loss's adapter is applied). boxes / image_size: as `FGDLoss` takes them (required for FGD).
+    - MGDLoss: the random spatial mask (drawn from a `torch.Generator` seeded with `seed`, the module's own
+      generator restored afterwards, the global RNG untouched), the generated map G(S * M), the teacher
+      and the per-position loss.
+    - FGDLoss: the foreground (boxes outlined) and background masks of `fgd_masks`, the teacher's spatial
+      and channel attention, and the per-position focal loss (foreground + background terms).
+    - PKDLoss, CWDLoss, MSELoss: student, teacher and the per-position loss.
+    A per-position loss map sums, over all positions and images of the batch, to the loss's value (for
+    FGD: its focal part), so the titles can quote both.
+    """
+    kinds = (MGDLoss, FGDLoss, PKDLoss, CWDLoss, MSELoss)
+    if not isinstance(loss_module, kinds):
+        raise ValueError(f"plot_loss_masks: expected one of {[k.__name__ for k in kinds]}, "
+                         f"got {type(loss_module).__name__}")
+    devices = [student_feat.device] if student_feat.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        if isinstance(loss_module, MGDLoss):
+            return _mgd_view(loss_module, student_feat, teacher_feat, index, seed)
+        if isinstance(loss_module, FGDLoss):
+            return _fgd_view(loss_module, student_feat, teacher_feat, boxes, image_size, index)
+        return _contribution_view(loss_module, student_feat, teacher_feat, index)
+
+
+def _map_panel(fig: Figure, ax: Any, data: Tensor | np.ndarray, title: str, cmap: str = "magma",
+               vmin: float | None = None, vmax: float | None = None, colorbar: bool = True) -> None:
+    data = data.detach().cpu().numpy() if isinstance(data, Tensor) else data
+    if cmap == "RdBu_r" and vmin is None:  # signed: symmetric around 0
+        vmax = float(np.abs(data).max()) or 1.0
+        vmin = -vmax
+    im = ax.imshow(data, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    ax.set_title(title, fontsize=10)
+    _bare(ax)
+    if colorbar:
+        fig.colorbar(im, ax=ax, shrink=0.8, location="bottom", aspect=15)
+
+
+def _loss_figure(n_panels: int, title: str) -> tuple[Figure, np.ndarray]:
+    fig = Figure(figsize=(2.9 * n_panels, 3.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, n_panels))
+    fig.suptitle(title)
+    return fig, axes
+
+
+def _mgd_view(loss: MGDLoss, s_feat: Tensor, t_feat: Tensor, index: int, seed: int) -> Figure:
+    student, teacher = loss._prepare(s_feat, t_feat)
+    n, _, h, w = teacher.shape
+    _one_image(teacher, index, "plot_loss_masks")
+    previous = loss.generator
+    loss.generator = torch.Generator().manual_seed(seed)
+    try:
+        value = float(loss(s_feat, t_feat))
+    finally:
+        loss.generator = previous
+    # The same draw as MGDLoss.forward: u ~ U[0, 1) of shape (N, 1, H, W), keep where u <= 1 - lambda.
+    u = torch.rand((n, 1, h, w), generator=torch.Generator().manual_seed(seed)).to(student.device)
+    keep = (u <= 1.0 - loss.lambda_mgd).to(student.dtype)
+    generated = loss.generation(student * keep)
+    per_position = loss.alpha_mgd * ((generated - teacher) ** 2).sum(dim=1) / n  # (N, H, W), sums to the loss
+
+    fig, axes = _loss_figure(4, f"MGD: loss {value:.4g} on this batch (N={n}), λ={loss.lambda_mgd:g}, seed {seed}")
+    mask = keep[index, 0]
+    _map_panel(fig, axes[0], mask, f"random mask: {100 * mask.mean():.0f}% kept", cmap="gray", vmin=0, vmax=1,
+               colorbar=False)
+    g, t = generated[index].abs().mean(dim=0), teacher[index].abs().mean(dim=0)
+    hi = float(torch.maximum(g.max(), t.max()))
+    _map_panel(fig, axes[1], g, "generated G(S·M): mean |·|", vmin=0, vmax=hi)
+    _map_panel(fig, axes[2], t, "teacher: mean |·|", vmin=0, vmax=hi)
+    _map_panel(fig, axes[3], per_position[index], f"loss per position (Σ = {float(per_position[index].sum()):.3g})",
+               cmap="viridis")
+    return fig
+
+
+def _fgd_view(loss: FGDLoss, s_feat: Tensor, t_feat: Tensor, boxes: Sequence[Tensor] | None,
+              image_size: tuple[int, int] | None, index: int) -> Figure:
+    student, teacher = loss._prepare(s_feat, t_feat)
+    n, c, h, w = teacher.shape
+    _one_image(teacher, index, "plot_loss_masks")
+    _check_boxes(list(boxes) if boxes is not None else None, image_size, n)
+    boxes = [b.to(teacher.device) for b in boxes]
+    value = float(loss(s_feat, t_feat, boxes=boxes, image_size=image_size))
+    mask_fg, mask_bg = fgd_masks(boxes, image_size, (h, w))
+    spatial_t, channel_t = _fgd_attention(teacher, loss.temp)
+    weighted = ((student - teacher) ** 2 * spatial_t.unsqueeze(1) * channel_t[:, :, None, None]).sum(dim=1)
+    per_position = weighted * (loss.alpha_fgd * mask_fg + loss.beta_fgd * mask_bg) / n  # (N, H, W)
+
+    fig, axes = _loss_figure(5, f"FGD: loss {value:.4g} on this batch (N={n}), temperature {loss.temp:g}")
+    _map_panel(fig, axes[0], mask_fg[index], "foreground mask (1/box area)", cmap="viridis", vmin=0)
+    for x1, y1, x2, y2 in boxes[index].tolist():  # outline the boxes in feature-cell coordinates
+        sx, sy = w / image_size[1], h / image_size[0]
+        axes[0].add_patch(Rectangle((x1 * sx - 0.5, y1 * sy - 0.5), (x2 - x1) * sx, (y2 - y1) * sy,
+                                    fill=False, edgecolor="white", lw=1.2))
+    _map_panel(fig, axes[1], mask_bg[index], "background mask (1/#cells)", cmap="viridis", vmin=0)
+    _map_panel(fig, axes[2], spatial_t[index], "teacher spatial attention")
+    ch = channel_t[index].sort(descending=True).values.cpu().numpy()
+    axes[3].bar(np.arange(c), ch, width=1.0, color="tab:orange")
+    axes[3].axhline(1.0, color="0.4", lw=0.8, ls="--")
+    axes[3].set(title="teacher channel attention", xlabel="channel (sorted)", xlim=(-0.5, c - 0.5))
+    axes[3].title.set_fontsize(10)
+    _map_panel(fig, axes[4], per_position[index],
+               f"focal loss per position (Σ = {float(per_position[index].sum()):.3g})", cmap="viridis")
+    return fig
+
+
+def _contribution_view(loss: PKDLoss | CWDLoss | MSELoss, s_feat: Tensor, t_feat: Tensor, index: int) -> Figure:
+    if isinstance(loss, PKDLoss) and loss.resize_student and s_feat.shape[-2:] != t_feat.shape[-2:]:
+        s_feat = F.interpolate(s_feat, size=t_feat.shape[-2:], mode="bilinear")
+    student, teacher = loss._prepare(s_feat, t_feat)
+    n, c, h, w = teacher.shape
+    _one_image(teacher, index, "plot_loss_masks")
+    value = float(loss(s_feat, t_feat))
+    if isinstance(loss, PKDLoss):  # loss_weight * mean((z(S) - z(T))^2) / 2, z over (N, H, W) per channel
+        sq = (loss._standardise(student) - loss._standardise(teacher)) ** 2  # (C, N*H*W)
+        per_position = loss.loss_weight / 2 * sq.sum(dim=0).reshape(n, h, w) / sq.numel()
+        name, what = "PKD", "(z(S) − z(T))², z per channel"
+    elif isinstance(loss, CWDLoss):  # KL(p_T || p_S) per channel over positions; each position's term
+        log_s = F.log_softmax(student.reshape(n * c, h * w) / loss.tau, dim=1)
+        log_t = F.log_softmax(teacher.reshape(n * c, h * w) / loss.tau, dim=1)
+        kl = (log_t.exp() * (log_t - log_s)).reshape(n, c, h, w).sum(dim=1)
+        per_position = loss.loss_weight * loss.tau ** 2 * kl / (n * c)
+        name, what = "CWD", "p_T·log(p_T/p_S), spatial softmax"
+    else:
+        per_position = loss.loss_weight * ((student - teacher) ** 2).sum(dim=1) / student.numel()
+        name, what = "MSE", "(S − T)²"
+    fig, axes = _loss_figure(3, f"{name}: loss {value:.4g} on this batch (N={n})")
+    _map_panel(fig, axes[0], student[index].abs().mean(dim=0), "student (adapted): mean |·|")
+    _map_panel(fig, axes[1], teacher[index].abs().mean(dim=0), "teacher: mean |·|")
+    m = per_position[index]
+    _map_panel(fig, axes[2], m, f"loss per position (Σ = {float(m.sum()):.3g})\n{what}",
+               cmap="RdBu_r" if float(m.min()) < 0 else "viridis")
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training and evaluation summaries
+def _epochs(history: Any, name: str) -> list[dict[str, Any]]:
+    if isinstance(history, Mapping):
+        if "epochs" not in history:
+            raise ValueError(f"plot_loss_curves: {name!r} is a dict without 'epochs' (expected a metrics.json "
+                             f"dict {{'config': ..., 'epochs': [...]}}); keys: {sorted(history)}")
+        history = history["epochs"]
+    if not isinstance(history, Sequence) or not all(isinstance(r, Mapping) for r in history):
+        raise ValueError(f"plot_loss_curves: {name!r} must be a list of per-epoch dicts or a metrics.json dict")
+    return list(history)
+
+
+def _split_loss(record: Mapping[str, Any]) -> tuple[float, float]:
+    """(detection loss, distillation loss) of one epoch record; NaN where the record has none."""
+    distill = [float(v) for k, v in record.items() if k.startswith("distill") and isinstance(v, (int, float))]
+    kd = sum(distill) if distill else float("nan")
+    if "loss" in record:
+        det = float(record["loss"]) - (kd if distill else 0.0)
+    else:
+        parts = [float(v) for k, v in record.items() if not k.startswith("distill") and k not in _META_KEYS
+                 and isinstance(v, (int, float)) and not isinstance(v, bool)]
+        det = sum(parts) if parts else float("nan")
+    return det, kd
+
+
+def plot_loss_curves(histories: Mapping[str, Any], sequential: bool = True) -> Figure:
+    """Detection and distillation loss per epoch, one colour per stage.
+
+    histories: {stage name: per-epoch records (engine's ``metrics.json["epochs"]``) or the metrics.json
+    dict itself}. Detection loss = ``loss`` minus the ``distill*`` terms (or, without ``loss``, the sum of
+    the other numeric entries except epoch/lr/seconds); distillation loss = sum of the ``distill*`` terms.
+    sequential: stages follow each other on one epoch axis (in dict order), separated by dashed lines;
+    False overlays independent runs from epoch 1 (e.g. teacher candidates).
+    """
+    if not histories:
+        raise ValueError("plot_loss_curves: no histories given")
+    fig = Figure(figsize=(11, 3.8), layout="constrained")
+    ax_det, ax_kd = fig.subplots(1, 2, sharex=True)
+    colors = [f"C{i % 10}" for i in range(len(histories))]
+    offset, any_kd = 0, False
+    for i, (name, history) in enumerate(histories.items()):
+        records = _epochs(history, name)
+        x = np.arange(1, len(records) + 1) + (offset if sequential else 0)
+        det, kd = np.array([_split_loss(r) for r in records], dtype=float).reshape(-1, 2).T
+        ax_det.plot(x, det, marker="o", ms=4, color=colors[i], label=name)
+        if not np.all(np.isnan(kd)):
+            any_kd = True
+            ax_kd.plot(x, kd, marker="o", ms=4, color=colors[i], label=name)
+        if sequential and i > 0:
+            for ax in (ax_det, ax_kd):
+                ax.axvline(offset + 0.5, color="0.55", ls="--", lw=1, gid="stage-separator")
+        offset += len(records)
+    ax_det.set(title="detection loss", xlabel="epoch" + (" (all stages)" if sequential else ""), ylabel="loss")
+    ax_kd.set(title="distillation loss (sum over levels)", xlabel=ax_det.get_xlabel())
+    if not any_kd:
+        ax_kd.text(0.5, 0.5, "no distillation terms", ha="center", va="center", transform=ax_kd.transAxes,
+                   color="0.4")
+    for ax in (ax_det, ax_kd):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.legend(*ax_det.get_legend_handles_labels(), loc="outside lower center", ncols=min(len(histories), 4),
+               title="stages" if sequential else None, fontsize=9)
+    return fig
+
+
+def _stat(record: Mapping[str, Any], stat: str, iou_type: str, run: str) -> float | None:
+    metrics = record.get("metrics", record)
+    try:
+        value = float(metrics[iou_type]["stats"][stat])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"plot_ap_bars: run {run!r} has no {iou_type} {stat} (expected an evaluate record "
+                         f"with ['metrics'][{iou_type!r}]['stats'][{stat!r}]); missing {e}") from e
+    return None if value < 0 else value  # COCOeval: -1 means undefined
+
+
+def plot_ap_bars(rows: Mapping[str, Any], stat: str = "AP", iou_type: str = "bbox") -> Figure:
+    """Horizontal bars of one COCO stat (in %) per run, the first run (the baseline) on top.
+
+    rows: {run: evaluate record (``record["metrics"][iou_type]["stats"][stat]``, or `coco_evaluate`'s
+    output)} or {run: [records, one per seed]} for mean ± sample std error bars. Each bar is labelled
+    with its value and its difference to the baseline; undefined stats (-1) show "n/a".
+    """
+    if not rows:
+        raise ValueError("plot_ap_bars: no runs given")
+    names, means, stds, counts = [], [], [], []
+    for run, value in rows.items():
+        records = list(value) if isinstance(value, Sequence) and not isinstance(value, (str, Mapping)) else [value]
+        vals = [v for v in (_stat(r, stat, iou_type, run) for r in records) if v is not None]
+        names.append(run)
+        means.append(100 * float(np.mean(vals)) if vals else np.nan)
+        stds.append(100 * float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0)
+        counts.append(len(records))
+    means_a, stds_a = np.array(means), np.array(stds)
+    fig = Figure(figsize=(7, 0.55 * len(names) + 1.4), layout="constrained")
+    ax = fig.add_subplot()
+    y = np.arange(len(names))
+    colors = ["0.6"] + ["tab:blue"] * (len(names) - 1)
+    errors = stds_a if any(c > 1 for c in counts) else None
+    ax.barh(y, np.nan_to_num(means_a), xerr=errors, color=colors, capsize=4 if errors is not None else 0,
+            height=0.6, error_kw={"elinewidth": 1.2})
+    base = means_a[0]
+    if not np.isnan(base):
+        ax.axvline(base, color="0.35", ls="--", lw=1)
+    right = float(np.nanmax(means_a + stds_a)) if not np.all(np.isnan(means_a)) else 1.0
+    for i, (m, s, k) in enumerate(zip(means_a, stds_a, counts)):
+        if np.isnan(m):
+            text = "n/a"
+        else:
+            text = f"{m:.1f}" + (f" ± {s:.1f} (n={k})" if k > 1 else "")
+            if i > 0 and not np.isnan(base):
+                text += f"   {m - base:+.1f}"
+        ax.text((0 if np.isnan(m) else m + s) + 0.01 * right, i, text, va="center", fontsize=9)
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.set_xlim(0, right * 1.35 if right > 0 else 1)
+    ax.set(xlabel=f"{iou_type} {stat} (%)", title=f"{iou_type} {stat}" + (" (mean ± std over seeds)"
+                                                                          if errors is not None else ""))
+    ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def plot_samples(dataset: Any, n: int = 6, *, indices: Sequence[int] | None = None, cols: int = 3) -> Figure:
+    """Images of a `CocoDetection` with their ground-truth boxes and class names.
+
+    dataset[i] -> ((3, H, W) in [0, 1], target with `boxes` (K, 4) xyxy and `labels`); names come from
+    `dataset.label_map`. indices: which images (default the first `n`).
+    """
+    indices = list(range(min(n, len(dataset)))) if indices is None else list(indices)
+    if not indices:
+        raise ValueError("plot_samples: no images to show (empty dataset or indices)")
+    cols = min(cols, len(indices))
+    rows = -(-len(indices) // cols)
+    fig = Figure(figsize=(3.0 * cols, 3.0 * rows), layout="constrained")
+    axes = np.asarray(fig.subplots(rows, cols, squeeze=False))
+    label_map = getattr(dataset, "label_map", None)
+    for ax, i in zip(axes.flat, indices):
+        image, target = dataset[i]
+        ax.imshow(_image_hwc(image))
+        for (x1, y1, x2, y2), label in zip(target["boxes"].tolist(), target["labels"].tolist()):
+            color = f"C{label % 10}"
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, lw=1.5))
+            name = label_map.name_of_label(label) if label_map is not None else str(label)
+            ax.text(x1, y1, name, color="white", fontsize=7, va="bottom",
+                    bbox=dict(facecolor=color, alpha=0.8, pad=1, lw=0))
+        image_id = int(target["image_id"]) if "image_id" in target else i
+        ax.set_title(f"image {image_id}: {len(target['boxes'])} objects", fontsize=9)
+    for ax in axes.flat:
+        _bare(ax)
+        if not ax.images:
+            ax.set_axis_off()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------
+# Interactive explorer
+class FeatureExplorer:
+    """Browse FPN features of several detectors in a notebook (ipywidgets).
+
+    >>> explorer = FeatureExplorer({"teacher": t, "student before": s0, "student after": s1}, images)
+    >>> explorer                                   # the controls and the figure
+    >>> fig = explorer.update(model="student after", level="p4", mode="pca", image=1)   # headless
+
+    models: {name: detector}; the first is the reference of the difference panel. images: (3, H, W) in
+    [0, 1]. The figure shows the input as the model saw it (resized and padded, so it lines up with the
+    maps) | the chosen model's map at the chosen level (`feature_summary`: mean, pca, max or one channel)
+    | the per-channel standardised difference to the reference model (as `plot_feature_difference`).
+    Features are computed once per (model, image) in eval mode without gradients (each module's
+    train/eval flag is restored afterwards) and kept on the CPU; the constructor computes image 0 for
+    every model to learn the levels.
+    """
+
+    def __init__(self, models: Mapping[str, nn.Module], images: Sequence[Tensor]):
+        import ipywidgets as widgets
+
+        if not models:
+            raise ValueError("FeatureExplorer: no models given")
+        if not images:
+            raise ValueError("FeatureExplorer: no images given")
+        for i, im in enumerate(images):
+            if not isinstance(im, Tensor) or im.dim() != 3 or im.shape[0] != 3:
+                raise ValueError(f"FeatureExplorer: images[{i}] must be a (3, H, W) tensor, got "
+                                 f"{tuple(im.shape) if isinstance(im, Tensor) else type(im).__name__}")
+        self.models = dict(models)
+        self.images = list(images)
+        self._cache: dict[tuple[str, int], tuple[OrderedDict[str, Tensor], np.ndarray]] = {}
+        self.reference = next(iter(self.models))
+        found = {lvl for name in self.models for lvl in self._features(name, 0)[0]}
+        levels = sorted(found, key=_level_order)
+        first_levels = list(self._features(self.reference, 0)[0])
+
+        style = {"description_width": "initial"}
+        self.controls = {
+            "model": widgets.Dropdown(options=list(self.models), description="model", style=style),
+            "level": widgets.Dropdown(options=levels, value=first_levels[0], description="level"),
+            "mode": widgets.Dropdown(options=[*MODES, "channel"], value="mean", description="mode"),
+            "channel": widgets.IntSlider(value=0, min=0, max=0, description="channel", disabled=True),
+            "image": widgets.IntSlider(value=0, min=0, max=len(self.images) - 1, description="image"),
+        }
+        self.output = widgets.Output()
+        self.widget = widgets.VBox([widgets.HBox([self.controls[k] for k in ("model", "level", "mode")]),
+                                    widgets.HBox([self.controls[k] for k in ("channel", "image")]), self.output])
+        self.figure: Figure | None = None
+        self._hold = False
+        self._sync_channel_range()
+        for w in self.controls.values():
+            w.observe(self._on_change, names="value")
+        self._draw()
+
+    # --- features -------------------------------------------------------------------------------
+    def _features(self, name: str, i: int) -> tuple["OrderedDict[str, Tensor]", np.ndarray]:
+        """({level: (C, H, W) on CPU}, what the backbone saw as an (H, W, 3) image) of model `name`, image i."""
+        key = (name, i)
+        if key not in self._cache:
+            model = self.models[name]
+            p = next(model.parameters())
+            modes = [(m, m.training) for m in model.modules()]
+            model.eval()
+            try:
+                with torch.no_grad():
+                    feats, batch = extract_features(model, [self.images[i].to(p.device, p.dtype)])
+            finally:
+                for m, was_training in modes:
+                    m.training = was_training
+            mean = torch.tensor(model.transform.image_mean).view(3, 1, 1)
+            std = torch.tensor(model.transform.image_std).view(3, 1, 1)
+            seen = (batch.tensors[0].float().cpu() * std + mean).clamp(0, 1)
+            self._cache[key] = (OrderedDict((k, v[0].float().cpu()) for k, v in feats.items()),
+                                seen.permute(1, 2, 0).numpy())
+        return self._cache[key]
+
+    # --- widgets --------------------------------------------------------------------------------
+    def _sync_channel_range(self) -> None:
+        c = self.controls
+        feats = self._features(c["model"].value, c["image"].value)[0]
+        level = feats.get(c["level"].value)
+        c["channel"].max = (level.shape[0] - 1) if level is not None else 0
+        c["channel"].disabled = c["mode"].value != "channel"
+
+    def _on_change(self, change: dict[str, Any]) -> None:
+        if self._hold:
+            return
+        self._hold = True
+        try:
+            self._sync_channel_range()
+        finally:
+            self._hold = False
+        self._draw()
+
+    def update(self, **changes: Any) -> Figure:
+        """Set controls (model=, level=, mode=, channel=, image=) and redraw once; returns the figure.
+
+        Raises ValueError for a value the control does not offer (listing the choices)."""
+        unknown = sorted(set(changes) - set(self.controls))
+        if unknown:
+            raise TypeError(f"FeatureExplorer.update: unknown control(s) {unknown}; controls: {list(self.controls)}")
+        self._hold = True
+        try:
+            for key in ("model", "level", "mode", "image"):
+                if key in changes:
+                    self._set(key, changes[key])
+            self._sync_channel_range()  # the channel range follows model and level
+            if "channel" in changes:
+                self._set("channel", changes["channel"])
+        finally:
+            self._hold = False
+        return self._draw()
+
+    def _set(self, key: str, value: Any) -> None:
+        w = self.controls[key]
+        if hasattr(w, "options"):
+            if value not in w.options:
+                raise ValueError(f"FeatureExplorer: {key}={value!r} is not available; choices: {list(w.options)}")
+        elif not (isinstance(value, (int, np.integer)) and w.min <= value <= w.max):
+            raise ValueError(f"FeatureExplorer: {key}={value!r} is out of range [{w.min}, {w.max}]")
+        w.value = value
+
+    # --- drawing --------------------------------------------------------------------------------
+    def _draw(self) -> Figure:
+        c = {k: w.value for k, w in self.controls.items()}
+        name, level, i = c["model"], c["level"], c["image"]
+        feats, seen = self._features(name, i)
+        ref_feats = self._features(self.reference, i)[0]
+        fig = Figure(figsize=(12, 4.0), layout="constrained")
+        axes = fig.subplots(1, 3)
+        axes[0].imshow(seen)
+        axes[0].set_title(f"image {i} (as {name} sees it)", fontsize=10)
+        mode = c["channel"] if c["mode"] == "channel" else c["mode"]
+        if level not in feats:
+            _note(axes[1], f"{name} has no {level}\n(levels {', '.join(feats)})")
+        else:
+            summary = feature_summary(feats[level], mode)
+            signed = c["mode"] == "channel"
+            what = f"channel {mode}" if signed else {"mean": "mean |·|", "max": "max |·|", "pca": "PCA (RGB)"}[mode]
+            h, w = summary.shape[:2]
+            _map_panel(fig, axes[1], summary, f"{name}: {level} {what} ({h}×{w})",
+                       cmap="RdBu_r" if signed else "magma", colorbar=mode != "pca")
+        if name == self.reference:
+            _note(axes[2], f"{name} is the reference:\npick another model to compare")
+        elif level not in feats or level not in ref_feats:
+            _note(axes[2], f"{level} missing in {name if level not in feats else self.reference}")
+        elif feats[level].shape != ref_feats[level].shape:
+            _note(axes[2], f"{level}: {name} {tuple(feats[level].shape)} vs {self.reference} "
+                           f"{tuple(ref_feats[level].shape)}:\nno channel-wise difference")
+        else:
+            d = _standardised_difference(feats[level], ref_feats[level])
+            _map_panel(fig, axes[2], d, f"|z({name}) − z({self.reference})|: mean {float(d.mean()):.2f}",
+                       cmap="viridis", vmin=0)
+        for ax in axes:
+            _bare(ax)
+        self.figure = fig
+        png = base64.b64encode(_png_bytes(fig, dpi=90)).decode("ascii")
+        self.output.outputs = ({"output_type": "display_data", "metadata": {},
+                                "data": {"image/png": png, "text/plain": repr(fig)}},)
+        return fig
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
+
+
+def _note(ax: Any, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=10, color="0.3")
+    _bare(ax)
