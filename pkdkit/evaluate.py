@@ -316,6 +316,9 @@ def match_counts(cocoeval: COCOeval, iou: float = 0.5) -> dict[str, int]:
     hits = np.flatnonzero(np.isclose(cocoeval.params.iouThrs, iou))
     if not len(hits):
         raise ValueError(f"IoU {iou} is not one of COCOeval's thresholds {list(cocoeval.params.iouThrs)}")
+    if not cocoeval.evalImgs:
+        raise ValueError("match_counts needs the per-image matches (evalImgs) of pycocotools' COCOeval; "
+                         "evaluate with run_cocoeval(..., cocoeval_cls=pycocotools.cocoeval.COCOeval)")
     t = int(hits[0])
     all_area = cocoeval.params.areaRng[cocoeval.params.areaRngLbl.index("all")]
     tp = fp = fn = 0

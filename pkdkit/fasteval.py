@@ -24,9 +24,11 @@ otherwise; `pkdkit.evaluate` uses it unless told otherwise (``cocoeval_cls=``).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import gc
 import itertools
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from pycocotools.cocoeval import COCOeval
@@ -119,6 +121,17 @@ def accumulate_evaluations(params: Any, evaluations: list[tuple]) -> dict[str, A
             "precision": precision, "recall": recall, "scores": scores}
 
 
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _print(*args: Any) -> None:
     # Not `print` itself: faster-coco-eval would then also set it on the COCO objects it is given.
     print(*args)
@@ -144,8 +157,9 @@ if COCOeval_faster is not None:
             # Reading a result out of C++ costs microseconds even when it is empty: skip the (image, category)
             # pairs without annotations or detections, which pycocotools' evalImgs holds as None.
             used = self._used_pairs()
-            results = [e.__getstate__() if u else None for e, u in zip(self._evalImgs_cpp, used)]
-            self.eval = accumulate_evaluations(self._paramsEval, results)
+            with _no_gc():  # hundreds of thousands of small lists: collecting them costs more than reading
+                results = [e.__getstate__() if u else None for e, u in zip(self._evalImgs_cpp, used)]
+                self.eval = accumulate_evaluations(self._paramsEval, results)
 
         def _used_pairs(self) -> np.ndarray:
             """(K * A * I,) bool in result order: does the result's (image, category) have annotations?"""

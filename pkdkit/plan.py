@@ -256,6 +256,23 @@ def validate_plan(plan: Plan, dataset_label_map: LabelMap) -> None:
             raise PlanError(f"{where}: {e}") from e
 
 
+def _check_same_plan(plan: Plan, saved_path: Path) -> None:
+    """A run directory belongs to one plan: refuse to mix its finished stages with a changed plan.
+    Appending stages, or changing the device or progress display, is allowed."""
+    if not saved_path.exists():
+        return
+    saved, now = load_plan(saved_path).to_dict(), plan.to_dict()
+    for d in (saved, now):
+        for key in ("device", "progress", "num_workers"):
+            d["train"].pop(key, None)
+    diff = [k for k in now if k != "stages" and saved.get(k) != now[k]]
+    diff += [f"stage {i + 1} ({s['name']})" for i, s in enumerate(saved["stages"])
+             if i >= len(now["stages"]) or now["stages"][i] != s]
+    if diff:
+        raise PlanError(f"{plan.out_dir} holds a run of a different plan (changed: {', '.join(diff)}; see "
+                        f"{saved_path}); use another out_dir, or delete it to start over")
+
+
 def state_fingerprint(model: nn.Module) -> str:
     """sha256 of a model's state dict (names, shapes, values): proves which weights a stage started from."""
     h = hashlib.sha256()
@@ -277,6 +294,7 @@ def run_plan(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
     validate_plan(plan, label_map)
     train_ds = plan.data.train_dataset(label_map)
     device = resolve_device(plan.train.device)
+    _check_same_plan(plan, out / "plan.yaml")
     if info.is_main:
         save_plan(plan, out / "plan.yaml")
     config = plan.to_dict()

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 from torch import Tensor, nn
 
 from pkdkit.features import extract_features
@@ -74,6 +74,26 @@ def _png_bytes(fig: Figure, dpi: int = DPI) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     return buf.getvalue()
+
+
+def _register_notebook_display() -> None:
+    """Let a returned Figure show as a PNG in a notebook even without ``%matplotlib inline`` (a figure made
+    without pyplot otherwise shows as text). An existing Figure formatter (the inline backend's) wins."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    png = shell.display_formatter.formatters.get("image/png") if shell is not None else None
+    if png is None:
+        return
+    try:
+        png.lookup_by_type(Figure)
+    except KeyError:
+        png.for_type(Figure, _png_bytes)
+
+
+_register_notebook_display()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -153,6 +173,14 @@ def _image_hwc(image: Tensor) -> np.ndarray:
     return x.permute(1, 2, 0).numpy()
 
 
+def _colorbar(fig: Figure, im: Any, ax: Any, **kwargs: Any) -> None:
+    """A colorbar with at most 4 short tick labels (small values would otherwise run into each other)."""
+    cb = fig.colorbar(im, ax=ax, **kwargs)
+    cb.locator = MaxNLocator(nbins=4)
+    cb.formatter = FuncFormatter(lambda v, _: f"{v:.3g}")
+    cb.update_ticks()
+
+
 def _bare(ax: Any) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
@@ -203,7 +231,7 @@ def plot_feature_maps(features: Mapping[str, Mapping[str, Tensor]], image: Tenso
         h, w = column[0].shape[:2]
         axes[0, j].set_title(f"{lvl} ({h}×{w})")
         if mode != "pca":
-            fig.colorbar(im, ax=list(axes[:, j]), location="bottom", shrink=0.85, aspect=15)
+            _colorbar(fig, im, list(axes[:, j]), location="bottom", shrink=0.85, aspect=15)
     for ax in axes.flat:
         _bare(ax)
     what = {"mean": "mean |activation|", "max": "max |activation|", "pca": "first 3 principal components (RGB)"}
@@ -257,10 +285,15 @@ def plot_feature_difference(student: Mapping[str, Tensor], teacher: Mapping[str,
     hi = max(float(d.max()) for d in diffs.values())
     im = None
     for ax, (lvl, d) in zip(axes, diffs.items()):
+        _bare(ax)
+        if d.size < 2:  # one position: standardising leaves nothing to compare
+            ax.set_title(f"{lvl}: n/a")
+            _note(ax, "1×1 map:\nno spatial pattern")
+            continue
         im = ax.imshow(d, cmap="viridis", vmin=0, vmax=hi, interpolation="nearest")
         ax.set_title(f"{lvl}: mean {d.mean():.2f}")
-        _bare(ax)
-    fig.colorbar(im, ax=list(axes), shrink=0.85, label="|z(S) − z(T)|")
+    if im is not None:
+        _colorbar(fig, im, list(axes), shrink=0.85, label="|z(S) − z(T)|")
     fig.suptitle("student vs teacher, per-channel standardised (lower = closer)")
     return fig
 
@@ -306,7 +339,7 @@ def _map_panel(fig: Figure, ax: Any, data: Tensor | np.ndarray, title: str, cmap
     ax.set_title(title, fontsize=10)
     _bare(ax)
     if colorbar:
-        fig.colorbar(im, ax=ax, shrink=0.8, location="bottom", aspect=15)
+        _colorbar(fig, im, ax, shrink=0.8, location="bottom", aspect=15)
 
 
 def _loss_figure(n_panels: int, title: str) -> tuple[Figure, np.ndarray]:
@@ -336,6 +369,7 @@ def _mgd_view(loss: MGDLoss, s_feat: Tensor, t_feat: Tensor, index: int, seed: i
     mask = keep[index, 0]
     _map_panel(fig, axes[0], mask, f"random mask: {100 * mask.mean():.0f}% kept", cmap="gray", vmin=0, vmax=1,
                colorbar=False)
+    axes[0].set_xlabel("white: kept, black: masked", fontsize=9)
     g, t = generated[index].abs().mean(dim=0), teacher[index].abs().mean(dim=0)
     hi = float(torch.maximum(g.max(), t.max()))
     _map_panel(fig, axes[1], g, "generated G(S·M): mean |·|", vmin=0, vmax=hi)
@@ -517,7 +551,7 @@ def plot_ap_bars(rows: Mapping[str, Any], stat: str = "AP", iou_type: str = "bbo
             text = f"{m:.1f}" + (f" ± {s:.1f} (n={k})" if k > 1 else "")
             if i > 0 and not np.isnan(base):
                 text += f"   {m - base:+.1f}"
-        ax.text((0 if np.isnan(m) else m + s) + 0.01 * right, i, text, va="center", fontsize=9)
+        ax.text((0 if np.isnan(m) else m + s) + 0.02 * right, i, text, va="center", fontsize=9)
     ax.set_yticks(y, names)
     ax.invert_yaxis()
     ax.set_xlim(0, right * 1.35 if right > 0 else 1)
@@ -551,11 +585,54 @@ def plot_samples(dataset: Any, n: int = 6, *, indices: Sequence[int] | None = No
             ax.text(x1, y1, name, color="white", fontsize=7, va="bottom",
                     bbox=dict(facecolor=color, alpha=0.8, pad=1, lw=0))
         image_id = int(target["image_id"]) if "image_id" in target else i
-        ax.set_title(f"image {image_id}: {len(target['boxes'])} objects", fontsize=9)
+        k = len(target["boxes"])
+        ax.set_title(f"image {image_id}: {k} object{'s' if k != 1 else ''}", fontsize=9)
     for ax in axes.flat:
         _bare(ax)
         if not ax.images:
             ax.set_axis_off()
+    return fig
+
+
+def plot_detections(dataset: Any, results: Mapping[str, Sequence[Mapping[str, Any]]], image_ids: Sequence[int], *,
+                    score_threshold: float = 0.3) -> Figure:
+    """Ground truth and each model's detections on the same images: rows = images, columns = GT + models.
+
+    dataset: a `CocoDetection` (its COCO ground truth and image files); results: {model: COCO results list
+    (image_id, category_id, bbox xywh, score)}; detections below `score_threshold` are not drawn.
+    """
+    image_ids = list(image_ids)
+    if not image_ids:
+        raise ValueError("plot_detections: no image ids to show")
+    coco = dataset.coco
+    names = {c["id"]: c["name"] for c in coco.dataset["categories"]}
+    by_model = {m: {} for m in results}
+    for m, dets in results.items():
+        for d in dets:
+            if d["score"] >= score_threshold:
+                by_model[m].setdefault(d["image_id"], []).append(d)
+    cols = ["ground truth", *results]
+    fig = Figure(figsize=(2.6 * len(cols), 2.6 * len(image_ids)), layout="constrained")
+    axes = np.asarray(fig.subplots(len(image_ids), len(cols), squeeze=False))
+    for r, image_id in enumerate(image_ids):
+        image = _image_hwc(dataset[dataset.ids.index(image_id)][0])
+        panels = [[{**a, "score": None} for a in coco.imgToAnns.get(image_id, [])]]
+        panels += [by_model[m].get(image_id, []) for m in results]
+        for c, (title, boxes) in enumerate(zip(cols, panels)):
+            ax = axes[r, c]
+            ax.imshow(image)
+            for d in boxes:
+                x, y, w, h = d["bbox"]
+                color = f"C{d['category_id'] % 10}"
+                ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor=color, lw=1.3,
+                                       ls="--" if d.get("iscrowd") else "-"))
+                label = names.get(d["category_id"], str(d["category_id"]))
+                if d["score"] is not None:
+                    label += f" {d['score']:.2f}"
+                ax.text(x, y, label, color="white", fontsize=6, va="bottom",
+                        bbox=dict(facecolor=color, alpha=0.8, pad=1, lw=0))
+            ax.set_title(f"{title} · image {image_id}" if c == 0 else f"{title} ({len(boxes)})", fontsize=8)
+            _bare(ax)
     return fig
 
 
@@ -706,6 +783,8 @@ class FeatureExplorer:
             _note(axes[2], f"{name} is the reference:\npick another model to compare")
         elif level not in feats or level not in ref_feats:
             _note(axes[2], f"{level} missing in {name if level not in feats else self.reference}")
+        elif feats[level][0].numel() < 2:
+            _note(axes[2], f"{level} is 1×1: no spatial pattern to compare")
         elif feats[level].shape != ref_feats[level].shape:
             _note(axes[2], f"{level}: {name} {tuple(feats[level].shape)} vs {self.reference} "
                            f"{tuple(ref_feats[level].shape)}:\nno channel-wise difference")
@@ -722,9 +801,15 @@ class FeatureExplorer:
         return fig
 
     def _ipython_display_(self) -> None:
+        """Show the controls and figure; the bundle also carries a PNG of the current figure, which is what
+        a frontend without the live widget (a headless papermill run opened later) shows instead."""
         from IPython.display import display
 
-        display(self.widget)
+        bundle = dict(self.widget._repr_mimebundle_())
+        bundle["text/plain"] = f"FeatureExplorer(models={list(self.models)}, images={len(self.images)})"
+        if self.figure is not None:
+            bundle["image/png"] = base64.b64encode(_png_bytes(self.figure, dpi=90)).decode("ascii")
+        display(bundle, raw=True)
 
 
 def _note(ax: Any, text: str) -> None:

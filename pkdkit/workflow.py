@@ -184,14 +184,14 @@ def progressive_order(selection: Any, aps: dict[str, float]) -> list[str]:
     return weaker + [final]
 
 
-def plan_teachers(run_dir: str | os.PathLike, name: str) -> list[str]:
-    """The teacher names of an already written plan (`distill/<name>/plan.yaml`)."""
+def load_run_plan(run_dir: str | os.PathLike, name: str) -> Plan:
+    """A plan that notebook 03 wrote and ran (`distill/<name>/plan.yaml`)."""
     from pkdkit.plan import load_plan
 
     path = Path(run_dir) / "distill" / name / "plan.yaml"
     if not path.exists():
         raise FileNotFoundError(f"no plan {name!r} in {run_dir}: run notebook 03 (staged distillation) first")
-    return [s.name for s in load_plan(path).stages]
+    return load_plan(path)
 
 
 def stage_models(plan: Plan) -> dict[str, Any]:

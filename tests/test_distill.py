@@ -229,3 +229,15 @@ def test_torchrun_two_cpu_processes_run_a_plan(tiny_coco, label_map, teachers, t
     stage = tmp_path / "run" / "stage_1_r34"
     assert {"student.pt", "eval.json", "last.pt"} <= {p.name for p in stage.iterdir()}
     assert list(json.loads((tmp_path / "run" / "summary.json").read_text())["rows"]) == ["baseline", "r34"]
+
+
+def test_a_run_directory_refuses_a_changed_plan(tiny_coco, label_map, teachers, tmp_path):
+    d = _plan_dict(tiny_coco, label_map, teachers, tmp_path / "run", stages=[
+        {"name": "r34", "teacher": teachers["r34"], "loss": "mse"}])
+    run_plan(load_plan(_write_plan(tmp_path, d)), progress=False)
+    d["stages"][0]["train"] = {"epochs": 2}
+    with pytest.raises(PlanError, match=r"holds a run of a different plan \(changed: stage 1 \(r34\)"):
+        run_plan(load_plan(_write_plan(tmp_path, d)), progress=False)
+    d["stages"][0]["train"] = {}
+    d["stages"].append({"name": "fcos50", "teacher": teachers["fcos50"], "loss": "mse"})  # appending is fine
+    assert list(run_plan(load_plan(_write_plan(tmp_path, d)), progress=False)["rows"]) == ["baseline", "r34", "fcos50"]

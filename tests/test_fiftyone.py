@@ -37,6 +37,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from pycocotools.cocoeval import COCOeval  # noqa: E402
+
 from pkdkit.evaluate import cocoeval_metrics, match_counts, run_cocoeval  # noqa: E402
 from pkdkit.fiftyone import (  # noqa: E402
     build_dataset, evaluate_models, fixed_by, launch_app, model_field, summary_table)
@@ -126,7 +128,7 @@ def pycocotools_counts(gt_json, results, iou):
     From `evalImgs`: a detection is TP if matched and not ignored (ignored = matched to a crowd), FP if
     unmatched and not ignored; a ground truth is FN if unmatched and not ignored (ignored = crowd).
     """
-    ev = run_cocoeval(gt_json, results)
+    ev = run_cocoeval(gt_json, results, cocoeval_cls=COCOeval)
     return match_counts(ev, iou), cocoeval_metrics(ev)["stats"]["AP"]
 
 
