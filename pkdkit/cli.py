@@ -6,9 +6,12 @@ import json
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from pkdkit.engine import TrainConfig
+
+if TYPE_CHECKING:
+    from pkdkit.plan import DataConfig
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -20,7 +23,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="category id -> label: 1..K, or label == category id (torchvision COCO models)")
 
 
-def _data_config(args: argparse.Namespace) -> "DataConfig":
+def _data_config(args: argparse.Namespace) -> DataConfig:
     from pkdkit.plan import DataConfig
 
     if args.data:
@@ -137,18 +140,23 @@ def _name_eq_path(s: str) -> tuple[str, str]:
 
 
 def cmd_notebooks(args: argparse.Namespace) -> int:
-    from pkdkit.notebooks import NotebookRunError, run_notebooks
-
     import yaml
+
+    from pkdkit.notebooks import NotebookRunError, run_experiment, run_notebooks
 
     params = {k: yaml.safe_load(v) for k, v in (_name_eq_path(p) for p in args.param)}
     try:
-        summary = run_notebooks(args.preset, args.out, run_dir=args.run_dir, device=args.device,
-                                parameters=params, only=args.only)
+        if args.action == "run":
+            summary = run_notebooks(args.preset, args.out, run_dir=args.run_dir, device=args.device,
+                                    parameters=params, only=args.only)
+            print(f"executed notebooks, figures and metrics.json are in {summary['out']}")
+        else:
+            summary = run_experiment(args.preset, args.seeds, args.out, run_root=args.run_root, device=args.device,
+                                     parameters=params)
+            print(f"per-seed reports and the seed study (experiment.json, figures/) are in {summary['out']}")
     except NotebookRunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"executed notebooks, figures and metrics.json are in {summary['out']}")
     return 0
 
 
@@ -204,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-p", "--param", action="append", default=[],
                    help="NAME=VALUE for every notebook's parameters cell (YAML value: 3, 0.5, true, null, [a, b])")
     r.set_defaults(func=cmd_notebooks)
+    e = nsub.add_parser("experiment", help="the walk-through once per seed, then the seed study (06)")
+    e.add_argument("--preset", default="tiny", choices=["tiny", "small", "coco"])
+    e.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    e.add_argument("--out", required=True, help="report folder: seed_<k>/ per seed, experiment.json, figures/")
+    e.add_argument("--run-root", help="run directories, one per seed (default: runs/<preset>_experiment)")
+    e.add_argument("--device", default="auto")
+    e.add_argument("-p", "--param", action="append", default=[], help="NAME=VALUE for every notebook")
+    e.set_defaults(func=cmd_notebooks)
     return parser
 
 

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from pkdkit.data import CocoDetection, make_loader
 from pkdkit.evaluate import evaluate_detector
+from pkdkit.files import write_json
 from pkdkit.models import DetectorSpec, atomic_save, build_detector, load_checkpoint, save_detector
 
 
@@ -190,16 +191,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-
-
-def write_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Write JSON atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------

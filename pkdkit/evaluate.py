@@ -26,7 +26,6 @@ import dataclasses
 import io
 import json
 import os
-import tempfile
 import time
 import warnings
 from datetime import datetime, timezone
@@ -42,6 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pkdkit.fasteval import DEFAULT_COCOEVAL
+from pkdkit.files import write_json
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -134,22 +134,7 @@ def _to_coco_results(image_id: int, output: dict[str, torch.Tensor], to_cat: dic
 
 def results_to_json(results: list[dict], path: str | os.PathLike) -> Path:
     """Write COCO results (or any JSON-able object) to `path` atomically: temp file + ``os.replace``."""
-    return _write_json(results, path)
-
-
-def _write_json(obj: Any, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_json(results, path, indent=None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -404,7 +389,7 @@ def evaluate_detector(model: nn.Module, dataset: "CocoDetection", label_map: "La
     }
     if out_dir is not None:
         results_to_json(results, Path(out_dir) / f"{name}_results.json")
-        _write_json(record, Path(out_dir) / f"{name}.json")
+        write_json(record, Path(out_dir) / f"{name}.json")
     return record
 
 

@@ -13,7 +13,6 @@ read with ``torch.load(..., weights_only=True)``. A detector checkpoint carries 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -28,6 +27,7 @@ from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from pkdkit.data import LabelMap
+from pkdkit.files import atomic_write
 
 ARCHS = ("retinanet", "fcos", "fasterrcnn", "maskrcnn")
 ONE_STAGE = ("retinanet", "fcos")
@@ -287,20 +287,8 @@ def torchvision_label_map(weights_name: str) -> LabelMap:
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save to a temp file in the same folder, then os.replace: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """torch.save through `pkdkit.files.atomic_write`: a crash never leaves half a checkpoint."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pkdkit.engine import write_json
+from pkdkit.files import write_json
 
 NOTEBOOKS = (
     "01_data_and_teachers.ipynb",
@@ -37,6 +37,28 @@ def notebooks_dir() -> Path:
     return here
 
 
+def execute(name: str, out: Path, parameters: dict[str, Any]) -> float:
+    """Execute `notebooks/<name>` with papermill into `out/<name>`; returns the seconds it took.
+    Runs in the notebooks folder (so relative defaults work) on the "python3" kernel of this interpreter."""
+    import papermill as pm
+
+    env_path = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env_path])
+    tic = time.time()
+    print(f"[pkdkit] running {name} ...", flush=True)
+    try:
+        pm.execute_notebook(str(notebooks_dir() / name), str(out / name), parameters=parameters,
+                            kernel_name="python3", language="python", cwd=str(notebooks_dir()), progress_bar=False)
+    except pm.PapermillExecutionError as e:
+        raise NotebookRunError(f"{name} failed in cell {e.exec_count} (executed copy: {out / name}): "
+                               f"{e.ename}: {e.evalue}") from None
+    finally:
+        os.environ["PATH"] = env_path
+    seconds = round(time.time() - tic, 1)
+    print(f"[pkdkit] {name} done in {seconds} s", flush=True)
+    return seconds
+
+
 def run_notebooks(preset: str, out: str | os.PathLike, *, run_dir: str | os.PathLike | None = None,
                   device: str = "auto", parameters: dict[str, Any] | None = None,
                   only: list[str] | None = None, progress: bool = False) -> dict[str, Any]:
@@ -46,8 +68,6 @@ def run_notebooks(preset: str, out: str | os.PathLike, *, run_dir: str | os.Path
     parameters: extra values for every notebook's `parameters` cell (names a notebook lacks are ignored
     by papermill with a warning).
     """
-    import papermill as pm
-
     out = Path(out).resolve()
     run_dir = Path(run_dir or Path("runs") / preset).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -59,27 +79,30 @@ def run_notebooks(preset: str, out: str | os.PathLike, *, run_dir: str | os.Path
         if unknown:
             raise ValueError(f"unknown notebooks {unknown}; available: {list(NOTEBOOKS)}")
         names = [n for n in NOTEBOOKS if n in only]
-    # The kernel is "python3"; make sure it is this interpreter (the one with pkdkit installed).
-    env_path = os.environ.get("PATH", "")
-    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env_path])
-    timings: dict[str, float] = {}
-    try:
-        for name in names:
-            tic = time.time()
-            print(f"[pkdkit] running {name} ...", flush=True)
-            try:
-                pm.execute_notebook(str(notebooks_dir() / name), str(out / name), parameters=params,
-                                    kernel_name="python3", language="python", cwd=str(notebooks_dir()),
-                                    progress_bar=False)
-            except pm.PapermillExecutionError as e:
-                raise NotebookRunError(f"{name} failed in cell {e.exec_count} (executed copy: {out / name}): "
-                                       f"{e.ename}: {e.evalue}") from None
-            timings[name] = round(time.time() - tic, 1)
-            print(f"[pkdkit] {name} done in {timings[name]} s", flush=True)
-    finally:
-        os.environ["PATH"] = env_path
+    timings = {name: execute(name, out, params) for name in names}
     metrics = out / "metrics.json"
     summary = json.loads(metrics.read_text()) if metrics.exists() else {}
     summary.update({"parameters": params, "notebook_seconds": timings})
     write_json(summary, metrics)
     return {"out": str(out), "run_dir": str(run_dir), "notebooks": timings}
+
+
+EXPERIMENT_NOTEBOOK = "06_seed_study.ipynb"
+
+
+def run_experiment(preset: str, seeds: list[int], out: str | os.PathLike, *, run_root: str | os.PathLike | None = None,
+                   device: str = "auto", parameters: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The progressive-vs-one-shot experiment: the whole walk-through once per seed (teachers, baseline,
+    selection, distillation all re-trained with that seed) into `out/seed_<k>`, then
+    `06_seed_study.ipynb` aggregates them into `out` (mean and spread of AP per run type)."""
+    out = Path(out).resolve()
+    run_root = Path(run_root or Path("runs") / f"{preset}_experiment").resolve()
+    seed_dirs = []
+    for seed in seeds:
+        report = out / f"seed_{seed}"
+        run_notebooks(preset, report, run_dir=run_root / f"seed_{seed}", device=device,
+                      parameters={**(parameters or {}), "seed": seed})
+        seed_dirs.append(str(report))
+    execute(EXPERIMENT_NOTEBOOK, out, {"reports": seed_dirs, "figures_dir": str(out / "figures"),
+                                       "summary_path": str(out / "experiment.json")})
+    return {"out": str(out), "seeds": seed_dirs}

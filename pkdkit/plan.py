@@ -28,13 +28,13 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from torch import nn
 
 from pkdkit.data import CocoDetection, LabelMap
 from pkdkit.distill import build_distiller, inherit_teacher_head
-from pkdkit.engine import TrainConfig, barrier, init_distributed, resolve_device, seed_everything, train, write_json
+from pkdkit.engine import TrainConfig, barrier, init_distributed, resolve_device, seed_everything, train
+from pkdkit.files import write_json, write_text
 from pkdkit.evaluate import comparison_table, evaluate_detector
 from pkdkit.features import feature_levels, match_levels
 from pkdkit.losses import LOSSES
@@ -186,12 +186,7 @@ def load_plan(path: str | os.PathLike) -> Plan:
 
 
 def save_plan(plan: Plan, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(plan.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    return write_text(yaml.safe_dump(plan.to_dict(), sort_keys=False), path)
 
 
 # ----------------------------------------------------------------------------------------------------

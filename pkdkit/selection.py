@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -37,6 +36,7 @@ from matplotlib.patches import FancyArrowPatch, Rectangle
 from torch import nn
 
 from pkdkit.features import backbone_features
+from pkdkit.files import write_json
 
 METHODS = ("closed_form", "sgd")
 OBJECTIVES = ("sum", "max")
@@ -648,17 +648,7 @@ def save_selection(selection: Selection, matrix: CostMatrix, path: str | os.Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {**asdict(selection), "cost_matrix": matrix.to_dict(), "config": config or {}}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_json(payload, path)
 
 
 def load_selection(path: str | os.PathLike) -> tuple[Selection, CostMatrix, dict[str, Any]]:

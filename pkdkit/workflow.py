@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from pkdkit.data import CocoDetection
-from pkdkit.engine import TrainConfig, resolve_device, train_detector, write_json
+from pkdkit.engine import TrainConfig, resolve_device, train_detector
+from pkdkit.files import write_json
 from pkdkit.models import DetectorSpec
 from pkdkit.plan import DataConfig, Plan, Stage, load_model_ref, run_plan
 from pkdkit.presets import Preset
@@ -226,3 +227,32 @@ def load_record(results_path: str | os.PathLike) -> dict[str, Any]:
     """The evaluation record written next to a COCO results file (`eval_results.json` -> `eval.json`)."""
     path = Path(results_path)
     return json.loads(path.with_name(path.name.replace("_results.json", ".json")).read_text())
+
+
+def seed_study(reports: list[str | os.PathLike], stats: tuple[str, ...] = ("AP", "AP50", "AP75")) -> dict[str, Any]:
+    """Aggregate the `evaluation` sections of several report folders (one per seed).
+
+    Returns {"seeds", "runs": {run: {stat: {"values", "mean", "std"}}}, "records": {run: [record, ...]},
+    "table": markdown (mean ± sample std in %, n seeds), "parameters": each report's parameters}.
+    """
+    import numpy as np
+
+    if not reports:
+        raise ValueError("seed_study: no report folders given")
+    metrics = [json.loads((Path(r) / "metrics.json").read_text()) for r in reports]
+    missing = [str(r) for r, m in zip(reports, metrics) if "evaluation" not in m]
+    if missing:
+        raise ValueError(f"reports without an evaluation section (did notebook 05 run?): {missing}")
+    names = [n for n in metrics[0]["evaluation"] if all(n in m["evaluation"] for m in metrics)]
+    runs, records = {}, {}
+    for name in names:
+        values = {s: [m["evaluation"][name][s] for m in metrics] for s in stats}
+        runs[name] = {s: {"values": v, "mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
+                      for s, v in values.items()}
+        records[name] = [{"metrics": {"bbox": {"stats": m["evaluation"][name]}}} for m in metrics]
+    header = "| run | " + " | ".join(stats) + " |\n|---|" + "---:|" * len(stats)
+    lines = [f"| {n} | " + " | ".join(f"{100 * r[s]['mean']:.1f} ± {100 * r[s]['std']:.1f}" for s in stats) + " |"
+             for n, r in runs.items()]
+    return {"seeds": [m.get("parameters", {}).get("seed") for m in metrics], "runs": runs, "records": records,
+            "table": "\n".join([header, *lines]) + f"\n\n(mean ± sample std over {len(metrics)} seeds, AP in %)",
+            "parameters": [m.get("parameters", {}) for m in metrics]}

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import nbformat
 import pytest
@@ -78,3 +77,17 @@ def test_cli_exits_non_zero_when_a_notebook_fails(demo_run, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1
     assert "02_teacher_selection.ipynb failed in cell" in proc.stderr and "fastest" in proc.stderr
+
+
+def test_seed_study_notebook_aggregates_reports(demo_run, tmp_path):
+    from pkdkit.notebooks import EXPERIMENT_NOTEBOOK, execute
+
+    report = str(demo_run / "report")
+    execute(EXPERIMENT_NOTEBOOK, tmp_path, {"reports": [report, report], "figures_dir": str(tmp_path / "figures"),
+                                            "summary_path": str(tmp_path / "experiment.json")})
+    study = json.loads((tmp_path / "experiment.json").read_text())
+    assert set(study["runs"]) >= {"baseline", "one_shot", "progressive"}
+    assert study["runs"]["progressive"]["AP"]["std"] == 0.0 and len(study["runs"]["progressive"]["AP"]["values"]) == 2
+    assert (tmp_path / "figures" / "06_ap_over_seeds.png").exists()
+    nb = nbformat.read(notebooks_dir() / EXPERIMENT_NOTEBOOK, as_version=4)
+    assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code")
