@@ -4,12 +4,14 @@ side in one run so that machine noise cancels.
     .venv/bin/python bench/run.py                  # CPU, tiny preset, a few minutes on 2 cores (`make bench`)
     .venv/bin/python bench/run.py --quick          # fewer repeats and a smaller evaluation set
     .venv/bin/python bench/run.py --device cuda    # 800 px, ResNet-50 teacher / ResNet-18 student, batch 8, AMP
+    .venv/bin/python bench/run.py --sizes realistic --batch-size 2 --warmup 1 --repeats 3 --only distill  # on CPU
 
 What is measured (timed runs interleave A, B, B, A, ... after warm-up; medians are reported):
 - distillation step overhead: a `Distiller` step (forward, backward, optimizer step; MGD on every common FPN
   level) over a student step plus the teacher's no-grad backbone+FPN forward on the same transformed batch.
-  The target is <= 1.05. Two more rows split the difference: the same Distiller with a free loss (the
-  machinery: feature tap, level naming, teacher call) and MGD's own cost (its generation convolutions).
+  The target is <= 1.05. Two more rows help read it: the same Distiller with a loss that costs nothing
+  (its machinery alone: feature tap, level naming, teacher call; the rest of the gap is MGD's generation
+  convolutions) and the student step alone.
 - evaluation: `pkdkit.evaluate.coco_evaluate` over plain pycocotools (``COCO.loadRes`` + ``COCOeval``
   evaluate/accumulate/summarize) on the same realistic generated results (bench/cocodata.py), bbox and
   segm, with all 12 stats compared bit for bit. The target is <= 0.5.
@@ -78,8 +80,11 @@ class BenchConfig:
     seed: int = 0
 
     @classmethod
-    def for_device(cls, device: str, quick: bool = False) -> "BenchConfig":
-        if device.startswith("cuda"):  # COCO-like: 800 px, 256-channel FPN, 91 classes, batch 8, AMP
+    def make(cls, device: str, sizes: str | None = None, quick: bool = False) -> "BenchConfig":
+        """sizes: "tiny" (the tiny preset: 96 px, 32-channel FPN) or "realistic" (COCO-like: 800 px,
+        256-channel FPN, 91 classes, batch 8, AMP on CUDA); default: realistic on CUDA, tiny on CPU."""
+        sizes = sizes or ("realistic" if device.startswith("cuda") else "tiny")
+        if sizes == "realistic":
             preset = get_preset("coco")
             size = dict(num_classes=91, fpn_channels=256, min_size=800, max_size=1333)
             student = DetectorSpec(arch="retinanet", backbone="resnet18", **size)
@@ -87,12 +92,14 @@ class BenchConfig:
             cfg = cls(device=device, student=student, teacher=teacher, image_hw=(480, 640), channels_last=True,
                       train=preset.distill.replace(batch_size=8, amp=True), loss_params=dict(preset.loss_params),
                       candidates=_candidates(student, [teacher]), repeats=30, warmup=5)
-        else:
+        elif sizes == "tiny":
             preset = get_preset("tiny")
             teachers = [t for t in preset.teachers.values() if isinstance(t, DetectorSpec)]
             cfg = cls(device=device, student=preset.student, teacher=teachers[-1], train=preset.distill,
                       candidates=_candidates(preset.student, teachers), loss=preset.loss,
                       loss_params=dict(preset.loss_params), image_hw=(preset.student.min_size,) * 2)
+        else:
+            raise ValueError(f"sizes must be 'tiny' or 'realistic', not {sizes!r}")
         if quick:
             cfg = replace(cfg, repeats=max(cfg.repeats // 2, 6), warmup=2, eval_images=200, eval_repeats=3)
         return cfg
@@ -404,8 +411,8 @@ def bench_memory(cfg: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
             torch.cuda.empty_cache()
             continue
         cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", kind, "--device", cfg.device]
-        if args.quick:
-            cmd.append("--quick")
+        cmd += (["--quick"] if args.quick else []) + (["--sizes", args.sizes] if args.sizes else [])
+        cmd += ["--batch-size", str(cfg.train.batch_size)]
         # glibc keeps freed blocks for reuse, so a process's resident set remembers old peaks: with every
         # block of 64 KiB or more mapped on its own (and unmapped when freed) it follows the live tensors.
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -453,16 +460,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu (tiny preset) or cuda (800 px, R50 -> R18, AMP)")
+    parser.add_argument("--sizes", choices=["tiny", "realistic"],
+                        help="model and image sizes (default: realistic on CUDA, tiny on CPU)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, 200 evaluation images")
     parser.add_argument("--out", default=str(ROOT / "reports" / "bench.json"), help="JSON results file")
     parser.add_argument("--repeats", type=int, help="timed distillation steps per variant")
+    parser.add_argument("--warmup", type=int, help="untimed distillation steps per variant first")
+    parser.add_argument("--batch-size", type=int, help="images per training step")
     parser.add_argument("--only", nargs="+", choices=["distill", "evaluation", "selection", "memory"],
                         help="run only these parts")
     parser.add_argument("--memory-worker", choices=["student", "distill"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    cfg = BenchConfig.for_device(args.device, args.quick)
-    if args.repeats:
+    cfg = BenchConfig.make(args.device, args.sizes, args.quick)
+    if args.repeats is not None:
         cfg = replace(cfg, repeats=args.repeats)
+    if args.warmup is not None:
+        cfg = replace(cfg, warmup=args.warmup)
+    if args.batch_size is not None:
+        cfg = replace(cfg, train=cfg.train.replace(batch_size=args.batch_size))
     if args.memory_worker:  # child process of bench_memory: one JSON line on stdout
         print(json.dumps(memory_worker(cfg, args.memory_worker)))
         return {}

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pkdkit.features import FeatureTap, backbone_features, feature_levels, match_levels
+from pkdkit.features import FeatureTap, backbone_features, common_levels, feature_levels
 from pkdkit.losses import build_loss
 
 
@@ -66,7 +66,7 @@ def build_distiller(student: nn.Module, teacher: nn.Module, loss: str = "mgd", l
                     levels: list[str] | None = None) -> Distiller:
     """A Distiller with one `loss` per matched FPN level (all common levels when `levels` is None)."""
     s_levels, t_levels = feature_levels(student), feature_levels(teacher)
-    chosen = match_levels(s_levels, t_levels, levels)
+    chosen = common_levels({"student": s_levels, "teacher": t_levels}, levels)
     losses = {k: build_loss(loss, s_levels[k], t_levels[k], **(loss_params or {})) for k in chosen}
     return Distiller(student, teacher, losses)
 

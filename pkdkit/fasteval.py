@@ -39,9 +39,6 @@ except ImportError:  # optional dependency: evaluation falls back to pycocotools
     COCOeval_faster = None
 
 
-_EMPTY = ((), (), (), (), (), ())
-
-
 def accumulate_evaluations(params: Any, evaluations: list[tuple]) -> dict[str, Any]:
     """pycocotools' ``COCOeval.accumulate`` on per-image results, with the same arithmetic, vectorised.
 
@@ -62,43 +59,43 @@ def accumulate_evaluations(params: Any, evaluations: list[tuple]) -> dict[str, A
     if len(evaluations) != K * A * I:
         raise ValueError(f"accumulate_evaluations: expected {K} categories x {A} area ranges x {I} images = "
                          f"{K * A * I} per-image results, got {len(evaluations)}")
-    evaluations = [_EMPTY if e is None else e for e in evaluations]
     precision = -np.ones((T, R, K, A, M))
     recall = -np.ones((T, K, A, M))
     scores = -np.ones((T, R, K, A, M))
 
-    # Every detection of every result in one flat array: its result, its rank within that result.
-    n_det = np.fromiter((len(e[2]) for e in evaluations), dtype=np.int64, count=len(evaluations))
-    n_gt = np.fromiter((len(e[3]) for e in evaluations), dtype=np.int64, count=len(evaluations))
-    total = int(n_det.sum())
-    n_flags = np.fromiter((len(e[0]) + len(e[4]) for e in evaluations), dtype=np.int64, count=len(evaluations))
+    # Every detection of every (non-empty) result in one flat array: its result and its rank in that result.
+    present = np.array([i for i, e in enumerate(evaluations) if e is not None], dtype=np.int64)  # sorted
+    states = [evaluations[i] for i in present]
+    sizes = np.array([(len(e[2]), len(e[3]), len(e[0]) + len(e[4])) for e in states], dtype=np.int64)
+    n_det, n_gt, n_flags = sizes.reshape(-1, 3).T
     if np.any(n_flags != 2 * T * n_det):
         raise ValueError(f"accumulate_evaluations: per-image results must hold T={T} match ids and T ignore flags "
                          "per detection (faster-coco-eval's result layout changed?)")
-    det_scores = np.fromiter(itertools.chain.from_iterable(e[2] for e in evaluations), dtype=np.float64,
-                             count=total)
-    matched_flat = np.fromiter(itertools.chain.from_iterable(e[0] for e in evaluations), dtype=np.int64,
+    total = int(n_det.sum())
+    det_scores = np.fromiter(itertools.chain.from_iterable(e[2] for e in states), dtype=np.float64, count=total)
+    matched_flat = np.fromiter(itertools.chain.from_iterable(e[0] for e in states), dtype=np.int64,
                                count=T * total)
-    ignored_flat = np.fromiter(itertools.chain.from_iterable(e[4] for e in evaluations), dtype=bool,
-                               count=T * total)
-    gt_valid = ~np.fromiter(itertools.chain.from_iterable(e[3] for e in evaluations), dtype=bool,
+    ignored_flat = np.fromiter(itertools.chain.from_iterable(e[4] for e in states), dtype=bool, count=T * total)
+    gt_valid = ~np.fromiter(itertools.chain.from_iterable(e[3] for e in states), dtype=bool,
                             count=int(n_gt.sum()))
     det_start = np.concatenate([[0], np.cumsum(n_det)])
-    owner = np.repeat(np.arange(len(evaluations)), n_det)  # (N,) result of each detection
+    owner = np.repeat(np.arange(len(states)), n_det)  # (N,) result of each detection
     rank = np.arange(total) - det_start[owner]  # (N,) rank of each detection in its image
     # result e stores its (T, D_e) matrices t-major from T * det_start[e]
     flat = T * det_start[owner][None, :] + np.arange(T)[:, None] * n_det[owner][None, :] + rank[None, :]
-    tps = (matched_flat[flat] != 0) & ~ignored_flat[flat]  # (T, N)
-    fps = (matched_flat[flat] == 0) & ~ignored_flat[flat]
-    gt_owner = np.repeat(np.arange(len(evaluations)), n_gt)
-    npig_per_group = np.bincount(gt_owner[gt_valid] // I, minlength=K * A)  # valid ground truth per (k, a)
+    matched, counted = matched_flat[flat] != 0, ~ignored_flat[flat]  # (T, N)
+    tps, fps = matched & counted, ~matched & counted
+    gt_group = np.repeat(present // I, n_gt)  # (k, a) group of each ground truth
+    npig_per_group = np.bincount(gt_group[gt_valid], minlength=K * A)  # valid ground truth per (k, a)
+    # results are ordered by group, so each group's detections are one slice
+    group_start = det_start[np.searchsorted(present, np.arange(K * A + 1) * I)]
 
     for k, a in itertools.product(range(K), range(A)):
         group = k * A + a
         npig = int(npig_per_group[group])
         if npig == 0:
             continue
-        lo, hi = det_start[group * I], det_start[(group + 1) * I]
+        lo, hi = group_start[group], group_start[group + 1]
         for m, max_det in enumerate(params.maxDets):
             keep = np.flatnonzero(rank[lo:hi] < max_det) + lo
             order = keep[np.argsort(-det_scores[keep], kind="mergesort")]

@@ -62,27 +62,29 @@ def backbone_features(model: nn.Module, batch: torch.Tensor) -> "OrderedDict[str
 def feature_levels(model: nn.Module, size: int = 128) -> dict[str, int]:
     """{level name: channels} of a detector's FPN, from one small dummy forward of its backbone."""
     p = next(model.parameters())
-    was_training = model.backbone.training
+    modes = {m: m.training for m in model.backbone.modules()}
     model.backbone.eval()
     try:
         with torch.no_grad():
             feats = backbone_features(model, torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
     finally:
-        model.backbone.train(was_training)
+        for m, training in modes.items():
+            m.training = training
     return {k: v.shape[1] for k, v in feats.items()}
 
 
-def match_levels(student: dict[str, int], teacher: dict[str, int], wanted: list[str] | None = None) -> list[str]:
-    """Levels to distil: `wanted`, or every level both models have. Raises ValueError when none match
-    or a wanted level is missing on either side."""
-    common = [k for k in student if k in teacher]
+def common_levels(found: dict[str, dict[str, int]], wanted: list[str] | None = None) -> list[str]:
+    """Levels to use across models, `found` = {model name: {level: channels}}: `wanted`, or every level all
+    models have. Raises ValueError when none is shared or a wanted level is missing somewhere."""
+    common = [lvl for lvl in next(iter(found.values())) if all(lvl in f for f in found.values())]
+    have = ", ".join(f"{n}: {list(f)}" for n, f in found.items())
     if wanted is None:
         if not common:
-            raise ValueError(f"student levels {list(student)} and teacher levels {list(teacher)} share none")
+            raise ValueError(f"the models share no FPN level ({have})")
         return common
-    bad = [k for k in wanted if k not in common]
-    if bad:
-        raise ValueError(f"levels {bad} are not in both models (student {list(student)}, teacher {list(teacher)})")
+    missing = [lvl for lvl in wanted if lvl not in common]
+    if missing:
+        raise ValueError(f"levels {missing} are not in every model ({have})")
     return list(wanted)
 
 

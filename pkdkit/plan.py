@@ -36,7 +36,7 @@ from pkdkit.distill import build_distiller, inherit_teacher_head
 from pkdkit.engine import TrainConfig, barrier, init_distributed, resolve_device, seed_everything, train
 from pkdkit.files import write_json, write_text
 from pkdkit.evaluate import comparison_table, evaluate_detector
-from pkdkit.features import feature_levels, match_levels
+from pkdkit.features import common_levels, feature_levels
 from pkdkit.losses import LOSSES
 from pkdkit.models import (TORCHVISION_DETECTORS, CheckpointError, DetectorSpec, build_detector, load_checkpoint,
                            load_detector, save_detector, torchvision_label_map)
@@ -246,7 +246,7 @@ def validate_plan(plan: Plan, dataset_label_map: LabelMap) -> None:
                             f"category ids {missing} are unknown to the teacher")
         t_levels = feature_levels(build_detector(replace(t_spec, weights=None, backbone_weights=None)))
         try:
-            match_levels(student_levels, t_levels, stage.levels)
+            common_levels({"student": student_levels, "teacher": t_levels}, stage.levels)
         except ValueError as e:
             raise PlanError(f"{where}: {e}") from e
 

@@ -35,7 +35,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, Rectangle
 from torch import nn
 
-from pkdkit.features import backbone_features
+from pkdkit.features import backbone_features, common_levels
 from pkdkit.files import write_json
 
 METHODS = ("closed_form", "sgd")
@@ -162,20 +162,6 @@ def _check_same_transform(models: "OrderedDict[str, nn.Module]") -> None:
                              "adaptation costs need every model to see the same transformed batch")
 
 
-def _common_levels(found: dict[str, dict[str, int]], levels: Sequence[str] | None) -> list[str]:
-    """`levels`, or every level all models have; `found`: {model: {level: channels}}."""
-    common = [lvl for lvl in next(iter(found.values())) if all(lvl in f for f in found.values())]
-    have = ", ".join(f"{n}: {list(f)}" for n, f in found.items())
-    if levels is None:
-        if not common:
-            raise ValueError(f"the models share no FPN level ({have})")
-        return common
-    missing = [lvl for lvl in levels if lvl not in common]
-    if missing:
-        raise ValueError(f"levels {missing} are not in every model ({have})")
-    return list(levels)
-
-
 def _feature_batches(models: "OrderedDict[str, nn.Module]", images: Any, levels: Sequence[str] | None,
                      batch_size: int, device: torch.device) -> Iterator[tuple[int, dict[str, list[torch.Tensor]]]]:
     """Per calibration batch: (N, {level: [features of each model as (N*H*W, C_m) rows]}) for `levels`
@@ -188,7 +174,7 @@ def _feature_batches(models: "OrderedDict[str, nn.Module]", images: Any, levels:
         with torch.no_grad():
             batch, _ = first.transform([img.to(device) for img in imgs])
             per_model = {name: backbone_features(m, batch.tensors) for name, m in models.items()}
-        levels = _common_levels({n: {k: f.shape[1] for k, f in feats.items()} for n, feats in per_model.items()},
+        levels = common_levels({n: {k: f.shape[1] for k, f in feats.items()} for n, feats in per_model.items()},
                                 levels)
         out: dict[str, list[torch.Tensor]] = {}
         for lvl in levels:

@@ -183,7 +183,7 @@ def test_kill_in_stage_two_and_resume_matches_uninterrupted_run(tiny_coco, label
     (lambda d, t: d["stages"][0].update(loss="kld"), r"stage 1 \(r34\): unknown loss 'kld'"),
     (lambda d, t: d["stages"][1].update(teacher="/nowhere/teacher.pt"), r"stage 2 \(fcos50\): teacher checkpoint not found: /nowhere/teacher.pt"),
     (lambda d, t: d["stages"][0].update(teacher=t["wrong_classes"]), r"stage 1 \(r34\): class mismatch: .*has 2 classes \(num_classes=3\)"),
-    (lambda d, t: d["stages"][0].update(levels=["p2"]), r"stage 1 \(r34\): levels \['p2'\] are not in both"),
+    (lambda d, t: d["stages"][0].update(levels=["p2"]), r"stage 1 \(r34\): levels \['p2'\] are not in every model"),
     (lambda d, t: d["stages"][0].update(train={"optimizer": "lamb"}), r"stage 1 \(r34\): optimizer must be"),
     (lambda d, t: d["student"].update(num_classes=3), r"student has num_classes=3 but the data"),
 ])

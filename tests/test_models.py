@@ -9,7 +9,7 @@ import torch
 from torchvision.models import detection
 
 from pkdkit.data import LabelMap
-from pkdkit.features import FeatureTap, extract_features, feature_levels, match_levels
+from pkdkit.features import FeatureTap, common_levels, extract_features, feature_levels
 from pkdkit.models import (BACKBONES, CheckpointError, DetectorSpec, atomic_save, build_detector, load_checkpoint,
                            load_detector, save_detector, torchvision_label_map)
 
@@ -64,9 +64,9 @@ def test_every_backbone_builds_an_fpn_with_the_same_level_names(backbone):
 def test_retinanet_student_and_faster_rcnn_teacher_share_p3_to_p6():
     student = feature_levels(build_detector(_spec("retinanet")))
     teacher = feature_levels(build_detector(_spec("fasterrcnn", "mobilenet_v3_large")))
-    assert match_levels(student, teacher) == ["p3", "p4", "p5", "p6"]
-    with pytest.raises(ValueError, match="p2"):
-        match_levels(student, teacher, ["p2"])
+    assert common_levels({"student": student, "teacher": teacher}) == ["p3", "p4", "p5", "p6"]
+    with pytest.raises(ValueError, match=r"levels \['p2'\] are not in every model \(student: \['p3'"):
+        common_levels({"student": student, "teacher": teacher}, ["p2"])
 
 
 def test_feature_tap_removes_hooks_on_exit_and_on_error():
