@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import copy
 import gc
+import importlib.metadata
 import io
 import json
 import os
@@ -133,11 +134,11 @@ def machine_info(device: torch.device) -> dict[str, Any]:
             "numpy": np.__version__, "torch_threads": torch.get_num_threads(),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "device": str(device),
             "platform": platform.platform()}
-    with contextlib.suppress(ImportError):
-        import faster_coco_eval
-        info["faster_coco_eval"] = faster_coco_eval.__version__
-    import pycocotools
-    info["pycocotools"] = getattr(pycocotools, "__version__", "?")
+    for dist in ("pycocotools", "faster-coco-eval"):
+        try:
+            info[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            info[dist] = None
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda

@@ -84,17 +84,17 @@ def evaluate_with(cls: type, gt: dict, results: list[dict], iou_type: str, max_d
     """Plain pycocotools flow with evaluator `cls` on private copies; returns (evaluator, printed summary)."""
     coco_gt = COCO()
     coco_gt.dataset = copy.deepcopy(gt)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    with contextlib.redirect_stdout(io.StringIO()):
         coco_gt.createIndex()
         cocoeval = cls(coco_gt, coco_gt.loadRes(copy.deepcopy(results)), iou_type)
         cocoeval.params.maxDets = [1, 10, max_dets]
         cocoeval.params.useCats = use_cats
         cocoeval.evaluate()
         cocoeval.accumulate()
-    with contextlib.redirect_stdout(out := io.StringIO()):
+    summary = io.StringIO()
+    with contextlib.redirect_stdout(summary):
         cocoeval.summarize()
-    return cocoeval, out.getvalue()
+    return cocoeval, summary.getvalue()
 
 
 def assert_same_evaluation(fast: object, slow: COCOeval) -> None:
