@@ -40,13 +40,12 @@ from pycocotools.cocoeval import COCOeval
 from torch import nn
 from tqdm.auto import tqdm
 
+from pkdkit.data import CocoDetection, LabelMap, load_coco
 from pkdkit.fasteval import DEFAULT_COCOEVAL
 from pkdkit.files import write_json
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-    from pkdkit.data import CocoDetection, LabelMap
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 IOU_TYPES = ("bbox", "segm")
@@ -56,7 +55,7 @@ MASK_THRESHOLD = 0.5  # mask probability -> binary mask, as torchvision's refere
 # ----------------------------------------------------------------------------------------------------
 # Predictions -> COCO results
 @torch.no_grad()
-def predict(model: nn.Module, dataset: "CocoDetection", label_map: "LabelMap", *,
+def predict(model: nn.Module, dataset: CocoDetection, label_map: LabelMap, *,
             device: str | torch.device | None = "cpu", batch_size: int = 4, score_threshold: float = 0.0,
             progress: bool = True) -> list[dict]:
     """Run a torchvision detector over `dataset` and return its detections as COCO result dicts.
@@ -174,12 +173,12 @@ def run_cocoeval(coco_gt: COCO | str | os.PathLike, results: list[dict] | str | 
 
 
 def _load_gt(coco_gt: COCO | str | os.PathLike) -> COCO:
+    """A COCO object, or a path read and validated by `pkdkit.data.load_coco` (clear errors for bad files)."""
     if isinstance(coco_gt, COCO):
         return coco_gt
     if not Path(coco_gt).is_file():
         raise FileNotFoundError(f"ground-truth annotation file not found: {coco_gt}")
-    with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(coco_gt))
+    return load_coco(coco_gt)
 
 
 def _load_results(results: list[dict] | str | os.PathLike) -> tuple[list[dict], str]:
@@ -347,7 +346,7 @@ def pr_curve(cocoeval: COCOeval, iou: float = 0.5, area: str = "all",
 
 # ----------------------------------------------------------------------------------------------------
 # Model -> metrics files
-def evaluate_detector(model: nn.Module, dataset: "CocoDetection", label_map: "LabelMap", *,
+def evaluate_detector(model: nn.Module, dataset: CocoDetection, label_map: LabelMap, *,
                       out_dir: str | os.PathLike | None = None, name: str = "model",
                       device: str | torch.device | None = "cpu", batch_size: int = 4,
                       iou_types: Sequence[str] | None = None, config: Any = None,

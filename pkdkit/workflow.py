@@ -146,12 +146,12 @@ def final_records(plans: list[Plan]) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def write_report_metrics(path: str | os.PathLike, preset: Preset, run_dir: str | os.PathLike, **sections: Any) -> Path:
+def write_report_metrics(path: str | os.PathLike, preset: Preset, run_dir: str | os.PathLike, **sections: Any) -> None:
     """Merge `sections` into the report's metrics.json (each notebook adds its own section)."""
     path = Path(path)
     current = json.loads(path.read_text()) if path.exists() else {}
     current.update({"preset": preset.name, "run_dir": str(run_dir), **sections})
-    return write_json(current, path)
+    write_json(current, path)
 
 
 def load_stage(plan: Plan, k: int):
