@@ -184,3 +184,9 @@ def test_unknown_arch_backbone_or_weights_are_clear_errors():
         DetectorSpec(arch="fcos", fpn_channels=16)
     with pytest.raises(ValueError, match="unknown torchvision weights"):
         build_detector(replace(_spec("retinanet"), backbone_weights="ResNet18_Weights.NOPE"))
+
+
+def test_backbone_weights_offline_say_what_to_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"Download https://.*resnet18-.*\.pth and put it at .*checkpoints"):
+        build_detector(replace(_spec("retinanet"), backbone_weights="ResNet18_Weights.IMAGENET1K_V1"))
