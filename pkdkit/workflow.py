@@ -219,7 +219,7 @@ def final_results(run_dir: str | os.PathLike) -> dict[str, Path]:
         out[plan_dir.name] = last / "eval_results.json"
     if not out:
         raise FileNotFoundError(f"no finished distillation runs in {run_dir}/distill: run notebook 03 first")
-    order = ["baseline", "one_shot", "progressive", "reversed"]
+    order = ["baseline", "no_distill", "one_shot", "progressive", "reversed"]
     return dict(sorted(out.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
 
