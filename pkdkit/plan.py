@@ -135,9 +135,9 @@ class Plan:
             base = Path(base_dir)
 
             def path(p: str | None) -> str | None:
-                if p is None or _is_torchvision_weight(p) or Path(p).is_absolute():
+                if p is None or _is_torchvision_weight(p):
                     return p
-                return str(base / p)
+                return str((base / p).resolve())
 
             stages = []
             for i, s in enumerate(d.get("stages") or []):

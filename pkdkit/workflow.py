@@ -33,11 +33,11 @@ def prepare_data(preset: Preset, run_dir: str | os.PathLike, data_root: str | No
     """The preset's synthetic data under `run_dir/data` (generated once), or COCO-format data at
     `data_root` (train/val or train2017/val2017 folders and annotations/instances_*.json)."""
     if data_root:
-        cfg = DataConfig.from_root(data_root)
+        cfg = DataConfig.from_root(Path(data_root).resolve())
     elif preset.synth is None:
         raise ValueError(f"preset {preset.name!r} has no synthetic data: give data_root (e.g. the COCO 2017 folder)")
     else:
-        root = Path(run_dir) / "data"
+        root = Path(run_dir).resolve() / "data"
         if not (root / "annotations" / "instances_val.json").exists():
             make_synthetic_coco(root, **preset.synth)
         cfg = DataConfig.from_root(root)
@@ -84,7 +84,7 @@ def _evaluate_reference(weights: str, like: DetectorSpec, val_ds: CocoDetection,
 
 def model_refs(preset: Preset, run_dir: str | os.PathLike) -> dict[str, str]:
     """{name: checkpoint path or torchvision weight name} of the student and every candidate teacher."""
-    return {name: spec if isinstance(spec, str) else str(Path(run_dir) / "models" / name / "model.pt")
+    return {name: spec if isinstance(spec, str) else str(Path(run_dir).resolve() / "models" / name / "model.pt")
             for name, spec in {STUDENT: preset.student, **preset.teachers}.items()}
 
 
@@ -115,7 +115,7 @@ def make_plan(preset: Preset, data: DataConfig, run_dir: str | os.PathLike, name
                     loss_params=dict(preset.loss_params if loss_params is None else loss_params),
                     inherit_teacher_head=inherit_teacher_head and k == 0) for k, t in enumerate(teachers)]
     return Plan(name=name, student=student_spec(preset, data), data=data, stages=stages,
-                out_dir=str(Path(run_dir) / "distill" / name), student_init=refs[STUDENT], train=train)
+                out_dir=str(Path(run_dir).resolve() / "distill" / name), student_init=refs[STUDENT], train=train)
 
 
 def run_plans(plans: list[Plan], *, progress: bool = True) -> dict[str, dict[str, Any]]:
