@@ -129,6 +129,12 @@ def cmd_select(args: argparse.Namespace) -> int:
                               strategy=args.strategy, method=args.method, device=args.device, aps=aps)
     print(selection.explanation)
     print(f"selection written to {Path(args.out) / 'selection.json'}")
+    if args.plan:
+        from pkdkit.plan import plan_from_selection, save_plan
+
+        plan = plan_from_selection(selection, teachers, args.student, data, Path(args.out) / "distill",
+                                   loss=args.loss)
+        print(f"distillation plan written to {save_plan(plan, args.plan)}; run it with: pkdkit distill {args.plan}")
     return 0
 
 
@@ -195,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True), p.add_argument("--images", type=int, default=64)
     p.add_argument("--strategy", default="shortest_path"), p.add_argument("--method", default="closed_form")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--plan", help="also write a distillation plan (YAML) through the selected order")
+    p.add_argument("--loss", default="mgd", help="distillation loss of that plan's stages")
     p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("distill", help="run a distillation plan (YAML/JSON): stages, hand-over, evaluation")

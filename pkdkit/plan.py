@@ -162,6 +162,21 @@ class Plan:
                    student_init=path(d.get("student_init")), train=tcfg)
 
 
+def plan_from_selection(selection: Any, teacher_checkpoints: dict[str, str], student_checkpoint: str,
+                        data: DataConfig, out_dir: str | os.PathLike, *, name: str = "progressive",
+                        loss: str = "mgd", loss_params: dict[str, Any] | None = None,
+                        train: TrainConfig | None = None) -> Plan:
+    """A plan distilling the student checkpoint through the selected teacher order
+    (`pkdkit.selection.Selection`), one stage per teacher."""
+    from pkdkit.selection import selection_to_stages
+
+    student = DetectorSpec.from_dict(load_checkpoint(student_checkpoint)["spec"])
+    stages = [Stage(**d) for d in selection_to_stages(selection, teacher_checkpoints, loss=loss,
+                                                      loss_params=dict(loss_params or {}))]
+    return Plan(name=name, student=student, data=data, stages=stages, out_dir=str(Path(out_dir).resolve()),
+                student_init=str(Path(student_checkpoint).resolve()), train=train or TrainConfig())
+
+
 def _is_torchvision_weight(ref: str) -> bool:
     return ref.split(".")[0] in TORCHVISION_DETECTORS
 
@@ -324,6 +339,9 @@ def run_plan(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
             student, _, _, _ = load_detector(init_ref, expected=plan.student)
         teacher, t_spec, _ = load_model_ref(stage.teacher, like=plan.student)
         inherited = inherit_teacher_head(student, teacher) if (k == 0 and stage.inherit_teacher_head) else None
+        if inherited and progress and info.is_main:
+            print(f"stage 1 ({stage.name}): student inherits {len(inherited['copied'])} neck/head tensors from the "
+                  f"teacher; skipped {len(inherited['skipped'])} (absent or another shape: {inherited['skipped'][:3]}...)")
         stage_config = {**config, "stage": {**asdict(stage), "index": k + 1, "init_from": init_ref,
                                             "init_fingerprint": state_fingerprint(student),
                                             "teacher_spec": t_spec.to_dict(),

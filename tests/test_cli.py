@@ -8,6 +8,7 @@ import torch
 from pkdkit.cli import main
 from pkdkit.data import CocoDetection
 from pkdkit.models import DetectorSpec, build_detector, save_detector
+from pkdkit.plan import load_plan
 
 SIZE = dict(fpn_channels=32, min_size=96, max_size=96, anchor_sizes=(8, 16, 32, 64, 128))
 
@@ -50,8 +51,11 @@ def test_select_writes_selection_json_and_heatmap(tiny_coco, tmp_path, capsys):
     out = tmp_path / "selection"
     assert main(["--quiet", "select", "--data", str(tiny_coco["root"]), "--student", ckpts["student"],
                  "--teachers", f"t34={ckpts['t34']}", f"t50={ckpts['t50']}", "--ap", "t34=0.2", "t50=0.3",
-                 "--out", str(out), "--images", "8"]) == 0
+                 "--out", str(out), "--images", "8", "--plan", str(tmp_path / "plan.yaml")]) == 0
     saved = json.loads((out / "selection.json").read_text())
     assert saved["order"][-1] == "t50" and set(saved["cost_matrix"]["names"]) == {"student", "t34", "t50"}
     assert (out / "selection.png").read_bytes()[:4] == b"\x89PNG"
     assert "selection written to" in capsys.readouterr().out
+    plan = load_plan(tmp_path / "plan.yaml")  # the selection becomes a runnable plan
+    assert [s.name for s in plan.stages] == saved["order"] and plan.stages[-1].teacher == ckpts["t50"]
+    assert plan.student_init == ckpts["student"] and plan.student.arch == "retinanet"
