@@ -62,7 +62,8 @@ def _plan_dict(tiny_coco, label_map, teachers, out: Path, stages=None) -> dict:
                  "val_images": str(tiny_coco["val_images"]), "val_json": str(tiny_coco["val_json"])},
         "train": {k: v for k, v in CFG.to_dict().items() if k != "progress"},
         "stages": stages if stages is not None else [
-            {"name": "r34", "teacher": teachers["r34"], "loss": "mgd", "loss_params": {"alpha_mgd": 2e-3}},
+            {"name": "r34", "teacher": teachers["r34"], "loss": "mgd", "loss_params": {"alpha_mgd": 2e-3},
+             "inherit_teacher_head": True},
             {"name": "fcos50", "teacher": teachers["fcos50"], "loss": "mgd", "loss_params": {"alpha_mgd": 2e-3},
              "train": {"epochs": 2}},
         ],
@@ -144,6 +145,8 @@ def test_two_stage_plan_hands_the_student_over_and_reruns_skip(tiny_coco, label_
     stage2_config = json.loads((s2 / "eval.json").read_text())["config"]["stage"]
     assert stage2_config["init_from"] == str(s1 / "student.pt")
     assert stage2_config["init_fingerprint"] == state_fingerprint(stage1_student)
+    stage1_config = json.loads((s1 / "eval.json").read_text())["config"]["stage"]
+    assert stage1_config["inherited"]["copied"] > 0 and stage2_config["inherited"] is None  # stage 1 only
     # student-only hand-over: no distillation adapters in student.pt
     assert not any(k.startswith("losses.") for k in load_checkpoint(s2 / "student.pt")["model"])
     assert json.loads((s2 / "metrics.json").read_text())["epochs"][-1]["epoch"] == 2
