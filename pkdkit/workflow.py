@@ -55,18 +55,21 @@ def train_candidates(preset: Preset, data: DataConfig, run_dir: str | os.PathLik
                      epochs: int | None = None, seed: int = 0, progress: bool = True) -> dict[str, dict[str, Any]]:
     """Train (or load) the baseline student and every candidate teacher; returns {name: eval record}.
 
+    Teachers train for `preset.teacher_epochs` (a bigger schedule) when set; `epochs` overrides both.
     Teachers given as torchvision COCO weight names are not trained, only evaluated on the data.
     """
     train_ds, val_ds = data.train_dataset(), data.val_dataset()
     n_classes = val_ds.label_map.num_classes
     cfg = preset.train.replace(device=device, seed=seed, progress=progress, **({"epochs": epochs} if epochs else {}))
+    teacher_cfg = cfg.replace(epochs=epochs or preset.teacher_epochs or cfg.epochs)
     records: dict[str, dict[str, Any]] = {}
     for name, spec in {STUDENT: preset.student, **preset.teachers}.items():
         out = Path(run_dir) / "models" / name
         if isinstance(spec, str):  # a torchvision COCO detector
             records[name] = _evaluate_reference(spec, preset.student, val_ds, out, device, progress)
             continue
-        records[name] = train_detector(replace(spec, num_classes=n_classes), train_ds, val_ds, cfg, out,
+        records[name] = train_detector(replace(spec, num_classes=n_classes), train_ds, val_ds,
+                                       cfg if name == STUDENT else teacher_cfg, out,
                                        config={"preset": preset.name, "role": "student" if name == STUDENT else "teacher"})
     return records
 
