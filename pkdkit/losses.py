@@ -43,7 +43,7 @@ class _FeatureLoss(nn.Module):
         differ = student_channels != teacher_channels
         self.adapter = nn.Conv2d(student_channels, teacher_channels, 1) if differ else None
 
-    def _prepare(self, student_feat: Tensor, teacher_feat: Tensor) -> tuple[Tensor, Tensor]:
+    def prepare(self, student_feat: Tensor, teacher_feat: Tensor) -> tuple[Tensor, Tensor]:
         """Check shapes, adapt the student to (N, Ct, H, W), detach the teacher."""
         name = type(self).__name__
         if student_feat.dim() != 4 or teacher_feat.dim() != 4:
@@ -111,13 +111,18 @@ class MGDLoss(_FeatureLoss):
 
     def forward(self, student_feat: Tensor, teacher_feat: Tensor, boxes: list[Tensor] | None = None,
                 image_size: tuple[int, int] | None = None) -> Tensor:
-        student, teacher = self._prepare(student_feat, teacher_feat)
-        n, _, h, w = teacher.shape
-        device = self.generator.device if self.generator is not None else student.device
-        u = torch.rand((n, 1, h, w), generator=self.generator, device=device).to(student.device)
-        keep = (u <= 1.0 - self.lambda_mgd).to(student.dtype)
-        generated = self.generation(student * keep)
+        student, teacher = self.prepare(student_feat, teacher_feat)
+        n = teacher.shape[0]
+        generated = self.generation(student * self.keep_mask(student))
         return self.alpha_mgd * F.mse_loss(generated, teacher, reduction="sum") / n
+
+    def keep_mask(self, feat: Tensor) -> Tensor:
+        """The random spatial mask M for a map (N, C, H, W): (N, 1, H, W), 1 = kept, 0 = masked.
+        One `torch.rand` draw from `self.generator` (or torch's global RNG), as in the formula above."""
+        n, _, h, w = feat.shape
+        device = self.generator.device if self.generator is not None else feat.device
+        u = torch.rand((n, 1, h, w), generator=self.generator, device=device).to(feat.device)
+        return (u <= 1.0 - self.lambda_mgd).to(feat.dtype)
 
 
 def fgd_masks(boxes: Sequence[Tensor], image_size: tuple[int, int], feat_size: tuple[int, int],
@@ -182,7 +187,7 @@ class GcBlock(nn.Module):
         return x + self.transform(context)
 
 
-def _fgd_attention(feat: Tensor, temp: float) -> tuple[Tensor, Tensor]:
+def fgd_attention(feat: Tensor, temp: float) -> tuple[Tensor, Tensor]:
     """FGD attention of (N, C, H, W): spatial (N, H, W) summing to H*W, channel (N, C) summing to C."""
     n, c, h, w = feat.shape
     value = feat.abs()
@@ -234,13 +239,13 @@ class FGDLoss(_FeatureLoss):
 
     def forward(self, student_feat: Tensor, teacher_feat: Tensor, boxes: list[Tensor] | None = None,
                 image_size: tuple[int, int] | None = None) -> Tensor:
-        student, teacher = self._prepare(student_feat, teacher_feat)
+        student, teacher = self.prepare(student_feat, teacher_feat)
         n, _, h, w = teacher.shape
-        _check_boxes(boxes, image_size, n)
+        check_boxes(boxes, image_size, n)
         mask_fg, mask_bg = fgd_masks([b.to(teacher.device) for b in boxes], image_size, (h, w))
 
-        spatial_t, channel_t = _fgd_attention(teacher, self.temp)
-        spatial_s, channel_s = _fgd_attention(student, self.temp)
+        spatial_t, channel_t = fgd_attention(teacher, self.temp)
+        spatial_s, channel_s = fgd_attention(student, self.temp)
 
         sq_err = (student - teacher) ** 2 * spatial_t.unsqueeze(1) * channel_t[:, :, None, None]
         fg_loss = (sq_err * mask_fg.unsqueeze(1)).sum() / n
@@ -251,7 +256,8 @@ class FGDLoss(_FeatureLoss):
                 + self.lambda_fgd * global_loss)
 
 
-def _check_boxes(boxes: list[Tensor] | None, image_size: tuple[int, int] | None, n: int) -> None:
+def check_boxes(boxes: list[Tensor] | None, image_size: tuple[int, int] | None, n: int) -> None:
+    """FGD's inputs: one (K, 4) xyxy box tensor per image of the batch and the padded batch size (H, W)."""
     if boxes is None:
         raise ValueError("FGDLoss needs the ground-truth boxes: pass boxes=[Tensor (K, 4) xyxy, one per image]")
     if len(boxes) != n:
@@ -304,10 +310,11 @@ class PKDLoss(_FeatureLoss):
         if self.resize_student and student_feat.dim() == 4 and teacher_feat.dim() == 4 \
                 and student_feat.shape[-2:] != teacher_feat.shape[-2:]:
             student_feat = F.interpolate(student_feat, size=teacher_feat.shape[-2:], mode="bilinear")
-        student, teacher = self._prepare(student_feat, teacher_feat)
-        return self.loss_weight * F.mse_loss(self._standardise(student), self._standardise(teacher)) / 2
+        student, teacher = self.prepare(student_feat, teacher_feat)
+        return self.loss_weight * F.mse_loss(self.standardise(student), self.standardise(teacher)) / 2
 
-    def _standardise(self, feat: Tensor) -> Tensor:
+    def standardise(self, feat: Tensor) -> Tensor:
+        """Each channel of (N, C, H, W) to zero mean, unit (unbiased) std over (N, H, W); returns (C, N*H*W)."""
         flat = feat.transpose(0, 1).reshape(feat.shape[1], -1)  # (C, N*H*W)
         flat = (flat - flat.mean(dim=1, keepdim=True)) / (flat.std(dim=1, keepdim=True) + self.eps)
         return flat
@@ -342,7 +349,7 @@ class CWDLoss(_FeatureLoss):
 
     def forward(self, student_feat: Tensor, teacher_feat: Tensor, boxes: list[Tensor] | None = None,
                 image_size: tuple[int, int] | None = None) -> Tensor:
-        student, teacher = self._prepare(student_feat, teacher_feat)
+        student, teacher = self.prepare(student_feat, teacher_feat)
         n, c, h, w = teacher.shape
         log_p_s = F.log_softmax(student.reshape(n * c, h * w) / self.tau, dim=1)
         log_p_t = F.log_softmax(teacher.reshape(n * c, h * w) / self.tau, dim=1)
@@ -370,7 +377,7 @@ class MSELoss(_FeatureLoss):
 
     def forward(self, student_feat: Tensor, teacher_feat: Tensor, boxes: list[Tensor] | None = None,
                 image_size: tuple[int, int] | None = None) -> Tensor:
-        student, teacher = self._prepare(student_feat, teacher_feat)
+        student, teacher = self.prepare(student_feat, teacher_feat)
         return self.loss_weight * F.mse_loss(student, teacher)
 
 

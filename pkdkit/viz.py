@@ -33,7 +33,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator
 from torch import Tensor, nn
 
 from pkdkit.features import extract_features
-from pkdkit.losses import CWDLoss, FGDLoss, MGDLoss, MSELoss, PKDLoss, _check_boxes, _fgd_attention, fgd_masks
+from pkdkit.losses import CWDLoss, FGDLoss, MGDLoss, MSELoss, PKDLoss, check_boxes, fgd_attention, fgd_masks
 
 __all__ = ["feature_summary", "plot_feature_maps", "plot_feature_difference", "plot_loss_masks",
            "plot_loss_curves", "plot_ap_bars", "plot_samples", "FeatureExplorer", "save_figure", "show"]
@@ -350,20 +350,18 @@ def _loss_figure(n_panels: int, title: str) -> tuple[Figure, np.ndarray]:
 
 
 def _mgd_view(loss: MGDLoss, s_feat: Tensor, t_feat: Tensor, index: int, seed: int) -> Figure:
-    student, teacher = loss._prepare(s_feat, t_feat)
-    n, _, h, w = teacher.shape
+    student, teacher = loss.prepare(s_feat, t_feat)
+    n = teacher.shape[0]
     _one_image(teacher, index, "plot_loss_masks")
     previous = loss.generator
-    loss.generator = torch.Generator().manual_seed(seed)
+    loss.generator = torch.Generator().manual_seed(seed)  # a seeded mask; torch's global RNG is left alone
     try:
-        value = float(loss(s_feat, t_feat))
+        keep = loss.keep_mask(student)
     finally:
         loss.generator = previous
-    # The same draw as MGDLoss.forward: u ~ U[0, 1) of shape (N, 1, H, W), keep where u <= 1 - lambda.
-    u = torch.rand((n, 1, h, w), generator=torch.Generator().manual_seed(seed)).to(student.device)
-    keep = (u <= 1.0 - loss.lambda_mgd).to(student.dtype)
     generated = loss.generation(student * keep)
     per_position = loss.alpha_mgd * ((generated - teacher) ** 2).sum(dim=1) / n  # (N, H, W), sums to the loss
+    value = float(per_position.sum())
 
     fig, axes = _loss_figure(4, f"MGD: loss {value:.4g} on this batch (N={n}), λ={loss.lambda_mgd:g}, seed {seed}")
     mask = keep[index, 0]
@@ -381,14 +379,14 @@ def _mgd_view(loss: MGDLoss, s_feat: Tensor, t_feat: Tensor, index: int, seed: i
 
 def _fgd_view(loss: FGDLoss, s_feat: Tensor, t_feat: Tensor, boxes: Sequence[Tensor] | None,
               image_size: tuple[int, int] | None, index: int) -> Figure:
-    student, teacher = loss._prepare(s_feat, t_feat)
+    student, teacher = loss.prepare(s_feat, t_feat)
     n, c, h, w = teacher.shape
     _one_image(teacher, index, "plot_loss_masks")
-    _check_boxes(list(boxes) if boxes is not None else None, image_size, n)
+    check_boxes(list(boxes) if boxes is not None else None, image_size, n)
     boxes = [b.to(teacher.device) for b in boxes]
     value = float(loss(s_feat, t_feat, boxes=boxes, image_size=image_size))
     mask_fg, mask_bg = fgd_masks(boxes, image_size, (h, w))
-    spatial_t, channel_t = _fgd_attention(teacher, loss.temp)
+    spatial_t, channel_t = fgd_attention(teacher, loss.temp)
     weighted = ((student - teacher) ** 2 * spatial_t.unsqueeze(1) * channel_t[:, :, None, None]).sum(dim=1)
     per_position = weighted * (loss.alpha_fgd * mask_fg + loss.beta_fgd * mask_bg) / n  # (N, H, W)
 
@@ -413,12 +411,12 @@ def _fgd_view(loss: FGDLoss, s_feat: Tensor, t_feat: Tensor, boxes: Sequence[Ten
 def _contribution_view(loss: PKDLoss | CWDLoss | MSELoss, s_feat: Tensor, t_feat: Tensor, index: int) -> Figure:
     if isinstance(loss, PKDLoss) and loss.resize_student and s_feat.shape[-2:] != t_feat.shape[-2:]:
         s_feat = F.interpolate(s_feat, size=t_feat.shape[-2:], mode="bilinear")
-    student, teacher = loss._prepare(s_feat, t_feat)
+    student, teacher = loss.prepare(s_feat, t_feat)
     n, c, h, w = teacher.shape
     _one_image(teacher, index, "plot_loss_masks")
     value = float(loss(s_feat, t_feat))
     if isinstance(loss, PKDLoss):  # loss_weight * mean((z(S) - z(T))^2) / 2, z over (N, H, W) per channel
-        sq = (loss._standardise(student) - loss._standardise(teacher)) ** 2  # (C, N*H*W)
+        sq = (loss.standardise(student) - loss.standardise(teacher)) ** 2  # (C, N*H*W)
         per_position = loss.loss_weight / 2 * sq.sum(dim=0).reshape(n, h, w) / sq.numel()
         name, what = "PKD", "(z(S) − z(T))², z per channel"
     elif isinstance(loss, CWDLoss):  # KL(p_T || p_S) per channel over positions; each position's term
