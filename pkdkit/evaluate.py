@@ -40,7 +40,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import nn
 from tqdm.auto import tqdm
 
-from pkdkit.data import CocoDetection, LabelMap, load_coco
+from pkdkit.data import CocoDetection, LabelMap, collate_fn, load_coco
 from pkdkit.fasteval import DEFAULT_COCOEVAL
 from pkdkit.files import write_json
 
@@ -70,7 +70,6 @@ def predict(model: nn.Module, dataset: CocoDetection, label_map: LabelMap, *,
     Returns ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"[, "segmentation": RLE]}]`` with
     boxes rounded to 0.01 px and scores to 1e-6, so a results JSON reloads to the same numbers.
     """
-    from pkdkit.data import collate_fn
 
     if getattr(dataset, "train", False) and getattr(dataset, "hflip_prob", 0.0) > 0:
         raise ValueError(f"predict: dataset {getattr(dataset, 'ann_file', '')} has train=True (random flips would "

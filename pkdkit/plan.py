@@ -34,12 +34,13 @@ from torch import nn
 from pkdkit.data import CocoDetection, LabelMap
 from pkdkit.distill import build_distiller, inherit_teacher_head
 from pkdkit.engine import TrainConfig, barrier, init_distributed, resolve_device, seed_everything, train
-from pkdkit.files import write_json, write_text
 from pkdkit.evaluate import comparison_table, evaluate_detector
 from pkdkit.features import common_levels, feature_levels
+from pkdkit.files import write_json, write_text
 from pkdkit.losses import LOSSES
 from pkdkit.models import (TORCHVISION_DETECTORS, CheckpointError, DetectorSpec, build_detector, load_checkpoint,
                            load_detector, save_detector, torchvision_label_map)
+from pkdkit.selection import selection_to_stages
 
 
 class PlanError(ValueError):
@@ -168,8 +169,6 @@ def plan_from_selection(selection: Any, teacher_checkpoints: dict[str, str], stu
                         train: TrainConfig | None = None) -> Plan:
     """A plan distilling the student checkpoint through the selected teacher order
     (`pkdkit.selection.Selection`), one stage per teacher."""
-    from pkdkit.selection import selection_to_stages
-
     student = DetectorSpec.from_dict(load_checkpoint(student_checkpoint)["spec"])
     stages = [Stage(**d) for d in selection_to_stages(selection, teacher_checkpoints, loss=loss,
                                                       loss_params=dict(loss_params or {}))]

@@ -37,6 +37,7 @@ from torch import nn
 
 from pkdkit.features import backbone_features, common_levels
 from pkdkit.files import write_json
+from pkdkit.models import load_detector
 
 METHODS = ("closed_form", "sgd")
 OBJECTIVES = ("sum", "max")
@@ -708,8 +709,6 @@ def run_selection(student_ckpt: str | os.PathLike, teacher_ckpts: dict[str, str 
     """Checkpoints in, files out: load the student and teachers (`pkdkit.models.load_detector`), compute
     the cost matrix on the first `n_images` images of `dataset`, order the teachers and write
     `out_dir/selection.json` and `out_dir/selection.png`. The student is called "student" in the matrix."""
-    from pkdkit.models import load_detector
-
     if "student" in teacher_ckpts:
         raise ValueError(f"a teacher may not be named 'student' (teachers: {sorted(teacher_ckpts)})")
     if n_images < 1:

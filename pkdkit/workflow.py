@@ -19,10 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from pkdkit.data import CocoDetection
+from pkdkit.distill import Distiller, build_distiller
 from pkdkit.engine import TrainConfig, resolve_device, train_detector
+from pkdkit.evaluate import evaluate_detector
 from pkdkit.files import write_json
-from pkdkit.models import DetectorSpec
-from pkdkit.plan import DataConfig, Plan, Stage, load_model_ref, run_plan
+from pkdkit.models import DetectorSpec, load_checkpoint, load_detector
+from pkdkit.plan import DataConfig, Plan, Stage, load_model_ref, load_plan, run_plan
+from pkdkit.selection import Selection, run_selection
 from pkdkit.presets import Preset
 from pkdkit.synthetic import make_synthetic_coco
 
@@ -76,8 +79,6 @@ def train_candidates(preset: Preset, data: DataConfig, run_dir: str | os.PathLik
 
 def _evaluate_reference(weights: str, like: DetectorSpec, val_ds: CocoDetection, out: Path, device: str,
                         progress: bool) -> dict[str, Any]:
-    from pkdkit.evaluate import evaluate_detector
-
     if (out / "eval.json").exists():
         return json.loads((out / "eval.json").read_text())
     model, spec, label_map = load_model_ref(weights, like=like)
@@ -96,10 +97,8 @@ def candidate_aps(records: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 
 def select(preset: Preset, data: DataConfig, run_dir: str | os.PathLike, aps: dict[str, float], *,
-           strategy: str = "shortest_path", method: str = "closed_form", device: str = "auto"):
+           strategy: str = "shortest_path", method: str = "closed_form", device: str = "auto") -> Selection:
     """Adaptation costs between student and teachers, the chosen order, `selection/selection.{json,png}`."""
-    from pkdkit.selection import run_selection
-
     refs = model_refs(preset, run_dir)
     teachers = {k: v for k, v in refs.items() if k != STUDENT}
     return run_selection(refs[STUDENT], teachers, data.val_dataset(), Path(run_dir) / "selection",
@@ -157,12 +156,9 @@ def write_report_metrics(path: str | os.PathLike, preset: Preset, run_dir: str |
     write_json(current, path)
 
 
-def load_stage(plan: Plan, k: int):
+def load_stage(plan: Plan, k: int) -> Distiller:
     """Stage k's Distiller as it ended: the stage's student, its teacher, and the trained loss modules
     (adapters, MGD generation blocks) from the stage's `last.pt`."""
-    from pkdkit.distill import build_distiller
-    from pkdkit.models import load_checkpoint, load_detector
-
     stage = plan.stages[k]
     student, _, _, _ = load_detector(plan.stage_dir(k) / "student.pt")
     teacher, _, _ = load_model_ref(stage.teacher, like=plan.student)
@@ -190,8 +186,6 @@ def progressive_order(selection: Any, aps: dict[str, float]) -> list[str]:
 
 def load_run_plan(run_dir: str | os.PathLike, name: str) -> Plan:
     """A plan that notebook 03 wrote and ran (`distill/<name>/plan.yaml`)."""
-    from pkdkit.plan import load_plan
-
     path = Path(run_dir) / "distill" / name / "plan.yaml"
     if not path.exists():
         raise FileNotFoundError(f"no plan {name!r} in {run_dir}: run notebook 03 (staged distillation) first")
@@ -201,8 +195,6 @@ def load_run_plan(run_dir: str | os.PathLike, name: str) -> Plan:
 def stage_models(plan: Plan) -> dict[str, Any]:
     """Models to compare in feature space: each stage's teacher, the baseline student, and the student
     after each stage, in eval mode."""
-    from pkdkit.models import load_detector
-
     models: dict[str, Any] = {}
     for stage in plan.stages:
         models[f"teacher {stage.name}"] = load_model_ref(stage.teacher, like=plan.student)[0].eval()
