@@ -133,7 +133,7 @@ def cmd_select(args: argparse.Namespace) -> int:
         from pkdkit.plan import plan_from_selection, save_plan
 
         plan = plan_from_selection(selection, teachers, args.student, data, Path(args.out) / "distill",
-                                   loss=args.loss)
+                                   loss=args.loss, fine_tune=args.fine_tune)
         print(f"distillation plan written to {save_plan(plan, args.plan)}; run it with: pkdkit distill {args.plan}")
     return 0
 
@@ -154,11 +154,11 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
     try:
         if args.action == "run":
             summary = run_notebooks(args.preset, args.out, run_dir=args.run_dir, device=args.device,
-                                    parameters=params, only=args.only)
+                                    parameters=params, only=args.only, threads=args.threads)
             print(f"executed notebooks, figures and metrics.json are in {summary['out']}")
         else:
             summary = run_experiment(args.preset, args.seeds, args.out, run_root=args.run_root, device=args.device,
-                                     parameters=params)
+                                     parameters=params, threads=args.threads)
             print(f"per-seed reports and the seed study (experiment.json, figures/) are in {summary['out']}")
     except NotebookRunError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -199,10 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teachers", nargs="+", required=True, help="NAME=CHECKPOINT (or CHECKPOINT)")
     p.add_argument("--ap", nargs="*", help="NAME=AP of teachers (for the by-AP order and the final teacher)")
     p.add_argument("--out", required=True), p.add_argument("--images", type=int, default=64)
-    p.add_argument("--strategy", default="shortest_path"), p.add_argument("--method", default="closed_form")
+    p.add_argument("--strategy", default="minimax"), p.add_argument("--method", default="closed_form")
     p.add_argument("--device", default="cpu")
     p.add_argument("--plan", help="also write a distillation plan (YAML) through the selected order")
     p.add_argument("--loss", default="mgd", help="distillation loss of that plan's stages")
+    p.add_argument("--fine-tune", action="store_true",
+                   help="that plan starts from the student checkpoint's trained weights (default: the paper's "
+                        "protocol, the student's initial weights plus the first teacher's neck and head)")
     p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("distill", help="run a distillation plan (YAML/JSON): stages, hand-over, evaluation")
@@ -219,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--only", nargs="*", help="run only these notebooks (file names)")
     r.add_argument("-p", "--param", action="append", default=[],
                    help="NAME=VALUE for every notebook's parameters cell (YAML value: 3, 0.5, true, null, [a, b])")
+    r.add_argument("--threads", type=int, default=2,
+                   help="CPU threads per notebook kernel, recorded in metrics.json (0: torch's default; default 2)")
     r.set_defaults(func=cmd_notebooks)
     e = nsub.add_parser("experiment", help="the walk-through once per seed, then the seed study (06)")
     e.add_argument("--preset", default="tiny", choices=["tiny", "small", "coco"])
@@ -227,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run-root", help="run directories, one per seed (default: runs/<preset>_experiment)")
     e.add_argument("--device", default="auto")
     e.add_argument("-p", "--param", action="append", default=[], help="NAME=VALUE for every notebook")
+    e.add_argument("--threads", type=int, default=2, help="CPU threads per notebook kernel (0: torch's default)")
     e.set_defaults(func=cmd_notebooks)
     return parser
 

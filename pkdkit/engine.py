@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from pkdkit.data import CocoDetection, make_loader
 from pkdkit.evaluate import evaluate_detector
 from pkdkit.files import write_json
-from pkdkit.models import DetectorSpec, atomic_save, build_detector, load_checkpoint, save_detector
+from pkdkit.models import (DetectorSpec, atomic_save, build_detector, initial_weights_label, load_checkpoint,
+                           save_detector, state_fingerprint)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -312,6 +313,8 @@ def _check_finite(loss: torch.Tensor, losses: dict[str, torch.Tensor], info: Dis
 def train_detector(spec: DetectorSpec, train_ds: CocoDetection, val_ds: CocoDetection, cfg: TrainConfig,
                    out_dir: str | os.PathLike, *, config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Supervised training of one detector: build from `spec`, train, write `model.pt`, evaluate on `val_ds`.
+    The record's config carries the `budget`: the initialisation (named, with its state fingerprint) and
+    the epochs trained.
 
     Writes `out_dir/{last.pt, metrics.json, model.pt, eval.json, eval_results.json}` and returns the
     evaluation record. Running it again resumes an interrupted run, or returns the existing evaluation
@@ -326,8 +329,11 @@ def train_detector(spec: DetectorSpec, train_ds: CocoDetection, val_ds: CocoDete
                          f"{len(label_map.cat_ids)} categories (num_classes={label_map.num_classes} with background)")
     seed_everything(cfg.seed)
     model = build_detector(spec)
+    budget = {"init": initial_weights_label(spec, cfg.seed), "epochs": cfg.epochs,
+              "init_fingerprint": state_fingerprint(model)}
     full = {"spec": spec.to_dict(), "train": cfg.to_dict(), "data": {"train": str(train_ds.ann_file),
-                                                                      "val": str(val_ds.ann_file)}, **(config or {})}
+                                                                      "val": str(val_ds.ann_file)},
+            "budget": budget, **(config or {})}
     train(model, train_ds, cfg, out_dir, desc=f"train {spec.name}", config=full)
     info = init_distributed(cfg.device)
     record: dict[str, Any] = {}

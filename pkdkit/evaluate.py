@@ -399,7 +399,8 @@ def comparison_table(metrics_by_run: dict[str, dict], iou_type: str = "bbox",
 
     metrics_by_run: run name -> `coco_evaluate` output or `evaluate_detector` record (anything with
     ``[iou_type]["stats"]`` or ``["metrics"][iou_type]["stats"]``). Undefined stats (-1) and runs without
-    `iou_type` show ``n/a``.
+    `iou_type` show ``n/a``. When records carry a budget (``record["config"]["budget"]``: the initialisation
+    and the student's total epochs), the table shows both, so that extra epochs are never read as a gain.
     """
     if not metrics_by_run:
         raise ValueError("comparison_table: no runs given")
@@ -414,6 +415,8 @@ def comparison_table(metrics_by_run: dict[str, dict], iou_type: str = "bbox",
     def fmt(v: float | None, sign: str = "") -> str:
         return "n/a" if v is None or v < 0 else f"{100 * v:{sign}.1f}"
 
+    budgets = {run: record_budget(m) for run, m in metrics_by_run.items()}
+    with_budget = any(budgets.values())
     rows = []
     ref_ap = None
     for i, (run, metrics) in enumerate(metrics_by_run.items()):
@@ -423,11 +426,19 @@ def comparison_table(metrics_by_run: dict[str, dict], iou_type: str = "bbox",
             ref_ap = ap
         delta = "n/a" if ap is None or ap < 0 or ref_ap is None or ref_ap < 0 else f"{100 * (ap - ref_ap):+.1f}"
         cells = [fmt(values.get(s) if values else None) for s in stats]
-        rows.append([run, *cells, delta])
-    header = ["run", *stats, "ΔAP"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+        budget = [str(budgets[run].get("epochs", "?")), budgets[run].get("init", "?")] if budgets[run] else ["?", "?"]
+        rows.append([run, *(budget if with_budget else []), *cells, delta])
+    header = ["run", *(["epochs", "init"] if with_budget else []), *stats, "ΔAP"]
+    align = ["---", *(["---:", "---"] if with_budget else []), *["---:"] * (len(stats) + 1)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def record_budget(record: dict) -> dict:
+    """The budget of an `evaluate_detector` record (``{"init", "epochs"}``), or {} when it has none."""
+    config = record.get("config") if isinstance(record, dict) else None
+    return dict(config.get("budget") or {}) if isinstance(config, dict) else {}
 
 
 def plot_pr_curves(cocoevals: dict[str, COCOeval], iou: float = 0.5, ax: Any = None) -> "Figure":

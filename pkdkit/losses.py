@@ -14,20 +14,22 @@ Every loss is a small `nn.Module` with the same interface::
   that batch are used by FGD only; the other losses ignore them.
 
 One module per FPN level, as in the authors' configs (each level has its own adapter / generation block /
-GcBlock); the caller sums the levels. The defaults are the per-level values of the authors' RetinaNet
-configs on COCO (cited in each docstring); other detectors used other weights there.
+GcBlock); the caller sums the levels. A class's own defaults are the per-level values of the authors'
+RetinaNet configs on COCO; `LOSS_DEFAULTS` / `loss_defaults(loss, arch)` hold the values and FPN levels the
+authors used for each detector family (RetinaNet, FCOS, Faster/Mask R-CNN), each with its source.
 """
 from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["MGDLoss", "FGDLoss", "PKDLoss", "CWDLoss", "MSELoss", "GcBlock", "fgd_masks", "LOSSES",
-           "build_loss"]
+           "LOSS_DEFAULTS", "LossDefaults", "loss_defaults", "build_loss"]
 
 
 class _FeatureLoss(nn.Module):
@@ -87,14 +89,16 @@ class MGDLoss(_FeatureLoss):
         G(x) = conv3x3(ReLU(conv3x3(x)))                                            (C -> C -> C)
         loss = alpha_mgd * sum((G(S * M) - T) ** 2) / N
 
-    The mask is drawn with one `torch.rand((N, 1, H, W))` call from torch's global RNG, so seeding the
-    training run makes it reproducible; set the attribute `generator` to a `torch.Generator` to draw from
-    it instead. The authors zero positions where u > 1 - lambda (the brief's "u < lambda" has the same
-    law); we keep the authors' comparison so the same seed gives the same mask as their code.
+    The mask is drawn on the CPU with one `torch.rand((N, 1, H, W))` call from torch's global CPU RNG (or
+    from the CPU `torch.Generator` set as the attribute `generator`) and then moved to the features'
+    device, as the authors' code does: the same seed gives the same mask on CPU and on CUDA. The authors
+    zero positions where u > 1 - lambda (the brief's "u < lambda" has the same law); we keep their
+    comparison so the same seed gives the same mask as their code.
 
     Defaults: alpha_mgd = 2e-5, lambda_mgd = 0.65, from the authors' RetinaNet config
     yzd-v/MGD `det/configs/distillers/mgd/retina_rx101_64x4d_distill_retina_r50_fpn_2x_coco.py`
-    (also the values of the Progressive Distillation release, PAPER.md).
+    (also the values of the Progressive Distillation release, PAPER.md). Two-stage detectors use
+    alpha_mgd = 5e-7, lambda_mgd = 0.45 on P2-P5 (`LOSS_DEFAULTS`).
     """
 
     def __init__(self, student_channels: int, teacher_channels: int, alpha_mgd: float = 2e-5,
@@ -118,11 +122,11 @@ class MGDLoss(_FeatureLoss):
 
     def keep_mask(self, feat: Tensor) -> Tensor:
         """The random spatial mask M for a map (N, C, H, W): (N, 1, H, W), 1 = kept, 0 = masked.
-        One `torch.rand` draw from `self.generator` (or torch's global RNG), as in the formula above."""
+        One `torch.rand` draw on the CPU from `self.generator` (or torch's global CPU RNG), then moved to the
+        features' device, so the mask does not depend on where the model runs."""
         n, _, h, w = feat.shape
-        device = self.generator.device if self.generator is not None else feat.device
-        u = torch.rand((n, 1, h, w), generator=self.generator, device=device).to(feat.device)
-        return (u <= 1.0 - self.lambda_mgd).to(feat.dtype)
+        u = torch.rand((n, 1, h, w), generator=self.generator)
+        return (u <= 1.0 - self.lambda_mgd).to(device=feat.device, dtype=feat.dtype)
 
 
 def fgd_masks(boxes: Sequence[Tensor], image_size: tuple[int, int], feat_size: tuple[int, int],
@@ -216,6 +220,12 @@ class FGDLoss(_FeatureLoss):
     As in the authors' code there are two GcBlocks, one per side, both trained by this loss (the teacher
     *map* is constant, the teacher-side block's weights are not). `boxes` must be in the coordinates of the
     padded batch of size `image_size` (for torchvision detectors: the targets after `model.transform`).
+
+    Padding: pkdkit maps a box onto the feature map by the size of the *padded* batch, which is where the
+    box really lies on that map. The reference code divides by each image's *unpadded* size while laying the
+    mask on the padded map, which shifts and stretches boxes by the padding fraction (about 7% on COCO batches
+    of mixed aspect ratios). Without padding the two agree (checked numerically against a port of the
+    reference, shared/PAPER.md).
 
     Defaults: temp = 0.5, alpha_fgd = 1e-3, beta_fgd = 5e-4, gamma_fgd = 5e-4, lambda_fgd = 5e-6, from the
     authors' RetinaNet configs yzd-v/FGD
@@ -383,6 +393,82 @@ class MSELoss(_FeatureLoss):
 
 LOSSES: dict[str, type[_FeatureLoss]] = {"mgd": MGDLoss, "fgd": FGDLoss, "pkd": PKDLoss, "cwd": CWDLoss,
                                          "mse": MSELoss}
+
+
+@dataclass(frozen=True)
+class LossDefaults:
+    """What the authors used for one loss on one detector family: hyper-parameters, the FPN levels the loss
+    is put on (pkdkit's names, `p2`..`p7`; None: every level both models have) and where they come from."""
+
+    params: dict[str, float] = field(default_factory=dict)
+    levels: tuple[str, ...] | None = None
+    source: str = ""
+
+
+_P3_P7 = ("p3", "p4", "p5", "p6", "p7")
+_MGD_ONE_STAGE = LossDefaults(
+    {"alpha_mgd": 2e-5, "lambda_mgd": 0.65}, _P3_P7,
+    "yzd-v/MGD det/configs/distillers/mgd/retina_rx101_64x4d_distill_retina_r50_fpn_2x_coco.py "
+    "(fpn_convs.0-4 = P3-P7); the Progressive Distillation release uses the same for RetinaNet and RepPoints")
+_MGD_TWO_STAGE = LossDefaults(
+    {"alpha_mgd": 5e-7, "lambda_mgd": 0.45}, ("p2", "p3", "p4", "p5"),
+    "yzd-v/MGD det/configs/distillers/mgd/cascade_mask_rcnn_rx101_32x4d_distill_{faster,mask}_rcnn_r50_fpn_2x_coco.py "
+    "(fpn_convs.0-3 = P2-P5); the Progressive Distillation release uses the same for Mask R-CNN")
+_FGD_RETINANET = LossDefaults(
+    {"temp": 0.5, "alpha_fgd": 1e-3, "beta_fgd": 5e-4, "gamma_fgd": 5e-4, "lambda_fgd": 5e-6}, _P3_P7,
+    "yzd-v/FGD configs/distillers/fgd/fgd_retina_rx101_64x4d_distill_retina_r50_fpn_2x_coco.py (fpn_convs.0-4)")
+_FGD_TWO_STAGE = LossDefaults(
+    {"temp": 0.5, "alpha_fgd": 5e-5, "beta_fgd": 2.5e-5, "gamma_fgd": 5e-5, "lambda_fgd": 5e-7},
+    ("p2", "p3", "p4", "p5"),
+    "yzd-v/FGD configs/distillers/fgd/fgd_faster_rcnn_r101_fpn_2x_distill_faster_rcnn_r50_fpn_2x_coco.py and "
+    "fgd_mask_rcnn_r101_fpn_distill_mask_rcnn_r50_fpn_2x_coco.py (fpn_convs.0-3)")
+_CWD_ONE_STAGE = LossDefaults(
+    {"tau": 1.0, "loss_weight": 5.0}, ("p3", "p4", "p5", "p6"),
+    "pppppM/mmdetection-distiller configs/distillers/cwd/cwd_retina_rx101_64x4d_distill_retina_r50_fpn_2x_coco.py "
+    "(fpn_convs.0-3 = P3-P6)")
+_PKD_ONE_STAGE = LossDefaults(
+    {"loss_weight": 10.0}, ("p3", "p4", "p5", "p6"),
+    "open-mmlab/mmrazor configs/distill/mmdet/pkd/pkd_fpn_retina_x101_retina_r50_2x_coco.py (neck outputs 0-3)")
+
+# loss -> detector arch -> defaults. Where the authors published no config for an architecture, the entry
+# reuses the nearest one and its `source` says so.
+LOSS_DEFAULTS: dict[str, dict[str, LossDefaults]] = {
+    "mgd": {"retinanet": _MGD_ONE_STAGE,
+            "fcos": LossDefaults(_MGD_ONE_STAGE.params, _P3_P7, "no FCOS config published; RetinaNet's: "
+                                 + _MGD_ONE_STAGE.source),
+            "fasterrcnn": _MGD_TWO_STAGE, "maskrcnn": _MGD_TWO_STAGE},
+    "fgd": {"retinanet": _FGD_RETINANET,
+            "fcos": LossDefaults({"temp": 0.8, "alpha_fgd": 1.6e-3, "beta_fgd": 8e-4, "gamma_fgd": 8e-4,
+                                  "lambda_fgd": 8e-6}, _P3_P7,
+                                 "yzd-v/FGD configs/distillers/fgd/fgd_fcos_r101_distill_fcos_r50_2x_coco.py "
+                                 "(fpn_convs.0-4)"),
+            "fasterrcnn": _FGD_TWO_STAGE, "maskrcnn": _FGD_TWO_STAGE},
+    "cwd": {"retinanet": _CWD_ONE_STAGE,
+            "fcos": LossDefaults(_CWD_ONE_STAGE.params, _CWD_ONE_STAGE.levels,
+                                 "no FCOS config published; RetinaNet's: " + _CWD_ONE_STAGE.source),
+            **dict.fromkeys(("fasterrcnn", "maskrcnn"), LossDefaults(
+                {"tau": 1.0, "loss_weight": 10.0}, ("p2", "p3", "p4", "p5", "p6"),
+                "open-mmlab/mmrazor configs/distill/mmdet/cwd/cwd_fpn_frcnn_r101_frcnn_r50_1x_coco.py "
+                "(neck outputs 0-4 = P2-P6)"))},
+    "pkd": {"retinanet": _PKD_ONE_STAGE,
+            "fcos": LossDefaults(_PKD_ONE_STAGE.params, _PKD_ONE_STAGE.levels,
+                                 "no FCOS-student config published; RetinaNet's: " + _PKD_ONE_STAGE.source),
+            **dict.fromkeys(("fasterrcnn", "maskrcnn"), LossDefaults(
+                {"loss_weight": 6.0}, ("p2", "p3", "p4", "p5"),
+                "open-mmlab/mmrazor configs/distill/mmdet/pkd/pkd_fpn_faster-rcnn_r101_faster-rcnn_r50_2x_coco.py "
+                "(neck outputs 0-3 = P2-P5)"))},
+    "mse": dict.fromkeys(("retinanet", "fcos", "fasterrcnn", "maskrcnn"), LossDefaults(
+        {"loss_weight": 1.0}, None, "FitNets has no detection config: a neutral weight on every common level")),
+}
+
+
+def loss_defaults(loss: str, arch: str) -> LossDefaults:
+    """The authors' hyper-parameters and FPN levels of `loss` for a student of architecture `arch`
+    (``"retinanet"``, ``"fcos"``, ``"fasterrcnn"``, ``"maskrcnn"``)."""
+    _loss_class(loss)
+    if arch not in LOSS_DEFAULTS[loss]:
+        raise ValueError(f"no {loss} defaults for detector arch {arch!r}; known: {sorted(LOSS_DEFAULTS[loss])}")
+    return LOSS_DEFAULTS[loss][arch]
 
 
 def loss_hparams(name: str) -> dict[str, object]:

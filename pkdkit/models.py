@@ -12,6 +12,7 @@ read with ``torch.load(..., weights_only=True)``. A detector checkpoint carries 
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields, replace
@@ -262,6 +263,15 @@ def build_detector(spec: DetectorSpec) -> nn.Module:
     return model
 
 
+def detector_arch(model: nn.Module) -> str:
+    """The `ARCHS` name of a built detector ("retinanet", "fcos", "fasterrcnn", "maskrcnn")."""
+    for arch, cls in (("maskrcnn", detection.MaskRCNN), ("fasterrcnn", detection.FasterRCNN),
+                      ("retinanet", detection.RetinaNet), ("fcos", detection.FCOS)):
+        if isinstance(model, cls):  # MaskRCNN before FasterRCNN: it is a subclass
+            return arch
+    raise ValueError(f"not a torchvision detector pkdkit knows: {type(model).__name__}; expected one of {ARCHS}")
+
+
 def _build_torchvision_detector(spec: DetectorSpec) -> nn.Module:
     enum_name = spec.weights.split(".")[0]
     arch, backbone, builder = TORCHVISION_DETECTORS[enum_name]
@@ -300,6 +310,21 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+
+
+def state_fingerprint(model: nn.Module) -> str:
+    """sha256 of a model's state dict (names, shapes, values): proves which weights a run started from."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def initial_weights_label(spec: DetectorSpec, seed: int) -> str:
+    """How `build_detector(spec)` after `seed_everything(seed)` initialises: named in every record's budget."""
+    return f"initial ({spec.backbone_weights} backbone, seed {seed})" if spec.backbone_weights \
+        else f"initial (random, seed {seed})"
 
 
 def save_detector(path: str | os.PathLike, model: nn.Module, spec: DetectorSpec, label_map: LabelMap,

@@ -1,9 +1,13 @@
 """Run the walk-through notebooks headless with papermill, in order, sharing one run directory.
 
 `run_notebooks("tiny", "reports/demo")` executes every notebook of `notebooks/` with the preset's parameters
-and writes, into the report folder: the executed notebooks, `figures/*.png` and `metrics.json` (each notebook
-adds its section, together with the preset and run directory that produced it). A failing cell stops the run
-with `NotebookRunError` naming the notebook and the cell.
+and writes, into the report folder: the executed notebooks, `figures/*.png`, `metrics.json` (each notebook
+adds its section, together with the preset, run directory and parameters that produced it) and `timings.json`
+(seconds per notebook, kept apart so that two runs of the same settings write identical metrics). A failing
+cell stops the run with `NotebookRunError` naming the notebook and the cell.
+
+The kernels run with a fixed number of CPU threads (`threads`, recorded with the parameters): floating-point
+sums depend on how work is split between threads, so the same seed and thread count give the same numbers.
 """
 from __future__ import annotations
 
@@ -59,14 +63,19 @@ def execute(name: str, out: Path, parameters: dict[str, Any]) -> float:
     return seconds
 
 
+DEFAULT_THREADS = 2
+
+
 def run_notebooks(preset: str, out: str | os.PathLike, *, run_dir: str | os.PathLike | None = None,
                   device: str = "auto", parameters: dict[str, Any] | None = None,
-                  only: list[str] | None = None, progress: bool = False) -> dict[str, Any]:
+                  only: list[str] | None = None, progress: bool = False,
+                  threads: int = DEFAULT_THREADS) -> dict[str, Any]:
     """Execute the notebooks with papermill; returns {"out", "notebooks": {name: seconds}}.
 
     run_dir: shared run directory (default `runs/<preset>`, so checkpoints stay out of the report).
     parameters: extra values for every notebook's `parameters` cell (names a notebook lacks are ignored
-    by papermill with a warning).
+    by papermill with a warning). threads: CPU threads of each kernel (OMP_NUM_THREADS), for numbers that
+    repeat exactly; 0 leaves torch's default.
     """
     out = Path(out).resolve()
     run_dir = Path(run_dir or Path("runs") / preset).resolve()
@@ -79,11 +88,22 @@ def run_notebooks(preset: str, out: str | os.PathLike, *, run_dir: str | os.Path
         if unknown:
             raise ValueError(f"unknown notebooks {unknown}; available: {list(NOTEBOOKS)}")
         names = [n for n in NOTEBOOKS if n in only]
-    timings = {name: execute(name, out, params) for name in names}
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    if threads:
+        os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    try:
+        timings = {name: execute(name, out, params) for name in names}
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     metrics = out / "metrics.json"
     summary = json.loads(metrics.read_text()) if metrics.exists() else {}
-    summary.update({"parameters": params, "notebook_seconds": timings})
+    summary.update({"parameters": {**params, "threads": threads or None}})
     write_json(summary, metrics)
+    write_json({"notebook_seconds": timings, "threads": threads or None}, out / "timings.json")
     return {"out": str(out), "run_dir": str(run_dir), "notebooks": timings}
 
 
@@ -91,7 +111,8 @@ EXPERIMENT_NOTEBOOK = "06_seed_study.ipynb"
 
 
 def run_experiment(preset: str, seeds: list[int], out: str | os.PathLike, *, run_root: str | os.PathLike | None = None,
-                   device: str = "auto", parameters: dict[str, Any] | None = None) -> dict[str, Any]:
+                   device: str = "auto", parameters: dict[str, Any] | None = None,
+                   threads: int = DEFAULT_THREADS) -> dict[str, Any]:
     """The progressive-vs-one-shot experiment: the whole walk-through once per seed (teachers, baseline,
     selection, distillation all re-trained with that seed) into `out/seed_<k>`, then
     `06_seed_study.ipynb` aggregates them into `out` (mean and spread of AP per run type)."""
@@ -101,7 +122,7 @@ def run_experiment(preset: str, seeds: list[int], out: str | os.PathLike, *, run
     for seed in seeds:
         report = out / f"seed_{seed}"
         run_notebooks(preset, report, run_dir=run_root / f"seed_{seed}", device=device,
-                      parameters={**(parameters or {}), "seed": seed})
+                      parameters={**(parameters or {}), "seed": seed}, threads=threads)
         seed_dirs.append(str(report))
     execute(EXPERIMENT_NOTEBOOK, out, {"reports": seed_dirs, "figures_dir": str(out / "figures"),
                                        "summary_path": str(out / "experiment.json")})

@@ -5,23 +5,36 @@ A plan file (YAML or JSON) looks like::
     name: progressive
     out_dir: runs/tiny/progressive        # relative paths are relative to the plan file
     student: {arch: retinanet, backbone: resnet18, num_classes: 6, fpn_channels: 32, min_size: 96, max_size: 96}
-    student_init: runs/tiny/baseline/model.pt   # optional: the trained baseline student
     data: {train_images: data/train, train_json: data/annotations/instances_train.json,
            val_images: data/val, val_json: data/annotations/instances_val.json}
     train: {epochs: 12, lr: 0.005, batch_size: 8}  # defaults for every stage
     stages:
-      - {name: r34, teacher: runs/tiny/teachers/retinanet_resnet34/model.pt, loss: mgd}
+      - {name: r34, teacher: runs/tiny/teachers/retinanet_resnet34/model.pt, loss: mgd, loss_weight: auto}
       - {name: r50, teacher: runs/tiny/teachers/retinanet_resnet50/model.pt, loss: mgd, train: {epochs: 6}}
 
-Stage k starts from stage k-1's `student.pt` (student-only weights, as the paper's released code hands
-them over); stage 1 starts from `student_init` (and, with `inherit_teacher_head`, the teacher's neck and
-head). A one-shot distillation is a one-stage plan. The run directory holds ``plan.yaml``,
-``baseline/eval.json``, ``stage_<k>_<name>/{last.pt, student.pt, metrics.json, eval.json}`` and
-``summary.json``. Running a plan again skips finished stages and resumes an interrupted one exactly.
+**Stage 1 follows the paper's protocol by default** (the released code's ``init_student=True``): the student
+starts from its *initial* weights, the same initialisation a baseline trained with the same spec and seed
+starts from (ImageNet backbone weights when the spec names them, else the seeded random init), and inherits
+the first teacher's neck and head wherever names and shapes match (`inherit_teacher_head`; the report of
+what was copied and skipped is kept in the stage's metrics). Each stage then trains its own schedule, so a
+plan of S stages of E epochs gives the student S x E epochs in all. ``student_init: <checkpoint>`` fine-tunes
+a trained student instead (no inheritance unless a stage asks for it); tables name such runs "fine-tune".
+
+Stage k > 1 starts from stage k-1's `student.pt` (student-only weights, as the paper's released code hands
+them over). ``loss_weight`` multiplies the stage's distillation term; ``auto`` measures the detection and
+distillation losses on a few batches before training and sets it so that distillation starts at
+``loss_ratio`` (default 1) times the detection loss (`pkdkit.distill.calibrate_loss_weight`); the measured
+start ratio is recorded for every stage. Loss hyper-parameters and levels default to the authors' values for
+the student's detector family (`pkdkit.losses.loss_defaults`).
+
+The run directory holds ``plan.yaml``, ``stage_<k>_<name>/{calibration.json, last.pt, student.pt,
+metrics.json, eval.json}``, ``summary.json`` and, when fine-tuning, ``baseline/eval.json`` (the checkpoint
+the plan started from). Every record carries its `budget`: the initialisation and the student's total epochs.
+Running a plan again skips finished stages and resumes an interrupted one exactly.
 """
 from __future__ import annotations
 
-import hashlib
+import itertools
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -31,15 +44,16 @@ from typing import Any
 import yaml
 from torch import nn
 
-from pkdkit.data import CocoDetection, LabelMap
-from pkdkit.distill import build_distiller, inherit_teacher_head
+from pkdkit.data import CocoDetection, LabelMap, make_loader
+from pkdkit.distill import build_distiller, calibrate_loss_weight, inherit_teacher_head
 from pkdkit.engine import TrainConfig, barrier, init_distributed, resolve_device, seed_everything, train
 from pkdkit.evaluate import comparison_table, evaluate_detector
 from pkdkit.features import common_levels, feature_levels
 from pkdkit.files import write_json, write_text
-from pkdkit.losses import LOSSES
-from pkdkit.models import (TORCHVISION_DETECTORS, CheckpointError, DetectorSpec, build_detector, load_checkpoint,
-                           load_detector, save_detector, torchvision_label_map)
+from pkdkit.losses import LOSSES, loss_hparams
+from pkdkit.models import (TORCHVISION_DETECTORS, CheckpointError, DetectorSpec, build_detector,
+                           initial_weights_label, load_checkpoint, load_detector, save_detector, state_fingerprint,
+                           torchvision_label_map)
 from pkdkit.selection import selection_to_stages
 
 
@@ -89,15 +103,35 @@ class DataConfig:
 @dataclass
 class Stage:
     """One teacher. `teacher`: a pkdkit checkpoint path or a torchvision COCO weight name
-    (``"FCOS_ResNet50_FPN_Weights.COCO_V1"``). `train` overrides the plan's training settings."""
+    (``"FCOS_ResNet50_FPN_Weights.COCO_V1"``). `train` overrides the plan's training settings.
+
+    loss_params / levels: None or empty takes the authors' values for the student's detector family.
+    inherit_teacher_head: stage 1 only; None follows the protocol (True when the plan starts from the initial
+    weights, False when it fine-tunes a checkpoint). loss_weight: a number >= 0, or "auto" (see the module
+    docstring) with loss_ratio the target start ratio of distillation to detection loss."""
 
     name: str
     teacher: str
     loss: str = "mgd"
     loss_params: dict[str, Any] = field(default_factory=dict)
     levels: list[str] | None = None
-    inherit_teacher_head: bool = False
+    inherit_teacher_head: bool | None = None
+    loss_weight: float | str = 1.0
+    loss_ratio: float = 1.0
     train: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.loss_weight != "auto":
+            try:
+                self.loss_weight = float(self.loss_weight)
+            except (TypeError, ValueError):
+                raise ValueError(f"stage {self.name!r}: loss_weight must be a number >= 0 or 'auto', "
+                                 f"not {self.loss_weight!r}") from None
+            if not self.loss_weight >= 0 or self.loss_weight == float("inf"):
+                raise ValueError(f"stage {self.name!r}: loss_weight must be a finite number >= 0, not {self.loss_weight}")
+        self.loss_ratio = float(self.loss_ratio)
+        if not 0 < self.loss_ratio < float("inf"):
+            raise ValueError(f"stage {self.name!r}: loss_ratio must be a finite number > 0, not {self.loss_ratio}")
 
 
 @dataclass
@@ -115,6 +149,16 @@ class Plan:
 
     def stage_train(self, k: int) -> TrainConfig:
         return self.train.replace(**self.stages[k].train)
+
+    @property
+    def fine_tunes(self) -> bool:
+        """True when stage 1 starts from a trained checkpoint rather than the initial weights."""
+        return self.student_init is not None
+
+    def inherits(self, k: int) -> bool:
+        """Whether stage k (0-based) starts by copying its teacher's neck and head (stage 1 only)."""
+        flag = self.stages[k].inherit_teacher_head
+        return k == 0 and (not self.fine_tunes if flag is None else flag)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "out_dir": self.out_dir, "student": self.student.to_dict(),
@@ -166,14 +210,19 @@ class Plan:
 def plan_from_selection(selection: Any, teacher_checkpoints: dict[str, str], student_checkpoint: str,
                         data: DataConfig, out_dir: str | os.PathLike, *, name: str = "progressive",
                         loss: str = "mgd", loss_params: dict[str, Any] | None = None,
-                        train: TrainConfig | None = None) -> Plan:
-    """A plan distilling the student checkpoint through the selected teacher order
-    (`pkdkit.selection.Selection`), one stage per teacher."""
-    student = DetectorSpec.from_dict(load_checkpoint(student_checkpoint)["spec"])
+                        train: TrainConfig | None = None, fine_tune: bool = False) -> Plan:
+    """A plan through the selected teacher order (`pkdkit.selection.Selection`), one stage per teacher, for
+    the student of `student_checkpoint`: by default the paper's protocol (its spec from the initial weights,
+    seeded as the checkpoint's own training was, with the first teacher's neck and head); with `fine_tune`,
+    starting from the checkpoint's trained weights."""
+    payload = load_checkpoint(student_checkpoint)
+    student = DetectorSpec.from_dict(payload["spec"])
+    seed = payload.get("config", {}).get("train", {}).get("seed", 0)
     stages = [Stage(**d) for d in selection_to_stages(selection, teacher_checkpoints, loss=loss,
                                                       loss_params=dict(loss_params or {}))]
     return Plan(name=name, student=student, data=data, stages=stages, out_dir=str(Path(out_dir).resolve()),
-                student_init=str(Path(student_checkpoint).resolve()), train=train or TrainConfig())
+                student_init=str(Path(student_checkpoint).resolve()) if fine_tune else None,
+                train=train or TrainConfig(seed=seed))
 
 
 def _is_torchvision_weight(ref: str) -> bool:
@@ -282,19 +331,12 @@ def _check_same_plan(plan: Plan, saved_path: Path) -> None:
                         f"{saved_path}); use another out_dir, or delete it to start over")
 
 
-def state_fingerprint(model: nn.Module) -> str:
-    """sha256 of a model's state dict (names, shapes, values): proves which weights a stage started from."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def run_plan(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
     """Run every stage in order (skipping finished ones), evaluate after each, return the summary.
 
-    Summary: {"plan", "rows": {"baseline": eval record, "<stage name>": eval record, ...}, "table": markdown}.
+    Summary: {"plan", "rows": {["baseline": the fine-tuned checkpoint's record,] "<stage name>": eval record,
+    ...}, "table": markdown}. Each stage's record config holds the stage (teacher, effective loss parameters
+    and levels, what the student inherited, the loss-weight calibration) and the run's `budget`.
     """
     info = init_distributed(plan.train.device)
     out = Path(plan.out_dir)
@@ -314,38 +356,58 @@ def run_plan(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
 
     rows: dict[str, Any] = {}
     seed_everything(plan.train.seed)
-    if plan.student_init:
-        student, _, _, _ = load_detector(plan.student_init, expected=plan.student)
+    if plan.fine_tunes:
+        student, _, _, payload = load_detector(plan.student_init, expected=plan.student)
+        init = f"fine-tune of {Path(plan.student_init).parent.name}/{Path(plan.student_init).name}"
+        epochs = int(budget_of(payload["config"])["epochs"])
+        baseline_json = out / "baseline" / "eval.json"
+        if info.is_main:
+            rows["baseline"] = (json.loads(baseline_json.read_text()) if baseline_json.exists() else evaluate(
+                student, baseline_json.parent, {**config, "budget": {"init": init, "epochs": epochs}}))
     else:
         student = build_detector(plan.student)
-    baseline_json = out / "baseline" / "eval.json"
-    init_ref = plan.student_init or "fresh"
-    if info.is_main:
-        rows["baseline"] = (json.loads(baseline_json.read_text()) if baseline_json.exists()
-                            else evaluate(student, baseline_json.parent, {**config, "student_init": init_ref}))
+        init, epochs = initial_weights_label(plan.student, plan.train.seed), 0
+    init_ref = plan.student_init or "initial"
 
     for k, stage in enumerate(plan.stages):
         folder = plan.stage_dir(k)
+        cfg = plan.stage_train(k)
+        epochs += cfg.epochs
         done = folder / "student.pt"
         if done.exists() and (folder / "eval.json").exists():
+            record = json.loads((folder / "eval.json").read_text())
             if info.is_main:
-                rows[stage.name] = json.loads((folder / "eval.json").read_text())
+                rows[stage.name] = record
+            init = record["config"]["budget"]["init"]
             init_ref = str(done)
             continue
-        cfg = plan.stage_train(k)
         seed_everything(cfg.seed + 1000 * (k + 1))
         if k > 0:  # hand-over: the previous stage's student-only weights
             student, _, _, _ = load_detector(init_ref, expected=plan.student)
         teacher, t_spec, _ = load_model_ref(stage.teacher, like=plan.student)
-        inherited = inherit_teacher_head(student, teacher) if (k == 0 and stage.inherit_teacher_head) else None
-        if inherited and progress and info.is_main:
-            print(f"stage 1 ({stage.name}): student inherits {len(inherited['copied'])} neck/head tensors from the "
-                  f"teacher; skipped {len(inherited['skipped'])} (absent or another shape: {inherited['skipped'][:3]}...)")
-        stage_config = {**config, "stage": {**asdict(stage), "index": k + 1, "init_from": init_ref,
-                                            "init_fingerprint": state_fingerprint(student),
-                                            "teacher_spec": t_spec.to_dict(),
-                                            "inherited": {k2: len(v) for k2, v in inherited.items()} if inherited else None}}
-        distiller = build_distiller(student, teacher, stage.loss, stage.loss_params, stage.levels)
+        fingerprint = state_fingerprint(student)
+        inherited = inherit_teacher_head(student, teacher) if plan.inherits(k) else None
+        if inherited is not None:
+            init += f" + neck/head of {stage.name} ({len(inherited['copied'])} tensors)"
+            if progress and info.is_main:
+                print(f"stage 1 ({stage.name}): the student inherits {len(inherited['copied'])} neck/head tensors "
+                      f"from the teacher; skipped {len(inherited['skipped'])} (absent or another shape)")
+        distiller = build_distiller(student, teacher, stage.loss, stage.loss_params or None, stage.levels)
+        calibration = _calibrate(distiller, stage, train_ds, cfg, folder, device, info.is_main)
+        distiller.weight = calibration["weight"]
+        if progress and info.is_main:
+            print(f"stage {k + 1} ({stage.name}): distillation weight {distiller.weight:.4g}"
+                  + (f" (auto: distillation starts at {stage.loss_ratio:g}x the detection loss)"
+                     if stage.loss_weight == "auto" else "")
+                  + (f"; at the start distillation / detection = {calibration['start_ratio']:.3g}"
+                     if "start_ratio" in calibration else ""))
+        first = next(iter(distiller.losses.values()))
+        stage_config = {**config, "budget": {"init": init, "epochs": epochs},
+                        "stage": {**asdict(stage), "index": k + 1, "init_from": init_ref, "init_fingerprint": fingerprint,
+                                  "teacher_spec": t_spec.to_dict(), "inherited": inherited,
+                                  "levels_used": list(distiller.losses),
+                                  "loss_params_used": {n: getattr(first, n) for n in loss_hparams(stage.loss)},
+                                  "loss_weight_used": distiller.weight, "calibration": calibration}}
         train(distiller, train_ds, cfg.replace(progress=progress and cfg.progress), folder,
               desc=f"stage {k + 1}/{len(plan.stages)} {stage.name}", config=stage_config)
         if info.is_main:
@@ -364,3 +426,35 @@ def run_plan(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
         if progress:
             print(f"\n{plan.name}: student after each stage (val set)\n{summary['table']}")
     return summary
+
+
+CALIBRATION_BATCHES = 4
+
+
+def _calibrate(distiller: nn.Module, stage: Stage, train_ds: Any, cfg: TrainConfig, folder: Path,
+               device: Any, is_main: bool) -> dict[str, Any]:
+    """The stage's distillation weight, and how large distillation starts relative to detection, measured
+    on the first `CALIBRATION_BATCHES` training batches (`pkdkit.distill.calibrate_loss_weight`). Written to
+    `calibration.json` once, so a resumed stage uses the same weight."""
+    path = folder / "calibration.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    if stage.loss_weight == 0:
+        return {"weight": 0.0}
+    loader = make_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    batches = itertools.islice(iter(loader), CALIBRATION_BATCHES)
+    auto = stage.loss_weight == "auto"
+    result = calibrate_loss_weight(distiller, batches, stage.loss_ratio if auto else None, device)
+    result["weight"] = result["weight"] if auto else float(stage.loss_weight)
+    result["start_ratio"] = result["weight"] * result["distillation"] / result["detection"]
+    if is_main:
+        write_json(result, path)
+    return result
+
+
+def budget_of(config: dict[str, Any]) -> dict[str, Any]:
+    """{"init", "epochs"} of a record's or checkpoint's config: the initialisation and the student's total
+    epochs. Older records without a budget count their own training epochs from an unnamed start."""
+    if "budget" in config:
+        return config["budget"]
+    return {"init": "unknown", "epochs": int(config.get("train", {}).get("epochs", 0))}

@@ -23,7 +23,8 @@ class Preset:
     train: TrainConfig  # the baseline student
     distill: TrainConfig  # each distillation stage
     loss: str = "mgd"
-    loss_params: dict[str, Any] = field(default_factory=dict)
+    loss_params: dict[str, Any] = field(default_factory=dict)  # empty: the authors' values for the student's family
+    loss_weight: float | str = 1.0  # weight on the distillation term, or "auto" (calibrated per stage)
     calibration_images: int = 64
     notes: str = ""
     teacher_epochs: int | None = None  # teachers train longer (a bigger schedule) when set; else train.epochs
@@ -66,8 +67,8 @@ def _small() -> Preset:
             "retinanet_r101": DetectorSpec(arch="retinanet", backbone="resnet101", **size),
         },
         train=TrainConfig(epochs=24, batch_size=16, lr=0.01, warmup_iters=200),
-        distill=TrainConfig(epochs=12, batch_size=16, lr=0.01, warmup_iters=100),
-        loss_params={"alpha_mgd": 2e-4},
+        distill=TrainConfig(epochs=24, batch_size=16, lr=0.01, warmup_iters=200),  # each stage: the baseline's schedule
+        loss_weight="auto",  # from-scratch features: the authors' alpha does not fit their scale
         notes="One GPU: 2000+300 synthetic images of 256 px, ResNet-18 student vs ResNet-50/101 teachers.",
     )
 
@@ -86,7 +87,7 @@ def _coco() -> Preset:
         },
         train=TrainConfig(epochs=12, batch_size=16, lr=0.01, warmup_iters=500, grad_clip=35.0),
         distill=TrainConfig(epochs=12, batch_size=16, lr=0.01, warmup_iters=500, grad_clip=35.0),
-        loss_params={},  # MGD's published RetinaNet settings (alpha 2e-5, mask ratio 0.65)
+        loss_weight=1.0,  # pretrained COCO features: MGD's published RetinaNet settings as they are
         calibration_images=64,
         notes="COCO 2017 at 800 px. Needs the COCO images and torchvision's weights in the torch hub cache. "
               "num_classes=91 keeps torchvision's label space (label == COCO category id).",

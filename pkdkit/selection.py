@@ -10,8 +10,9 @@ the released code; this module implements
   calibration images, as a normalised residual (0: b is a linear function of a; 1: a explains nothing).
   `cost(a -> b)` is how hard it is for student `a` to imitate teacher `b`; it is not symmetric.
 - `cost_matrix(models, images)`: every ordered pair at once, one forward per model per batch.
-- orders over a `CostMatrix`: `order_greedy` (the paper's spirit), `order_shortest_path` (sum or
-  bottleneck objective), `order_by_ap` (baseline), dispatched by `select_teachers` through `STRATEGIES`.
+- orders over a `CostMatrix`: `order_minimax` (the default: the path of smallest steps, which can be
+  progressive), `order_greedy` (the paper's spirit), `order_shortest_path` (sum or bottleneck objective),
+  `order_by_ap` (baseline), dispatched by `select_teachers` through `STRATEGIES`.
 - `save_selection` / `load_selection` (selection.json), `plot_cost_matrix` (heatmap with the chosen path),
   `selection_to_stages` (stage dicts for a distillation plan) and `run_selection` (checkpoints in, files out).
 
@@ -21,6 +22,7 @@ so their FPN levels have the same spatial size and the cost compares features of
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import warnings
@@ -601,21 +603,72 @@ def order_by_ap(matrix: CostMatrix, student: str, teachers: Sequence[str], *,
         left = [t for t in order if aps[t] > aps[final]]
         order = [t for t in order if t != final and t not in left] + [final]
         why.append(f"{final} is the final teacher (given)" + (f"; left out: {', '.join(left)}" if left else ""))
-    return _selection("ap", matrix, student, order, why)
+    return _selection("by_ap", matrix, student, order, why)
+
+
+MAX_MINIMAX_CANDIDATES = 8  # every simple path is scored: 109,601 paths at 8 intermediate candidates
+
+
+def order_minimax(matrix: CostMatrix, student: str, teachers: Sequence[str], *,
+                  aps: dict[str, float] | None = None, final: str | None = None) -> Selection:
+    """The default order: the path from the student to the final teacher whose steps are smallest, compared
+    largest step first (a lexicographic bottleneck path).
+
+    The final (target) teacher is `final`, else the highest AP, else the farthest from the student, as in
+    `order_greedy`; with APs, teachers stronger than the final one are left out. Every simple path
+    student -> ... -> final is scored by its step costs sorted from largest to smallest and the smallest
+    score wins (ties between a path and the same path with an extra step go to the shorter one). So:
+
+    - an intermediate teacher is used when every step through it is cheaper than the direct step;
+    - a teacher whose step into or out of it is dearer than the direct step is left out;
+    - a chain student -> a -> b -> c of cheap steps is followed when the jumps over it are dearer.
+
+    Summing costs instead (`order_shortest_path(objective="sum")`) almost always goes straight to the final
+    teacher with linear-probe costs, since one step is rarely dearer than two; the largest step is what a
+    progressive order should keep small (shared/PAPER.md). Exact: all paths are scored, so at most
+    `MAX_MINIMAX_CANDIDATES` other teachers are allowed.
+    """
+    teachers = _check_names(matrix, student, teachers, aps, final)
+    final, why_final = _final_teacher(matrix, student, teachers, aps, final)
+    why = [why_final]
+    stronger = [t for t in teachers if aps is not None and t != final and aps[t] > aps[final]]
+    if stronger:
+        why.append(f"left out, stronger than {final}: {', '.join(stronger)}")
+    middle = [t for t in teachers if t != final and t not in stronger]
+    if len(middle) > MAX_MINIMAX_CANDIDATES:
+        raise ValueError(f"minimax scores every path and allows at most {MAX_MINIMAX_CANDIDATES} intermediate "
+                         f"teachers, got {len(middle)}; use strategy='shortest_path' with objective='max'")
+
+    def score(path: tuple[str, ...]) -> tuple[float, ...]:
+        full = (student, *path)
+        return tuple(sorted((matrix.cost(u, v) for u, v in zip(full, full[1:])), reverse=True))
+
+    paths = (p + (final,) for k in range(len(middle) + 1) for p in itertools.permutations(middle, k))
+    best = min(paths, key=lambda p: (score(p), len(p)))
+    direct = matrix.cost(student, final)
+    why.append(f"going straight to {final} costs {direct:.4f}; the chosen path's largest step is "
+               f"{max(score(best)):.4f}")
+    unused = [t for t in middle if t not in best]
+    if unused:
+        why.append("not used (every path through them has a dearer step): " + ", ".join(
+            f"{t} (in {matrix.cost(student, t):.4f} from {student})" for t in unused))
+    return _selection("minimax", matrix, student, list(best), why)
 
 
 STRATEGIES: dict[str, Callable[..., Selection]] = {
+    "minimax": order_minimax,
     "greedy": order_greedy,
     "shortest_path": order_shortest_path,
-    "ap": order_by_ap,
+    "by_ap": order_by_ap,
 }
+DEFAULT_STRATEGY = "minimax"
 
 
-def select_teachers(matrix: CostMatrix, student: str, teachers: Sequence[str], strategy: str = "shortest_path",
+def select_teachers(matrix: CostMatrix, student: str, teachers: Sequence[str], strategy: str = DEFAULT_STRATEGY,
                     aps: dict[str, float] | None = None, final: str | None = None, objective: str = "sum",
                     max_teachers: int | None = None) -> Selection:
-    """Order `teachers` for `student` with one of `STRATEGIES` ("greedy", "shortest_path", "ap").
-    `objective` and `max_teachers` apply to "shortest_path" only."""
+    """Order `teachers` for `student` with one of `STRATEGIES` ("minimax", "greedy", "shortest_path",
+    "by_ap"). `objective` and `max_teachers` apply to "shortest_path" only."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown teacher-order strategy {strategy!r}; expected one of {list(STRATEGIES)}")
     options: dict[str, Any] = {"aps": aps, "final": final}
@@ -703,7 +756,7 @@ def selection_to_stages(selection: Selection, teacher_checkpoints: dict[str, str
 
 
 def run_selection(student_ckpt: str | os.PathLike, teacher_ckpts: dict[str, str | os.PathLike], dataset: Any,
-                  out_dir: str | os.PathLike, *, n_images: int = 64, strategy: str = "shortest_path",
+                  out_dir: str | os.PathLike, *, n_images: int = 64, strategy: str = DEFAULT_STRATEGY,
                   method: str = "closed_form", device: str = "cpu", aps: dict[str, float] | None = None,
                   final: str | None = None, objective: str = "sum", batch_size: int = 8) -> Selection:
     """Checkpoints in, files out: load the student and teachers (`pkdkit.models.load_detector`), compute

@@ -32,6 +32,7 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 from torch import Tensor, nn
 
+from pkdkit.evaluate import record_budget
 from pkdkit.features import extract_features
 from pkdkit.losses import CWDLoss, FGDLoss, MGDLoss, MSELoss, PKDLoss, check_boxes, fgd_attention, fgd_masks
 
@@ -518,7 +519,8 @@ def plot_ap_bars(rows: Mapping[str, Any], stat: str = "AP", iou_type: str = "bbo
 
     rows: {run: evaluate record (``record["metrics"][iou_type]["stats"][stat]``, or `coco_evaluate`'s
     output)} or {run: [records, one per seed]} for mean ± sample std error bars. Each bar is labelled
-    with its value and its difference to the baseline; undefined stats (-1) show "n/a".
+    with its value and its difference to the baseline; undefined stats (-1) show "n/a". Records with a
+    budget (`pkdkit.evaluate.record_budget`) show the student's total epochs beside the run name.
     """
     if not rows:
         raise ValueError("plot_ap_bars: no runs given")
@@ -526,7 +528,8 @@ def plot_ap_bars(rows: Mapping[str, Any], stat: str = "AP", iou_type: str = "bbo
     for run, value in rows.items():
         records = list(value) if isinstance(value, Sequence) and not isinstance(value, (str, Mapping)) else [value]
         vals = [v for v in (_stat(r, stat, iou_type, run) for r in records) if v is not None]
-        names.append(run)
+        epochs = record_budget(records[0]).get("epochs") if records else None
+        names.append(f"{run} ({epochs} ep)" if epochs is not None else run)
         means.append(100 * float(np.mean(vals)) if vals else np.nan)
         stds.append(100 * float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0)
         counts.append(len(records))

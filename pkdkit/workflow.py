@@ -24,12 +24,13 @@ from pkdkit.engine import TrainConfig, resolve_device, train_detector
 from pkdkit.evaluate import evaluate_detector
 from pkdkit.files import write_json
 from pkdkit.models import DetectorSpec, load_checkpoint, load_detector
-from pkdkit.plan import DataConfig, Plan, Stage, load_model_ref, load_plan, run_plan
-from pkdkit.selection import Selection, run_selection
+from pkdkit.plan import DataConfig, Plan, Stage, budget_of, load_model_ref, load_plan, run_plan
+from pkdkit.selection import DEFAULT_STRATEGY, Selection, run_selection
 from pkdkit.presets import Preset
 from pkdkit.synthetic import make_synthetic_coco
 
 STUDENT = "student"
+BASELINE_LONG = "baseline_long"
 
 
 def prepare_data(preset: Preset, run_dir: str | os.PathLike, data_root: str | None = None) -> DataConfig:
@@ -77,6 +78,16 @@ def train_candidates(preset: Preset, data: DataConfig, run_dir: str | os.PathLik
     return records
 
 
+def train_baseline_long(preset: Preset, data: DataConfig, run_dir: str | os.PathLike, epochs: int, *,
+                        device: str = "auto", seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """The equal-budget control: the baseline student trained `epochs` epochs (S x E, as long as an S-stage
+    plan trains it) from the same initialisation and with the same recipe, into `models/baseline_long`."""
+    cfg = preset.train.replace(device=device, seed=seed, progress=progress, epochs=epochs)
+    return train_detector(student_spec(preset, data), data.train_dataset(), data.val_dataset(), cfg,
+                          Path(run_dir) / "models" / BASELINE_LONG,
+                          config={"preset": preset.name, "role": "equal-budget control"})
+
+
 def _evaluate_reference(weights: str, like: DetectorSpec, val_ds: CocoDetection, out: Path, device: str,
                         progress: bool) -> dict[str, Any]:
     if (out / "eval.json").exists():
@@ -97,7 +108,7 @@ def candidate_aps(records: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 
 def select(preset: Preset, data: DataConfig, run_dir: str | os.PathLike, aps: dict[str, float], *,
-           strategy: str = "shortest_path", method: str = "closed_form", device: str = "auto") -> Selection:
+           strategy: str = DEFAULT_STRATEGY, method: str = "closed_form", device: str = "auto") -> Selection:
     """Adaptation costs between student and teachers, the chosen order, `selection/selection.{json,png}`."""
     refs = model_refs(preset, run_dir)
     teachers = {k: v for k, v in refs.items() if k != STUDENT}
@@ -108,16 +119,85 @@ def select(preset: Preset, data: DataConfig, run_dir: str | os.PathLike, aps: di
 
 def make_plan(preset: Preset, data: DataConfig, run_dir: str | os.PathLike, name: str, teachers: list[str], *,
               device: str = "auto", epochs: int | None = None, seed: int = 0, loss: str | None = None,
-              loss_params: dict[str, Any] | None = None, inherit_teacher_head: bool = False) -> Plan:
-    """A staged plan over `teachers` (in order) starting from the trained baseline student.
-    One teacher makes a one-shot distillation."""
+              loss_params: dict[str, Any] | None = None, loss_weight: float | str | None = None,
+              fine_tune: bool = False) -> Plan:
+    """A staged plan over `teachers` (in order); one teacher makes a one-shot distillation.
+
+    By default the paper's protocol: stage 1 starts from the student's initial weights (the baseline's
+    initialisation: same spec, same seed) and inherits the first teacher's neck and head. `fine_tune` starts
+    from the trained baseline instead. `loss_weight`: the preset's (a number or "auto") unless given."""
     refs = model_refs(preset, run_dir)
     train: TrainConfig = preset.distill.replace(device=device, seed=seed, **({"epochs": epochs} if epochs else {}))
+    weight = preset.loss_weight if loss_weight is None else loss_weight
     stages = [Stage(name=t, teacher=refs[t], loss=loss or preset.loss,
                     loss_params=dict(preset.loss_params if loss_params is None else loss_params),
-                    inherit_teacher_head=inherit_teacher_head and k == 0) for k, t in enumerate(teachers)]
+                    loss_weight=weight) for t in teachers]
     return Plan(name=name, student=student_spec(preset, data), data=data, stages=stages,
-                out_dir=str(Path(run_dir).resolve() / "distill" / name), student_init=refs[STUDENT], train=train)
+                out_dir=str(Path(run_dir).resolve() / "distill" / name),
+                student_init=refs[STUDENT] if fine_tune else None, train=train)
+
+
+# The runs of the comparison, in table order. Every run starts from the baseline's initialisation.
+RUN_ORDER = ("baseline", BASELINE_LONG, "one_shot", "one_shot_long", "progressive", "by_ap", "reversed")
+
+
+def comparison_orders(selection: Selection, aps: dict[str, float], *, run_reversed: bool = True
+                      ) -> dict[str, dict[str, Any]]:
+    """The teacher orders the walk-through compares: {run name: {"order", "source", "stages_x_epochs"}}.
+
+    - progressive: exactly the selected order;
+    - by_ap: when the selection chose a single teacher, the teachers up to it by ascending AP, run as an
+      extra chain and labelled as such (it is not what the selection chose);
+    - reversed: the multi-teacher order backwards (strong to weak), when there is one;
+    - one_shot: the final teacher alone for one stage (E epochs, as in the paper);
+    - one_shot_long: the final teacher alone for S x E epochs, S the most stages of any order run (equal budget).
+    """
+    order = list(selection.order)
+    final = order[-1]
+    runs = {"progressive": {"order": order, "source": f"selection ({selection.strategy})", "stages_x_epochs": 1}}
+    chain = order
+    if len(order) == 1:
+        weaker = sorted((t for t in aps if t != final and aps[t] <= aps[final]), key=aps.get)
+        if weaker:
+            chain = weaker + [final]
+            runs["by_ap"] = {"order": chain, "source": "teachers by ascending AP, run because the selection chose "
+                                                       "a single teacher (not the selected order)", "stages_x_epochs": 1}
+    if run_reversed and len(chain) > 1:
+        name = "progressive" if len(order) > 1 else "by_ap"
+        runs["reversed"] = {"order": chain[::-1], "source": f"the {name} order reversed (strong to weak)",
+                            "stages_x_epochs": 1}
+    runs["one_shot"] = {"order": [final], "source": "the final teacher alone, one stage", "stages_x_epochs": 1}
+    if order == [final]:  # the selected order is the one-shot run: train it once
+        runs["one_shot"]["same_as"] = "progressive"
+    longest = max(len(r["order"]) for r in runs.values())
+    if longest > 1:
+        runs["one_shot_long"] = {"order": [final], "source": f"the final teacher alone for {longest} x the stage "
+                                                             "epochs (equal budget)", "stages_x_epochs": longest}
+    return {name: runs[name] for name in RUN_ORDER if name in runs}
+
+
+def comparison_plans(preset: Preset, data: DataConfig, run_dir: str | os.PathLike,
+                     orders: dict[str, dict[str, Any]], *, epochs: int | None = None, device: str = "auto",
+                     seed: int = 0, loss: str | None = None) -> list[Plan]:
+    """One plan per order of `comparison_orders`, E = `epochs` (default: the preset's) per stage."""
+    per_stage = epochs or preset.distill.epochs
+    return [make_plan(preset, data, run_dir, name, o["order"], epochs=per_stage * o["stages_x_epochs"],
+                      device=device, seed=seed, loss=loss) for name, o in orders.items() if "same_as" not in o]
+
+
+def orders_table(orders: dict[str, dict[str, Any]], epochs: int) -> str:
+    """Markdown: each distillation run's teacher order, where the order came from, and its student epochs."""
+    lines = ["| run | teachers | from | student epochs |", "|---|---|---|---:|"]
+    for name, o in orders.items():
+        stages = o["stages_x_epochs"] if len(o["order"]) == 1 else len(o["order"])
+        lines.append(f"| {name} | {' → '.join(o['order'])} | {o['source']} | "
+                     f"{stages} × {epochs} = {stages * epochs} |")
+    return "\n".join(lines)
+
+
+def stage_count(orders: dict[str, dict[str, Any]]) -> int:
+    """S: the most stages of any order run (the budget of the long controls is S x E)."""
+    return max(len(o["order"]) for o in orders.values())
 
 
 def run_plans(plans: list[Plan], *, progress: bool = True) -> dict[str, dict[str, Any]]:
@@ -135,17 +215,66 @@ def stage_histories(plan: Plan) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def final_records(plans: list[Plan]) -> dict[str, dict[str, Any]]:
-    """{"baseline": record, <plan name>: record of its last stage} for plans that have finished."""
-    rows: dict[str, dict[str, Any]] = {}
+def comparison_records(run_dir: str | os.PathLike, plans: list[Plan],
+                       orders: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """{run name: evaluation record} in table order: the baseline, the equal-budget control (when trained)
+    and the last stage of every finished plan (a run of `orders` marked ``same_as`` another shares its
+    record). Each record's config carries its `budget`."""
+    records = {"baseline": _record(Path(run_dir) / "models" / STUDENT / "eval.json")}
+    long = Path(run_dir) / "models" / BASELINE_LONG / "eval.json"
+    if long.exists():
+        records[BASELINE_LONG] = _record(long)
     for plan in plans:
-        summary = Path(plan.out_dir) / "summary.json"
-        if not summary.exists():
-            continue
-        s = json.loads(summary.read_text())["rows"]
-        rows.setdefault("baseline", s["baseline"])
-        rows[plan.name] = s[plan.stages[-1].name]
-    return rows
+        last = plan.stage_dir(len(plan.stages) - 1) / "eval.json"
+        if last.exists():
+            records[plan.name] = _record(last)
+    for name, o in (orders or {}).items():
+        if o.get("same_as") in records:
+            records[name] = records[o["same_as"]]
+    return dict(sorted(records.items(), key=lambda kv: RUN_ORDER.index(kv[0]) if kv[0] in RUN_ORDER else len(RUN_ORDER)))
+
+
+def _record(path: Path) -> dict[str, Any]:
+    record = json.loads(path.read_text())
+    record["path"] = str(path)
+    return record
+
+
+def write_comparison(run_dir: str | os.PathLike, records: dict[str, dict[str, Any]],
+                     orders: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Write `distill/comparison.json`: each run's evaluation record file, budget (initialisation, student
+    epochs) and teacher order with where it came from, plus `order_check`. Notebook 5 reads it back."""
+    runs = {name: {"record": str(Path(r["path"]).relative_to(Path(run_dir).resolve())),
+                   "budget": budget_of(r.get("config") or {}),
+                   "order": orders.get(name, {}).get("order", []),
+                   "source": orders.get(name, {}).get("source", "no teacher")} for name, r in records.items()}
+    comparison = {"runs": runs, "order_check": order_check(records, orders)}
+    write_json(comparison, Path(run_dir) / "distill" / "comparison.json")
+    return comparison
+
+
+def load_comparison(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """What notebook 3 wrote (`write_comparison`), with each run's record loaded under "records" and its COCO
+    results file under "results"."""
+    path = Path(run_dir) / "distill" / "comparison.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no comparison in {run_dir}: run notebook 03 (staged distillation) first")
+    comparison = json.loads(path.read_text())
+    root = Path(run_dir).resolve()
+    comparison["records"] = {n: _record(root / r["record"]) for n, r in comparison["runs"].items()}
+    comparison["results"] = {n: (root / r["record"]).with_name("eval_results.json") for n, r in comparison["runs"].items()}
+    return comparison
+
+
+def order_check(records: dict[str, dict[str, Any]], orders: dict[str, dict[str, Any]], stat: str = "AP") -> dict[str, Any]:
+    """Was the selected order (the `progressive` run) the best of the teacher orders that were run?"""
+    aps = {n: records[n]["metrics"]["bbox"]["stats"][stat] for n in orders if n in records}
+    if "progressive" not in aps:
+        return {}
+    best = max(aps, key=aps.get)
+    return {"selected": orders["progressive"]["order"], "selected_ap": aps["progressive"], "best_run": best,
+            "best_order": orders[best]["order"], "best_ap": aps[best],
+            "selected_is_best": aps["progressive"] >= aps[best], "orders_run": {n: orders[n]["order"] for n in aps}}
 
 
 def write_report_metrics(path: str | os.PathLike, preset: Preset, run_dir: str | os.PathLike, **sections: Any) -> None:
@@ -164,6 +293,9 @@ def load_stage(plan: Plan, k: int) -> Distiller:
     teacher, _, _ = load_model_ref(stage.teacher, like=plan.student)
     distiller = build_distiller(student, teacher, stage.loss, stage.loss_params, stage.levels)
     distiller.load_state_dict(load_checkpoint(plan.stage_dir(k) / "last.pt")["model"])
+    calibration = plan.stage_dir(k) / "calibration.json"
+    if calibration.exists():
+        distiller.weight = json.loads(calibration.read_text())["weight"]
     return distiller.eval()
 
 
@@ -171,17 +303,6 @@ def training_history(run_dir: str | os.PathLike, name: str) -> list[dict[str, An
     """Per-epoch metrics of a trained candidate (empty for torchvision reference models)."""
     path = Path(run_dir) / "models" / name / "metrics.json"
     return json.loads(path.read_text())["epochs"] if path.exists() else []
-
-
-def progressive_order(selection: Any, aps: dict[str, float]) -> list[str]:
-    """The selected teacher sequence; when the selection chose a single teacher (a direct step was cheapest),
-    fall back to every teacher up to it by ascending AP, so that the progressive run has several stages."""
-    if len(selection.order) > 1:
-        return list(selection.order)
-    final = selection.order[-1]
-    weaker = sorted((t for t in aps if t != final and aps[t] <= aps[final]), key=aps.get)
-    print(f"selection chose the single teacher {final}; progressive order by AP instead: {weaker + [final]}")
-    return weaker + [final]
 
 
 def load_run_plan(run_dir: str | os.PathLike, name: str) -> Plan:
@@ -192,43 +313,25 @@ def load_run_plan(run_dir: str | os.PathLike, name: str) -> Plan:
     return load_plan(path)
 
 
-def stage_models(plan: Plan) -> dict[str, Any]:
-    """Models to compare in feature space: each stage's teacher, the baseline student, and the student
-    after each stage, in eval mode."""
+def stage_models(plan: Plan, run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Models to compare in feature space: each stage's teacher, the trained baseline student, and the
+    student after each stage, in eval mode."""
     models: dict[str, Any] = {}
     for stage in plan.stages:
         models[f"teacher {stage.name}"] = load_model_ref(stage.teacher, like=plan.student)[0].eval()
-    models["student (baseline)"] = load_detector(plan.student_init)[0].eval()
+    models["student (baseline)"] = load_detector(Path(run_dir) / "models" / STUDENT / "model.pt")[0].eval()
     for k, stage in enumerate(plan.stages):
         models[f"student after {stage.name}"] = load_detector(plan.stage_dir(k) / "student.pt")[0].eval()
     return models
 
 
-def final_results(run_dir: str | os.PathLike) -> dict[str, Path]:
-    """COCO results files of the baseline and the final student of every finished plan, by name."""
-    out: dict[str, Path] = {}
-    for summary in sorted(Path(run_dir, "distill").glob("*/summary.json")):
-        plan_dir = summary.parent
-        out.setdefault("baseline", plan_dir / "baseline" / "eval_results.json")
-        last = sorted(plan_dir.glob("stage_*"), key=lambda p: int(p.name.split("_")[1]))[-1]
-        out[plan_dir.name] = last / "eval_results.json"
-    if not out:
-        raise FileNotFoundError(f"no finished distillation runs in {run_dir}/distill: run notebook 03 first")
-    order = ["baseline", "no_distill", "one_shot", "progressive", "reversed"]
-    return dict(sorted(out.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
-
-
-def load_record(results_path: str | os.PathLike) -> dict[str, Any]:
-    """The evaluation record written next to a COCO results file (`eval_results.json` -> `eval.json`)."""
-    path = Path(results_path)
-    return json.loads(path.with_name(path.name.replace("_results.json", ".json")).read_text())
-
-
 def seed_study(reports: list[str | os.PathLike], stats: tuple[str, ...] = ("AP", "AP50", "AP75")) -> dict[str, Any]:
-    """Aggregate the `evaluation` sections of several report folders (one per seed).
+    """Aggregate the `evaluation` and `comparison` sections of several report folders (one per seed).
 
-    Returns {"seeds", "runs": {run: {stat: {"values", "mean", "std"}}}, "records": {run: [record, ...]},
-    "table": markdown (mean ± sample std in %, n seeds), "parameters": each report's parameters}.
+    Returns {"seeds", "runs": {run: {stat: {"values", "mean", "std"}}}, "budgets": {run: {"init", "epochs"}},
+    "records": {run: [record, ...]}, "table": markdown (epochs and initialisation, mean ± sample std in %),
+    "order_checks": [per seed: was the selected order the best of the orders run], "order_table": markdown,
+    "parameters": each report's parameters}.
     """
     import numpy as np
 
@@ -239,15 +342,26 @@ def seed_study(reports: list[str | os.PathLike], stats: tuple[str, ...] = ("AP",
     if missing:
         raise ValueError(f"reports without an evaluation section (did notebook 05 run?): {missing}")
     names = [n for n in metrics[0]["evaluation"] if all(n in m["evaluation"] for m in metrics)]
+    budgets = {n: metrics[0].get("comparison", {}).get("runs", {}).get(n, {}).get("budget", {}) for n in names}
     runs, records = {}, {}
     for name in names:
         values = {s: [m["evaluation"][name][s] for m in metrics] for s in stats}
         runs[name] = {s: {"values": v, "mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
                       for s, v in values.items()}
-        records[name] = [{"metrics": {"bbox": {"stats": m["evaluation"][name]}}} for m in metrics]
-    header = "| run | " + " | ".join(stats) + " |\n|---|" + "---:|" * len(stats)
-    lines = [f"| {n} | " + " | ".join(f"{100 * r[s]['mean']:.1f} ± {100 * r[s]['std']:.1f}" for s in stats) + " |"
+        records[name] = [{"metrics": {"bbox": {"stats": m["evaluation"][name]}}, "config": {"budget": budgets[name]}}
+                         for m in metrics]
+    header = "| run | epochs | init | " + " | ".join(stats) + " |\n|---|---:|---|" + "---:|" * len(stats)
+    lines = [f"| {n} | {budgets[n].get('epochs', '?')} | {budgets[n].get('init', '?')} | "
+             + " | ".join(f"{100 * r[s]['mean']:.1f} ± {100 * r[s]['std']:.1f}" for s in stats) + " |"
              for n, r in runs.items()]
-    return {"seeds": [m.get("parameters", {}).get("seed") for m in metrics], "runs": runs, "records": records,
-            "table": "\n".join([header, *lines]) + f"\n\n(mean ± sample std over {len(metrics)} seeds, AP in %)",
+    seeds = [m.get("parameters", {}).get("seed") for m in metrics]
+    checks = [m.get("comparison", {}).get("order_check", {}) for m in metrics]
+    order_lines = ["| seed | selected order | AP | best order run | AP | selected was best |", "|---:|---|---:|---|---:|---|"]
+    order_lines += [f"| {seed} | {' → '.join(c['selected'])} | {100 * c['selected_ap']:.1f} | {c['best_run']}: "
+                    f"{' → '.join(c['best_order'])} | {100 * c['best_ap']:.1f} | {'yes' if c['selected_is_best'] else 'no'} |"
+                    for seed, c in zip(seeds, checks) if c]
+    return {"seeds": seeds, "runs": runs, "budgets": budgets, "records": records,
+            "table": "\n".join([header, *lines]) + f"\n\n(mean ± sample std over {len(metrics)} seeds, AP in %; "
+                     "epochs: the student's total training epochs; every run starts from the same initialisation)",
+            "order_checks": checks, "order_table": "\n".join(order_lines),
             "parameters": [m.get("parameters", {}) for m in metrics]}

@@ -58,4 +58,5 @@ def test_select_writes_selection_json_and_heatmap(tiny_coco, tmp_path, capsys):
     assert "selection written to" in capsys.readouterr().out
     plan = load_plan(tmp_path / "plan.yaml")  # the selection becomes a runnable plan
     assert [s.name for s in plan.stages] == saved["order"] and plan.stages[-1].teacher == ckpts["t50"]
-    assert plan.student_init == ckpts["student"] and plan.student.arch == "retinanet"
+    assert plan.student_init is None and plan.student.arch == "retinanet"  # the paper's protocol
+    assert plan.inherits(0) and not any(plan.inherits(k) for k in range(1, len(plan.stages)))

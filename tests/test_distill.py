@@ -14,10 +14,12 @@ import torch
 import yaml
 
 from pkdkit.data import CocoDetection
-from pkdkit.distill import Distiller, build_distiller, inherit_teacher_head
-from pkdkit.engine import TrainConfig, train
-from pkdkit.models import DetectorSpec, build_detector, load_checkpoint, load_detector, save_detector
-from pkdkit.plan import PlanError, load_plan, run_plan, state_fingerprint
+from pkdkit.data import make_loader
+from pkdkit.distill import Distiller, build_distiller, calibrate_loss_weight, inherit_teacher_head
+from pkdkit.engine import TrainConfig, seed_everything, train, train_detector
+from pkdkit.models import (DetectorSpec, build_detector, load_checkpoint, load_detector, save_detector,
+                           state_fingerprint)
+from pkdkit.plan import PlanError, load_plan, run_plan
 
 SIZE = dict(fpn_channels=32, min_size=96, max_size=96)
 ANCHORS = dict(anchor_sizes=(8, 16, 32, 64, 128))
@@ -62,8 +64,7 @@ def _plan_dict(tiny_coco, label_map, teachers, out: Path, stages=None) -> dict:
                  "val_images": str(tiny_coco["val_images"]), "val_json": str(tiny_coco["val_json"])},
         "train": {k: v for k, v in CFG.to_dict().items() if k != "progress"},
         "stages": stages if stages is not None else [
-            {"name": "r34", "teacher": teachers["r34"], "loss": "mgd", "loss_params": {"alpha_mgd": 2e-3},
-             "inherit_teacher_head": True},
+            {"name": "r34", "teacher": teachers["r34"], "loss": "mgd", "loss_weight": "auto", "loss_ratio": 0.5},
             {"name": "fcos50", "teacher": teachers["fcos50"], "loss": "mgd", "loss_params": {"alpha_mgd": 2e-3},
              "train": {"epochs": 2}},
         ],
@@ -138,15 +139,24 @@ def test_two_stage_plan_hands_the_student_over_and_reruns_skip(tiny_coco, label_
     s1, s2 = run / "stage_1_r34", run / "stage_2_fcos50"
     for d in (s1, s2):
         assert {"last.pt", "student.pt", "metrics.json", "eval.json", "eval_results.json"} <= {p.name for p in d.iterdir()}
-    assert list(summary["rows"]) == ["baseline", "r34", "fcos50"]
-    assert "| baseline |" in summary["table"] and "| fcos50 |" in summary["table"]
+    assert list(summary["rows"]) == ["r34", "fcos50"]  # the paper's protocol: no trained baseline to start from
+    assert "| r34 | 1 | initial (random, seed 0) + neck/head of r34" in summary["table"] and "| fcos50 | 3 |" in summary["table"]
     # stage 2 provably starts from stage 1's student
     stage1_student, _, _, _ = load_detector(s1 / "student.pt")
     stage2_config = json.loads((s2 / "eval.json").read_text())["config"]["stage"]
     assert stage2_config["init_from"] == str(s1 / "student.pt")
     assert stage2_config["init_fingerprint"] == state_fingerprint(stage1_student)
-    stage1_config = json.loads((s1 / "eval.json").read_text())["config"]["stage"]
-    assert stage1_config["inherited"]["copied"] > 0 and stage2_config["inherited"] is None  # stage 1 only
+    stage1 = json.loads((s1 / "eval.json").read_text())["config"]
+    assert stage1["stage"]["inherited"]["copied"] and stage2_config["inherited"] is None  # stage 1 only
+    # the stage-1 weight was calibrated so that distillation starts at half the detection loss
+    calibration = json.loads((s1 / "calibration.json").read_text())
+    assert calibration["ratio"] == 0.5 and stage1["stage"]["loss_weight_used"] == calibration["weight"]
+    assert calibration["start_ratio"] == pytest.approx(0.5)
+    assert stage1["stage"]["levels_used"] == ["p3", "p4", "p5", "p6", "p7"]  # MGD on RetinaNet: P3-P7
+    assert stage1["stage"]["loss_params_used"] == {"alpha_mgd": 2e-5, "lambda_mgd": 0.65}  # RetinaNet defaults
+    # epochs accounting: the budget counts the student's epochs from its initialisation
+    assert stage1["budget"]["epochs"] == 1 and stage2_config["index"] == 2
+    assert json.loads((s2 / "eval.json").read_text())["config"]["budget"]["epochs"] == 3
     # student-only hand-over: no distillation adapters in student.pt
     assert not any(k.startswith("losses.") for k in load_checkpoint(s2 / "student.pt")["model"])
     assert json.loads((s2 / "metrics.json").read_text())["epochs"][-1]["epoch"] == 2
@@ -231,7 +241,7 @@ def test_torchrun_two_cpu_processes_run_a_plan(tiny_coco, label_map, teachers, t
     assert proc.returncode == 0, proc.stderr[-3000:]
     stage = tmp_path / "run" / "stage_1_r34"
     assert {"student.pt", "eval.json", "last.pt"} <= {p.name for p in stage.iterdir()}
-    assert list(json.loads((tmp_path / "run" / "summary.json").read_text())["rows"]) == ["baseline", "r34"]
+    assert list(json.loads((tmp_path / "run" / "summary.json").read_text())["rows"]) == ["r34"]
 
 
 def test_a_run_directory_refuses_a_changed_plan(tiny_coco, label_map, teachers, tmp_path):
@@ -243,4 +253,76 @@ def test_a_run_directory_refuses_a_changed_plan(tiny_coco, label_map, teachers, 
         run_plan(load_plan(_write_plan(tmp_path, d)), progress=False)
     d["stages"][0]["train"] = {}
     d["stages"].append({"name": "fcos50", "teacher": teachers["fcos50"], "loss": "mse"})  # appending is fine
-    assert list(run_plan(load_plan(_write_plan(tmp_path, d)), progress=False)["rows"]) == ["baseline", "r34", "fcos50"]
+    assert list(run_plan(load_plan(_write_plan(tmp_path, d)), progress=False)["rows"]) == ["r34", "fcos50"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The paper's protocol and the budget of every run
+def test_stage_one_starts_from_the_baselines_initialisation_and_inherits_the_head(tiny_coco, label_map, teachers, tmp_path):
+    spec = _student_spec(label_map)
+    train_ds = CocoDetection(tiny_coco["train_images"], tiny_coco["train_json"], train=True, label_map=label_map)
+    val_ds = CocoDetection(tiny_coco["val_images"], tiny_coco["val_json"])
+    baseline = train_detector(spec, train_ds, val_ds, CFG, tmp_path / "baseline")["config"]["budget"]
+    d = _plan_dict(tiny_coco, label_map, teachers, tmp_path / "run", stages=[
+        {"name": "r34", "teacher": teachers["r34"], "loss": "mse", "loss_weight": 0}])
+    record = run_plan(load_plan(_write_plan(tmp_path, d)), progress=False)["rows"]["r34"]["config"]
+    stage = record["stage"]
+    assert stage["init_from"] == "initial" and stage["init_fingerprint"] == baseline["init_fingerprint"]
+    assert baseline == {"init": "initial (random, seed 0)", "epochs": 1, "init_fingerprint": baseline["init_fingerprint"]}
+    copied = set(stage["inherited"]["copied"])
+    assert "head.classification_head.cls_logits.weight" in copied and "backbone.fpn.layer_blocks.0.0.weight" in copied
+    assert not any(k.startswith("backbone.body.") for k in copied)
+    assert stage["inherited"]["skipped"] == []  # ResNet-34 and -18 have the same widths: everything fits
+    assert record["budget"] == {"init": f"initial (random, seed 0) + neck/head of r34 ({len(copied)} tensors)",
+                                "epochs": 1}
+    assert stage["calibration"] == {"weight": 0.0}  # weight 0: nothing to measure
+
+
+def test_fine_tuning_a_checkpoint_is_named_and_counts_its_epochs(tiny_coco, label_map, teachers, tmp_path):
+    spec = _student_spec(label_map)
+    ckpt = save_detector(tmp_path / "trained.pt", build_detector(spec), spec, label_map,
+                         config={"budget": {"init": "initial (random, seed 0)", "epochs": 12}})
+    d = _plan_dict(tiny_coco, label_map, teachers, tmp_path / "run", stages=[
+        {"name": "r34", "teacher": teachers["r34"], "loss": "mse", "loss_weight": 0.5}])
+    d["student_init"] = str(ckpt)
+    rows = run_plan(load_plan(_write_plan(tmp_path, d)), progress=False)["rows"]
+    assert list(rows) == ["baseline", "r34"]
+    init = f"fine-tune of {tmp_path.name}/trained.pt"
+    assert rows["baseline"]["config"]["budget"] == {"init": init, "epochs": 12}
+    assert rows["r34"]["config"]["budget"] == {"init": init, "epochs": 13}
+    stage = rows["r34"]["config"]["stage"]
+    assert stage["inherited"] is None and stage["loss_weight_used"] == 0.5
+    assert stage["calibration"]["start_ratio"] == pytest.approx(0.5 * stage["calibration"]["distillation"]
+                                                                / stage["calibration"]["detection"])
+
+
+def test_calibration_sets_the_start_ratio_and_changes_no_state(tiny_coco, label_map, teachers):
+    seed_everything(0)
+    distiller = build_distiller(build_detector(_student_spec(label_map)), load_detector(teachers["r34"])[0], "mgd")
+    ds = CocoDetection(tiny_coco["train_images"], tiny_coco["train_json"], train=True, label_map=label_map)
+    batches = list(make_loader(ds, 4, shuffle=True, seed=0))[:2]
+    state = {k: v.clone() for k, v in distiller.state_dict().items()}
+    rng = torch.get_rng_state()
+    auto = calibrate_loss_weight(distiller, batches, ratio=2.0)
+    _assert_same_state(state, distiller.state_dict())  # BatchNorm statistics included
+    assert torch.equal(rng, torch.get_rng_state()) and distiller.weight == 1.0
+    assert auto["weight"] == pytest.approx(2.0 * auto["detection"] / auto["distillation"])
+    distiller.weight = auto["weight"]
+    assert calibrate_loss_weight(distiller, batches)["start_ratio"] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="no batches"):
+        calibrate_loss_weight(distiller, [])
+
+
+def test_distiller_takes_the_authors_levels_and_weights_for_the_students_family(label_map, teachers):
+    n = label_map.num_classes
+    frcnn_teacher = load_detector(teachers["frcnn"])[0]  # P2-P6
+    mask_student = build_detector(DetectorSpec(arch="maskrcnn", backbone="resnet18", num_classes=n, **SIZE))
+    two_stage = build_distiller(mask_student, frcnn_teacher, "mgd")
+    assert list(two_stage.losses) == ["p2", "p3", "p4", "p5"]  # the released Mask R-CNN config: P2-P5
+    assert (two_stage.losses["p2"].alpha_mgd, two_stage.losses["p2"].lambda_mgd) == (5e-7, 0.45)
+    one_stage = build_distiller(build_detector(_student_spec(label_map)), load_detector(teachers["r34"])[0], "mgd",
+                                {"lambda_mgd": 0.5})
+    assert list(one_stage.losses) == ["p3", "p4", "p5", "p6", "p7"]
+    assert (one_stage.losses["p3"].alpha_mgd, one_stage.losses["p3"].lambda_mgd) == (2e-5, 0.5)
+    cwd = build_distiller(mask_student, frcnn_teacher, "cwd")
+    assert list(cwd.losses) == ["p2", "p3", "p4", "p5", "p6"] and cwd.losses["p2"].loss_weight == 10.0

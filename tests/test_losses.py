@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pkdkit.losses import LOSSES, CWDLoss, FGDLoss, MGDLoss, MSELoss, PKDLoss, build_loss, fgd_masks
+from pkdkit.losses import LOSSES, CWDLoss, FGDLoss, MGDLoss, MSELoss, PKDLoss, build_loss, fgd_masks, loss_hparams
 
 N, H, W = 2, 5, 6
 IMAGE_SIZE = (40, 48)  # padded input batch; stride 8 onto (H, W)
@@ -71,6 +71,20 @@ def test_mgd_generator_makes_masks_repeatable_and_leaves_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), state)
     u = torch.rand((N, 1, H, W), generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(first, mgd_reference(loss, s, t, (u <= 1 - loss.lambda_mgd).double()))
+
+
+def test_mgd_mask_is_drawn_on_the_cpu_whatever_the_feature_device():
+    """Same seed, same mask on CPU and CUDA: the draw uses the CPU RNG even for features on another device
+    ("meta" stands in for CUDA here: it has no RNG of its own)."""
+    loss = MGDLoss(4, 4)
+    torch.manual_seed(3)
+    mask = loss.keep_mask(torch.empty(N, 4, H, W, device="meta"))
+    after_meta = torch.rand(1)
+    torch.manual_seed(3)
+    expected = (torch.rand((N, 1, H, W)) <= 1 - loss.lambda_mgd).float()
+    assert mask.device.type == "meta" and torch.equal(torch.rand(1), after_meta)
+    torch.manual_seed(3)
+    assert torch.equal(loss.keep_mask(torch.empty(N, 4, H, W)), expected)
 
 
 def test_mgd_rejects_mask_ratio_outside_unit_interval():
@@ -343,3 +357,27 @@ def test_build_loss_unknown_name_lists_available_losses():
 def test_build_loss_unknown_hyperparameter_lists_accepted_ones():
     with pytest.raises(ValueError, match=r"\['temperature'\].*tau=1\.0, loss_weight=5\.0"):
         build_loss("cwd", 4, 4, temperature=2.0)
+
+
+def test_per_architecture_defaults_are_the_authors_configs():
+    from pkdkit.losses import LOSS_DEFAULTS, loss_defaults
+
+    assert loss_defaults("mgd", "retinanet").params == {"alpha_mgd": 2e-5, "lambda_mgd": 0.65}
+    assert loss_defaults("mgd", "retinanet").levels == ("p3", "p4", "p5", "p6", "p7")
+    assert loss_defaults("mgd", "maskrcnn").params == {"alpha_mgd": 5e-7, "lambda_mgd": 0.45}
+    assert loss_defaults("mgd", "maskrcnn").levels == ("p2", "p3", "p4", "p5")
+    assert loss_defaults("fgd", "fasterrcnn").params["alpha_fgd"] == 5e-5
+    assert loss_defaults("fgd", "fcos").params["temp"] == 0.8
+    assert loss_defaults("cwd", "retinanet").levels == ("p3", "p4", "p5", "p6")
+    assert loss_defaults("cwd", "maskrcnn").params == {"tau": 1.0, "loss_weight": 10.0}
+    assert loss_defaults("pkd", "retinanet").params == {"loss_weight": 10.0}
+    assert loss_defaults("pkd", "fasterrcnn").params == {"loss_weight": 6.0}
+    # every loss has defaults for every detector family, with a source, and they build
+    for loss, by_arch in LOSS_DEFAULTS.items():
+        assert set(by_arch) == {"retinanet", "fcos", "fasterrcnn", "maskrcnn"}
+        for arch, d in by_arch.items():
+            assert d.source and build_loss(loss, 8, 8, **d.params)
+    # the class defaults stay the RetinaNet values
+    assert loss_hparams("mgd") == {"alpha_mgd": 2e-5, "lambda_mgd": 0.65}
+    with pytest.raises(ValueError, match="no mgd defaults for detector arch 'ssd'"):
+        loss_defaults("mgd", "ssd")

@@ -11,7 +11,7 @@ import pytest
 
 from pkdkit.notebooks import NOTEBOOKS, NotebookRunError, notebooks_dir, run_notebooks
 
-FAST = {"epochs": 2, "distill_epochs": 1}
+FAST = {"epochs": 1, "distill_epochs": 1}
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +56,21 @@ def test_every_notebook_executes_headless_and_writes_its_outputs(demo_run):
 
 def test_report_metrics_hold_every_section_and_the_parameters(demo_run):
     metrics = json.loads((demo_run / "report" / "metrics.json").read_text())
-    assert {"candidates", "selection", "distillation", "evaluation", "fiftyone", "parameters", "notebook_seconds"} <= set(metrics)
+    assert {"candidates", "selection", "distillation", "comparison", "evaluation", "fiftyone", "parameters"} <= set(metrics)
     assert metrics["preset"] == "tiny" and metrics["parameters"]["distill_epochs"] == 1
+    assert metrics["parameters"]["threads"] == 2 and "notebook_seconds" not in metrics  # timings apart: metrics repeat
+    assert set(json.loads((demo_run / "report" / "timings.json").read_text())["notebook_seconds"]) == set(NOTEBOOKS)
     assert set(metrics["evaluation"]) >= {"baseline", "one_shot", "progressive"}
-    assert metrics["selection"]["order"], "a teacher order was chosen"
+    # the progressive run is exactly the selected order, and every run says its budget and where its order came from
+    order = metrics["selection"]["order"]
+    runs = metrics["comparison"]["runs"]
+    assert runs["progressive"]["order"] == order and runs["progressive"]["source"] == "selection (minimax)"
+    assert runs["baseline"]["budget"]["epochs"] == 1 and runs["one_shot"]["budget"]["epochs"] == 1
+    assert runs["progressive"]["budget"]["epochs"] == len(order)
+    assert runs["progressive"]["budget"]["init"].startswith("initial (random, seed 0) + neck/head of " + order[0])
+    if len(order) > 1 or "by_ap" in runs:
+        assert runs["baseline_long"]["budget"]["epochs"] == runs["one_shot_long"]["budget"]["epochs"] == 2
+    assert metrics["comparison"]["order_check"]["selected"] == order
     # FiftyOne's counts equal pkdkit's own COCOeval counts (same IoU rule)
     assert metrics["fiftyone"]["pkdkit_counts"] == {k: {c: v[c] for c in ("tp", "fp", "fn")}
                                                     for k, v in metrics["fiftyone"]["counts"].items()}
@@ -87,6 +98,8 @@ def test_seed_study_notebook_aggregates_reports(demo_run, tmp_path):
                                             "summary_path": str(tmp_path / "experiment.json")})
     study = json.loads((tmp_path / "experiment.json").read_text())
     assert set(study["runs"]) >= {"baseline", "one_shot", "progressive"}
+    assert study["budgets"]["baseline"]["epochs"] == 1 and len(study["order_checks"]) == 2
+    assert "| run | epochs | init |" in study["table"] and "selected was best" in study["order_table"]
     assert study["runs"]["progressive"]["AP"]["std"] == 0.0 and len(study["runs"]["progressive"]["AP"]["values"]) == 2
     assert (tmp_path / "figures" / "06_ap_over_seeds.png").exists()
     nb = nbformat.read(notebooks_dir() / EXPERIMENT_NOTEBOOK, as_version=4)

@@ -14,8 +14,8 @@ from torch import nn
 from pkdkit.data import CocoDetection, LabelMap, make_loader
 from pkdkit.models import DetectorSpec, build_detector, save_detector
 from pkdkit.selection import (
-    STRATEGIES, CostMatrix, Selection, adaptation_cost, cost_matrix, load_selection, order_by_ap, order_greedy,
-    order_shortest_path, plot_cost_matrix, run_selection, save_selection, select_teachers, selection_to_stages,
+    DEFAULT_STRATEGY, STRATEGIES, CostMatrix, Selection, adaptation_cost, cost_matrix, load_selection, order_by_ap,
+    order_greedy, order_minimax, order_shortest_path, plot_cost_matrix, run_selection, save_selection, select_teachers, selection_to_stages,
 )
 
 TINY = dict(num_classes=6, fpn_channels=16, min_size=64, max_size=64)
@@ -197,7 +197,7 @@ def test_models_that_transform_images_differently_raise(student, images):
 
 # ---------------------------------------------------------------------------------------------------
 # orders
-@pytest.mark.parametrize("strategy,options", [("greedy", {}), ("shortest_path", {"objective": "sum"}),
+@pytest.mark.parametrize("strategy,options", [("minimax", {}), ("greedy", {}), ("shortest_path", {"objective": "sum"}),
                                               ("shortest_path", {"objective": "max"})])
 def test_chain_of_perturbed_teachers_is_recovered(chain_matrix, strategy, options):
     sel = select_teachers(chain_matrix, "student", ["t3", "t1", "t2"], strategy=strategy, **options)
@@ -215,6 +215,43 @@ def test_shortest_path_sum_goes_straight_and_max_takes_small_steps():
     by_max = order_shortest_path(m, "S", teachers, objective="max")
     assert by_max.order == ["B", "A", "F"] and by_max.max_step == 0.3  # ties with S->A->F, smaller total
     assert order_shortest_path(m, "S", teachers, objective="max", max_teachers=2).order == ["A", "F"]
+
+
+def matrix_of(costs: dict[tuple[str, str], float], names: list[str], default: float = 0.9) -> CostMatrix:
+    return CostMatrix(names=names, matrix=[[0.0 if u == v else costs.get((u, v), default) for v in names]
+                                           for u in names], levels=["p3"])
+
+
+def test_default_order_uses_an_intermediate_when_every_step_through_it_is_cheaper():
+    m = matrix_of({("S", "A"): .3, ("A", "T"): .35, ("S", "T"): .4}, ["S", "A", "T"])
+    aps = {"A": .2, "T": .4}
+    assert select_teachers(m, "S", ["A", "T"], aps=aps).order == ["A", "T"]
+    # summing costs goes straight: .4 < .3 + .35 (the failure the default avoids)
+    assert order_shortest_path(m, "S", ["A", "T"], aps=aps).order == ["T"]
+
+
+@pytest.mark.parametrize("into, out_of", [(.5, .1), (.1, .5), (.45, .45)])
+def test_default_order_leaves_out_a_teacher_with_a_step_dearer_than_the_direct_one(into, out_of):
+    m = matrix_of({("S", "A"): into, ("A", "T"): out_of, ("S", "T"): .4}, ["S", "A", "T"])
+    sel = order_minimax(m, "S", ["A", "T"], aps={"A": .2, "T": .4})
+    assert sel.order == ["T"] and "not used" in sel.explanation
+
+
+def test_default_order_follows_a_chain_of_cheap_steps_when_the_jumps_are_dear():
+    names = ["S", "a", "b", "c"]
+    cheap = {("S", "a"): .2, ("a", "b"): .2, ("b", "c"): .25}
+    dear = {("S", "b"): .5, ("S", "c"): .6, ("a", "c"): .45}
+    m = matrix_of({**cheap, **dear}, names)
+    aps = {"a": .1, "b": .2, "c": .3}
+    assert order_minimax(m, "S", ["c", "b", "a"], aps=aps).order == ["a", "b", "c"]
+    # and it always ends at the target: the strongest by AP, or the one the user names
+    assert order_minimax(m, "S", ["c", "b", "a"], aps=aps, final="b").order == ["a", "b"]
+    assert "left out, stronger than b: c" in order_minimax(m, "S", ["a", "b", "c"], aps=aps, final="b").explanation
+
+
+def test_default_order_prefers_more_small_steps_when_the_largest_step_ties():
+    sel = order_minimax(toy_matrix(), "S", ["A", "B", "F"], final="F")
+    assert sel.order == ["B", "A", "F"] and sel.max_step == .3  # (.3, .15, .1) beats S->A->F (.3, .3)
 
 
 def test_greedy_takes_closest_step_drops_farther_candidates_and_stops_at_final():
@@ -237,7 +274,7 @@ def test_order_by_ap_is_ascending_and_stops_at_final():
 
 def test_select_teachers_rejects_bad_requests():
     m = toy_matrix()
-    assert set(STRATEGIES) == {"greedy", "shortest_path", "ap"}
+    assert set(STRATEGIES) == {"minimax", "greedy", "shortest_path", "by_ap"} and DEFAULT_STRATEGY == "minimax"
     with pytest.raises(ValueError, match="no candidate teachers"):
         select_teachers(m, "S", [])
     with pytest.raises(ValueError, match="student 'S' is also listed"):
