@@ -13,6 +13,7 @@ read with ``torch.load(..., weights_only=True)``. A detector checkpoint carries 
 from __future__ import annotations
 
 import os
+import pickle
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -156,12 +157,6 @@ class FPNBackbone(nn.Module):
         return self.fpn(self.body(x))
 
 
-def _download_hint(weights: Any) -> str:
-    url = getattr(weights, "url", "?")
-    target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
-    return f"could not get weights {weights} (offline?). Download {url} and put it at {target}"
-
-
 def _get_weights(name: str | None) -> Any:
     if name is None:
         return None
@@ -171,14 +166,33 @@ def _get_weights(name: str | None) -> Any:
         raise ValueError(f"unknown torchvision weights {name!r}: {e}") from e
 
 
+def cached_weight_file(weights: Any) -> Path:
+    """Where torchvision keeps (or would download) the file of a weight enum: `<TORCH_HOME>/hub/checkpoints/`."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+
+
+def _download_hint(weights: Any) -> str:
+    return (f"could not get weights {weights} (offline?). Download {weights.url} and put it at "
+            f"{cached_weight_file(weights)}")
+
+
 def _with_download_hint(fn: Callable[..., nn.Module], weights: Any, **kwargs: Any) -> nn.Module:
-    """`fn(weights=weights, **kwargs)`; a failed weight download becomes an error saying what to fetch."""
+    """`fn(weights=weights, **kwargs)`; a failed download, or a cached weight file that cannot be read or
+    does not fit the architecture, becomes a CheckpointError naming the weight and the file."""
     try:
         return fn(weights=weights, **kwargs)
-    except (OSError, RuntimeError) as e:  # URLError is an OSError
-        if weights is not None and ("urlopen" in str(e) or isinstance(e, OSError)):
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        # URLError is an OSError; a bad cached file surfaces as RuntimeError, UnpicklingError, EOFError, ...
+        if weights is None:
+            raise
+        cached = cached_weight_file(weights)
+        if not cached.is_file() or "urlopen" in str(e):
             raise CheckpointError(_download_hint(weights)) from e
-        raise
+        problem = "does not fit" if "state_dict" in str(e) else "cannot be read as"
+        first = str(e).strip().splitlines()[:3]
+        raise CheckpointError(f"the cached weight file {cached} {problem} {weights} "
+                              f"({fn.__name__}): {' '.join(first)}. Delete it and download {weights.url} "
+                              f"again to {cached}") from e
 
 
 def _stage_indices(features: nn.Sequential, nhwc: bool) -> list[tuple[int, int, int]]:
@@ -242,9 +256,15 @@ def _anchor_generator(spec: DetectorSpec, n_levels: int, ratios: tuple[float, ..
     return AnchorGenerator(sizes, (ratios,) * n_levels)
 
 
+def is_torchvision_weight(ref: str | os.PathLike | None) -> bool:
+    """Whether a model reference names a torchvision COCO detection weight (``"FCOS_ResNet50_FPN_Weights.COCO_V1"``)
+    rather than a checkpoint path."""
+    return isinstance(ref, str) and ref.split(".")[0] in TORCHVISION_DETECTORS
+
+
 def build_detector(spec: DetectorSpec) -> nn.Module:
     """Build the detector a spec describes (weights loaded when it names any). Returns it in train mode."""
-    if spec.weights and spec.weights.split(".")[0] in TORCHVISION_DETECTORS:
+    if is_torchvision_weight(spec.weights):
         return _build_torchvision_detector(spec)
     backbone = build_backbone(spec)
     size = dict(min_size=spec.min_size, max_size=spec.max_size)
@@ -274,6 +294,14 @@ def _build_torchvision_detector(spec: DetectorSpec) -> nn.Module:
             f"{spec.arch} on {spec.backbone} with {spec.num_classes} classes and {spec.fpn_channels} channels. "
             f"Use {expected.to_dict()}")
     return _with_download_hint(builder, weights, min_size=spec.min_size, max_size=spec.max_size)
+
+
+def torchvision_spec(weights_name: str) -> DetectorSpec:
+    """The spec of a torchvision COCO detector: its architecture, 91 classes, 256 FPN channels and
+    torchvision's input size (800/1333)."""
+    arch, backbone, _ = TORCHVISION_DETECTORS[weights_name.split(".")[0]]
+    n_cats = len(_get_weights(weights_name).meta["categories"])
+    return DetectorSpec(arch=arch, backbone=backbone, num_classes=n_cats, fpn_channels=256, weights=weights_name)
 
 
 def torchvision_label_map(weights_name: str) -> LabelMap:
@@ -320,14 +348,18 @@ def _check_compatible(found: DetectorSpec, wanted: DetectorSpec, where: Any) -> 
 
 
 def load_detector(path: str | os.PathLike, map_location: str | torch.device = "cpu",
-                  expected: DetectorSpec | None = None) -> tuple[nn.Module, DetectorSpec, LabelMap, dict[str, Any]]:
+                  expected: DetectorSpec | None = None,
+                  size: tuple[int, int] | None = None) -> tuple[nn.Module, DetectorSpec, LabelMap, dict[str, Any]]:
     """Rebuild a detector from its checkpoint. `expected`, when given, must match the checkpoint's
-    arch, backbone, class count and FPN width, else CheckpointError says which differs."""
+    arch, backbone, class count and FPN width, else CheckpointError says which differs.
+    `size`: (min_size, max_size) of the rebuilt model's transform instead of the checkpoint's."""
     payload = load_checkpoint(path, map_location)
     for key in ("model", "spec", "label_map"):
         if key not in payload:
             raise CheckpointError(f"{path} is not a pkdkit detector checkpoint (no {key!r})")
     spec = DetectorSpec.from_dict(payload["spec"])
+    if size is not None:
+        spec = replace(spec, min_size=int(size[0]), max_size=int(size[1]))
     if expected is not None:
         _check_compatible(spec, expected, path)
     model = build_detector(replace(spec, weights=None, backbone_weights=None))
@@ -336,3 +368,37 @@ def load_detector(path: str | os.PathLike, map_location: str | torch.device = "c
     except RuntimeError as e:
         raise CheckpointError(f"weights in {path} do not fit a {spec.name}: {e}") from e
     return model, spec, LabelMap.from_dict(payload["label_map"]), payload
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model references: a pkdkit checkpoint path or a torchvision COCO weight name
+def load_model(ref: str | os.PathLike, *, size: tuple[int, int] | None = None,
+               expected: DetectorSpec | None = None,
+               map_location: str | torch.device = "cpu") -> tuple[nn.Module, DetectorSpec, LabelMap]:
+    """The one way from a model reference to (model in train mode, spec, label map).
+
+    ref: a pkdkit checkpoint path, or a torchvision COCO detection weight name
+        (``"FCOS_ResNet50_FPN_Weights.COCO_V1"``, loaded from the torch hub cache; its label map is
+        torchvision's: label == COCO category id).
+    size: (min_size, max_size) of the model's transform; None keeps the model's own (the checkpoint's
+        spec, torchvision's 800/1333 for a weight name).
+    expected: for checkpoints, the arch/backbone/classes/FPN width the checkpoint must have.
+    """
+    if is_torchvision_weight(ref):
+        spec = torchvision_spec(str(ref))
+        if size is not None:
+            spec = replace(spec, min_size=int(size[0]), max_size=int(size[1]))
+        return build_detector(spec), spec, torchvision_label_map(str(ref))
+    model, spec, label_map, _ = load_detector(ref, map_location, expected=expected, size=size)
+    return model, spec, label_map
+
+
+def model_meta(ref: str | os.PathLike) -> tuple[DetectorSpec, LabelMap]:
+    """Spec and label map of a model reference without building the model (cheap validation)."""
+    if is_torchvision_weight(ref):
+        return torchvision_spec(str(ref)), torchvision_label_map(str(ref))
+    payload = load_checkpoint(ref)
+    for key in ("spec", "label_map"):
+        if key not in payload:
+            raise CheckpointError(f"{ref} is not a pkdkit detector checkpoint (no {key!r})")
+    return DetectorSpec.from_dict(payload["spec"]), LabelMap.from_dict(payload["label_map"])

@@ -23,8 +23,8 @@ from pkdkit.distill import Distiller, build_distiller
 from pkdkit.engine import TrainConfig, resolve_device, train_detector
 from pkdkit.evaluate import evaluate_detector
 from pkdkit.files import write_json
-from pkdkit.models import DetectorSpec, load_checkpoint, load_detector
-from pkdkit.plan import DataConfig, Plan, Stage, load_model_ref, load_plan, run_plan
+from pkdkit.models import DetectorSpec, is_torchvision_weight, load_checkpoint, load_model
+from pkdkit.plan import DataConfig, Plan, Stage, load_plan, run_plan
 from pkdkit.selection import Selection, run_selection
 from pkdkit.presets import Preset
 from pkdkit.synthetic import make_synthetic_coco
@@ -34,7 +34,9 @@ STUDENT = "student"
 
 def prepare_data(preset: Preset, run_dir: str | os.PathLike, data_root: str | None = None) -> DataConfig:
     """The preset's synthetic data under `run_dir/data` (generated once), or COCO-format data at
-    `data_root` (train/val or train2017/val2017 folders and annotations/instances_*.json)."""
+    `data_root` (train/val or train2017/val2017 folders and annotations/instances_*.json). Models are
+    trained on the dataset's own labels (1..K over its categories); torchvision teachers' classes are
+    matched to them by name."""
     if data_root:
         cfg = DataConfig.from_root(Path(data_root).resolve())
     elif preset.synth is None:
@@ -44,8 +46,6 @@ def prepare_data(preset: Preset, run_dir: str | os.PathLike, data_root: str | No
         if not (root / "annotations" / "instances_val.json").exists():
             make_synthetic_coco(root, **preset.synth)
         cfg = DataConfig.from_root(root)
-    if preset.student.num_classes == 91 and cfg.labels == "contiguous":
-        cfg.labels = "identity"  # torchvision's COCO label space: label == category id
     return cfg
 
 
@@ -59,7 +59,8 @@ def train_candidates(preset: Preset, data: DataConfig, run_dir: str | os.PathLik
     """Train (or load) the baseline student and every candidate teacher; returns {name: eval record}.
 
     Teachers train for `preset.teacher_epochs` (a bigger schedule) when set; `epochs` overrides both.
-    Teachers given as torchvision COCO weight names are not trained, only evaluated on the data.
+    Teachers given as torchvision COCO weight names are not trained, only evaluated on the data (their
+    classes matched to the data's categories by name).
     """
     train_ds, val_ds = data.train_dataset(), data.val_dataset()
     n_classes = val_ds.label_map.num_classes
@@ -69,7 +70,7 @@ def train_candidates(preset: Preset, data: DataConfig, run_dir: str | os.PathLik
     for name, spec in {STUDENT: preset.student, **preset.teachers}.items():
         out = Path(run_dir) / "models" / name
         if isinstance(spec, str):  # a torchvision COCO detector
-            records[name] = _evaluate_reference(spec, preset.student, val_ds, out, device, progress)
+            records[name] = _evaluate_reference(spec, preset.reference_size, val_ds, out, device, progress)
             continue
         records[name] = train_detector(replace(spec, num_classes=n_classes), train_ds, val_ds,
                                        cfg if name == STUDENT else teacher_cfg, out,
@@ -77,13 +78,15 @@ def train_candidates(preset: Preset, data: DataConfig, run_dir: str | os.PathLik
     return records
 
 
-def _evaluate_reference(weights: str, like: DetectorSpec, val_ds: CocoDetection, out: Path, device: str,
+def _evaluate_reference(weights: str, size: tuple[int, int] | None, val_ds: CocoDetection, out: Path, device: str,
                         progress: bool) -> dict[str, Any]:
     if (out / "eval.json").exists():
         return json.loads((out / "eval.json").read_text())
-    model, spec, label_map = load_model_ref(weights, like=like)
-    return evaluate_detector(model, val_ds, label_map, out_dir=out, name="eval", device=resolve_device(device),
-                             config={"weights": weights, "spec": spec.to_dict()}, progress=progress)
+    model, spec, label_map = load_model(weights, size=size)
+    matched = label_map.onto(val_ds.label_map)
+    return evaluate_detector(model, val_ds, matched, out_dir=out, name="eval", device=resolve_device(device),
+                             config={"weights": weights, "spec": spec.to_dict(), "matched_categories": list(matched.names)},
+                             progress=progress)
 
 
 def model_refs(preset: Preset, run_dir: str | os.PathLike) -> dict[str, str]:
@@ -103,7 +106,14 @@ def select(preset: Preset, data: DataConfig, run_dir: str | os.PathLike, aps: di
     teachers = {k: v for k, v in refs.items() if k != STUDENT}
     return run_selection(refs[STUDENT], teachers, data.val_dataset(), Path(run_dir) / "selection",
                          n_images=preset.calibration_images, strategy=strategy, method=method,
-                         device=str(resolve_device(device)), aps=aps)
+                         device=str(resolve_device(device)), aps=aps, sizes=_reference_sizes(preset, refs))
+
+
+def _reference_sizes(preset: Preset, refs: dict[str, str]) -> dict[str, tuple[int, int]]:
+    """Input sizes of the teachers given as torchvision weight names, when the preset overrides them."""
+    if preset.reference_size is None:
+        return {}
+    return {k: preset.reference_size for k, v in refs.items() if is_torchvision_weight(v)}
 
 
 def make_plan(preset: Preset, data: DataConfig, run_dir: str | os.PathLike, name: str, teachers: list[str], *,
@@ -112,10 +122,12 @@ def make_plan(preset: Preset, data: DataConfig, run_dir: str | os.PathLike, name
     """A staged plan over `teachers` (in order) starting from the trained baseline student.
     One teacher makes a one-shot distillation."""
     refs = model_refs(preset, run_dir)
+    sizes = _reference_sizes(preset, refs)
     train: TrainConfig = preset.distill.replace(device=device, seed=seed, **({"epochs": epochs} if epochs else {}))
     stages = [Stage(name=t, teacher=refs[t], loss=loss or preset.loss,
                     loss_params=dict(preset.loss_params if loss_params is None else loss_params),
-                    inherit_teacher_head=inherit_teacher_head and k == 0) for k, t in enumerate(teachers)]
+                    inherit_teacher_head=inherit_teacher_head and k == 0,
+                    teacher_size=list(sizes[t]) if t in sizes else None) for k, t in enumerate(teachers)]
     return Plan(name=name, student=student_spec(preset, data), data=data, stages=stages,
                 out_dir=str(Path(run_dir).resolve() / "distill" / name), student_init=refs[STUDENT], train=train)
 
@@ -160,8 +172,8 @@ def load_stage(plan: Plan, k: int) -> Distiller:
     """Stage k's Distiller as it ended: the stage's student, its teacher, and the trained loss modules
     (adapters, MGD generation blocks) from the stage's `last.pt`."""
     stage = plan.stages[k]
-    student, _, _, _ = load_detector(plan.stage_dir(k) / "student.pt")
-    teacher, _, _ = load_model_ref(stage.teacher, like=plan.student)
+    student, _, _ = load_model(plan.stage_dir(k) / "student.pt")
+    teacher, _, _ = load_model(stage.teacher, size=stage.teacher_size)
     distiller = build_distiller(student, teacher, stage.loss, stage.loss_params, stage.levels)
     distiller.load_state_dict(load_checkpoint(plan.stage_dir(k) / "last.pt")["model"])
     return distiller.eval()
@@ -197,10 +209,10 @@ def stage_models(plan: Plan) -> dict[str, Any]:
     after each stage, in eval mode."""
     models: dict[str, Any] = {}
     for stage in plan.stages:
-        models[f"teacher {stage.name}"] = load_model_ref(stage.teacher, like=plan.student)[0].eval()
-    models["student (baseline)"] = load_detector(plan.student_init)[0].eval()
+        models[f"teacher {stage.name}"] = load_model(stage.teacher, size=stage.teacher_size)[0].eval()
+    models["student (baseline)"] = load_model(plan.student_init)[0].eval()
     for k, stage in enumerate(plan.stages):
-        models[f"student after {stage.name}"] = load_detector(plan.stage_dir(k) / "student.pt")[0].eval()
+        models[f"student after {stage.name}"] = load_model(plan.stage_dir(k) / "student.pt")[0].eval()
     return models
 
 
