@@ -12,6 +12,7 @@ read with ``torch.load(..., weights_only=True)``. A detector checkpoint carries 
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from collections import OrderedDict
@@ -402,3 +403,126 @@ def model_meta(ref: str | os.PathLike) -> tuple[DetectorSpec, LabelMap]:
         if key not in payload:
             raise CheckpointError(f"{ref} is not a pkdkit detector checkpoint (no {key!r})")
     return DetectorSpec.from_dict(payload["spec"]), LabelMap.from_dict(payload["label_map"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Export: a deployable student
+class ExportError(ValueError):
+    """A model that cannot be exported in the asked format; the message says why and what works instead."""
+
+
+def _torchvision_recipe(model: nn.Module, spec: DetectorSpec) -> str:
+    """Python source that builds `model`'s architecture with torchvision alone (no pkdkit), as `model`."""
+    if is_torchvision_weight(spec.weights):
+        builder = TORCHVISION_DETECTORS[spec.weights.split(".")[0]][2].__name__
+        return (f"from torchvision.models.detection import {builder}\n"
+                f"model = {builder}(weights=None, weights_backbone=None, num_classes={spec.num_classes}, "
+                f"min_size={spec.min_size}, max_size={spec.max_size})\n")
+    if BACKBONES[spec.backbone][1] != "resnet":
+        raise ExportError(f"--format torchvision rebuilds the backbone with torchvision's BackboneWithFPN, which "
+                          f"takes ResNet/ResNeXt stages; {spec.backbone} is not one: use --format onnx")
+    one_stage = spec.arch in ONE_STAGE
+    layers = ["layer2", "layer3", "layer4"] if one_stage else ["layer1", "layer2", "layer3", "layer4"]
+    in_channels = [blk[0].in_channels for blk in model.backbone.fpn.inner_blocks]
+    frozen = any(isinstance(m, FrozenBatchNorm2d) for m in model.backbone.body.modules())
+    generator = model.anchor_generator if one_stage else model.rpn.anchor_generator
+    cls = {"retinanet": "RetinaNet", "fcos": "FCOS", "fasterrcnn": "FasterRCNN", "maskrcnn": "MaskRCNN"}[spec.arch]
+    anchor_kw = "anchor_generator" if one_stage else "rpn_anchor_generator"
+    c = spec.fpn_channels
+    extra = f"LastLevelP6P7({c}, {c})" if one_stage else "LastLevelMaxPool()"
+    return "\n".join([
+        "import torchvision",
+        f"from torchvision.models.detection import {cls}",
+        "from torchvision.models.detection.anchor_utils import AnchorGenerator",
+        "from torchvision.models.detection.backbone_utils import BackboneWithFPN",
+        "from torchvision.ops import FrozenBatchNorm2d",
+        "from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7",
+        "",
+        f"body = torchvision.models.{spec.backbone}(weights=None"
+        + (", norm_layer=FrozenBatchNorm2d)" if frozen else ")"),
+        f"backbone = BackboneWithFPN(body, {({n: str(i) for i, n in enumerate(layers)})!r}, {in_channels}, {c}, "
+        f"extra_blocks={extra})",
+        f"anchors = AnchorGenerator({tuple(tuple(s) for s in generator.sizes)!r}, "
+        f"{tuple(tuple(r) for r in generator.aspect_ratios)!r})",
+        f"model = {cls}(backbone, num_classes={spec.num_classes}, {anchor_kw}=anchors, min_size={spec.min_size}, "
+        f"max_size={spec.max_size})",
+        "",
+    ])
+
+
+def _torchvision_state_dict(model: nn.Module, spec: DetectorSpec) -> "OrderedDict[str, torch.Tensor]":
+    """`model`'s weights under torchvision's names (pkdkit's `backbone.body.features.X` is `backbone.body.X`)."""
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for name, t in model.state_dict().items():
+        if not is_torchvision_weight(spec.weights):
+            name = name.replace("backbone.body.features.", "backbone.body.", 1)
+        out[name] = t.detach().cpu().clone()
+    return out
+
+
+def export_torchvision(model: nn.Module, spec: DetectorSpec, label_map: LabelMap, out: str | os.PathLike) -> Path:
+    """Write `model`'s weights as a plain state dict that torchvision's own classes load (`out`), and
+    `out` + ``.json``: the spec, the label map (model label -> dataset category id and name) and `build`,
+    the torchvision-only Python source that makes the architecture as ``model``::
+
+        ns = {}; exec(json.load(open("student.pth.json"))["build"], ns)
+        ns["model"].load_state_dict(torch.load("student.pth", weights_only=True))
+    """
+    recipe = _torchvision_recipe(model, spec)
+    path = atomic_save(_torchvision_state_dict(model, spec), out)
+    meta = {"format": "torchvision", "spec": spec.to_dict(), "label_map": label_map.to_dict(), "build": recipe,
+            "torchvision": torchvision.__version__}
+    atomic_write(Path(str(out) + ".json"), lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    return path
+
+
+class _OnnxDetector(nn.Module):
+    """A detector in eval mode as a function of one image (3, H, W) in [0, 1] -> (boxes (K, 4) xyxy
+    pixels, scores (K,), labels (K,)): the input/output signature ONNX needs."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = self.model([image])[0]
+        return out["boxes"], out["scores"], out["labels"]
+
+
+def export_onnx(model: nn.Module, spec: DetectorSpec, label_map: LabelMap, out: str | os.PathLike,
+                example: torch.Tensor | None = None, opset: int = 17) -> Path:
+    """Write `model` as ONNX (`out`): input ``image`` (3, H, W) float in [0, 1], any H and W; outputs
+    ``boxes`` (K, 4), ``scores`` (K,), ``labels`` (K,) after the model's own post-processing (score
+    threshold, NMS, top-k). Needs the `onnx` extra (``pip install pkdkit[onnx]``). `out` + ``.json``
+    holds the spec and the label map."""
+    try:
+        import onnx  # noqa: F401  (torch.onnx needs it)
+    except ImportError as e:
+        raise ExportError("--format onnx needs the onnx package: pip install 'pkdkit[onnx]'") from e
+    model = model.eval()
+    if example is None:
+        example = torch.rand(3, spec.min_size, spec.min_size)
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    with torch.no_grad():
+        torch.onnx.export(_OnnxDetector(model), (example,), str(tmp), opset_version=opset, dynamo=False,
+                          input_names=["image"], output_names=["boxes", "scores", "labels"],
+                          dynamic_axes={"image": {1: "height", 2: "width"}, "boxes": {0: "detections"},
+                                        "scores": {0: "detections"}, "labels": {0: "detections"}})
+    os.replace(tmp, out)
+    meta = {"format": "onnx", "spec": spec.to_dict(), "label_map": label_map.to_dict(), "opset": opset,
+            "inputs": {"image": "(3, H, W) float32 in [0, 1]"},
+            "outputs": {"boxes": "(K, 4) xyxy pixels", "scores": "(K,)", "labels": "(K,) model labels"}}
+    atomic_write(Path(str(out) + ".json"), lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    return out
+
+
+EXPORTS: dict[str, Callable[..., Path]] = {"torchvision": export_torchvision, "onnx": export_onnx}
+
+
+def export_model(ref: str | os.PathLike, fmt: str, out: str | os.PathLike) -> Path:
+    """Export a model reference (a student checkpoint) as `fmt` ("torchvision" or "onnx") to `out`."""
+    if fmt not in EXPORTS:
+        raise ExportError(f"unknown export format {fmt!r}; expected one of {sorted(EXPORTS)}")
+    model, spec, label_map = load_model(ref)
+    return EXPORTS[fmt](model.eval(), spec, label_map, out)

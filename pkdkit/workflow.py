@@ -23,6 +23,7 @@ from pkdkit.distill import Distiller, build_distiller
 from pkdkit.engine import TrainConfig, resolve_device, train_detector
 from pkdkit.evaluate import evaluate_detector
 from pkdkit.files import write_json
+from pkdkit.launch import run_plan_distributed, train_detector_distributed
 from pkdkit.models import DetectorSpec, is_torchvision_weight, load_checkpoint, load_model
 from pkdkit.plan import DataConfig, Plan, Stage, load_plan, run_plan
 from pkdkit.selection import Selection, run_selection
@@ -55,8 +56,10 @@ def student_spec(preset: Preset, data: DataConfig) -> DetectorSpec:
 
 
 def train_candidates(preset: Preset, data: DataConfig, run_dir: str | os.PathLike, *, device: str = "auto",
-                     epochs: int | None = None, seed: int = 0, progress: bool = True) -> dict[str, dict[str, Any]]:
+                     epochs: int | None = None, seed: int = 0, progress: bool = True,
+                     gpus: int = 1) -> dict[str, dict[str, Any]]:
     """Train (or load) the baseline student and every candidate teacher; returns {name: eval record}.
+    With `gpus > 1` each one trains under ``torchrun --nproc_per_node gpus`` (`pkdkit.launch`).
 
     Teachers train for `preset.teacher_epochs` (a bigger schedule) when set; `epochs` overrides both.
     Teachers given as torchvision COCO weight names are not trained, only evaluated on the data (their
@@ -72,9 +75,12 @@ def train_candidates(preset: Preset, data: DataConfig, run_dir: str | os.PathLik
         if isinstance(spec, str):  # a torchvision COCO detector
             records[name] = _evaluate_reference(spec, preset.reference_size, val_ds, out, device, progress)
             continue
-        records[name] = train_detector(replace(spec, num_classes=n_classes), train_ds, val_ds,
-                                       cfg if name == STUDENT else teacher_cfg, out,
-                                       config={"preset": preset.name, "role": "student" if name == STUDENT else "teacher"})
+        spec, step_cfg = replace(spec, num_classes=n_classes), cfg if name == STUDENT else teacher_cfg
+        config = {"preset": preset.name, "role": "student" if name == STUDENT else "teacher"}
+        if gpus > 1:
+            records[name] = train_detector_distributed(spec, data, step_cfg, out, gpus, config=config)
+        else:
+            records[name] = train_detector(spec, train_ds, val_ds, step_cfg, out, config=config)
     return records
 
 
@@ -132,8 +138,11 @@ def make_plan(preset: Preset, data: DataConfig, run_dir: str | os.PathLike, name
                 out_dir=str(Path(run_dir).resolve() / "distill" / name), student_init=refs[STUDENT], train=train)
 
 
-def run_plans(plans: list[Plan], *, progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Run each plan (finished stages are skipped); returns {plan name: summary}."""
+def run_plans(plans: list[Plan], *, progress: bool = True, gpus: int = 1) -> dict[str, dict[str, Any]]:
+    """Run each plan (finished stages are skipped); returns {plan name: summary}. With `gpus > 1` each
+    plan runs under ``torchrun --nproc_per_node gpus`` (`pkdkit.launch`), its output streamed here."""
+    if gpus > 1:
+        return {p.name: run_plan_distributed(p, gpus, progress=progress) for p in plans}
     return {p.name: run_plan(p, progress=progress) for p in plans}
 
 

@@ -104,11 +104,6 @@ def torch_home(tmp_path_factory):
 
 @pytest.fixture
 def use_torch_home(torch_home, monkeypatch):
-    """Point torch.hub at the stand-in TORCH_HOME for this test (and processes it starts)."""
-    import torch
-
+    """Point torch.hub at the stand-in TORCH_HOME for this test (torch.hub reads the variable on each use)."""
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(torch_home / "hub"))
-    yield torch_home
-    torch.hub.set_dir(old)
+    return torch_home
