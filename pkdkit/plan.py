@@ -235,6 +235,9 @@ def validate_plan(plan: Plan, dataset_label_map: LabelMap) -> None:
             plan.stage_train(k)
         except ValueError as e:
             raise PlanError(f"{where}: {e}") from e
+        size = stage.teacher_size
+        if size is not None and not (len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+            raise PlanError(f"{where}: teacher_size must be [min_size, max_size] in pixels, found {size!r}")
         try:
             t_spec, t_map = model_meta(stage.teacher)
         except CheckpointError as e:

@@ -349,3 +349,21 @@ def test_gpus_2_trains_and_distils_under_torchrun_streaming_output_and_failing_w
     with pytest.raises(LaunchError, match=r"failed with exit code 1: ValueError: spec.num_classes=3 but .*instances_train"
                                           r".json has 5 categories(.|\n)*last lines of its output(.|\n)*Traceback"):
         train_detector_distributed(DetectorSpec(**{**spec.to_dict(), "num_classes": 3}), data, cfg, tmp_path / "bad", 2)
+
+
+def test_cli_select_takes_torchvision_weight_names_as_teachers(use_torch_home, tiny_coco, tmp_path):
+    from pkdkit.cli import main
+    from pkdkit.data import CocoDetection
+    from pkdkit.models import DetectorSpec, build_detector, save_detector
+    from pkdkit.selection import load_selection
+
+    label_map = CocoDetection(tiny_coco["val_images"], tiny_coco["val_json"]).label_map
+    spec = DetectorSpec(arch="retinanet", backbone="resnet18", num_classes=6, fpn_channels=32, min_size=96, max_size=96)
+    student = save_detector(tmp_path / "student.pt", build_detector(spec), spec, label_map)
+    assert main(["--quiet", "select", "--data", str(tiny_coco["root"]), "--student", str(student), "--teachers",
+                 f"fcos={TEACHERS['fcos_r50']}", "--images", "4", "--out", str(tmp_path / "sel"),
+                 "--plan", str(tmp_path / "plan.yaml")]) == 0
+    selection, matrix, config = load_selection(tmp_path / "sel" / "selection.json")
+    assert selection.order == ["fcos"] and matrix.names == ["student", "fcos"]
+    plan = yaml.safe_load((tmp_path / "plan.yaml").read_text())
+    assert plan["stages"][0]["teacher"] == TEACHERS["fcos_r50"]
