@@ -326,7 +326,7 @@ def test_export_onnx_matches_the_pytorch_model(student_checkpoint, tmp_path):
 
 # ----------------------------------------------------------------------------------------------------
 # Several GPUs from the notebooks: training steps as torchrun subprocesses (2 CPU processes on gloo here)
-def test_gpus_2_trains_and_distils_under_torchrun_streaming_output_and_failing_with_its_error(tiny_coco, tmp_path, capfd):
+def test_gpus_2_distils_under_torchrun_streaming_its_output_and_a_failing_step_raises_its_error(tiny_coco, tmp_path, capfd):
     from pkdkit import workflow
     from pkdkit.engine import TrainConfig
     from pkdkit.launch import LaunchError, train_detector_distributed
@@ -338,14 +338,19 @@ def test_gpus_2_trains_and_distils_under_torchrun_streaming_output_and_failing_w
     spec = DetectorSpec(arch="retinanet", backbone="resnet18", num_classes=6, fpn_channels=32, min_size=96, max_size=96,
                         anchor_sizes=(8, 16, 32, 64, 128))
     cfg = TrainConfig(epochs=1, batch_size=4, optimizer="adamw", lr=1e-3, warmup_iters=1, device="cpu")
-    record = train_detector_distributed(spec, data, cfg, tmp_path / "teacher", 2, config={"role": "teacher"})
-    assert record["config"]["role"] == "teacher" and (tmp_path / "teacher" / "model.pt").exists()
+    from pkdkit.data import CocoDetection
+    from pkdkit.models import build_detector, save_detector
+
+    teacher = DetectorSpec(**{**spec.to_dict(), "backbone": "resnet34"})  # untrained: the mechanics need no skill
+    save_detector(tmp_path / "teacher" / "model.pt", build_detector(teacher), teacher,
+                  CocoDetection(data.val_images, data.val_json).label_map)
     plan = Plan(name="p", student=spec, data=data, out_dir=str(tmp_path / "plan"), train=cfg,
                 stages=[Stage(name="t", teacher=str(tmp_path / "teacher" / "model.pt"), loss="mse")])
     summaries = workflow.run_plans([plan], progress=True, gpus=2)
     assert list(summaries["p"]["rows"]) == ["baseline", "t"]
     out = capfd.readouterr().out
     assert "--nproc_per_node 2 -m pkdkit.launch" in out and "stage 1/1 t" in out  # the subprocess's progress
+    # a training step (teachers, baseline) that fails on a rank fails here with the rank's error
     with pytest.raises(LaunchError, match=r"failed with exit code 1: ValueError: spec.num_classes=3 but .*instances_train"
                                           r".json has 5 categories(.|\n)*last lines of its output(.|\n)*Traceback"):
         train_detector_distributed(DetectorSpec(**{**spec.to_dict(), "num_classes": 3}), data, cfg, tmp_path / "bad", 2)
