@@ -50,14 +50,19 @@ def torchrun(job: dict[str, Any], job_file: str | os.PathLike, nproc: int, *, ta
     partial = ""
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as proc:
         assert proc.stdout is not None
-        for chunk in iter(lambda: proc.stdout.read1(4096), b""):  # type: ignore[union-attr]
-            text = chunk.decode(errors="replace")
-            sys.stdout.write(text)  # \r-updated progress bars redraw in place in a notebook
-            sys.stdout.flush()
-            partial += text
-            *done, partial = partial.replace("\r", "\n").split("\n")
-            lines.extend(line for line in done if line.strip())
-            failures.extend(line.split(FAILED, 1)[1].strip() for line in done if FAILED in line)
+        try:
+            for chunk in iter(lambda: proc.stdout.read1(4096), b""):  # type: ignore[union-attr]
+                text = chunk.decode(errors="replace")
+                sys.stdout.write(text)  # \r-updated progress bars redraw in place in a notebook
+                sys.stdout.flush()
+                partial += text
+                *done, partial = partial.replace("\r", "\n").split("\n")
+                lines.extend(line for line in done if line.strip())
+                failures.extend(line.split(FAILED, 1)[1].strip() for line in done if FAILED in line)
+        except BaseException:  # an interrupted notebook cell stops the ranks too (torchrun forwards SIGTERM)
+            proc.terminate()
+            proc.wait(timeout=60)
+            raise
         code = proc.wait()
     if partial.strip():
         lines.append(partial)
