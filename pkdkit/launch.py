@@ -7,8 +7,8 @@ included) streams into the notebook as it comes; a failing rank makes `LaunchErr
 exit code and the end of its output (the traceback). Results are read back from the files the step writes
 (`eval.json`, `summary.json`), exactly as a single-process run writes them.
 
-Across several machines, run the same module on each node yourself (see the README), e.g.
-``torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint host:29500 -m pkdkit.cli distill plan.yaml``.
+Across several machines, start torchrun on each node yourself (see the README), e.g. on every node
+``torchrun --nnodes 2 --nproc_per_node 8 --rdzv_id pkd --rdzv_backend c10d --rdzv_endpoint node0:29400 -m pkdkit.cli distill plan.yaml``.
 """
 from __future__ import annotations
 
