@@ -1,4 +1,4 @@
-"""`pkdkit synth | train | evaluate | select | distill | notebooks` — thin argparse wrappers over the library."""
+"""`pkdkit synth | train | evaluate | select | distill | notebooks | export` — thin argparse wrappers over the library."""
 from __future__ import annotations
 
 import argparse
@@ -166,6 +166,19 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pkdkit.models import ExportError, export_model
+
+    try:
+        path = export_model(args.checkpoint, args.format, args.out)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.format} export of {args.checkpoint}: {path} (spec, label map"
+          f"{' and the torchvision code that builds it' if args.format == 'torchvision' else ''}: {path}.json)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pkdkit", description=__doc__)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -196,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("select", help="adaptation costs between student and teachers, and the teacher order")
     _add_data_args(p)
     p.add_argument("--student", required=True, help="student checkpoint")
-    p.add_argument("--teachers", nargs="+", required=True, help="NAME=CHECKPOINT (or CHECKPOINT)")
+    p.add_argument("--teachers", nargs="+", required=True,
+                   help="NAME=CHECKPOINT or NAME=TORCHVISION_WEIGHTS (e.g. fcos=FCOS_ResNet50_FPN_Weights.COCO_V1)")
     p.add_argument("--ap", nargs="*", help="NAME=AP of teachers (for the by-AP order and the final teacher)")
     p.add_argument("--out", required=True), p.add_argument("--images", type=int, default=64)
     p.add_argument("--strategy", default="minimax"), p.add_argument("--method", default="closed_form")
@@ -211,6 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="run a distillation plan (YAML/JSON): stages, hand-over, evaluation")
     p.add_argument("plan"), p.add_argument("--device")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("export", help="a deployable student: a torchvision state dict or an ONNX file")
+    p.add_argument("checkpoint", help="a pkdkit checkpoint (e.g. distill/<plan>/stage_<k>_<name>/student.pt)")
+    p.add_argument("--format", choices=["torchvision", "onnx"], default="torchvision",
+                   help="torchvision: plain state dict + <out>.json with the code that builds it; onnx: needs "
+                        "pip install 'pkdkit[onnx]'")
+    p.add_argument("--out", required=True, help="output file (e.g. student.pth or student.onnx)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("notebooks", help="run the notebooks headless with papermill")
     nsub = p.add_subparsers(dest="action", required=True)

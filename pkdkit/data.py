@@ -95,6 +95,21 @@ class LabelMap:
         ids = tuple(int(c["id"]) for c in cats)
         return cls(ids, ids, tuple(str(c.get("name", c["id"])) for c in cats))
 
+    def match_by_name(self, other: LabelMap) -> dict[int, int]:
+        """{label here: label in `other`} for the categories both have, names compared case-insensitively:
+        how a torchvision COCO detector's "dog" finds your dataset's "Dog", whatever the category ids."""
+        theirs = {n.strip().lower(): label for n, label in zip(other.names, other.labels)}
+        return {label: theirs[n.strip().lower()] for n, label in zip(self.names, self.labels)
+                if n.strip().lower() in theirs}
+
+    def onto(self, dataset: LabelMap) -> LabelMap:
+        """This (model's) label map pointing at `dataset`'s category ids, matched by name; categories the
+        dataset lacks are left out, so `pkdkit.evaluate.predict` drops their detections. This is how a
+        model trained on other data (a torchvision COCO teacher) is scored on your own data."""
+        matched = self.match_by_name(dataset)
+        return LabelMap(tuple(matched), tuple(dataset.to_cat_id(v) for v in matched.values()),
+                        tuple(dataset.name_of_label(v) for v in matched.values()))
+
     def to_dict(self) -> dict:
         """Plain lists of ints and strs: safe for JSON and `torch.load(weights_only=True)`."""
         return {"labels": list(self.labels), "cat_ids": list(self.cat_ids), "names": list(self.names)}

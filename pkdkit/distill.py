@@ -2,7 +2,10 @@
 
 As in the paper's released code (MMDetection + MGD): the teacher runs only its backbone+FPN, in eval mode
 and without gradients, on the *same* transformed batch as the student, and a feature loss is added for each
-FPN level. For the first stage the student may inherit the teacher's neck and head weights.
+FPN level. A teacher trained at another input size (a torchvision COCO teacher at 800 px, a student at
+512 px) sees that batch rescaled to its own size, and its FPN maps are resized to the student's
+(`pkdkit.features.features_at`). For the first stage the student may inherit the teacher's neck and head
+weights; classifier rows are matched by category name.
 
 The loss's hyper-parameters and levels default to what the authors used for the student's detector family
 (`pkdkit.losses.loss_defaults`); `calibrate_loss_weight` measures how large the distillation term starts
@@ -16,7 +19,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from pkdkit.features import FeatureTap, backbone_features, common_levels, feature_levels
+from pkdkit.data import LabelMap
+from pkdkit.features import FeatureTap, common_levels, feature_levels, features_at, input_scale
 from pkdkit.losses import build_loss, loss_defaults
 from pkdkit.models import detector_arch
 
@@ -38,6 +42,8 @@ class Distiller(nn.Module):
         self.weight = float(weight)
         teacher.eval().requires_grad_(False)
         self._teacher = (teacher,)  # a tuple keeps nn.Module from registering it
+        # A teacher with another input size sees the batch at its own size; its maps come back at the student's.
+        self.teacher_scale = input_scale(teacher, student)
 
     @property
     def teacher(self) -> nn.Module:
@@ -52,13 +58,11 @@ class Distiller(nn.Module):
         if next(teacher.parameters()).device != batch.device:
             teacher.to(batch.device)
         with torch.no_grad():
-            teacher_feats = backbone_features(teacher, batch)
+            teacher_feats = features_at(teacher, batch, self.teacher_scale,
+                                        {k: tuple(student_feats[k].shape[-2:]) for k in self.losses})
         boxes = [t["boxes"] for t in tap.targets]
         for level, loss in self.losses.items():
             s, t = student_feats[level], teacher_feats[level]
-            if s.shape[-2:] != t.shape[-2:]:
-                raise ValueError(f"level {level}: student map {tuple(s.shape)} and teacher map {tuple(t.shape)} "
-                                 "differ in size")
             losses[f"distill_{level}"] = self.weight * loss(s, t, boxes=boxes, image_size=tuple(batch.shape[-2:]))
         return losses
 
@@ -146,23 +150,74 @@ def calibrate_loss_weight(distiller: Distiller, batches: Iterable[tuple[list[tor
     return out
 
 
-def inherit_teacher_head(student: nn.Module, teacher: nn.Module) -> dict[str, list[str]]:
+# Class-indexed tensors of torchvision detectors and how their first dimension is laid out:
+# "anchor_major": (A * K, ...) with row a * K + k (RetinaNet and FCOS classifiers, A anchors per position);
+# "class_major": (K * m, ...) with rows k * m .. k * m + m - 1 (Faster/Mask R-CNN: scores, 4 box deltas, masks).
+CLASS_ROWS = {
+    "head.classification_head.cls_logits.": "anchor_major",
+    "roi_heads.box_predictor.cls_score.": "class_major",
+    "roi_heads.box_predictor.bbox_pred.": "class_major",
+    "roi_heads.mask_predictor.mask_fcn_logits.": "class_major",
+}
+
+
+def _copy_class_rows(mine: torch.Tensor, theirs: torch.Tensor, layout: str, k_mine: int, k_theirs: int,
+                     pairs: dict[int, int]) -> torch.Tensor | None:
+    """`mine` with the rows of each matched class (student label <- teacher label) taken from `theirs`;
+    None when the shapes do not follow `layout` for these class counts."""
+    if mine.shape[1:] != theirs.shape[1:] or mine.shape[0] % k_mine or theirs.shape[0] % k_theirs:
+        return None
+    m = mine.shape[0] // k_mine
+    if theirs.shape[0] // k_theirs != m:
+        return None
+    out = mine.detach().clone()
+    for s, t in pairs.items():
+        if layout == "anchor_major":
+            out[s::k_mine] = theirs[t::k_theirs]
+        else:
+            out[s * m:(s + 1) * m] = theirs[t * m:(t + 1) * m]
+    return out
+
+
+def inherit_teacher_head(student: nn.Module, teacher: nn.Module, student_labels: LabelMap | None = None,
+                         teacher_labels: LabelMap | None = None) -> dict[str, list[str]]:
     """Copy the teacher's neck (FPN) and head weights into the student where names and shapes match.
 
     The paper's first stage initialises the student with the teacher's non-backbone weights and keeps its
-    own backbone. Returns {"copied": [...], "skipped": [...]} (skipped: absent in the student or another
-    shape, e.g. a classifier for another class count).
+    own backbone. With both label maps, the classifier is matched class by class: the rows of the student's
+    categories whose *name* the teacher knows are copied from the teacher's rows for that name (a 91-slot
+    torchvision COCO teacher and a 5-category dataset share 5 rows, wherever their ids and labels are), the
+    other rows keep the student's values. Without label maps, classifier tensors are copied only when their
+    shapes match. Returns {"copied": tensor names, "skipped": tensor names (absent in the student or another
+    shape), "matched_classes": category names copied, "skipped_classes": the student's category names the
+    teacher does not know}.
     """
     mine = student.state_dict()
+    by_name = student_labels is not None and teacher_labels is not None
+    pairs = teacher_labels.match_by_name(student_labels) if by_name else {}
+    pairs = {s: t for t, s in pairs.items()}
+    if by_name:
+        pairs[0] = 0  # background / "no object" slot
+    k_mine = student_labels.num_classes if by_name else 0
+    k_theirs = teacher_labels.num_classes if by_name else 0
     copied, skipped = [], []
     new = {}
     for name, value in teacher.state_dict().items():
         if name.startswith("backbone.body."):
             continue
-        if name in mine and mine[name].shape == value.shape:
+        layout = next((v for k, v in CLASS_ROWS.items() if name.startswith(k)), None)
+        if by_name and layout and name in mine:
+            rows = _copy_class_rows(mine[name], value, layout, k_mine, k_theirs, pairs)
+            if rows is not None:
+                new[name] = rows
+                copied.append(name)
+                continue
+        if name in mine and mine[name].shape == value.shape and not (by_name and layout):
             new[name] = value.detach().clone()
             copied.append(name)
         else:
             skipped.append(name)
     student.load_state_dict(new, strict=False)
-    return {"copied": copied, "skipped": skipped}
+    matched = [student_labels.name_of_label(s) for s in sorted(pairs) if s] if by_name else []
+    unmatched = [n for n in (student_labels.names if by_name else ()) if n not in matched]
+    return {"copied": copied, "skipped": skipped, "matched_classes": matched, "skipped_classes": unmatched}

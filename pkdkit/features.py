@@ -17,9 +17,9 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection.image_list import ImageList
-
 
 
 def name_levels(feats: "OrderedDict[str, torch.Tensor]", input_hw: tuple[int, int]) -> "OrderedDict[str, torch.Tensor]":
@@ -57,6 +57,36 @@ def extract_features(model: nn.Module, images: list[torch.Tensor]) -> tuple["Ord
 def backbone_features(model: nn.Module, batch: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
     """Backbone+FPN of `model` on an already transformed batch `(N, 3, H, W)`, levels named by stride."""
     return name_levels(model.backbone(batch), tuple(batch.shape[-2:]))
+
+
+def input_scale(model: nn.Module, reference: nn.Module) -> float:
+    """How many times larger `model`'s input is than `reference`'s: the ratio of their transforms'
+    (evaluation) `min_size`, e.g. 800 / 512 for a torchvision COCO teacher and a 512 px student."""
+    return float(model.transform.min_size[-1]) / float(reference.transform.min_size[-1])
+
+
+def features_at(model: nn.Module, batch: torch.Tensor, scale: float,
+                sizes: dict[str, tuple[int, int]] | None = None) -> "OrderedDict[str, torch.Tensor]":
+    """Backbone+FPN of `model` on `batch` (N, 3, H, W) seen at its own input size, maps at the batch's grid.
+
+    A teacher trained at another size than the student sees the student's transformed batch rescaled by
+    `scale` (`input_scale(teacher, student)`; bilinear, to a multiple of the model's `size_divisible`), so
+    it detects at the object sizes it was trained for. Each level of its FPN is then resized (bilinear) to
+    `sizes[level]`, the student's map size: the loss, its box masks and the adapters live on the student's
+    grid, and the student's maps and gradients stay untouched. Levels keep their names: the teacher's p3 is
+    1/8 of its own input and covers the same image region as the student's p3.
+    Returns {"p3": (N, C, H_l, W_l), ...} with (H_l, W_l) = sizes[level] where given.
+    """
+    if scale != 1.0:
+        d = int(getattr(model.transform, "size_divisible", 32))
+        h, w = batch.shape[-2:]
+        target = (max(d, round(h * scale / d) * d), max(d, round(w * scale / d) * d))
+        batch = F.interpolate(batch, size=target, mode="bilinear", align_corners=False)
+    feats = backbone_features(model, batch)
+    for level, size in (sizes or {}).items():
+        if level in feats and tuple(feats[level].shape[-2:]) != tuple(size):
+            feats[level] = F.interpolate(feats[level], size=tuple(size), mode="bilinear", align_corners=False)
+    return feats
 
 
 def feature_levels(model: nn.Module, size: int = 128) -> dict[str, int]:

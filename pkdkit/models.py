@@ -13,7 +13,9 @@ read with ``torch.load(..., weights_only=True)``. A detector checkpoint carries 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import pickle
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -157,12 +159,6 @@ class FPNBackbone(nn.Module):
         return self.fpn(self.body(x))
 
 
-def _download_hint(weights: Any) -> str:
-    url = getattr(weights, "url", "?")
-    target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
-    return f"could not get weights {weights} (offline?). Download {url} and put it at {target}"
-
-
 def _get_weights(name: str | None) -> Any:
     if name is None:
         return None
@@ -172,14 +168,33 @@ def _get_weights(name: str | None) -> Any:
         raise ValueError(f"unknown torchvision weights {name!r}: {e}") from e
 
 
+def cached_weight_file(weights: Any) -> Path:
+    """Where torchvision keeps (or would download) the file of a weight enum: `<TORCH_HOME>/hub/checkpoints/`."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+
+
+def _download_hint(weights: Any) -> str:
+    return (f"could not get weights {weights} (offline?). Download {weights.url} and put it at "
+            f"{cached_weight_file(weights)}")
+
+
 def _with_download_hint(fn: Callable[..., nn.Module], weights: Any, **kwargs: Any) -> nn.Module:
-    """`fn(weights=weights, **kwargs)`; a failed weight download becomes an error saying what to fetch."""
+    """`fn(weights=weights, **kwargs)`; a failed download, or a cached weight file that cannot be read or
+    does not fit the architecture, becomes a CheckpointError naming the weight and the file."""
     try:
         return fn(weights=weights, **kwargs)
-    except (OSError, RuntimeError) as e:  # URLError is an OSError
-        if weights is not None and ("urlopen" in str(e) or isinstance(e, OSError)):
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        # URLError is an OSError; a bad cached file surfaces as RuntimeError, UnpicklingError, EOFError, ...
+        if weights is None:
+            raise
+        cached = cached_weight_file(weights)
+        if not cached.is_file() or "urlopen" in str(e):
             raise CheckpointError(_download_hint(weights)) from e
-        raise
+        problem = "does not fit" if "state_dict" in str(e) else "cannot be read as"
+        first = str(e).strip().splitlines()[:3]
+        raise CheckpointError(f"the cached weight file {cached} {problem} {weights} "
+                              f"({fn.__name__}): {' '.join(first)}. Delete it and download {weights.url} "
+                              f"again to {cached}") from e
 
 
 def _stage_indices(features: nn.Sequential, nhwc: bool) -> list[tuple[int, int, int]]:
@@ -243,9 +258,15 @@ def _anchor_generator(spec: DetectorSpec, n_levels: int, ratios: tuple[float, ..
     return AnchorGenerator(sizes, (ratios,) * n_levels)
 
 
+def is_torchvision_weight(ref: str | os.PathLike | None) -> bool:
+    """Whether a model reference names a torchvision COCO detection weight (``"FCOS_ResNet50_FPN_Weights.COCO_V1"``)
+    rather than a checkpoint path."""
+    return isinstance(ref, str) and ref.split(".")[0] in TORCHVISION_DETECTORS
+
+
 def build_detector(spec: DetectorSpec) -> nn.Module:
     """Build the detector a spec describes (weights loaded when it names any). Returns it in train mode."""
-    if spec.weights and spec.weights.split(".")[0] in TORCHVISION_DETECTORS:
+    if is_torchvision_weight(spec.weights):
         return _build_torchvision_detector(spec)
     backbone = build_backbone(spec)
     size = dict(min_size=spec.min_size, max_size=spec.max_size)
@@ -284,6 +305,14 @@ def _build_torchvision_detector(spec: DetectorSpec) -> nn.Module:
             f"{spec.arch} on {spec.backbone} with {spec.num_classes} classes and {spec.fpn_channels} channels. "
             f"Use {expected.to_dict()}")
     return _with_download_hint(builder, weights, min_size=spec.min_size, max_size=spec.max_size)
+
+
+def torchvision_spec(weights_name: str) -> DetectorSpec:
+    """The spec of a torchvision COCO detector: its architecture, 91 classes, 256 FPN channels and
+    torchvision's input size (800/1333)."""
+    arch, backbone, _ = TORCHVISION_DETECTORS[weights_name.split(".")[0]]
+    n_cats = len(_get_weights(weights_name).meta["categories"])
+    return DetectorSpec(arch=arch, backbone=backbone, num_classes=n_cats, fpn_channels=256, weights=weights_name)
 
 
 def torchvision_label_map(weights_name: str) -> LabelMap:
@@ -345,14 +374,18 @@ def _check_compatible(found: DetectorSpec, wanted: DetectorSpec, where: Any) -> 
 
 
 def load_detector(path: str | os.PathLike, map_location: str | torch.device = "cpu",
-                  expected: DetectorSpec | None = None) -> tuple[nn.Module, DetectorSpec, LabelMap, dict[str, Any]]:
+                  expected: DetectorSpec | None = None,
+                  size: tuple[int, int] | None = None) -> tuple[nn.Module, DetectorSpec, LabelMap, dict[str, Any]]:
     """Rebuild a detector from its checkpoint. `expected`, when given, must match the checkpoint's
-    arch, backbone, class count and FPN width, else CheckpointError says which differs."""
+    arch, backbone, class count and FPN width, else CheckpointError says which differs.
+    `size`: (min_size, max_size) of the rebuilt model's transform instead of the checkpoint's."""
     payload = load_checkpoint(path, map_location)
     for key in ("model", "spec", "label_map"):
         if key not in payload:
             raise CheckpointError(f"{path} is not a pkdkit detector checkpoint (no {key!r})")
     spec = DetectorSpec.from_dict(payload["spec"])
+    if size is not None:
+        spec = replace(spec, min_size=int(size[0]), max_size=int(size[1]))
     if expected is not None:
         _check_compatible(spec, expected, path)
     model = build_detector(replace(spec, weights=None, backbone_weights=None))
@@ -361,3 +394,160 @@ def load_detector(path: str | os.PathLike, map_location: str | torch.device = "c
     except RuntimeError as e:
         raise CheckpointError(f"weights in {path} do not fit a {spec.name}: {e}") from e
     return model, spec, LabelMap.from_dict(payload["label_map"]), payload
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model references: a pkdkit checkpoint path or a torchvision COCO weight name
+def load_model(ref: str | os.PathLike, *, size: tuple[int, int] | None = None,
+               expected: DetectorSpec | None = None,
+               map_location: str | torch.device = "cpu") -> tuple[nn.Module, DetectorSpec, LabelMap]:
+    """The one way from a model reference to (model in train mode, spec, label map).
+
+    ref: a pkdkit checkpoint path, or a torchvision COCO detection weight name
+        (``"FCOS_ResNet50_FPN_Weights.COCO_V1"``, loaded from the torch hub cache; its label map is
+        torchvision's: label == COCO category id).
+    size: (min_size, max_size) of the model's transform; None keeps the model's own (the checkpoint's
+        spec, torchvision's 800/1333 for a weight name).
+    expected: for checkpoints, the arch/backbone/classes/FPN width the checkpoint must have.
+    """
+    if is_torchvision_weight(ref):
+        spec = torchvision_spec(str(ref))
+        if size is not None:
+            spec = replace(spec, min_size=int(size[0]), max_size=int(size[1]))
+        return build_detector(spec), spec, torchvision_label_map(str(ref))
+    model, spec, label_map, _ = load_detector(ref, map_location, expected=expected, size=size)
+    return model, spec, label_map
+
+
+def model_meta(ref: str | os.PathLike) -> tuple[DetectorSpec, LabelMap]:
+    """Spec and label map of a model reference without building the model (cheap validation)."""
+    if is_torchvision_weight(ref):
+        return torchvision_spec(str(ref)), torchvision_label_map(str(ref))
+    payload = load_checkpoint(ref)
+    for key in ("spec", "label_map"):
+        if key not in payload:
+            raise CheckpointError(f"{ref} is not a pkdkit detector checkpoint (no {key!r})")
+    return DetectorSpec.from_dict(payload["spec"]), LabelMap.from_dict(payload["label_map"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Export: a deployable student
+class ExportError(ValueError):
+    """A model that cannot be exported in the asked format; the message says why and what works instead."""
+
+
+def _torchvision_recipe(model: nn.Module, spec: DetectorSpec) -> str:
+    """Python source that builds `model`'s architecture with torchvision alone (no pkdkit), as `model`."""
+    if is_torchvision_weight(spec.weights):
+        builder = TORCHVISION_DETECTORS[spec.weights.split(".")[0]][2].__name__
+        return (f"from torchvision.models.detection import {builder}\n"
+                f"model = {builder}(weights=None, weights_backbone=None, num_classes={spec.num_classes}, "
+                f"min_size={spec.min_size}, max_size={spec.max_size})\n")
+    if BACKBONES[spec.backbone][1] != "resnet":
+        raise ExportError(f"--format torchvision rebuilds the backbone with torchvision's BackboneWithFPN, which "
+                          f"takes ResNet/ResNeXt stages; {spec.backbone} is not one: use --format onnx")
+    one_stage = spec.arch in ONE_STAGE
+    layers = ["layer2", "layer3", "layer4"] if one_stage else ["layer1", "layer2", "layer3", "layer4"]
+    in_channels = [blk[0].in_channels for blk in model.backbone.fpn.inner_blocks]
+    frozen = any(isinstance(m, FrozenBatchNorm2d) for m in model.backbone.body.modules())
+    generator = model.anchor_generator if one_stage else model.rpn.anchor_generator
+    cls = {"retinanet": "RetinaNet", "fcos": "FCOS", "fasterrcnn": "FasterRCNN", "maskrcnn": "MaskRCNN"}[spec.arch]
+    anchor_kw = "anchor_generator" if one_stage else "rpn_anchor_generator"
+    c = spec.fpn_channels
+    extra = f"LastLevelP6P7({c}, {c})" if one_stage else "LastLevelMaxPool()"
+    return "\n".join([
+        "import torchvision",
+        f"from torchvision.models.detection import {cls}",
+        "from torchvision.models.detection.anchor_utils import AnchorGenerator",
+        "from torchvision.models.detection.backbone_utils import BackboneWithFPN",
+        "from torchvision.ops import FrozenBatchNorm2d",
+        "from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7",
+        "",
+        f"body = torchvision.models.{spec.backbone}(weights=None"
+        + (", norm_layer=FrozenBatchNorm2d)" if frozen else ")"),
+        f"backbone = BackboneWithFPN(body, {({n: str(i) for i, n in enumerate(layers)})!r}, {in_channels}, {c}, "
+        f"extra_blocks={extra})",
+        f"anchors = AnchorGenerator({tuple(tuple(s) for s in generator.sizes)!r}, "
+        f"{tuple(tuple(r) for r in generator.aspect_ratios)!r})",
+        f"model = {cls}(backbone, num_classes={spec.num_classes}, {anchor_kw}=anchors, min_size={spec.min_size}, "
+        f"max_size={spec.max_size})",
+        "",
+    ])
+
+
+def _torchvision_state_dict(model: nn.Module, spec: DetectorSpec) -> "OrderedDict[str, torch.Tensor]":
+    """`model`'s weights under torchvision's names (pkdkit's `backbone.body.features.X` is `backbone.body.X`)."""
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for name, t in model.state_dict().items():
+        if not is_torchvision_weight(spec.weights):
+            name = name.replace("backbone.body.features.", "backbone.body.", 1)
+        out[name] = t.detach().cpu().clone()
+    return out
+
+
+def export_torchvision(model: nn.Module, spec: DetectorSpec, label_map: LabelMap, out: str | os.PathLike) -> Path:
+    """Write `model`'s weights as a plain state dict that torchvision's own classes load (`out`), and
+    `out` + ``.json``: the spec, the label map (model label -> dataset category id and name) and `build`,
+    the torchvision-only Python source that makes the architecture as ``model``::
+
+        ns = {}; exec(json.load(open("student.pth.json"))["build"], ns)
+        ns["model"].load_state_dict(torch.load("student.pth", weights_only=True))
+    """
+    recipe = _torchvision_recipe(model, spec)
+    path = atomic_save(_torchvision_state_dict(model, spec), out)
+    meta = {"format": "torchvision", "spec": spec.to_dict(), "label_map": label_map.to_dict(), "build": recipe,
+            "torchvision": torchvision.__version__}
+    atomic_write(Path(str(out) + ".json"), lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    return path
+
+
+class _OnnxDetector(nn.Module):
+    """A detector in eval mode as a function of one image (3, H, W) in [0, 1] -> (boxes (K, 4) xyxy
+    pixels, scores (K,), labels (K,)): the input/output signature ONNX needs."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = self.model([image])[0]
+        return out["boxes"], out["scores"], out["labels"]
+
+
+def export_onnx(model: nn.Module, spec: DetectorSpec, label_map: LabelMap, out: str | os.PathLike,
+                example: torch.Tensor | None = None, opset: int = 17) -> Path:
+    """Write `model` as ONNX (`out`): input ``image`` (3, H, W) float in [0, 1], any H and W; outputs
+    ``boxes`` (K, 4), ``scores`` (K,), ``labels`` (K,) after the model's own post-processing (score
+    threshold, NMS, top-k). Needs the `onnx` extra (``pip install pkdkit[onnx]``). `out` + ``.json``
+    holds the spec and the label map."""
+    try:
+        import onnx  # noqa: F401  (torch.onnx needs it)
+    except ImportError as e:
+        raise ExportError("--format onnx needs the onnx package: pip install 'pkdkit[onnx]'") from e
+    model = model.eval()
+    if example is None:
+        example = torch.rand(3, spec.min_size, spec.min_size)
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    with torch.no_grad():
+        torch.onnx.export(_OnnxDetector(model), (example,), str(tmp), opset_version=opset, dynamo=False,
+                          input_names=["image"], output_names=["boxes", "scores", "labels"],
+                          dynamic_axes={"image": {1: "height", 2: "width"}, "boxes": {0: "detections"},
+                                        "scores": {0: "detections"}, "labels": {0: "detections"}})
+    os.replace(tmp, out)
+    meta = {"format": "onnx", "spec": spec.to_dict(), "label_map": label_map.to_dict(), "opset": opset,
+            "inputs": {"image": "(3, H, W) float32 in [0, 1]"},
+            "outputs": {"boxes": "(K, 4) xyxy pixels", "scores": "(K,)", "labels": "(K,) model labels"}}
+    atomic_write(Path(str(out) + ".json"), lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    return out
+
+
+EXPORTS: dict[str, Callable[..., Path]] = {"torchvision": export_torchvision, "onnx": export_onnx}
+
+
+def export_model(ref: str | os.PathLike, fmt: str, out: str | os.PathLike) -> Path:
+    """Export a model reference (a student checkpoint) as `fmt` ("torchvision" or "onnx") to `out`."""
+    if fmt not in EXPORTS:
+        raise ExportError(f"unknown export format {fmt!r}; expected one of {sorted(EXPORTS)}")
+    model, spec, label_map = load_model(ref)
+    return EXPORTS[fmt](model.eval(), spec, label_map, out)

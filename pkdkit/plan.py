@@ -44,16 +44,15 @@ from typing import Any
 import yaml
 from torch import nn
 
-from pkdkit.data import CocoDetection, LabelMap, make_loader
+from pkdkit.data import CocoDetection, DataError, LabelMap, make_loader
 from pkdkit.distill import build_distiller, calibrate_loss_weight, inherit_teacher_head
 from pkdkit.engine import TrainConfig, barrier, init_distributed, resolve_device, seed_everything, train
 from pkdkit.evaluate import comparison_table, evaluate_detector
 from pkdkit.features import common_levels, feature_levels
 from pkdkit.files import write_json, write_text
 from pkdkit.losses import LOSSES, loss_hparams
-from pkdkit.models import (TORCHVISION_DETECTORS, CheckpointError, DetectorSpec, build_detector,
-                           initial_weights_label, load_checkpoint, load_detector, save_detector, state_fingerprint,
-                           torchvision_label_map)
+from pkdkit.models import (CheckpointError, DetectorSpec, build_detector, initial_weights_label, is_torchvision_weight,
+                           load_checkpoint, load_model, model_meta, save_detector, state_fingerprint)
 from pkdkit.selection import selection_to_stages
 
 
@@ -84,8 +83,17 @@ class DataConfig:
         COCO 2017 uses the same names with train2017/val2017 folders."""
         root = Path(root)
         split = ("train2017", "val2017") if (root / "train2017").is_dir() else ("train", "val")
-        return cls(str(root / split[0]), str(root / "annotations" / f"instances_{split[0]}.json"),
-                   str(root / split[1]), str(root / "annotations" / f"instances_{split[1]}.json"), masks)
+        cfg = cls(str(root / split[0]), str(root / "annotations" / f"instances_{split[0]}.json"),
+                  str(root / split[1]), str(root / "annotations" / f"instances_{split[1]}.json"), masks)
+        missing = [p for p in (cfg.train_images, cfg.val_images) if not Path(p).is_dir()]
+        missing += [p for p in (cfg.train_json, cfg.val_json) if not Path(p).is_file()]
+        if missing:
+            found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir()) if root.is_dir() else None
+            raise DataError(f"data root {root} lacks {', '.join(str(Path(p).relative_to(root)) for p in missing)}. "
+                            "Expected train2017/, val2017/, annotations/instances_train2017.json and "
+                            "annotations/instances_val2017.json (COCO 2017), or the same with train/ and val/; "
+                            + (f"found {found[:12]}" if found is not None else "the folder does not exist"))
+        return cfg
 
     def train_dataset(self, label_map: LabelMap | None = None) -> CocoDetection:
         return self._dataset(self.train_images, self.train_json, True, label_map)
@@ -108,7 +116,10 @@ class Stage:
     loss_params / levels: None or empty takes the authors' values for the student's detector family.
     inherit_teacher_head: stage 1 only; None follows the protocol (True when the plan starts from the initial
     weights, False when it fine-tunes a checkpoint). loss_weight: a number >= 0, or "auto" (see the module
-    docstring) with loss_ratio the target start ratio of distillation to detection loss."""
+    docstring) with loss_ratio the target start ratio of distillation to detection loss.
+    `teacher_size`: the teacher's input size; when it differs from the student's, the teacher sees the
+    student's batch rescaled to its own size and its FPN maps are resized to the student's
+    (`pkdkit.features.features_at`)."""
 
     name: str
     teacher: str
@@ -119,6 +130,7 @@ class Stage:
     loss_weight: float | str = 1.0
     loss_ratio: float = 1.0
     train: dict[str, Any] = field(default_factory=dict)
+    teacher_size: list[int] | None = None  # [min_size, max_size] the teacher runs at; None: its own
 
     def __post_init__(self) -> None:
         if self.loss_weight != "auto":
@@ -180,7 +192,7 @@ class Plan:
             base = Path(base_dir)
 
             def path(p: str | None) -> str | None:
-                if p is None or _is_torchvision_weight(p):
+                if p is None or is_torchvision_weight(p):
                     return p
                 return str((base / p).resolve())
 
@@ -225,10 +237,6 @@ def plan_from_selection(selection: Any, teacher_checkpoints: dict[str, str], stu
                 train=train or TrainConfig(seed=seed))
 
 
-def _is_torchvision_weight(ref: str) -> bool:
-    return ref.split(".")[0] in TORCHVISION_DETECTORS
-
-
 def load_plan(path: str | os.PathLike) -> Plan:
     """Read a plan from YAML or JSON (chosen by extension; YAML also reads JSON)."""
     path = Path(path)
@@ -253,29 +261,6 @@ def save_plan(plan: Plan, path: str | os.PathLike) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------
-def load_model_ref(ref: str, like: DetectorSpec | None = None) -> tuple[nn.Module, DetectorSpec, LabelMap]:
-    """A teacher or student from a pkdkit checkpoint path or a torchvision COCO weight name.
-    `like` gives the image sizes a torchvision detector should use (the student's)."""
-    if _is_torchvision_weight(ref):
-        arch, backbone, _ = TORCHVISION_DETECTORS[ref.split(".")[0]]
-        size = dict(min_size=like.min_size, max_size=like.max_size) if like else {}
-        label_map = torchvision_label_map(ref)
-        spec = DetectorSpec(arch=arch, backbone=backbone, num_classes=label_map.num_classes, weights=ref, **size)
-        return build_detector(spec), spec, label_map
-    model, spec, label_map, _ = load_detector(ref)
-    return model, spec, label_map
-
-
-def _teacher_meta(ref: str) -> tuple[DetectorSpec, LabelMap]:
-    """Spec and label map of a teacher without building it (cheap validation)."""
-    if _is_torchvision_weight(ref):
-        label_map = torchvision_label_map(ref)
-        arch, backbone, _ = TORCHVISION_DETECTORS[ref.split(".")[0]]
-        return DetectorSpec(arch=arch, backbone=backbone, num_classes=label_map.num_classes), label_map
-    payload = load_checkpoint(ref)
-    return DetectorSpec.from_dict(payload["spec"]), LabelMap.from_dict(payload["label_map"])
-
-
 def validate_plan(plan: Plan, dataset_label_map: LabelMap) -> None:
     """Fail early and clearly: no stages, unknown loss, missing teacher, class mismatch, unmatched levels."""
     if not plan.stages:
@@ -298,15 +283,19 @@ def validate_plan(plan: Plan, dataset_label_map: LabelMap) -> None:
             plan.stage_train(k)
         except ValueError as e:
             raise PlanError(f"{where}: {e}") from e
+        size = stage.teacher_size
+        if size is not None and not (len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+            raise PlanError(f"{where}: teacher_size must be [min_size, max_size] in pixels, found {size!r}")
         try:
-            t_spec, t_map = _teacher_meta(stage.teacher)
+            t_spec, t_map = model_meta(stage.teacher)
         except CheckpointError as e:
             raise PlanError(f"{where}: teacher {e}") from e
-        missing = sorted(set(dataset_label_map.cat_ids) - set(t_map.cat_ids))
-        if missing:
-            raise PlanError(f"{where}: class mismatch: teacher {stage.teacher} has {len(t_map.cat_ids)} classes "
-                            f"(num_classes={t_spec.num_classes}) but the student's data has {len(dataset_label_map.cat_ids)}; "
-                            f"category ids {missing} are unknown to the teacher")
+        # Feature distillation needs no common classes; head inheritance copies the rows of the categories
+        # both know (by name), so it needs at least one.
+        if stage.inherit_teacher_head and not t_map.match_by_name(dataset_label_map):
+            raise PlanError(f"{where}: inherit_teacher_head: teacher {stage.teacher} shares no category (by name) "
+                            f"with the data ({plan.data.train_json}: {list(dataset_label_map.names)[:8]}...; "
+                            f"teacher: {list(t_map.names)[:8]}...); set inherit_teacher_head: false")
         t_levels = feature_levels(build_detector(replace(t_spec, weights=None, backbone_weights=None)))
         try:
             common_levels({"student": student_levels, "teacher": t_levels}, stage.levels)
@@ -357,9 +346,9 @@ def run_plan(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
     rows: dict[str, Any] = {}
     seed_everything(plan.train.seed)
     if plan.fine_tunes:
-        student, _, _, payload = load_detector(plan.student_init, expected=plan.student)
+        student, _, _ = load_model(plan.student_init, expected=plan.student)
         init = f"fine-tune of {Path(plan.student_init).parent.name}/{Path(plan.student_init).name}"
-        epochs = int(budget_of(payload["config"])["epochs"])
+        epochs = int(budget_of(load_checkpoint(plan.student_init).get("config", {}))["epochs"])
         baseline_json = out / "baseline" / "eval.json"
         if info.is_main:
             rows["baseline"] = (json.loads(baseline_json.read_text()) if baseline_json.exists() else evaluate(
@@ -383,15 +372,18 @@ def run_plan(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
             continue
         seed_everything(cfg.seed + 1000 * (k + 1))
         if k > 0:  # hand-over: the previous stage's student-only weights
-            student, _, _, _ = load_detector(init_ref, expected=plan.student)
-        teacher, t_spec, _ = load_model_ref(stage.teacher, like=plan.student)
+            student, _, _ = load_model(init_ref, expected=plan.student)
+        teacher, t_spec, t_map = load_model(stage.teacher, size=stage.teacher_size)
         fingerprint = state_fingerprint(student)
-        inherited = inherit_teacher_head(student, teacher) if plan.inherits(k) else None
+        inherited = inherit_teacher_head(student, teacher, label_map, t_map) if plan.inherits(k) else None
         if inherited is not None:
             init += f" + neck/head of {stage.name} ({len(inherited['copied'])} tensors)"
             if progress and info.is_main:
+                skipped = inherited["skipped_classes"]
                 print(f"stage 1 ({stage.name}): the student inherits {len(inherited['copied'])} neck/head tensors "
-                      f"from the teacher; skipped {len(inherited['skipped'])} (absent or another shape)")
+                      f"from the teacher (classifier rows of {len(inherited['matched_classes'])} categories matched "
+                      f"by name); skipped {len(inherited['skipped'])} tensors (absent or another shape)"
+                      + (f" and the categories {skipped[:5]}{'...' if len(skipped) > 5 else ''}" if skipped else ""))
         distiller = build_distiller(student, teacher, stage.loss, stage.loss_params or None, stage.levels)
         calibration = _calibrate(distiller, stage, train_ds, cfg, folder, device, info.is_main)
         distiller.weight = calibration["weight"]

@@ -28,6 +28,8 @@ class Preset:
     calibration_images: int = 64
     notes: str = ""
     teacher_epochs: int | None = None  # teachers train longer (a bigger schedule) when set; else train.epochs
+    # (min_size, max_size) of teachers given as torchvision weight names; None: torchvision's own 800/1333
+    reference_size: tuple[int, int] | None = None
 
 
 def _tiny() -> Preset:
@@ -76,6 +78,7 @@ def _small() -> Preset:
 
 
 def _coco() -> Preset:
+    # num_classes is replaced by the data's (COCO 2017: 80 categories + background; your own data: its own).
     size = dict(num_classes=91, fpn_channels=256, min_size=800, max_size=1333)
     return Preset(
         name="coco",
@@ -91,16 +94,24 @@ def _coco() -> Preset:
         distill=TrainConfig(epochs=12, batch_size=16, lr=0.01, warmup_iters=500, grad_clip=35.0),
         loss_weight=1.0,  # pretrained COCO features: MGD's published RetinaNet settings as they are
         calibration_images=64,
-        notes="COCO 2017 at 800 px. Needs the COCO images and torchvision's weights in the torch hub cache. "
-              "num_classes=91 keeps torchvision's label space (label == COCO category id).",
+        notes="COCO 2017 (or your own COCO-format data) at 800 px with torchvision's COCO detectors as teachers; "
+              "needs their weights in the torch hub cache. The student keeps the dataset's labels; teachers' "
+              "classes are matched to the dataset's categories by name.",
     )
 
 
 PRESETS = {"tiny": _tiny, "small": _small, "coco": _coco}
 
 
-def get_preset(name: str, **overrides: Any) -> Preset:
-    """A fresh preset by name; keyword arguments replace top-level fields."""
+def get_preset(name: str, image_size: int | None = None, **overrides: Any) -> Preset:
+    """A fresh preset by name; keyword arguments replace top-level fields. `image_size` sets min_size and
+    max_size of the student and of every teacher (trained or torchvision's), e.g. small images for a quick
+    run of the `coco` preset."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
-    return replace(PRESETS[name](), **overrides)
+    preset = replace(PRESETS[name](), **overrides)
+    if image_size is None:
+        return preset
+    size = dict(min_size=int(image_size), max_size=int(image_size))
+    return replace(preset, student=replace(preset.student, **size), reference_size=(int(image_size), int(image_size)),
+                   teachers={k: v if isinstance(v, str) else replace(v, **size) for k, v in preset.teachers.items()})

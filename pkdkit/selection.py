@@ -16,8 +16,9 @@ the released code; this module implements
 - `save_selection` / `load_selection` (selection.json), `plot_cost_matrix` (heatmap with the chosen path),
   `selection_to_stages` (stage dicts for a distillation plan) and `run_selection` (checkpoints in, files out).
 
-All models see the same transformed batch (the first model's transform makes it), as in distillation,
-so their FPN levels have the same spatial size and the cost compares features of identical inputs.
+All models see the same transformed batch (the first model's transform makes it), as in distillation;
+a model with another input size sees it rescaled to its own and its maps are resized back, so the cost
+compares features of identical inputs on one grid.
 """
 from __future__ import annotations
 
@@ -37,9 +38,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, Rectangle
 from torch import nn
 
-from pkdkit.features import backbone_features, common_levels
+from pkdkit.features import backbone_features, common_levels, features_at, input_scale
 from pkdkit.files import write_json
-from pkdkit.models import load_detector
+from pkdkit.models import load_model
 
 METHODS = ("closed_form", "sgd")
 OBJECTIVES = ("sum", "max")
@@ -147,12 +148,12 @@ def _image_batches(images: Any, batch_size: int) -> Iterator[list[torch.Tensor]]
 
 
 def _check_same_transform(models: "OrderedDict[str, nn.Module]") -> None:
-    """Every model must normalise and resize images alike, since all of them see one transformed batch."""
+    """Every model must normalise images alike, since all of them see one transformed batch (a model with
+    another input size sees it rescaled, `pkdkit.features.features_at`)."""
     def key(m: nn.Module) -> dict[str, Any]:
         t = m.transform
         return {"image_mean": [float(v) for v in t.image_mean], "image_std": [float(v) for v in t.image_std],
-                "min_size": tuple(t.min_size), "max_size": t.max_size,
-                "size_divisible": getattr(t, "size_divisible", 32), "fixed_size": getattr(t, "fixed_size", None)}
+                "fixed_size": getattr(t, "fixed_size", None)}
 
     names = list(models)
     ref = key(models[names[0]])
@@ -170,13 +171,17 @@ def _feature_batches(models: "OrderedDict[str, nn.Module]", images: Any, levels:
     """Per calibration batch: (N, {level: [features of each model as (N*H*W, C_m) rows]}) for `levels`
     (default: the levels all models have, found on the first batch).
 
-    The first model's transform makes the batch (N, 3, H, W); every backbone+FPN runs on that tensor.
+    The first model's transform makes the batch (N, 3, H, W); every backbone+FPN runs on that tensor, seen
+    at the model's own input size, with its maps resized to the first model's (`features_at`).
     """
     first = next(iter(models.values()))
     for imgs in _image_batches(images, batch_size):
         with torch.no_grad():
             batch, _ = first.transform([img.to(device) for img in imgs])
-            per_model = {name: backbone_features(m, batch.tensors) for name, m in models.items()}
+            ref = backbone_features(first, batch.tensors)
+            sizes = {k: tuple(f.shape[-2:]) for k, f in ref.items()}
+            per_model = {name: ref if m is first else features_at(m, batch.tensors, input_scale(m, first), sizes)
+                         for name, m in models.items()}
         levels = common_levels({n: {k: f.shape[1] for k, f in feats.items()} for n, feats in per_model.items()},
                                 levels)
         out: dict[str, list[torch.Tensor]] = {}
@@ -758,17 +763,21 @@ def selection_to_stages(selection: Selection, teacher_checkpoints: dict[str, str
 def run_selection(student_ckpt: str | os.PathLike, teacher_ckpts: dict[str, str | os.PathLike], dataset: Any,
                   out_dir: str | os.PathLike, *, n_images: int = 64, strategy: str = DEFAULT_STRATEGY,
                   method: str = "closed_form", device: str = "cpu", aps: dict[str, float] | None = None,
-                  final: str | None = None, objective: str = "sum", batch_size: int = 8) -> Selection:
-    """Checkpoints in, files out: load the student and teachers (`pkdkit.models.load_detector`), compute
-    the cost matrix on the first `n_images` images of `dataset`, order the teachers and write
-    `out_dir/selection.json` and `out_dir/selection.png`. The student is called "student" in the matrix."""
+                  final: str | None = None, objective: str = "sum", batch_size: int = 8,
+                  sizes: dict[str, tuple[int, int]] | None = None) -> Selection:
+    """Model references in, files out: load the student and teachers (pkdkit checkpoints or torchvision
+    weight names, `pkdkit.models.load_model`), compute the cost matrix on the first `n_images` images of
+    `dataset`, order the teachers and write `out_dir/selection.json` and `out_dir/selection.png`. The
+    student is called "student" in the matrix. `sizes`: {name: (min_size, max_size)} input sizes that
+    override a model's own."""
     if "student" in teacher_ckpts:
         raise ValueError(f"a teacher may not be named 'student' (teachers: {sorted(teacher_ckpts)})")
     if n_images < 1:
         raise ValueError(f"n_images must be >= 1, got {n_images}")
-    models = OrderedDict(student=load_detector(student_ckpt)[0])
+    sizes = sizes or {}
+    models = OrderedDict(student=load_model(student_ckpt, size=sizes.get("student"))[0])
     for name, ckpt in teacher_ckpts.items():
-        models[name] = load_detector(ckpt)[0]
+        models[name] = load_model(ckpt, size=sizes.get(name))[0]
     images = [dataset[i][0] for i in range(min(n_images, len(dataset)))]
     matrix = cost_matrix(models, images, method=method, batch_size=batch_size, device=device)
     selection = select_teachers(matrix, "student", list(teacher_ckpts), strategy=strategy, aps=aps, final=final,

@@ -23,8 +23,9 @@ from pkdkit.distill import Distiller, build_distiller
 from pkdkit.engine import TrainConfig, resolve_device, train_detector
 from pkdkit.evaluate import evaluate_detector
 from pkdkit.files import write_json
-from pkdkit.models import DetectorSpec, load_checkpoint, load_detector
-from pkdkit.plan import DataConfig, Plan, Stage, budget_of, load_model_ref, load_plan, run_plan
+from pkdkit.launch import run_plan_distributed, train_detector_distributed
+from pkdkit.models import DetectorSpec, is_torchvision_weight, load_checkpoint, load_model
+from pkdkit.plan import DataConfig, Plan, Stage, budget_of, load_plan, run_plan
 from pkdkit.selection import DEFAULT_STRATEGY, Selection, run_selection
 from pkdkit.presets import Preset
 from pkdkit.synthetic import make_synthetic_coco
@@ -35,7 +36,9 @@ BASELINE_LONG = "baseline_long"
 
 def prepare_data(preset: Preset, run_dir: str | os.PathLike, data_root: str | None = None) -> DataConfig:
     """The preset's synthetic data under `run_dir/data` (generated once), or COCO-format data at
-    `data_root` (train/val or train2017/val2017 folders and annotations/instances_*.json)."""
+    `data_root` (train/val or train2017/val2017 folders and annotations/instances_*.json). Models are
+    trained on the dataset's own labels (1..K over its categories); torchvision teachers' classes are
+    matched to them by name."""
     if data_root:
         cfg = DataConfig.from_root(Path(data_root).resolve())
     elif preset.synth is None:
@@ -45,8 +48,6 @@ def prepare_data(preset: Preset, run_dir: str | os.PathLike, data_root: str | No
         if not (root / "annotations" / "instances_val.json").exists():
             make_synthetic_coco(root, **preset.synth)
         cfg = DataConfig.from_root(root)
-    if preset.student.num_classes == 91 and cfg.labels == "contiguous":
-        cfg.labels = "identity"  # torchvision's COCO label space: label == category id
     return cfg
 
 
@@ -56,11 +57,14 @@ def student_spec(preset: Preset, data: DataConfig) -> DetectorSpec:
 
 
 def train_candidates(preset: Preset, data: DataConfig, run_dir: str | os.PathLike, *, device: str = "auto",
-                     epochs: int | None = None, seed: int = 0, progress: bool = True) -> dict[str, dict[str, Any]]:
+                     epochs: int | None = None, seed: int = 0, progress: bool = True,
+                     gpus: int = 1) -> dict[str, dict[str, Any]]:
     """Train (or load) the baseline student and every candidate teacher; returns {name: eval record}.
+    With `gpus > 1` each one trains under ``torchrun --nproc_per_node gpus`` (`pkdkit.launch`).
 
     Teachers train for `preset.teacher_epochs` (a bigger schedule) when set; `epochs` overrides both.
-    Teachers given as torchvision COCO weight names are not trained, only evaluated on the data.
+    Teachers given as torchvision COCO weight names are not trained, only evaluated on the data (their
+    classes matched to the data's categories by name).
     """
     train_ds, val_ds = data.train_dataset(), data.val_dataset()
     n_classes = val_ds.label_map.num_classes
@@ -70,31 +74,38 @@ def train_candidates(preset: Preset, data: DataConfig, run_dir: str | os.PathLik
     for name, spec in {STUDENT: preset.student, **preset.teachers}.items():
         out = Path(run_dir) / "models" / name
         if isinstance(spec, str):  # a torchvision COCO detector
-            records[name] = _evaluate_reference(spec, preset.student, val_ds, out, device, progress)
+            records[name] = _evaluate_reference(spec, preset.reference_size, val_ds, out, device, progress)
             continue
-        records[name] = train_detector(replace(spec, num_classes=n_classes), train_ds, val_ds,
-                                       cfg if name == STUDENT else teacher_cfg, out,
-                                       config={"preset": preset.name, "role": "student" if name == STUDENT else "teacher"})
+        spec, step_cfg = replace(spec, num_classes=n_classes), cfg if name == STUDENT else teacher_cfg
+        config = {"preset": preset.name, "role": "student" if name == STUDENT else "teacher"}
+        if gpus > 1:
+            records[name] = train_detector_distributed(spec, data, step_cfg, out, gpus, config=config)
+        else:
+            records[name] = train_detector(spec, train_ds, val_ds, step_cfg, out, config=config)
     return records
 
 
 def train_baseline_long(preset: Preset, data: DataConfig, run_dir: str | os.PathLike, epochs: int, *,
-                        device: str = "auto", seed: int = 0, progress: bool = True) -> dict[str, Any]:
+                        device: str = "auto", seed: int = 0, progress: bool = True, gpus: int = 1) -> dict[str, Any]:
     """The equal-budget control: the baseline student trained `epochs` epochs (S x E, as long as an S-stage
     plan trains it) from the same initialisation and with the same recipe, into `models/baseline_long`."""
     cfg = preset.train.replace(device=device, seed=seed, progress=progress, epochs=epochs)
-    return train_detector(student_spec(preset, data), data.train_dataset(), data.val_dataset(), cfg,
-                          Path(run_dir) / "models" / BASELINE_LONG,
-                          config={"preset": preset.name, "role": "equal-budget control"})
+    spec, out = student_spec(preset, data), Path(run_dir) / "models" / BASELINE_LONG
+    config = {"preset": preset.name, "role": "equal-budget control"}
+    if gpus > 1:
+        return train_detector_distributed(spec, data, cfg, out, gpus, config=config)
+    return train_detector(spec, data.train_dataset(), data.val_dataset(), cfg, out, config=config)
 
 
-def _evaluate_reference(weights: str, like: DetectorSpec, val_ds: CocoDetection, out: Path, device: str,
+def _evaluate_reference(weights: str, size: tuple[int, int] | None, val_ds: CocoDetection, out: Path, device: str,
                         progress: bool) -> dict[str, Any]:
     if (out / "eval.json").exists():
         return json.loads((out / "eval.json").read_text())
-    model, spec, label_map = load_model_ref(weights, like=like)
-    return evaluate_detector(model, val_ds, label_map, out_dir=out, name="eval", device=resolve_device(device),
-                             config={"weights": weights, "spec": spec.to_dict()}, progress=progress)
+    model, spec, label_map = load_model(weights, size=size)
+    matched = label_map.onto(val_ds.label_map)
+    return evaluate_detector(model, val_ds, matched, out_dir=out, name="eval", device=resolve_device(device),
+                             config={"weights": weights, "spec": spec.to_dict(), "matched_categories": list(matched.names)},
+                             progress=progress)
 
 
 def model_refs(preset: Preset, run_dir: str | os.PathLike) -> dict[str, str]:
@@ -114,7 +125,14 @@ def select(preset: Preset, data: DataConfig, run_dir: str | os.PathLike, aps: di
     teachers = {k: v for k, v in refs.items() if k != STUDENT}
     return run_selection(refs[STUDENT], teachers, data.val_dataset(), Path(run_dir) / "selection",
                          n_images=preset.calibration_images, strategy=strategy, method=method,
-                         device=str(resolve_device(device)), aps=aps)
+                         device=str(resolve_device(device)), aps=aps, sizes=_reference_sizes(preset, refs))
+
+
+def _reference_sizes(preset: Preset, refs: dict[str, str]) -> dict[str, tuple[int, int]]:
+    """Input sizes of the teachers given as torchvision weight names, when the preset overrides them."""
+    if preset.reference_size is None:
+        return {}
+    return {k: preset.reference_size for k, v in refs.items() if is_torchvision_weight(v)}
 
 
 def make_plan(preset: Preset, data: DataConfig, run_dir: str | os.PathLike, name: str, teachers: list[str], *,
@@ -127,11 +145,12 @@ def make_plan(preset: Preset, data: DataConfig, run_dir: str | os.PathLike, name
     initialisation: same spec, same seed) and inherits the first teacher's neck and head. `fine_tune` starts
     from the trained baseline instead. `loss_weight`: the preset's (a number or "auto") unless given."""
     refs = model_refs(preset, run_dir)
+    sizes = _reference_sizes(preset, refs)
     train: TrainConfig = preset.distill.replace(device=device, seed=seed, **({"epochs": epochs} if epochs else {}))
     weight = preset.loss_weight if loss_weight is None else loss_weight
     stages = [Stage(name=t, teacher=refs[t], loss=loss or preset.loss,
                     loss_params=dict(preset.loss_params if loss_params is None else loss_params),
-                    loss_weight=weight) for t in teachers]
+                    loss_weight=weight, teacher_size=list(sizes[t]) if t in sizes else None) for t in teachers]
     return Plan(name=name, student=student_spec(preset, data), data=data, stages=stages,
                 out_dir=str(Path(run_dir).resolve() / "distill" / name),
                 student_init=refs[STUDENT] if fine_tune else None, train=train)
@@ -200,8 +219,11 @@ def stage_count(orders: dict[str, dict[str, Any]]) -> int:
     return max(len(o["order"]) for o in orders.values())
 
 
-def run_plans(plans: list[Plan], *, progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Run each plan (finished stages are skipped); returns {plan name: summary}."""
+def run_plans(plans: list[Plan], *, progress: bool = True, gpus: int = 1) -> dict[str, dict[str, Any]]:
+    """Run each plan (finished stages are skipped); returns {plan name: summary}. With `gpus > 1` each
+    plan runs under ``torchrun --nproc_per_node gpus`` (`pkdkit.launch`), its output streamed here."""
+    if gpus > 1:
+        return {p.name: run_plan_distributed(p, gpus, progress=progress) for p in plans}
     return {p.name: run_plan(p, progress=progress) for p in plans}
 
 
@@ -289,8 +311,8 @@ def load_stage(plan: Plan, k: int) -> Distiller:
     """Stage k's Distiller as it ended: the stage's student, its teacher, and the trained loss modules
     (adapters, MGD generation blocks) from the stage's `last.pt`."""
     stage = plan.stages[k]
-    student, _, _, _ = load_detector(plan.stage_dir(k) / "student.pt")
-    teacher, _, _ = load_model_ref(stage.teacher, like=plan.student)
+    student, _, _ = load_model(plan.stage_dir(k) / "student.pt")
+    teacher, _, _ = load_model(stage.teacher, size=stage.teacher_size)
     distiller = build_distiller(student, teacher, stage.loss, stage.loss_params, stage.levels)
     distiller.load_state_dict(load_checkpoint(plan.stage_dir(k) / "last.pt")["model"])
     calibration = plan.stage_dir(k) / "calibration.json"
@@ -318,10 +340,10 @@ def stage_models(plan: Plan, run_dir: str | os.PathLike) -> dict[str, Any]:
     student after each stage, in eval mode."""
     models: dict[str, Any] = {}
     for stage in plan.stages:
-        models[f"teacher {stage.name}"] = load_model_ref(stage.teacher, like=plan.student)[0].eval()
-    models["student (baseline)"] = load_detector(Path(run_dir) / "models" / STUDENT / "model.pt")[0].eval()
+        models[f"teacher {stage.name}"] = load_model(stage.teacher, size=stage.teacher_size)[0].eval()
+    models["student (baseline)"] = load_model(str(Path(run_dir) / "models" / STUDENT / "model.pt"))[0].eval()
     for k, stage in enumerate(plan.stages):
-        models[f"student after {stage.name}"] = load_detector(plan.stage_dir(k) / "student.pt")[0].eval()
+        models[f"student after {stage.name}"] = load_model(plan.stage_dir(k) / "student.pt")[0].eval()
     return models
 
 

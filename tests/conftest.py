@@ -18,3 +18,92 @@ def tiny_coco(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny_coco")
     return make_synthetic_coco(root, n_train=16, n_val=8, size=96, seed=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The real-data path without downloads: a COCO-2017-layout folder and torchvision weight files in a
+# temporary TORCH_HOME. The torch hub cache does not re-check files that are present, so files with
+# torchvision's exact names and random weights of the right architectures stand in for the published ones.
+COCO_WEIGHTS = ("RetinaNet_ResNet50_FPN_Weights.COCO_V1", "FCOS_ResNet50_FPN_Weights.COCO_V1",
+                "RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1", "ResNet18_Weights.IMAGENET1K_V1")
+
+
+def write_standin_weights(torch_home, names=COCO_WEIGHTS):
+    """Random weights of each named torchvision weight's architecture, saved as a state dict under
+    torchvision's file name in `<torch_home>/hub/checkpoints/`. Returns {name: path}."""
+    import torch
+    import torchvision
+
+    from pkdkit.models import TORCHVISION_DETECTORS
+
+    out = {}
+    folder = torch_home / "hub" / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        weights = torchvision.models.get_weight(name)
+        torch.manual_seed(len(out))
+        enum = name.split(".")[0]
+        if enum in TORCHVISION_DETECTORS:
+            model = TORCHVISION_DETECTORS[enum][2](weights=None, weights_backbone=None,
+                                                   num_classes=len(weights.meta["categories"]))
+        else:
+            model = torchvision.models.get_model(enum.replace("_Weights", "").lower(), weights=None)
+        out[name] = folder / weights.url.rsplit("/", 1)[1]
+        torch.save(model.state_dict(), out[name])
+    return out
+
+
+def coco_categories():
+    """COCO 2017's 80 categories with their real ids, from torchvision's weight metadata."""
+    import torchvision
+
+    names = torchvision.models.get_weight("FCOS_ResNet50_FPN_Weights.COCO_V1").meta["categories"]
+    return [{"id": i, "name": n, "supercategory": "coco"} for i, n in enumerate(names) if i and n != "N/A"]
+
+
+def make_coco_layout(root, n_train=6, n_val=6, size=128, categories=None, layout="coco2017"):
+    """Synthetic images in the COCO 2017 layout (train2017/, val2017/, annotations/instances_*2017.json)
+    whose five shape classes are relabelled as real COCO categories (person, car, dog, cup, clock, with
+    COCO's ids); `categories` (a list of 5 {"id", "name"}) picks other ones. The category list holds all
+    80 COCO categories, as COCO's own files do, unless `categories` is given. Returns the root."""
+    import json
+    import shutil
+
+    from pkdkit.synthetic import make_synthetic_coco
+
+    coco = {c["name"]: c for c in coco_categories()}
+    used = categories or [coco[n] for n in ("person", "car", "dog", "cup", "clock")]
+    listed = [dict(c) for c in (categories or coco.values())]
+    paths = make_synthetic_coco(root / "_synth", n_train=n_train, n_val=n_val, size=size, seed=0)
+    for split in ("train", "val"):
+        d = json.loads(paths[f"{split}_json"].read_text())
+        relabel = {c["id"]: used[k]["id"] for k, c in enumerate(sorted(d["categories"], key=lambda c: c["id"]))}
+        for a in d["annotations"]:
+            a["category_id"] = relabel[a["category_id"]]
+        d["categories"] = listed
+        name = f"{split}2017" if layout == "coco2017" else split
+        shutil.move(str(paths[f"{split}_images"]), str(root / name))
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / f"instances_{name}.json").write_text(json.dumps(d))
+    shutil.rmtree(root / "_synth")
+    return root
+
+
+@pytest.fixture(scope="session")
+def coco_root(tmp_path_factory):
+    return make_coco_layout(tmp_path_factory.mktemp("coco2017"))
+
+
+@pytest.fixture(scope="session")
+def torch_home(tmp_path_factory):
+    """A TORCH_HOME holding stand-in files for the coco preset's torchvision weights."""
+    home = tmp_path_factory.mktemp("torch_home")
+    write_standin_weights(home)
+    return home
+
+
+@pytest.fixture
+def use_torch_home(torch_home, monkeypatch):
+    """Point torch.hub at the stand-in TORCH_HOME for this test (torch.hub reads the variable on each use)."""
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    return torch_home

@@ -42,11 +42,14 @@ def teachers(tiny_coco, label_map, tmp_path_factory):
         "fcos50": DetectorSpec(arch="fcos", backbone="resnet50", num_classes=n, **SIZE, **ANCHORS),
         "frcnn": DetectorSpec(arch="fasterrcnn", backbone="resnet18", num_classes=n, **SIZE),
         "wrong_classes": DetectorSpec(arch="retinanet", backbone="resnet18", num_classes=3, **SIZE, **ANCHORS),
+        "foreign": DetectorSpec(arch="retinanet", backbone="resnet18", num_classes=3, **SIZE, **ANCHORS),
     }
     paths = {}
     for name, spec in specs.items():
         torch.manual_seed(len(name))
         lm = label_map if spec.num_classes == n else type(label_map)(label_map.labels[:2], label_map.cat_ids[:2], label_map.names[:2])
+        if name == "foreign":  # categories the data does not have
+            lm = type(label_map)((1, 2), (1, 2), ("gizmo", "widget"))
         paths[name] = str(save_detector(root / f"{name}.pt", build_detector(spec), spec, lm))
     return paths
 
@@ -195,7 +198,8 @@ def test_kill_in_stage_two_and_resume_matches_uninterrupted_run(tiny_coco, label
     (lambda d, t: d.update(stages=[]), "has no stages"),
     (lambda d, t: d["stages"][0].update(loss="kld"), r"stage 1 \(r34\): unknown loss 'kld'"),
     (lambda d, t: d["stages"][1].update(teacher="/nowhere/teacher.pt"), r"stage 2 \(fcos50\): teacher checkpoint not found: /nowhere/teacher.pt"),
-    (lambda d, t: d["stages"][0].update(teacher=t["wrong_classes"]), r"stage 1 \(r34\): class mismatch: .*has 2 classes \(num_classes=3\)"),
+    (lambda d, t: d["stages"][0].update(teacher=t["foreign"], inherit_teacher_head=True),
+     r"stage 1 \(r34\): inherit_teacher_head: teacher .*foreign.pt shares no category \(by name\) with the data"),
     (lambda d, t: d["stages"][0].update(levels=["p2"]), r"stage 1 \(r34\): levels \['p2'\] are not in every model"),
     (lambda d, t: d["stages"][0].update(train={"optimizer": "lamb"}), r"stage 1 \(r34\): optimizer must be"),
     (lambda d, t: d["student"].update(num_classes=3), r"student has num_classes=3 but the data"),
