@@ -51,6 +51,20 @@ def prepare_data(preset: Preset, run_dir: str | os.PathLike, data_root: str | No
     return cfg
 
 
+def teacher_data(preset: Preset, run_dir: str | os.PathLike, data: DataConfig) -> DataConfig:
+    """Where the candidate teachers train: with `preset.teacher_train_images` (synthetic presets), a larger
+    training set from the same generator under `run_dir/data_teachers` (its first images are the student's),
+    as published teachers are trained on more data than a small student gets; else the student's data.
+    Validation is always the student's."""
+    if not preset.teacher_train_images or preset.synth is None or Path(data.train_images).parent != \
+            Path(run_dir).resolve() / "data":
+        return data
+    root = Path(run_dir).resolve() / "data_teachers"
+    if not (root / "annotations" / "instances_train.json").exists():
+        make_synthetic_coco(root, **{**preset.synth, "n_train": preset.teacher_train_images, "n_val": 0})
+    return replace(data, train_images=str(root / "train"), train_json=str(root / "annotations" / "instances_train.json"))
+
+
 def student_spec(preset: Preset, data: DataConfig) -> DetectorSpec:
     """The preset's student with the class count of the data."""
     return replace(preset.student, num_classes=data.val_dataset().label_map.num_classes)
@@ -62,11 +76,13 @@ def train_candidates(preset: Preset, data: DataConfig, run_dir: str | os.PathLik
     """Train (or load) the baseline student and every candidate teacher; returns {name: eval record}.
     With `gpus > 1` each one trains under ``torchrun --nproc_per_node gpus`` (`pkdkit.launch`).
 
-    Teachers train for `preset.teacher_epochs` (a bigger schedule) when set; `epochs` overrides both.
-    Teachers given as torchvision COCO weight names are not trained, only evaluated on the data (their
-    classes matched to the data's categories by name).
+    Teachers train for `preset.teacher_epochs` (a bigger schedule) when set, on `teacher_data`; `epochs`
+    overrides both schedules. Teachers given as torchvision COCO weight names are not trained, only evaluated
+    on the data (their classes matched to the data's categories by name).
     """
     train_ds, val_ds = data.train_dataset(), data.val_dataset()
+    t_data = teacher_data(preset, run_dir, data)
+    t_train_ds = t_data.train_dataset(train_ds.label_map) if t_data is not data else train_ds
     n_classes = val_ds.label_map.num_classes
     cfg = preset.train.replace(device=device, seed=seed, progress=progress, **({"epochs": epochs} if epochs else {}))
     teacher_cfg = cfg.replace(epochs=epochs or preset.teacher_epochs or cfg.epochs)
@@ -79,9 +95,11 @@ def train_candidates(preset: Preset, data: DataConfig, run_dir: str | os.PathLik
         spec, step_cfg = replace(spec, num_classes=n_classes), cfg if name == STUDENT else teacher_cfg
         config = {"preset": preset.name, "role": "student" if name == STUDENT else "teacher"}
         if gpus > 1:
-            records[name] = train_detector_distributed(spec, data, step_cfg, out, gpus, config=config)
+            records[name] = train_detector_distributed(spec, data if name == STUDENT else t_data, step_cfg, out,
+                                                       gpus, config=config)
         else:
-            records[name] = train_detector(spec, train_ds, val_ds, step_cfg, out, config=config)
+            records[name] = train_detector(spec, train_ds if name == STUDENT else t_train_ds, val_ds, step_cfg, out,
+                                           config=config)
     return records
 
 
@@ -187,7 +205,8 @@ def comparison_orders(selection: Selection, aps: dict[str, float], *, run_revers
                             "stages_x_epochs": 1}
     runs["one_shot"] = {"order": [final], "source": "the final teacher alone, one stage", "stages_x_epochs": 1}
     if order == [final]:  # the selected order is the one-shot run: train it once
-        runs["one_shot"]["same_as"] = "progressive"
+        runs["one_shot"].update(same_as="progressive", source="the final teacher alone, one stage (the same run "
+                                                                 "as progressive)")
     longest = max(len(r["order"]) for r in runs.values())
     if longest > 1:
         runs["one_shot_long"] = {"order": [final], "source": f"the final teacher alone for {longest} x the stage "
@@ -258,7 +277,7 @@ def comparison_records(run_dir: str | os.PathLike, plans: list[Plan],
 
 def _record(path: Path) -> dict[str, Any]:
     record = json.loads(path.read_text())
-    record["path"] = str(path)
+    record["path"] = str(path.resolve())
     return record
 
 
