@@ -141,7 +141,8 @@ def accumulate_evaluations(params: Any, indices: np.ndarray, evaluations: list[t
         # the recall threshold's integer equivalent v. Counts grow by one at each true positive, so that is
         # the position of the curve's v-th true positive (its start when v = 0; past its end when it has fewer).
         need = thresholds[seg_curve][None]  # (1, S, R)
-        tp_cols = np.nonzero(tp_sorted)[1]  # true positives, row by row, in sorted order
+        tp_cols = np.append(np.nonzero(tp_sorted)[1], 0)  # true positives, row by row (+ one so that
+        # the unused picks below have somewhere to point when there are none)
         row_offset = np.concatenate([[0], np.cumsum(tp_total[:, -1])])[:-1, None]  # (T, 1)
         first = row_offset + tp_before  # (T, S) index in tp_cols of each segment's first true positive
         in_seg = tp_total[:, seg_start + seg_len - 1] - tp_before  # (T, S) true positives per segment

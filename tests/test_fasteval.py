@@ -159,7 +159,7 @@ def test_category_agnostic_evaluation_matches_pycocotools(gt_and_results):
     assert_same_evaluation(fast, slow)
 
 
-def test_empty_and_perfect_results_match_pycocotools(gt_and_results):
+def test_empty_perfect_and_all_wrong_results_match_pycocotools(gt_and_results):
     gt, _ = gt_and_results
     perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
                for a in gt["annotations"] if not a["iscrowd"]]
@@ -168,11 +168,14 @@ def test_empty_and_perfect_results_match_pycocotools(gt_and_results):
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt.createIndex()
 
-    for results in ([], perfect):
+    missed = [dict(r, bbox=[r["bbox"][0] + 1000, *r["bbox"][1:]]) for r in perfect]  # no true positive at all
+    ap50 = []
+    for results in ([], perfect, missed):
         fast = run_cocoeval(coco_gt, results, "bbox", cocoeval_cls=FastCOCOeval)
         slow = run_cocoeval(coco_gt, results, "bbox", cocoeval_cls=COCOeval)
         assert_same_evaluation(fast, slow)
-    assert cocoeval_metrics(fast)["stats"]["AP50"] == pytest.approx(1.0, abs=1e-12)
+        ap50.append(cocoeval_metrics(fast)["stats"]["AP50"])
+    assert ap50 == [0.0, pytest.approx(1.0, abs=1e-12), 0.0]
 
 
 def test_accumulate_before_evaluate_says_what_to_do(gt_and_results):
