@@ -9,7 +9,10 @@ same two steps faster and gives the same arrays, bit for bit:
   same C mask/box code and the greedy matching of pycocotools in C++ (stable sorts, crowd and ignore rules
   and area ranges as pycocotools), one result per (category, area range, image) in pycocotools' order.
 - ``accumulate()`` is pycocotools' accumulation written with whole-array numpy operations on those
-  results. faster-coco-eval's own C++ accumulation computes precision as ``tp / (tp + fp)`` where
+  results (`accumulate_evaluations`). It reads back only the (image, category) pairs that have ground
+  truth or detections and treats every detection of every curve in one sorted array, so its time grows
+  with detections and annotations, not with images x categories (COCO's 80 categories make most pairs
+  empty). faster-coco-eval's own C++ accumulation computes precision as ``tp / (tp + fp)`` where
   pycocotools divides by ``tp + fp + eps``, so its curves can differ in the last bit (1.0 against
   1 - 2.2e-16); this one repeats pycocotools' arithmetic, so ``eval["precision"]`` ``(T, R, K, A, M)``,
   ``eval["recall"]`` ``(T, K, A, M)`` and ``eval["scores"]`` equal pycocotools' exactly.
@@ -17,7 +20,8 @@ same two steps faster and gives the same arrays, bit for bit:
 
 It takes pycocotools' ``COCO`` objects (``coco_gt`` and ``coco_gt.loadRes(...)``) like ``COCOeval``.
 Unlike pycocotools it leaves ``evalImgs`` (per-image matches as dicts) empty: use pycocotools' ``COCOeval``
-when you need those. tests/test_fasteval.py checks the equality on generated data, bbox and segm.
+when you need those. tests/test_fasteval.py checks the equality on generated data, bbox and segm, with
+crowd regions, categories without ground truth, 40 categories and maxDets caps.
 
 `DEFAULT_COCOEVAL` is `FastCOCOeval` when faster-coco-eval is installed and pycocotools' ``COCOeval``
 otherwise; `pkdkit.evaluate` uses it unless told otherwise (``cocoeval_cls=``).
