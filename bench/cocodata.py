@@ -1,10 +1,11 @@
 """A realistic COCO ground truth and detector results, made from a seed, for timing and checking evaluators.
 
-`make_eval_set(n_images=500)` gives a ground truth (polygon masks, crowd regions as RLE, objects in all three
-COCO area ranges, non-contiguous category ids, one category without ground truth, images without objects)
-and results like a detector's (jittered boxes and masks of the objects, confused classes, duplicates, false
-positives, scores rounded to 1e-3 so that ties occur, RLE masks as pkdkit's `predict` writes them). About
-20 detections per image.
+`make_eval_set(n_images=500)` gives a ground truth with COCO's 80 categories (their real ids and names, read
+from torchvision's COCO metadata; the last one, "toothbrush", never has ground truth), polygon masks, crowd
+regions as RLE, objects in all three COCO area ranges and images without objects, and results like a
+detector's (jittered boxes and masks of the objects, confused classes, duplicates, false positives, scores
+rounded to 1e-3 so that ties occur, RLE masks as pkdkit's `predict` writes them). About 16 detections per
+image, every one with a mask.
 """
 from __future__ import annotations
 
@@ -13,7 +14,13 @@ import math
 import numpy as np
 from pycocotools import mask as mask_utils
 
-CATEGORY_IDS = (1, 3, 4, 7, 9, 12, 15, 18, 20, 23, 27, 31)  # 31 never has ground truth
+
+
+def coco_categories() -> list[dict]:
+    """COCO's 80 categories ``{"id", "name"}`` with their real (non-contiguous, 1..90) ids."""
+    from torchvision.models._meta import _COCO_CATEGORIES  # index = COCO category id, "N/A" for unused ids
+
+    return [{"id": i, "name": n} for i, n in enumerate(_COCO_CATEGORIES) if i > 0 and n != "N/A"]
 
 
 def _ellipse(cx: float, cy: float, w: float, h: float, n: int = 16) -> list[float]:
@@ -38,8 +45,9 @@ def make_eval_set(n_images: int = 500, seed: int = 0, dets_per_object: float = 1
                   false_positives: float = 6.0) -> tuple[dict, list[dict]]:
     """(COCO ground-truth dict, list of COCO result dicts with "bbox", "score" and "segmentation" RLEs)."""
     rng = np.random.default_rng(seed)
-    cats = [{"id": c, "name": f"class_{c}"} for c in CATEGORY_IDS]
-    present = CATEGORY_IDS[:-1]
+    cats = coco_categories()
+    category_ids = [c["id"] for c in cats]
+    present = category_ids[:-1]  # the last category never has ground truth (AP -1, as pycocotools)
     images, anns, results = [], [], []
     for image_id in range(1, n_images + 1):
         width, height = int(rng.choice([320, 400, 480])), int(rng.choice([240, 320, 360]))
@@ -64,12 +72,12 @@ def make_eval_set(n_images: int = 500, seed: int = 0, dets_per_object: float = 1
                 jx, jy = rng.normal(0, 0.1 * w), rng.normal(0, 0.1 * h)
                 bx, by, bw, bh = _clip_box(x + jx, y + jy, w * rng.uniform(0.75, 1.25), h * rng.uniform(0.75, 1.25),
                                            width, height)
-                c = cat if rng.random() < 0.85 else int(rng.choice(CATEGORY_IDS))
+                c = cat if rng.random() < 0.85 else int(rng.choice(category_ids))
                 results.append(_result(image_id, c, bx, by, bw, bh, rng, height, width))
         for _ in range(rng.poisson(false_positives)):
             bw, bh = rng.uniform(4, width / 2), rng.uniform(4, height / 2)
             bx, by, bw, bh = _clip_box(rng.uniform(0, width - bw), rng.uniform(0, height - bh), bw, bh, width, height)
-            results.append(_result(image_id, int(rng.choice(CATEGORY_IDS)), bx, by, bw, bh, rng, height, width))
+            results.append(_result(image_id, int(rng.choice(category_ids)), bx, by, bw, bh, rng, height, width))
     return {"images": images, "annotations": anns, "categories": cats}, results
 
 

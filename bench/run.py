@@ -1,26 +1,35 @@
-"""pkdkit benchmarks: costs of distillation, evaluation and teacher selection, as ratios measured side by
-side in one run so that machine noise cancels.
+"""pkdkit benchmarks: costs of distillation, evaluation, data loading and teacher selection, as ratios
+measured side by side in one run so that machine noise cancels.
 
-    .venv/bin/python bench/run.py                  # CPU, tiny preset, a few minutes on 2 cores (`make bench`)
-    .venv/bin/python bench/run.py --quick          # fewer repeats and a smaller evaluation set
-    .venv/bin/python bench/run.py --device cuda    # 800 px, ResNet-50 teacher / ResNet-18 student, batch 8, AMP
-    .venv/bin/python bench/run.py --sizes realistic --batch-size 2 --warmup 1 --repeats 3 --only distill  # on CPU
+    OMP_NUM_THREADS=1 .venv/bin/python bench/run.py   # CPU, tiny preset, ~15 min on 2 cores (`make bench`)
+    .venv/bin/python bench/run.py --quick          # fewer repeats, smaller evaluation and selection sets
+    .venv/bin/python bench/run.py --device cuda    # 800 px, ResNet-50 teacher / ResNet-18 student, batch 8,
+                                                   # plus AMP / channels-last / cuDNN autotuning side by side
+    .venv/bin/python bench/run.py --only evaluation loader   # some parts only
 
 What is measured (timed runs interleave A, B, B, A, ... after warm-up; medians are reported):
-- distillation step overhead: a `Distiller` step (forward, backward, optimizer step; MGD on every common FPN
-  level) over a student step plus the teacher's no-grad backbone+FPN forward on the same transformed batch.
-  The target is <= 1.05. Two more rows help read it: the same Distiller with a loss that costs nothing
-  (its machinery alone: feature tap, level naming, teacher call; the rest of the gap is MGD's generation
-  convolutions) and the student step alone.
-- evaluation: `pkdkit.evaluate.coco_evaluate` over plain pycocotools (``COCO.loadRes`` + ``COCOeval``
-  evaluate/accumulate/summarize) on the same realistic generated results (bench/cocodata.py), bbox and
-  segm, with all 12 stats compared bit for bit. The target is <= 0.5.
-- teacher selection: seconds for a 1 + 4 model `pkdkit.selection.cost_matrix` on 64 images.
-- peak memory of a distillation step and of a plain student step: on CPU each in its own process (growth of
-  the peak resident set over the steps, from /proc), on CUDA from ``torch.cuda.max_memory_allocated``.
+- ``distill``: a `Distiller` step (forward, backward, optimizer step; MGD on every common FPN level) over a
+  student step plus the teacher's no-grad backbone+FPN forward on the same transformed batch. The target
+  is <= 1.05. Two more rows help read it: the same Distiller with a loss that costs nothing (its machinery
+  alone: feature tap, level naming, teacher call; the rest of the gap is MGD's generation convolutions) and
+  the student step alone.
+- ``evaluation``: `pkdkit.evaluate.coco_evaluate` over plain pycocotools (``COCO.loadRes`` + ``COCOeval``
+  evaluate/accumulate/summarize) on the same generated set with COCO's 80 categories, crowd regions and
+  masks on every detection (bench/cocodata.py), bbox and segm; all 12 stats and per-class AP compared bit
+  for bit. Targets: bbox <= 0.35, segm <= 0.5 (wall time; the CPU-time ratio is reported beside it).
+- ``loader``: images/s of `pkdkit.data.make_loader` (decode, targets, masks) with 0, 1 and 2 workers against
+  the training step's, on the tiny and small presets' data (bench/loading.py). Target: >= 3x the step.
+- ``selection``: `pkdkit.selection.cost_matrix` time and peak memory for 64, 256 and 1,024 calibration images
+  and 1+2, 1+4 models, each point in its own process (bench/scaling.py): time linear, memory flat.
+- ``memory``: peak memory of a distillation step and of a plain student step: on CPU each in its own process
+  (growth of the peak resident set over the steps, from /proc), on CUDA from ``torch.cuda.max_memory_allocated``.
+- ``settings`` (CUDA): the distillation step plain, with AMP (bfloat16 where supported; the teacher's forward
+  runs inside the same autocast), + channels-last, + ``cudnn.benchmark``, interleaved. Without a GPU it is
+  recorded as not measured; tests/test_bench.py runs its code path on CPU.
 
 Models start from random weights (nothing is downloaded); batches are random images with random boxes.
-A table is printed and everything (with machine info and the config) is written as JSON (``--out``).
+A table is printed and everything (with machine info, thread count, load average, config and command) is
+written as JSON (``--out``, default reports/bench.json).
 """
 from __future__ import annotations
 
@@ -28,30 +37,29 @@ import argparse
 import contextlib
 import copy
 import gc
-import importlib.metadata
 import io
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/cocodata.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/cocodata.py, bench/timing.py
 from cocodata import make_eval_set  # noqa: E402
 
+import loading  # noqa: E402
+import scaling  # noqa: E402
+from timing import TrainStep, machine_info, peak_growth_mib, summary, time_interleaved  # noqa: E402
+
 from pkdkit.distill import build_distiller  # noqa: E402
-from pkdkit.engine import TrainConfig, build_optimizer  # noqa: E402
+from pkdkit.engine import TrainConfig  # noqa: E402
 from pkdkit.features import backbone_features  # noqa: E402
 from pkdkit.models import DetectorSpec, build_detector  # noqa: E402
 from pkdkit.presets import get_preset  # noqa: E402
@@ -76,7 +84,13 @@ class BenchConfig:
     repeats: int = 15
     eval_images: int = 500
     eval_repeats: int = 5
-    selection_images: int = 64
+    selection_images: tuple[int, ...] = scaling.IMAGES  # calibration images of the cost-matrix points
+    selection_models: tuple[int, ...] = (3, 5)  # 1 + 2 and 1 + 4 models
+    loader_presets: tuple[str, ...] = ("tiny", "small")
+    loader_images: dict[str, int] = field(default_factory=lambda: {"tiny": 64, "small": 96})
+    loader_passes: int = 3
+    loader_steps: int = 4
+    settings_repeats: int = 20  # per AMP / channels-last / cuDNN variant (CUDA)
     memory_steps: int = 3
     seed: int = 0
 
@@ -102,7 +116,9 @@ class BenchConfig:
         else:
             raise ValueError(f"sizes must be 'tiny' or 'realistic', not {sizes!r}")
         if quick:
-            cfg = replace(cfg, repeats=max(cfg.repeats // 2, 6), warmup=2, eval_images=200, eval_repeats=3)
+            cfg = replace(cfg, repeats=max(cfg.repeats // 2, 6), warmup=2, eval_images=200, eval_repeats=3,
+                          selection_images=scaling.QUICK_IMAGES, loader_images={"tiny": 32, "small": 32},
+                          loader_passes=2, loader_steps=2, settings_repeats=6)
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,56 +137,7 @@ def _candidates(student: DetectorSpec, teachers: list[DetectorSpec]) -> list[Det
 
 
 # ----------------------------------------------------------------------------------------------------
-# Helpers
-def machine_info(device: torch.device) -> dict[str, Any]:
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "torchvision": __import__("torchvision").__version__, "python": platform.python_version(),
-            "numpy": np.__version__, "torch_threads": torch.get_num_threads(),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "device": str(device),
-            "platform": platform.platform()}
-    for dist in ("pycocotools", "faster-coco-eval"):
-        try:
-            info[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            info[dist] = None
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    return info
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_interleaved(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int,
-                     device: torch.device) -> dict[str, list[float]]:
-    """Seconds of each call of each function, run in turns (order reversed every round: A B, B A, ...)
-    so that slow drifts of the machine hit all of them alike. The first `warmup` rounds are dropped."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(warmup + repeats):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            sync(device)
-            tic = time.perf_counter()
-            fns[name]()
-            sync(device)
-            if r >= warmup:
-                times[name].append(time.perf_counter() - tic)
-    return times
-
-
-def summary(times: list[float]) -> dict[str, float]:
-    return {"median_s": statistics.median(times), "min_s": min(times), "n": len(times)}
-
-
+# Inputs and models
 def make_batch(cfg: BenchConfig, device: torch.device, seed: int = 0) -> tuple[list[torch.Tensor], list[dict]]:
     """`batch_size` random images (3, H, W) in [0, 1] with 2-6 random boxes each (labels 1..K-1)."""
     g = torch.Generator().manual_seed(seed)
@@ -197,38 +164,8 @@ def build_models(cfg: BenchConfig, device: torch.device) -> tuple[nn.Module, nn.
     return student.train(), teacher.eval()
 
 
-class TrainStep:
-    """One training step of `model` (forward `(images, targets) -> {name: loss}`), as pkdkit.engine runs it:
-    AMP autocast on CUDA, zero_grad, (scaled) backward, gradient clipping, the configured optimizer's step. `extra()` runs after
-    the step (e.g. the teacher's forward, for the comparison that has no Distiller)."""
-
-    def __init__(self, model: nn.Module, images: list[torch.Tensor], targets: list[dict], cfg: BenchConfig,
-                 device: torch.device, extra: Callable[[], Any] | None = None):
-        self.model, self.images, self.targets, self.cfg, self.device, self.extra = \
-            model, images, targets, cfg, device, extra
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.params, cfg.train)
-        self.amp = cfg.train.amp and device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        self.last_loss = float("nan")
-
-    def __call__(self) -> None:
-        with torch.autocast(self.device.type, enabled=self.amp):
-            losses = self.model(self.images, self.targets)
-            if self.extra is not None:
-                self.extra()
-        loss = sum(losses.values())
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if self.cfg.train.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.last_loss = loss.item()  # the engine logs every step: a sync, as here
-
-
 STEPS = ("distill", "student+teacher", "student", "distill_free_loss")
+PARTS = ("distill", "evaluation", "loader", "selection", "memory", "settings")
 
 
 def step_fns(cfg: BenchConfig, device: torch.device, kinds: tuple[str, ...] = STEPS) -> dict[str, TrainStep]:
@@ -251,12 +188,12 @@ def step_fns(cfg: BenchConfig, device: torch.device, kinds: tuple[str, ...] = ST
         model = build_distiller(copy.deepcopy(student), teacher, loss, params).to(device)
         return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 
-    make = {"distill": lambda: TrainStep(distiller(cfg.loss, cfg.loss_params), images, targets, cfg, device),
-            "student+teacher": lambda: TrainStep(copy.deepcopy(student), images, targets, cfg, device,
+    make = {"distill": lambda: TrainStep(distiller(cfg.loss, cfg.loss_params), images, targets, cfg.train, device),
+            "student+teacher": lambda: TrainStep(copy.deepcopy(student), images, targets, cfg.train, device,
                                                  teacher_forward),
-            "student": lambda: TrainStep(copy.deepcopy(student), images, targets, cfg, device),
-            "distill_free_loss": lambda: TrainStep(distiller("mse", {"loss_weight": 0.0}), images, targets, cfg,
-                                                   device)}
+            "student": lambda: TrainStep(copy.deepcopy(student), images, targets, cfg.train, device),
+            "distill_free_loss": lambda: TrainStep(distiller("mse", {"loss_weight": 0.0}), images, targets,
+                                                   cfg.train, device)}
     return {kind: make[kind]() for kind in kinds}
 
 
@@ -286,18 +223,26 @@ def _fresh_gt(gt: dict) -> Any:
     return coco
 
 
+EVAL_TARGETS = {"bbox": 0.35, "segm": 0.5}  # pkdkit's time / pycocotools' time
+
+
 def bench_evaluation(cfg: BenchConfig) -> dict[str, Any]:
     from pycocotools.cocoeval import COCOeval
 
-    from pkdkit.evaluate import STAT_NAMES, coco_evaluate
+    from pkdkit.evaluate import STAT_NAMES, coco_evaluate, cocoeval_metrics
     from pkdkit.fasteval import DEFAULT_COCOEVAL
 
     gt, results = make_eval_set(cfg.eval_images, seed=cfg.seed)
-    out: dict[str, Any] = {"images": len(gt["images"]), "ground_truth": len(gt["annotations"]),
+    out: dict[str, Any] = {"images": len(gt["images"]), "categories": len(gt["categories"]),
+                           "categories_with_ground_truth": len({a["category_id"] for a in gt["annotations"]}),
+                           "ground_truth": len(gt["annotations"]),
                            "crowd": sum(a["iscrowd"] for a in gt["annotations"]), "detections": len(results),
-                           "evaluator": f"{DEFAULT_COCOEVAL.__module__}.{DEFAULT_COCOEVAL.__name__}", "target": 0.5}
+                           "detections_with_masks": sum("segmentation" in r for r in results),
+                           "evaluator": f"{DEFAULT_COCOEVAL.__module__}.{DEFAULT_COCOEVAL.__name__}",
+                           "target": EVAL_TARGETS}
     for iou_type in ("bbox", "segm"):
         stats: dict[str, list[float]] = {}
+        per_class: dict[str, dict[str, float]] = {}
         inputs: dict[str, Any] = {}
 
         def prepare() -> None:  # untimed: fresh ground truth and results for each run (pycocotools edits both)
@@ -312,66 +257,120 @@ def bench_evaluation(cfg: BenchConfig) -> dict[str, Any]:
                 cocoeval.accumulate()
                 cocoeval.summarize()
             stats["plain"] = [float(s) for s in cocoeval.stats]
+            per_class["plain"] = cocoeval_metrics(cocoeval)["per_class"]
 
         def pkdkit() -> None:
             coco_gt, res = inputs["pkdkit"]
             metrics = coco_evaluate(coco_gt, res, (iou_type,))[iou_type]
             stats["pkdkit"] = [metrics["stats"][n] for n in STAT_NAMES]
+            per_class["pkdkit"] = metrics["per_class"]
 
         times: dict[str, list[float]] = {"plain": [], "pkdkit": []}
+        cpu: dict[str, list[float]] = {"plain": [], "pkdkit": []}
         for r in range(cfg.eval_repeats + 1):  # the first round warms up
             for name, fn in ((("plain", plain), ("pkdkit", pkdkit)) if r % 2 == 0 else
                              (("pkdkit", pkdkit), ("plain", plain))):
                 prepare()
                 gc.collect()
-                tic = time.perf_counter()
+                tic, cpu_tic = time.perf_counter(), time.process_time()
                 fn()
                 if r > 0:
                     times[name].append(time.perf_counter() - tic)
+                    cpu[name].append(time.process_time() - cpu_tic)
         diff = max(abs(a - b) for a, b in zip(stats["plain"], stats["pkdkit"]))
         out[iou_type] = {"plain": summary(times["plain"]), "pkdkit": summary(times["pkdkit"]),
                          "ratio": statistics.median(times["pkdkit"]) / statistics.median(times["plain"]),
+                         "cpu_ratio": statistics.median(cpu["pkdkit"]) / statistics.median(cpu["plain"]),
+                         "per_class_identical": per_class["plain"] == per_class["pkdkit"],
                          "stats_identical": stats["plain"] == stats["pkdkit"], "stats_max_abs_diff": diff,
                          "AP": stats["pkdkit"][0], "stats": dict(zip(STAT_NAMES, stats["pkdkit"]))}
     return out
 
 
-def bench_selection(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
-    from pkdkit.selection import cost_matrix
-
-    torch.manual_seed(cfg.seed)
-    specs = {"student": cfg.student, **{s.name: s for s in cfg.candidates}}
-    models = {name: build_detector(spec).to(device).eval() for name, spec in specs.items()}
-    g = torch.Generator().manual_seed(cfg.seed)
-    images = [torch.rand(3, *cfg.image_hw, generator=g) for _ in range(cfg.selection_images)]
-    times = []
-    with warnings.catch_warnings(record=True) as caught:  # e.g. "too few pixel samples at p7": kept in the JSON
-        warnings.simplefilter("always")
-        for _ in range(2):  # the first run warms up (allocator, cuDNN)
-            sync(device)
-            tic = time.perf_counter()
-            matrix = cost_matrix(models, images, batch_size=cfg.train.batch_size, device=device)
-            sync(device)
-            times.append(time.perf_counter() - tic)
-    return {"models": {n: s.name for n, s in specs.items()}, "images": cfg.selection_images,
-            "seconds": times[-1], "warmup_seconds": times[0], "levels": matrix.levels,
-            "warnings": sorted({str(w.message) for w in caught})}
+def selection_specs(cfg: BenchConfig, n_models: int) -> dict[str, DetectorSpec]:
+    """The student and the first ``n_models - 1`` candidate teachers."""
+    if not 2 <= n_models <= len(cfg.candidates) + 1:
+        raise ValueError(f"n_models must be in [2, {len(cfg.candidates) + 1}], got {n_models}")
+    return {"student": cfg.student, **{s.name: s for s in cfg.candidates[:n_models - 1]}}
 
 
-def _peak_rss_reset() -> bool:
-    """Reset the kernel's peak resident set size of this process (Linux >= 4.0); False where unsupported."""
+def selection_worker(cfg: BenchConfig, n_images: int, n_models: int) -> dict[str, Any]:
+    """One cost-matrix point (child process of `bench_selection`)."""
+    return scaling.selection_point(selection_specs(cfg, n_models), n_images, cfg.image_hw, cfg.train.batch_size,
+                                   torch.device(cfg.device), cfg.seed)
+
+
+def bench_selection(cfg: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
+    out = scaling.bench_selection_scaling(Path(__file__).resolve(), _child_args(cfg, args), cfg.selection_models,
+                                          cfg.selection_images)
+    out["model_names"] = {f"1+{m - 1}": [spec.name for spec in selection_specs(cfg, m).values()]
+                          for m in cfg.selection_models}
+    return out
+
+
+def _child_args(cfg: BenchConfig, args: argparse.Namespace) -> list[str]:
+    """The arguments that make a child process's BenchConfig equal to this one."""
+    child = ["--device", cfg.device, "--batch-size", str(cfg.train.batch_size)]
+    return child + (["--quick"] if args.quick else []) + (["--sizes", args.sizes] if args.sizes else [])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Speed settings side by side: AMP, channels-last, cuDNN autotuning
+SETTINGS: dict[str, dict[str, bool]] = {
+    "plain": dict(amp=False, channels_last=False, cudnn_benchmark=False),
+    "amp": dict(amp=True, channels_last=False, cudnn_benchmark=False),
+    "amp+channels_last": dict(amp=True, channels_last=True, cudnn_benchmark=False),
+    "amp+channels_last+cudnn_benchmark": dict(amp=True, channels_last=True, cudnn_benchmark=True),
+}
+
+
+def settings_fns(cfg: BenchConfig, device: torch.device,
+                 names: tuple[str, ...] = tuple(SETTINGS)) -> dict[str, TrainStep]:
+    """A distillation step (Distiller + the configured loss) per setting, each on its own models: autocast
+    (bfloat16 where supported, else float16 with loss scaling) around the student's forward, the teacher's
+    forward (the Distiller runs it inside the same autocast) and the loss; channels-last weights and input;
+    ``torch.backends.cudnn.benchmark`` set before each of its steps (a no-op off CUDA)."""
+    images, targets = make_batch(cfg, device, cfg.seed)
+    steps = {}
+    for name in names:
+        s = SETTINGS[name]
+        student, teacher = build_models(replace(cfg, channels_last=s["channels_last"]), device)
+        model = build_distiller(student, teacher, cfg.loss, cfg.loss_params).to(device)
+        if s["channels_last"]:
+            model = model.to(memory_format=torch.channels_last)
+        step = TrainStep(model, images, targets, cfg.train, device, amp=s["amp"])
+        step.cudnn_benchmark, step.teacher = s["cudnn_benchmark"], teacher
+        steps[name] = step
+    return steps
+
+
+def bench_settings(cfg: BenchConfig, device: torch.device, warmup: int | None = None,
+                   repeats: int | None = None, steps: dict[str, TrainStep] | None = None) -> dict[str, Any]:
+    """Distillation-step time per setting (`settings_fns`, or `steps` made by it), interleaved, and each
+    one's speed-up over "plain"."""
+    steps = steps or settings_fns(cfg, device)
+
+    def call(step: TrainStep) -> Callable[[], None]:
+        def run() -> None:
+            torch.backends.cudnn.benchmark = step.cudnn_benchmark
+            step()
+        return run
+
+    saved = torch.backends.cudnn.benchmark
     try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _rss_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {key} in /proc/self/status")
+        times = time_interleaved({n: call(s) for n, s in steps.items()}, cfg.warmup if warmup is None else warmup,
+                                 cfg.settings_repeats if repeats is None else repeats, device)
+    finally:
+        torch.backends.cudnn.benchmark = saved
+    med = {name: statistics.median(t) for name, t in times.items()}
+    out: dict[str, Any] = {name: {**summary(t), **SETTINGS[name], "images_per_s": cfg.train.batch_size / med[name],
+                                  "speedup_vs_plain": med["plain"] / med[name],
+                                  "amp_dtype": str(steps[name].amp_dtype).replace("torch.", "")
+                                  if steps[name].amp else None,
+                                  "final_loss": steps[name].last_loss}
+                           for name, t in times.items()}
+    out["device"] = str(device)
+    return out
 
 
 def memory_worker(cfg: BenchConfig, kind: str) -> dict[str, Any]:
@@ -381,26 +380,13 @@ def memory_worker(cfg: BenchConfig, kind: str) -> dict[str, Any]:
     device = torch.device(cfg.device)
     step = step_fns(cfg, device, (kind,))[kind]
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
+
+    def steps() -> None:
         for _ in range(cfg.memory_steps):
             step()
-        torch.cuda.synchronize(device)
-        return {"peak_mib": (torch.cuda.max_memory_allocated(device) - before) / 2**20,
-                "method": "torch.cuda.max_memory_allocated - memory_allocated before the first step"}
-    if _peak_rss_reset():
-        before = _rss_kib("VmRSS")
-        for _ in range(cfg.memory_steps):
-            step()
-        return {"peak_mib": (_rss_kib("VmHWM") - before) / 1024,
-                "method": "VmHWM after resetting it (/proc/self/clear_refs) - VmRSS before the first step"}
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(cfg.memory_steps):
-        step()
-    return {"peak_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024,
-            "method": "ru_maxrss growth (a lower bound when set-up peaked higher)"}
+
+    peak, method = peak_growth_mib(steps, device)
+    return {"peak_mib": peak, "method": method + " the first step"}
 
 
 def bench_memory(cfg: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
@@ -428,29 +414,73 @@ def bench_memory(cfg: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------
 # Report
 def table(res: dict[str, Any]) -> str:
-    d, ev, sel, mem = res["distill_step"], res["evaluation"], res["selection"], res["memory"]
+    """The figures of the parts that ran, with their targets, as a plain-text table."""
     ms = lambda s: f"{1000 * s:.1f} ms"  # noqa: E731
-    rows = [("distillation step", "", "", ""),
-            ("  distill step (MGD, all levels)", ms(d["distill"]["median_s"]), "", ""),
-            ("  student step + teacher forward", ms(d["student+teacher"]["median_s"]), "", ""),
-            ("  overhead ratio", f"{d['ratio']:.3f}", "<= 1.05", "ok" if d["ratio"] <= 1.05 else "ABOVE"),
-            ("  machinery only (free loss)", f"{d['ratio_machinery']:.3f}", "", ""),
-            ("  student step alone", ms(d["student"]["median_s"]), "", ""),
-            ("  images/s distill | student+teacher",
-             f"{d['images_per_s']['distill']:.1f} | {d['images_per_s']['student+teacher']:.1f}", "", "")]
-    rows.append((f"COCO evaluation ({ev['images']} images, {ev['detections']} dets)", "", "", ""))
-    for iou_type in ("bbox", "segm"):
-        e = ev[iou_type]
-        rows += [(f"  {iou_type}: pycocotools | pkdkit",
-                  f"{ms(e['plain']['median_s'])} | {ms(e['pkdkit']['median_s'])}", "", ""),
-                 (f"  {iou_type}: time ratio", f"{e['ratio']:.3f}", "<= 0.5", "ok" if e["ratio"] <= 0.5 else "ABOVE"),
-                 (f"  {iou_type}: 12 stats identical", str(e["stats_identical"]), "True",
-                  "ok" if e["stats_identical"] else f"max diff {e['stats_max_abs_diff']:.2e}")]
-    rows += [(f"teacher selection: 1+4 cost matrix, {sel['images']} images", f"{sel['seconds']:.2f} s", "", ""),
-             ("peak memory: student step", f"{mem['student']['peak_mib']:.1f} MiB", "", ""),
-             ("peak memory: distill step", f"{mem['distill']['peak_mib']:.1f} MiB", "", ""),
-             ("  memory ratio", f"{mem['ratio']:.3f}", "", "")]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    ok = lambda good: "ok" if good else "MISSED"  # noqa: E731
+    rows: list[tuple[str, str, str, str]] = []
+    if "distill_step" in res:
+        d = res["distill_step"]
+        rows += [("distillation step", "", "", ""),
+                 ("  distill step (MGD, all levels)", ms(d["distill"]["median_s"]), "", ""),
+                 ("  student step + teacher forward", ms(d["student+teacher"]["median_s"]), "", ""),
+                 ("  overhead ratio", f"{d['ratio']:.3f}", "<= 1.05", ok(d["ratio"] <= 1.05)),
+                 ("  machinery only (free loss)", f"{d['ratio_machinery']:.3f}", "", ""),
+                 ("  student step alone", ms(d["student"]["median_s"]), "", "")]
+    if "evaluation" in res:
+        ev = res["evaluation"]
+        rows.append((f"COCO evaluation ({ev['images']} images, {ev['categories']} categories, "
+                     f"{ev['detections_with_masks']} detections with masks, {ev['crowd']} crowd)", "", "", ""))
+        for iou_type in ("bbox", "segm"):
+            e, target = ev[iou_type], ev["target"][iou_type]
+            rows += [(f"  {iou_type}: pycocotools | pkdkit",
+                      f"{ms(e['plain']['median_s'])} | {ms(e['pkdkit']['median_s'])}", "", ""),
+                     (f"  {iou_type}: time ratio (CPU-time ratio)", f"{e['ratio']:.3f} ({e['cpu_ratio']:.3f})",
+                      f"<= {target}", ok(e["ratio"] <= target)),
+                     (f"  {iou_type}: 12 stats | per-class AP identical",
+                      f"{e['stats_identical']} | {e['per_class_identical']}", "True",
+                      ok(e["stats_identical"] and e["per_class_identical"]))]
+    for name, ld in res.get("loader", {}).items():
+        rows.append((f"data loading, {name} preset ({ld['image_size']} px, batch {ld['batch_size']}, "
+                     f"masks)", "", "", ""))
+        rows.append(("  training step (images/s)", f"{ld['step']['images_per_s']:.1f}", "", ""))
+        for row in ld["loader"]:
+            rows.append((f"  loader, {row['num_workers']} workers: images/s (x step)",
+                         f"{row['images_per_s']:.0f} ({row['ratio_to_step']:.1f}x)", f">= {ld['target']:.0f}x",
+                         ok(row["ratio_to_step"] >= ld["target"])))
+        for row in ld["fed"]:
+            rows.append((f"  steps fed by the loader ({row['num_workers']} workers) / steps alone",
+                         f"{row['ratio_to_step']:.2f}", "", ""))
+    if "selection" in res:
+        sel = res["selection"]
+        for key, g in sel["growth"].items():
+            if key.startswith("1+"):
+                rows.append((f"selection {key} models, {sel['images']} images: s", ", ".join(
+                    f"{p['seconds']:.1f}" for p in sel["points"] if f"1+{p['models'] - 1}" == key), "", ""))
+                rows.append(("  per-image time, largest / smallest (CPU time)",
+                             f"{g['time_ratio_largest_vs_smallest_per_image']:.2f} "
+                             f"({g['cpu_time_ratio_largest_vs_smallest_per_image']:.2f})", "~1 (linear)", ""))
+                rows.append(("  CPU time / the models' forwards alone",
+                             ", ".join(f"{r:.2f}" for r in g["cpu_seconds_over_forwards"]), "flat", ""))
+                rows.append(("  peak MiB (largest / smallest)", ", ".join(f"{m:.0f}" for m in g["peak_mib"]) +
+                             f" ({g['memory_ratio_largest_vs_smallest']:.2f})", "~1 (flat)", ""))
+        if "time_ratio_models" in sel["growth"]:
+            g = sel["growth"]["time_ratio_models"]
+            rows.append((f"  CPU time 1+{g['models'][1] - 1} / 1+{g['models'][0] - 1} models", f"{g['cpu_ratio']:.2f}",
+                         f"~{g['forward_cpu_ratio']:.2f} (their forwards)", ""))
+    if "memory" in res:
+        mem = res["memory"]
+        rows += [("peak memory: student step | distill step",
+                  f"{mem['student']['peak_mib']:.1f} | {mem['distill']['peak_mib']:.1f} MiB", "", ""),
+                 ("  memory ratio", f"{mem['ratio']:.3f}", "", "")]
+    if "settings" in res:
+        st = res["settings"]
+        if st.get("status") == "not measured":
+            rows.append(("AMP / channels-last / cuDNN autotuning", "not measured (no GPU)", "", ""))
+        else:
+            rows.append((f"distill step settings on {st['device']}", "", "", ""))
+            for name in SETTINGS:
+                rows.append((f"  {name}", f"{ms(st[name]['median_s'])} ({st[name]['speedup_vs_plain']:.2f}x)", "", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)] if rows else [0] * 4
     header = ("what", "value", "target", "")
     widths = [max(w, len(h)) for w, h in zip(widths, header)]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
@@ -468,9 +498,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, help="timed distillation steps per variant")
     parser.add_argument("--warmup", type=int, help="untimed distillation steps per variant first")
     parser.add_argument("--batch-size", type=int, help="images per training step")
-    parser.add_argument("--only", nargs="+", choices=["distill", "evaluation", "selection", "memory"],
-                        help="run only these parts")
+    parser.add_argument("--only", nargs="+", choices=PARTS, help="run only these parts")
     parser.add_argument("--memory-worker", choices=["student", "distill"], help=argparse.SUPPRESS)
+    parser.add_argument("--selection-worker", nargs=2, type=int, metavar=("IMAGES", "MODELS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cfg = BenchConfig.make(args.device, args.sizes, args.quick)
     if args.repeats is not None:
@@ -482,15 +512,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.memory_worker:  # child process of bench_memory: one JSON line on stdout
         print(json.dumps(memory_worker(cfg, args.memory_worker)))
         return {}
+    if args.selection_worker:  # child process of bench_selection: one JSON line on stdout
+        print(json.dumps(selection_worker(cfg, *args.selection_worker), default=str))
+        return {}
     device = torch.device(cfg.device)
-    parts = args.only or ["distill", "evaluation", "selection", "memory"]
-    res: dict[str, Any] = {"machine": machine_info(device), "config": cfg.to_dict(),
-                           "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    parts = args.only or list(PARTS)
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    command = threads + " ".join(["python bench/run.py", *(sys.argv[1:] if argv is None else argv)])
+    res: dict[str, Any] = {"machine": machine_info(device), "config": cfg.to_dict(), "command": command}
     t0 = time.perf_counter()
     runners = {"distill": ("distill_step", lambda: bench_distill_step(cfg, device)),
                "evaluation": ("evaluation", lambda: bench_evaluation(cfg)),
-               "selection": ("selection", lambda: bench_selection(cfg, device)),
-               "memory": ("memory", lambda: bench_memory(cfg, args))}
+               "loader": ("loader", lambda: {name: loading.bench_loading(
+                   name, device, n_images=cfg.loader_images[name], passes=cfg.loader_passes,
+                   steps=cfg.loader_steps) for name in cfg.loader_presets}),
+               "selection": ("selection", lambda: bench_selection(cfg, args)),
+               "memory": ("memory", lambda: bench_memory(cfg, args)),
+               "settings": ("settings", lambda: bench_settings(cfg, device) if device.type == "cuda" else
+                            {"status": "not measured", "reason": "no GPU on this machine; run "
+                             "`bench/run.py --device cuda` on one (the code path is tested on CPU by "
+                             "tests/test_bench.py)", "variants": list(SETTINGS)})}
     for part in parts:
         key, run = runners[part]
         tic = time.perf_counter()
@@ -501,10 +542,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2, default=str))
-    if not args.only:
-        print(table(res))
-    else:
-        print(json.dumps({k: res[k] for k in res if k not in ("machine", "config")}, indent=2, default=str))
+    print(table(res))
     m = res["machine"]
     print(f"\n{m['cpu']} ({m['cpu_count']} cores), torch {m['torch']}, {m['torch_threads']} threads, "
           f"device {m['device']}{', ' + m['gpu'] if 'gpu' in m else ''}; {res['seconds']:.0f} s; JSON: {out}")

@@ -329,37 +329,72 @@ def collate_fn(batch) -> tuple[list[torch.Tensor], list[dict]]:
     return list(images), list(targets)
 
 
-class _SeedWorker:
-    """Seeds each loader worker from (seed, epoch, rank, worker id), so augmentation is reproducible per epoch.
+class _EpochSampler(DistributedSampler):
+    """A `DistributedSampler` whose indices carry their epoch and pass, ``(epoch, pass, index)``, so that loader
+    workers re-seed at the start of every pass over the data, also persistent ones (started once, where
+    ``worker_init_fn`` runs only once)."""
 
-    Workers are started anew for every epoch (no persistent workers), after `sampler.set_epoch`, so the
-    sampler's epoch is the current one.
-    """
+    passes = 0
 
-    def __init__(self, sampler: DistributedSampler, seed: int):
-        self.sampler, self.seed = sampler, seed
+    def __iter__(self):
+        self.passes += 1
+        return ((self.epoch, self.passes, i) for i in super().__iter__())
 
-    def __call__(self, worker_id: int) -> None:
-        s = np.random.SeedSequence([self.seed, self.sampler.epoch, self.sampler.rank, worker_id])
-        worker_seed = int(s.generate_state(1, dtype=np.uint64)[0] >> 1)
-        torch.manual_seed(worker_seed)
-        np.random.seed(worker_seed % 2**32)
+
+class _EpochSeeded(Dataset):
+    """Reads ``(epoch, pass, index)`` keys: in a loader worker, the first item of each pass seeds torch and
+    numpy from (seed, epoch, rank, worker id), so augmentation is reproducible per epoch whatever the worker
+    settings (fresh or persistent workers draw the same numbers, also when a pass is started twice)."""
+
+    def __init__(self, dataset: Dataset, seed: int, rank: int):
+        self.dataset, self.seed, self.rank = dataset, seed, rank
+        self._pass: int | None = None  # the pass this copy (one per worker) last seeded for
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int, int]):
+        epoch, pass_id, index = key
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and pass_id != self._pass:
+            s = np.random.SeedSequence([self.seed, epoch, self.rank, worker.id])
+            worker_seed = int(s.generate_state(1, dtype=np.uint64)[0] >> 1)
+            torch.manual_seed(worker_seed)
+            np.random.seed(worker_seed % 2**32)
+            self._pass = pass_id
+        return self.dataset[index]
 
 
 def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int = 0, num_workers: int = 0,
-                distributed: bool = False, drop_last: bool = False) -> DataLoader:
+                distributed: bool = False, drop_last: bool = False, pin_memory: bool = False,
+                persistent_workers: bool = False, prefetch_factor: int | None = None) -> DataLoader:
     """A DataLoader over a `DistributedSampler` (1 replica unless `distributed` and torch.distributed is up).
 
     Shuffling depends only on `(seed, epoch)`: call `loader.sampler.set_epoch(epoch)` before each epoch.
-    The loader has its own generator, so iterating it does not consume torch's global RNG.
+    The loader has its own generator, so iterating it does not consume torch's global RNG. With
+    `num_workers` > 0 each worker seeds its RNGs from (seed, epoch, rank, worker id) at its first item of an
+    epoch, so random augmentation is the same for fresh and `persistent_workers` (kept between epochs:
+    no start-up cost per epoch). `pin_memory` (page-locked batches, for fast and asynchronous copies to a
+    GPU) and `prefetch_factor` (batches loaded ahead per worker; torch's default 2) are DataLoader's.
     """
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if num_workers == 0 and (persistent_workers or prefetch_factor is not None):
+        raise ValueError("persistent_workers and prefetch_factor need loader worker processes (num_workers > 0); "
+                         f"got num_workers=0, persistent_workers={persistent_workers}, "
+                         f"prefetch_factor={prefetch_factor}")
     if distributed and dist.is_available() and dist.is_initialized():
         num_replicas, rank = dist.get_world_size(), dist.get_rank()
     else:
         num_replicas, rank = 1, 0
-    sampler = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
-                                 drop_last=drop_last)
+    if num_workers == 0:
+        sampler = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                                     drop_last=drop_last)
+    else:
+        sampler = _EpochSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                                drop_last=drop_last)
+        dataset = _EpochSeeded(dataset, seed, rank)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_fn, drop_last=drop_last,
-                      worker_init_fn=_SeedWorker(sampler, seed) if num_workers > 0 else None,
+                      collate_fn=collate_fn, drop_last=drop_last, pin_memory=pin_memory,
+                      persistent_workers=persistent_workers, prefetch_factor=prefetch_factor,
                       generator=torch.Generator().manual_seed(seed))

@@ -59,7 +59,10 @@ class TrainConfig:
     amp: bool = True  # used on CUDA only
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
-    num_workers: int = 0
+    num_workers: int = 0  # loader worker processes (decode, targets, masks off the training process)
+    pin_memory: bool | None = None  # page-locked batches for asynchronous copies; None: on when training on CUDA
+    persistent_workers: bool = False  # keep the workers between epochs (needs num_workers > 0)
+    prefetch_factor: int | None = None  # batches loaded ahead per worker; None: torch's default (2)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -89,7 +92,7 @@ class TrainConfig:
 
 
 # Settings that do not change the result: a resumed run may change them.
-_RESUME_FREE = {"progress", "num_workers", "device"}
+_RESUME_FREE = {"progress", "num_workers", "device", "pin_memory", "persistent_workers", "prefetch_factor"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -212,7 +215,9 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig,
     ckpt_path = out_dir / "last.pt"
     model.to(device)
     loader = make_loader(dataset, cfg.batch_size, shuffle=True, seed=cfg.seed, num_workers=cfg.num_workers,
-                         distributed=info.enabled)
+                         distributed=info.enabled, persistent_workers=cfg.persistent_workers,
+                         prefetch_factor=cfg.prefetch_factor,
+                         pin_memory=device.type == "cuda" if cfg.pin_memory is None else cfg.pin_memory)
     total_iters = cfg.epochs * len(loader)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
@@ -245,9 +250,11 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig,
         net.train()
         sums: dict[str, float] = {}
         t0 = time.time()
-        bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and info.is_main),
-                   leave=False, dynamic_ncols=True)
-        for i, (images, targets) in enumerate(bar):
+        # a bar beside the loader, not around it: tqdm.auto's bar calls iter() on what it wraps once more,
+        # which would start (and drop) a second set of loader workers every epoch
+        bar = tqdm(total=len(loader), desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not (cfg.progress and info.is_main), leave=False, dynamic_ncols=True)
+        for i, (images, targets) in enumerate(loader):
             images = [im.to(device, non_blocking=True) for im in images]
             targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
             with torch.autocast(device.type, enabled=use_amp):
@@ -270,6 +277,8 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig,
             kd = sum(v for k, v in values.items() if k.startswith("distill"))
             bar.set_postfix(loss=f"{values['loss']:.3f}", det=f"{values['loss'] - kd:.3f}", kd=f"{kd:.4f}",
                             lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            bar.update()
+        bar.close()
         n = max(len(loader), 1)
         record: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                                   "seconds": round(time.time() - t0, 2), **{k: v / n for k, v in sums.items()}}

@@ -41,7 +41,9 @@ def _box(rng: np.random.Generator, x: float, y: float, w: float, h: float, width
     return [round(x, 2), round(y, 2), round(max(min(w, width - x), 1.0), 2), round(max(min(h, height - y), 1.0), 2)]
 
 
-def make_gt_and_results(n_images: int = 150, seed: int = 0) -> tuple[dict, list[dict]]:
+def make_gt_and_results(n_images: int = 150, seed: int = 0, category_ids: tuple[int, ...] = CATEGORY_IDS,
+                        empty: int = 1, objects: int = 9) -> tuple[dict, list[dict]]:
+    """The last `empty` categories never have ground truth (detections may still name them)."""
     rng = np.random.default_rng(seed)
     images, anns, results = [], [], []
 
@@ -52,11 +54,11 @@ def make_gt_and_results(n_images: int = 150, seed: int = 0) -> tuple[dict, list[
     for image_id in range(1, n_images + 1):
         width, height = int(rng.choice([160, 200, 256])), int(rng.choice([120, 160, 200]))
         images.append({"id": image_id, "file_name": f"{image_id}.png", "width": width, "height": height})
-        for _ in range(0 if image_id % 10 == 0 else int(rng.integers(1, 9))):
+        for _ in range(0 if image_id % 10 == 0 else int(rng.integers(1, objects))):
             side = float(np.exp(rng.uniform(math.log(5), math.log(150))))  # small, medium and large
             box = _box(rng, rng.uniform(0, width - side / 2), rng.uniform(0, height - side / 2),
                        side * rng.uniform(0.6, 1.4), side * rng.uniform(0.6, 1.4), width, height)
-            cat, crowd = int(rng.choice(CATEGORY_IDS[:-1])), int(rng.random() < 0.08)
+            cat, crowd = int(rng.choice(category_ids[:-empty])), int(rng.random() < 0.08)
             rle, area = _rle(_ellipse(*box, n=16), height, width)
             anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": cat, "bbox": box, "area": area,
                          "iscrowd": crowd, "segmentation": rle if crowd else [_ellipse(*box, n=16)]})
@@ -64,13 +66,13 @@ def make_gt_and_results(n_images: int = 150, seed: int = 0) -> tuple[dict, list[
                 x, y, w, h = box
                 jittered = _box(rng, x + rng.normal(0, 0.1 * w), y + rng.normal(0, 0.1 * h),
                                 w * rng.uniform(0.75, 1.25), h * rng.uniform(0.75, 1.25), width, height)
-                c = cat if rng.random() < 0.85 else int(rng.choice(CATEGORY_IDS))
+                c = cat if rng.random() < 0.85 else int(rng.choice(category_ids))
                 results.append(detection(image_id, c, jittered, height, width))
         for _ in range(rng.poisson(4)):
             w, h = rng.uniform(3, width / 2), rng.uniform(3, height / 2)
             box = _box(rng, rng.uniform(0, width - w), rng.uniform(0, height - h), w, h, width, height)
-            results.append(detection(image_id, int(rng.choice(CATEGORY_IDS)), box, height, width))
-    cats = [{"id": c, "name": f"class_{c}"} for c in CATEGORY_IDS]
+            results.append(detection(image_id, int(rng.choice(category_ids)), box, height, width))
+    cats = [{"id": c, "name": f"class_{c}"} for c in category_ids]
     return {"images": images, "annotations": anns, "categories": cats}, results
 
 
@@ -80,14 +82,14 @@ def gt_and_results():
 
 
 def evaluate_with(cls: type, gt: dict, results: list[dict], iou_type: str, max_dets: int = 100,
-                  use_cats: int = 1) -> tuple[object, str]:
+                  use_cats: int = 1, max_dets_list: list[int] | None = None) -> tuple[object, str]:
     """Plain pycocotools flow with evaluator `cls` on private copies; returns (evaluator, printed summary)."""
     coco_gt = COCO()
     coco_gt.dataset = copy.deepcopy(gt)
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt.createIndex()
         cocoeval = cls(coco_gt, coco_gt.loadRes(copy.deepcopy(results)), iou_type)
-        cocoeval.params.maxDets = [1, 10, max_dets]
+        cocoeval.params.maxDets = max_dets_list or [1, 10, max_dets]
         cocoeval.params.useCats = use_cats
         cocoeval.evaluate()
         cocoeval.accumulate()
@@ -157,7 +159,7 @@ def test_category_agnostic_evaluation_matches_pycocotools(gt_and_results):
     assert_same_evaluation(fast, slow)
 
 
-def test_empty_and_perfect_results_match_pycocotools(gt_and_results):
+def test_empty_perfect_and_all_wrong_results_match_pycocotools(gt_and_results):
     gt, _ = gt_and_results
     perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
                for a in gt["annotations"] if not a["iscrowd"]]
@@ -166,11 +168,14 @@ def test_empty_and_perfect_results_match_pycocotools(gt_and_results):
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt.createIndex()
 
-    for results in ([], perfect):
+    missed = [dict(r, bbox=[r["bbox"][0] + 1000, *r["bbox"][1:]]) for r in perfect]  # no true positive at all
+    ap50 = []
+    for results in ([], perfect, missed):
         fast = run_cocoeval(coco_gt, results, "bbox", cocoeval_cls=FastCOCOeval)
         slow = run_cocoeval(coco_gt, results, "bbox", cocoeval_cls=COCOeval)
         assert_same_evaluation(fast, slow)
-    assert cocoeval_metrics(fast)["stats"]["AP50"] == pytest.approx(1.0, abs=1e-12)
+        ap50.append(cocoeval_metrics(fast)["stats"]["AP50"])
+    assert ap50 == [0.0, pytest.approx(1.0, abs=1e-12), 0.0]
 
 
 def test_accumulate_before_evaluate_says_what_to_do(gt_and_results):
@@ -183,3 +188,55 @@ def test_accumulate_before_evaluate_says_what_to_do(gt_and_results):
 
     with pytest.raises(RuntimeError, match="call evaluate"):
         cocoeval.accumulate()
+
+
+# 40 categories with COCO-like non-contiguous ids; the last 6 never have ground truth: detections name 4 of
+# them (false positives only) and 2 have nothing at all
+MANY_CATEGORY_IDS = tuple(range(1, 91, 2))[:40]
+
+
+@pytest.fixture(scope="module")
+def many_categories():
+    gt, results = make_gt_and_results(n_images=80, seed=3, category_ids=MANY_CATEGORY_IDS, empty=6, objects=14)
+    results = [r for r in results if r["category_id"] not in MANY_CATEGORY_IDS[-2:]]
+    return gt, results
+
+
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_many_categories_with_empty_ones_and_crowd_match_pycocotools_exactly(many_categories, iou_type):
+    gt, results = many_categories
+    assert any(a["iscrowd"] for a in gt["annotations"])
+    assert {r["category_id"] for r in results} & set(MANY_CATEGORY_IDS[-6:-2])  # detections without ground truth
+    slow, slow_text = evaluate_with(COCOeval, gt, results, iou_type)
+    fast, fast_text = evaluate_with(FastCOCOeval, gt, results, iou_type)
+
+    assert fast.eval["precision"].shape[2] == len(MANY_CATEGORY_IDS)
+    assert_same_evaluation(fast, slow)
+    assert list(fast.stats) == list(slow.stats) and fast_text == slow_text
+    per_class = cocoeval_metrics(fast)["per_class"]
+    assert per_class == cocoeval_metrics(slow)["per_class"]
+    assert all(per_class[f"class_{c}"] == -1.0 for c in MANY_CATEGORY_IDS[-6:])
+
+
+@pytest.mark.parametrize("max_dets", [[1, 2, 5], [1, 3, 3], [2, 100, 1]])
+def test_max_dets_caps_below_the_detections_per_image_match_pycocotools(many_categories, max_dets):
+    gt, results = many_categories
+    # 12 extra detections of one category on image 1, so that the caps cut some (image, category) lists
+    first = next(a for a in gt["annotations"] if a["image_id"] == 1)
+    extra = [{**r, "image_id": 1, "category_id": first["category_id"], "score": round(0.2 + 0.05 * i, 3)}
+             for i, r in enumerate(r for r in results if r["image_id"] == 1)][:12]
+    slow, _ = evaluate_with(COCOeval, gt, extra + results, "segm", max_dets_list=max_dets)
+    fast, _ = evaluate_with(FastCOCOeval, gt, extra + results, "segm", max_dets_list=max_dets)
+
+    assert_same_evaluation(fast, slow)
+
+
+def test_accumulation_reads_only_the_image_category_pairs_that_have_annotations(many_categories):
+    gt, results = many_categories
+    fast, _ = evaluate_with(FastCOCOeval, gt, results, "bbox")
+    used = fast._used_pairs()
+    p = fast.params
+    assert used.shape == (len(p.catIds) * len(p.areaRng) * len(p.imgIds),)
+    pairs = {(a["category_id"], a["image_id"]) for a in gt["annotations"]} | \
+        {(r["category_id"], r["image_id"]) for r in results}
+    assert used.sum() == len(pairs) * len(p.areaRng) < used.size / 3  # not every (image, category) pair

@@ -1,0 +1,131 @@
+"""Does data loading keep up with training? The loader's images per second (PNG decode, targets, masks,
+random flips: `pkdkit.data.CocoDetection` through `pkdkit.data.make_loader`) against the training step's,
+on a preset's own synthetic data, student and batch size.
+
+Three figures per preset, measured in one process one after the other:
+- ``loader``: images/s of full passes over the data with 0, 1 and 2 worker processes (persistent workers,
+  so that start-up is paid once; pinned memory on CUDA), the batches taken and dropped. With workers, the
+  first pass (start-up included) is reported apart.
+- ``step``: images/s of the student's training step (`timing.TrainStep`, the engine's step) on one batch
+  of that data, already in memory.
+- ``fed``: images/s of the same steps taking their batches from the loader (0 and 1 workers), as
+  `engine.train` does; ``fed / step`` near 1 means the loader is not the bottleneck.
+The target is ``loader / step >= 3`` with the workers the machine can spare.
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from timing import TrainStep, sync
+
+from pkdkit.data import CocoDetection, make_loader
+from pkdkit.models import build_detector
+from pkdkit.presets import get_preset
+from pkdkit.synthetic import make_synthetic_coco
+
+TARGET = 3.0
+
+
+def preset_dataset(preset_name: str, root: str | Path, n_images: int) -> CocoDetection:
+    """`n_images` training images of the preset's synthetic data (its size and seed), with masks and flips."""
+    synth = get_preset(preset_name).synth
+    if synth is None:
+        raise ValueError(f"preset {preset_name!r} has no synthetic data to benchmark the loader on")
+    paths = make_synthetic_coco(root, n_train=n_images, n_val=0, size=synth["size"], seed=synth["seed"])
+    return CocoDetection(paths["train_images"], paths["train_json"], train=True, masks=True)
+
+
+def loader_images_per_s(dataset: CocoDetection, batch_size: int, num_workers: int, passes: int,
+                        device: torch.device) -> dict[str, Any]:
+    """Images/s over `passes` full passes (after one untimed first pass that starts the workers); each batch
+    is moved to `device` as the engine moves it (non-blocking, from pinned memory on CUDA)."""
+    loader = make_loader(dataset, batch_size, shuffle=True, seed=0, num_workers=num_workers,
+                         persistent_workers=num_workers > 0, pin_memory=device.type == "cuda")
+
+    def one_pass(epoch: int) -> float:
+        loader.sampler.set_epoch(epoch)
+        tic = time.perf_counter()
+        for images, targets in loader:
+            images = [im.to(device, non_blocking=True) for im in images]
+            targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+        sync(device)
+        return time.perf_counter() - tic
+
+    first = one_pass(0)
+    times = [one_pass(epoch) for epoch in range(1, passes + 1)]
+    n = len(dataset)
+    return {"num_workers": num_workers, "images_per_s": n / statistics.median(times),
+            "first_pass_images_per_s": n / first, "passes": passes, "images_per_pass": n}
+
+
+def bench_loading(preset_name: str, device: torch.device, *, n_images: int, passes: int, steps: int,
+                  workers: tuple[int, ...] = (0, 1, 2), fed_workers: tuple[int, ...] = (0, 1),
+                  root: str | Path | None = None) -> dict[str, Any]:
+    """The loader's and the training step's images/s on preset `preset_name` (see the module docstring)."""
+    preset = get_preset(preset_name)
+    batch_size = preset.train.batch_size
+    with tempfile.TemporaryDirectory() if root is None else contextlib.nullcontext(root) as tmp:
+        dataset = preset_dataset(preset_name, tmp, n_images)
+        out: dict[str, Any] = {"preset": preset_name, "images": n_images, "image_size": preset.synth["size"],
+                               "batch_size": batch_size, "student": preset.student.name, "masks": True,
+                               "loader": [loader_images_per_s(dataset, batch_size, w, passes, device)
+                                          for w in workers]}
+        torch.manual_seed(0)
+        model = build_detector(preset.student).to(device).train()
+        images, targets = next(iter(make_loader(dataset, batch_size, shuffle=True, seed=0)))
+        images = [im.to(device) for im in images]
+        targets = [{k: v.to(device) for k, v in t.items() if k != "masks"} for t in targets]
+        step = TrainStep(model, images, targets, preset.train, device)
+        step()  # warm-up
+        sync(device)
+        tic = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        out["step"] = {"images_per_s": steps * batch_size / (time.perf_counter() - tic), "steps": steps}
+        out["fed"] = [_fed_steps(model, dataset, preset.train, device, steps, w) for w in fed_workers]
+    step_rate = out["step"]["images_per_s"]
+    for row in out["loader"] + out["fed"]:
+        row["ratio_to_step"] = row["images_per_s"] / step_rate
+    out["target"] = TARGET
+    return out
+
+
+def _fed_steps(model: torch.nn.Module, dataset: CocoDetection, train: Any, device: torch.device,
+               steps: int, num_workers: int) -> dict[str, Any]:
+    """Training steps whose batches come from the loader (persistent workers if any), as in `engine.train`."""
+    loader = make_loader(dataset, train.batch_size, shuffle=True, seed=1, num_workers=num_workers,
+                         persistent_workers=num_workers > 0, pin_memory=device.type == "cuda")
+    step = TrainStep(model, [], [], train, device)
+
+    def batches():
+        epoch = 0
+        while True:
+            loader.sampler.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    it = batches()
+
+    def next_step() -> None:
+        images, targets = next(it)
+        step.images = [im.to(device, non_blocking=True) for im in images]
+        step.targets = [{k: v.to(device, non_blocking=True) for k, v in t.items() if k != "masks"}
+                        for t in targets]
+        step()
+
+    next_step()  # warm-up: starts the worker
+    sync(device)
+    tic = time.perf_counter()
+    for _ in range(steps):
+        next_step()
+    sync(device)
+    return {"images_per_s": steps * train.batch_size / (time.perf_counter() - tic), "steps": steps,
+            "num_workers": num_workers}
+

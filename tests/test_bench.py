@@ -1,0 +1,102 @@
+"""The benchmark's code paths, run on CPU at toy sizes (no timing is checked here: numbers live in
+bench/run.py's output). The CUDA speed settings (AMP, channels-last, cuDNN autotuning) in particular are
+only measured on a GPU; this proves their code runs and does what it says."""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import loading  # noqa: E402
+import run  # noqa: E402
+import scaling  # noqa: E402
+
+from pkdkit.models import DetectorSpec  # noqa: E402
+
+TOY = dict(num_classes=4, fpn_channels=32, min_size=64, max_size=64, anchor_sizes=(8, 16, 32, 64, 128))
+
+
+@pytest.fixture(scope="module")
+def toy_cfg() -> run.BenchConfig:
+    cfg = run.BenchConfig.make("cpu", "tiny", quick=True)
+    student = DetectorSpec(arch="fcos", backbone="resnet18", **TOY)
+    return replace(cfg, student=student, teacher=student, candidates=[student, student], image_hw=(64, 64),
+                   train=cfg.train.replace(batch_size=2), eval_images=30, eval_repeats=1)
+
+
+def test_speed_settings_run_amp_channels_last_and_cudnn_autotuning_side_by_side(toy_cfg):
+    cpu = torch.device("cpu")
+    steps = run.settings_fns(toy_cfg, cpu)
+    assert list(steps) == ["plain", "amp", "amp+channels_last", "amp+channels_last+cudnn_benchmark"]
+    conv = lambda m: next(x for x in m.modules() if isinstance(x, torch.nn.Conv2d))  # noqa: E731
+    for name, step in steps.items():
+        layout = torch.channels_last if "channels_last" in name else torch.contiguous_format
+        assert conv(step.model.student.backbone).weight.is_contiguous(memory_format=layout), name
+        assert conv(step.teacher.backbone).weight.is_contiguous(memory_format=layout), name
+        assert step.amp == (name != "plain") and step.cudnn_benchmark == name.endswith("cudnn_benchmark")
+
+    seen = {}  # the teacher's FPN output dtype in each setting: the teacher runs under the same autocast
+    for name, step in steps.items():
+        def record(module, inputs, out, name=name) -> None:
+            seen.setdefault(name, next(iter(out.values())).dtype)
+
+        handle = step.teacher.backbone.register_forward_hook(record)
+        step()
+        handle.remove()
+        assert math.isfinite(step.last_loss), name
+    assert seen == {"plain": torch.float32, "amp": torch.bfloat16, "amp+channels_last": torch.bfloat16,
+                    "amp+channels_last+cudnn_benchmark": torch.bfloat16}
+
+    before = torch.backends.cudnn.benchmark
+    out = run.bench_settings(toy_cfg, cpu, warmup=0, repeats=1, steps=steps)
+    assert out["plain"]["speedup_vs_plain"] == 1.0 and out["amp"]["amp_dtype"] == "bfloat16"
+    assert all(out[name]["n"] == 1 and math.isfinite(out[name]["final_loss"]) for name in run.SETTINGS)
+    assert torch.backends.cudnn.benchmark is before  # put back as it was
+
+
+@pytest.fixture(scope="module")
+def evaluation(toy_cfg) -> dict:
+    return run.bench_evaluation(toy_cfg)
+
+
+def test_evaluation_benchmark_uses_coco_categories_crowd_and_masks_and_finds_identical_stats(evaluation):
+    out = evaluation
+    assert out["categories"] == 80 and out["categories_with_ground_truth"] < 80
+    assert out["crowd"] > 0 and out["detections_with_masks"] == out["detections"] > 300
+    for iou_type in ("bbox", "segm"):
+        assert out[iou_type]["stats_identical"] and out[iou_type]["per_class_identical"]
+        assert out[iou_type]["ratio"] > 0 and out[iou_type]["cpu_ratio"] > 0
+    assert out["target"] == {"bbox": 0.35, "segm": 0.5}
+
+
+def test_loader_benchmark_compares_the_loader_with_the_training_step(tmp_path):
+    out = loading.bench_loading("tiny", torch.device("cpu"), n_images=8, passes=1, steps=1, workers=(0, 1),
+                                root=tmp_path)
+    assert [row["num_workers"] for row in out["loader"]] == [0, 1]
+    assert all(row["images_per_s"] > 0 and row["ratio_to_step"] > 0 for row in out["loader"])
+    assert out["step"]["images_per_s"] > 0 and [row["num_workers"] for row in out["fed"]] == [0, 1]
+    assert all(row["ratio_to_step"] > 0 for row in out["fed"])
+    assert out["masks"] and out["batch_size"] == 8 and out["image_size"] == 96
+
+
+def test_selection_point_times_a_cost_matrix_and_its_peak_memory(toy_cfg):
+    specs = run.selection_specs(toy_cfg, 2)
+    assert list(specs) == ["student", "fcos_resnet18"]
+    point = scaling.selection_point(specs, 8, (64, 64), 4, torch.device("cpu"))
+    assert point["images"] == 8 and point["models"] == 2 and point["seconds"] > 0
+    assert point["forward_cpu_seconds"] > 0 and point["peak_mib"] >= 0 and point["levels"]
+    images = scaling.RandomImages(3, (8, 8), seed=1)
+    assert torch.equal(images[2], scaling.RandomImages(3, (8, 8), seed=1)[2]) and len(images) == 3
+
+
+def test_report_table_lists_every_part_and_marks_gpu_settings_not_measured(evaluation):
+    res = {"evaluation": evaluation,
+           "settings": {"status": "not measured", "reason": "no GPU", "variants": list(run.SETTINGS)}}
+    text = run.table(res)
+    assert "segm: time ratio" in text and "bbox: 12 stats | per-class AP identical" in text
+    assert "not measured (no GPU)" in text
