@@ -27,6 +27,7 @@ from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from pkdkit.data import LabelMap
+from pkdkit.errors import PkdkitError, reason
 from pkdkit.files import atomic_write
 
 ARCHS = ("retinanet", "fcos", "fasterrcnn", "maskrcnn")
@@ -60,7 +61,7 @@ TORCHVISION_DETECTORS: dict[str, tuple[str, str, Callable[..., nn.Module]]] = {
 }
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(PkdkitError, RuntimeError):
     """A checkpoint is missing, unreadable, or does not fit the model it is loaded into."""
 
 
@@ -299,7 +300,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason(e)}") from e
 
 
 def save_detector(path: str | os.PathLike, model: nn.Module, spec: DetectorSpec, label_map: LabelMap,

@@ -42,7 +42,7 @@ def prepare_data(preset: Preset, run_dir: str | os.PathLike, data_root: str | No
     else:
         root = Path(run_dir).resolve() / "data"
         if not (root / "annotations" / "instances_val.json").exists():
-            make_synthetic_coco(root, **preset.synth)
+            make_synthetic_coco(root, **preset.synth, overwrite=True)  # no val JSON (written last): a partial set
         cfg = DataConfig.from_root(root)
     if preset.student.num_classes == 91 and cfg.labels == "contiguous":
         cfg.labels = "identity"  # torchvision's COCO label space: label == category id
