@@ -137,11 +137,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     data = _data_config(args)
+    val_ds = data.val_dataset()  # the data is checked before any model is built
     rows = {}
     with run_lock(args.out) if args.out else nullcontext():
         for ckpt in args.checkpoints:
             model, spec, label_map, payload = load_detector(ckpt)
-            ds = data.val_dataset(label_map if args.labels == "identity" else None)
+            ds = data.val_dataset(label_map) if args.labels == "identity" else val_ds
             name = Path(ckpt).parent.name or spec.name
             rows[name] = evaluate_detector(model, ds, label_map, out_dir=args.out, name=name, device=device,
                                            config=payload.get("config"), progress=not args.quiet)

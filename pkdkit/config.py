@@ -31,10 +31,12 @@ def _convert(value: Any, type_str: str) -> Any:
     for alt in _split_union(type_str):
         base, _, inner = alt.partition("[")
         inner = inner[:-1].replace(", ...", "").strip() if inner else "Any"
+        if base == "None":
+            if value is None:
+                return None
+            continue
         if base == "Any" or base[:1].isupper():  # another class (DetectorSpec, Stage): checked by itself
             return value
-        if base == "None" and value is None:
-            return None
         if base == "bool" and isinstance(value, bool):
             return value
         if base == "int" and isinstance(value, int) and not isinstance(value, bool):
