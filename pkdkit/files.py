@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import glob
 import json
 import os
 import secrets
@@ -36,7 +37,7 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_temp_files(folder: str | os.PathLike, name: str) -> list[Path]:
     """Remove `folder/.<name>.<host>-<pid>.*.tmp` files of dead processes on this host (killed atomic writes)."""
     removed = []
-    for tmp in Path(folder).glob(f".{name}.{_HOST}-*.tmp"):
+    for tmp in Path(folder).glob(f"{glob.escape(f'.{name}.{_HOST}-')}*.tmp"):
         try:
             pid = int(tmp.name[len(f".{name}.{_HOST}-"):].split(".")[0])
         except ValueError:
