@@ -382,8 +382,8 @@ def train_detector(spec: DetectorSpec, train_ds: CocoDetection, val_ds: CocoDete
     train_ds.check_images()
     val_ds.check_images()
     full = {"spec": spec.to_dict(), "train": cfg.to_dict(),
-            "data": {"train": str(train_ds.ann_file), "train_sha256": train_ds.fingerprint,
-                     "val": str(val_ds.ann_file), "val_sha256": val_ds.fingerprint}, **(config or {})}
+            "data": {"train": str(train_ds.ann_file.resolve()), "train_sha256": train_ds.fingerprint,
+                     "val": str(val_ds.ann_file.resolve()), "val_sha256": val_ds.fingerprint}, **(config or {})}
     info = init_distributed(cfg.device)
     with run_lock(out_dir) if info.is_main else contextlib.nullcontext():
         if (out_dir / "model.pt").exists() and (out_dir / "eval.json").exists():
