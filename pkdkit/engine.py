@@ -230,7 +230,8 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig,
     Loss names starting with ``distill`` are shown as the distillation part of the progress bar.
     `on_epoch_end(epoch, model)` may return extra metrics (for example an evaluation) for that epoch.
     `out_dir` is locked for the run (`pkdkit.files.run_lock`): a second run on it fails at once.
-    A resumed run must have the same `config` and training settings (RunMismatchError names what differs).
+    A resumed run must have the same `config`, training settings and training-set annotations (RunMismatchError
+    names what differs).
     After every optimizer step the weights are checked as well as the loss before it, so a NaN or an
     infinity never reaches a checkpoint.
     """
@@ -254,7 +255,8 @@ def _train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, total_iters, cfg))
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    full_config = {"train": cfg.to_dict(), **(config or {})}
+    # the training set's content, not only its path: a resumed run must see the same annotations
+    full_config = {"train": cfg.to_dict(), "train_data_sha256": getattr(dataset, "fingerprint", None), **(config or {})}
 
     history: list[dict[str, Any]] = []
     start_epoch = 0

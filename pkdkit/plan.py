@@ -35,8 +35,8 @@ from torch import nn
 from pkdkit.config import check_fields, check_value, config_diff
 from pkdkit.data import CocoDetection, LabelMap
 from pkdkit.distill import build_distiller, inherit_teacher_head
-from pkdkit.errors import ConfigError, PkdkitError, reason
 from pkdkit.engine import TrainConfig, barrier, init_distributed, resolve_device, seed_everything, train
+from pkdkit.errors import ConfigError, PkdkitError, reason
 from pkdkit.evaluate import comparison_table, evaluate_detector
 from pkdkit.features import common_levels, feature_levels
 from pkdkit.files import write_json, write_text
@@ -186,7 +186,7 @@ def _check_fields(cls: type, values: Any, where: str) -> dict[str, Any]:
 
 def _check_loss_params(stage: Stage, where: str) -> dict[str, Any]:
     """The stage's loss parameters, known to its loss, of the type of their defaults, in range (the loss is
-    built once on 8 channels to run its own checks)."""
+    built once, at a usual FPN width, to run its own checks)."""
     if stage.loss not in LOSSES:
         raise PlanError(f"{where}: unknown loss {stage.loss!r}; available: {sorted(LOSSES)}")
     accepted = loss_hparams(stage.loss)
@@ -204,7 +204,7 @@ def _check_loss_params(stage: Stage, where: str) -> dict[str, Any]:
         if isinstance(params[key], float) and not math.isfinite(params[key]):
             raise PlanError(f"{where}: loss_params: {key} must be a finite number, got {params[key]}")
     try:
-        build_loss(stage.loss, 8, 8, **params)
+        build_loss(stage.loss, 256, 256, **params)
     except (TypeError, ValueError) as e:
         raise PlanError(f"{where}: loss_params: {e}") from e
     return params

@@ -73,10 +73,12 @@ def test_a_failing_notebook_names_the_notebook_and_the_cell(tmp_path):
 
 def test_cli_exits_non_zero_when_a_notebook_fails(tmp_path):
     cmd = [sys.executable, "-m", "pkdkit.cli", "notebooks", "run", "--preset", "tiny", "--out", str(tmp_path),
-           "--run-dir", str(tmp_path / "run"), "--only", "02_teacher_selection.ipynb"]
+           "--run-dir", str(tmp_path / "run"), "--only", "02_teacher_selection.ipynb",
+           "-p", f"data_root={tmp_path / 'nowhere'}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1
-    assert "02_teacher_selection.ipynb failed in cell" in proc.stderr and "Traceback" not in proc.stderr
+    assert "02_teacher_selection.ipynb failed in cell" in proc.stderr and "nowhere" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_a_run_dir_refuses_other_parameters_before_any_notebook_runs(demo_run, tmp_path):
