@@ -302,8 +302,10 @@ def _notebooks_args(p: argparse.ArgumentParser) -> None:
     from pkdkit.notebooks import NOTEBOOKS
     from pkdkit.presets import PRESETS
 
-    nsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    r = nsub.add_parser("run", help="run the walk-through notebooks in order into a report folder")
+    nsub = p.add_subparsers(dest="action", required=True, metavar="ACTION", prog="pkdkit notebooks")
+    text = "run the walk-through notebooks in order into a report folder"
+    r = nsub.add_parser("run", help=text, description=text, usage="%(prog)s --out DIR [options]")
+    _add_common(r, top=False)
     r.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="default: %(default)s")
     r.add_argument("--out", required=True, help="report folder: executed notebooks, figures, metrics.json")
     r.add_argument("--run-dir", help="shared run directory: data, models, selection, distillation "
@@ -315,7 +317,9 @@ def _notebooks_args(p: argparse.ArgumentParser) -> None:
                    help="a value for the notebooks' parameters cells (YAML: 3, 0.5, true, null, [a, b]); unknown "
                         "names and wrong types are refused before any notebook runs")
     r.set_defaults(func=cmd_notebooks)
-    e = nsub.add_parser("experiment", help="the walk-through once per seed, then the seed study (06)")
+    text = "the walk-through once per seed, then the seed study (06)"
+    e = nsub.add_parser("experiment", help=text, description=text, usage="%(prog)s --out DIR [options]")
+    _add_common(e, top=False)
     e.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="default: %(default)s")
     e.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="default: %(default)s")
     e.add_argument("--out", required=True, help="report folder: seed_<k>/ per seed, experiment.json, figures/")
@@ -326,13 +330,19 @@ def _notebooks_args(p: argparse.ArgumentParser) -> None:
     e.set_defaults(func=cmd_notebooks)
 
 
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
-    "synth": ("write the synthetic COCO-format shapes dataset", _synth_args),
-    "train": ("supervised training of one detector (teachers, baseline student)", _train_args),
-    "evaluate": ("COCO evaluation of checkpoints on the validation set", _evaluate_args),
-    "select": ("adaptation costs between student and teachers, and the teacher order", _select_args),
-    "distill": ("run a distillation plan (YAML/JSON): stages, hand-over, evaluation", _distill_args),
-    "notebooks": ("run the notebooks headless with papermill", _notebooks_args),
+# name -> (what it does, the arguments of its short usage line, the function adding its options)
+COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = {
+    "synth": ("write the synthetic COCO-format shapes dataset", "--out DIR [options]", _synth_args),
+    "train": ("supervised training of one detector (teachers, baseline student)",
+              "--out DIR (--data ROOT | --train-json ... --val-images ...) [options]", _train_args),
+    "evaluate": ("COCO evaluation of checkpoints on the validation set", "CHECKPOINT [CHECKPOINT ...] [options]",
+                 _evaluate_args),
+    "select": ("adaptation costs between student and teachers, and the teacher order",
+               "--student CKPT --teachers NAME=CKPT ... --out DIR [options]", _select_args),
+    "distill": ("run a distillation plan (YAML/JSON): stages, hand-over, evaluation", "PLAN [options]",
+                _distill_args),
+    "notebooks": ("run the notebooks headless with papermill", "{run,experiment} --out DIR [options]",
+                  _notebooks_args),
 }
 
 
@@ -348,8 +358,8 @@ def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentPars
     parser = argparse.ArgumentParser(prog="pkdkit", description=__doc__)
     _add_common(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (text, add_args) in COMMANDS.items():
-        p = sub.add_parser(name, help=text, description=text)
+    for name, (text, usage, add_args) in COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text, usage=f"%(prog)s {usage}")
         if commands is None or name in commands:
             _add_common(p, top=False)
             add_args(p)

@@ -370,6 +370,9 @@ def test_unknown_or_mistyped_notebook_parameters_fail_before_any_notebook_runs(t
     assert code == 1 and "'run_reversed' should be a bool" in one_line_error(err, "notebooks")
     code, err = cli(capsys, *base, "-p", "run_dir=/elsewhere")
     assert code == 1 and "set with --run-dir" in one_line_error(err, "notebooks")
+    code, err = cli(capsys, "notebooks", "experiment", "--out", str(report), "--run-root", str(tmp_path / "run"),
+                    "-p", "seed=1")
+    assert code == 1 and "'seed' is set with --seeds" in one_line_error(err, "notebooks")
     assert not list(report.glob("*.ipynb")) and not (tmp_path / "run").exists()
 
 
