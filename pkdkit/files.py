@@ -2,7 +2,7 @@
 
 Every checkpoint, metrics JSON and plan goes through `atomic_write`, so a crash or a kill never leaves a
 half-written file in place of a good one; the temp file a killed write leaves behind is removed by the next
-write into that folder. `run_lock(folder)` keeps two runs from writing into one folder at the same time.
+write of the same file. `run_lock(folder)` keeps two runs from writing into one folder at the same time.
 """
 from __future__ import annotations
 

@@ -445,21 +445,29 @@ def test_subcommand_help_lists_the_choices_and_describes_every_option(capsys):
 # ----------------------------------------------------------------------------------------------------
 # 5. Tidy files
 def test_interrupted_atomic_writes_are_cleaned_up_and_files_get_normal_permissions(tmp_path):
-    victim = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid = int(victim.stdout)  # a process that has exited
+    """A writer killed with SIGKILL mid-write leaves its temp file; the next write of that file removes it."""
+    code = ("import sys, time\nfrom pkdkit.files import atomic_write\n"
+            "def write(f):\n    f.write(b'half a checkpoint')\n    f.flush()\n    print('writing', flush=True)\n"
+            "    time.sleep(600)\natomic_write(sys.argv[1], write)\n")
+    target = tmp_path / "metrics.json"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.stdout.readline().strip() == "writing"
+    proc.kill()
+    proc.wait()
+    (stale,) = tmp_path.glob(".metrics.json.*.tmp")
+    assert not target.exists()
     from pkdkit.files import _HOST
 
-    stale = tmp_path / f".metrics.json.{_HOST}-{dead_pid}.abcd1234.tmp"
-    stale.write_text("half a file")
     alive = tmp_path / f".metrics.json.{_HOST}-{os.getpid()}.ffff0000.tmp"  # this process: still writing
     alive.write_text("in progress")
     old = os.umask(0o022)
     try:
-        write_json({"a": 1}, tmp_path / "metrics.json")
+        write_json({"a": 1}, target)
     finally:
         os.umask(old)
-    assert not stale.exists() and alive.exists()
-    assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o644
+    assert not stale.exists() and alive.exists() and json.loads(target.read_text()) == {"a": 1}
+    assert target.stat().st_mode & 0o777 == 0o644
     with pytest.raises(ZeroDivisionError):
         atomic_write(tmp_path / "x.bin", lambda f: 1 / 0)
     assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "metrics.json"]
