@@ -1,26 +1,50 @@
-"""`pkdkit synth | train | evaluate | select | distill | notebooks | export` — thin argparse wrappers over the library."""
+"""`pkdkit synth | train | evaluate | select | distill | notebooks | export` — thin argparse wrappers over the library.
+
+pkdkit's own errors (bad data, a checkpoint, a plan, a setting, a run folder in use or made with other
+settings) are printed as one message and exit with status 1; `pkdkit --debug ...` shows the traceback.
+Other exceptions are bugs and keep theirs. Torch is imported only by the subcommand that needs it, so
+`pkdkit --help` answers at once.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import traceback
+from contextlib import nullcontext
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from pkdkit.engine import TrainConfig
+from pkdkit.errors import ConfigError, PkdkitError
 
 if TYPE_CHECKING:
     from pkdkit.plan import DataConfig
 
 
+def strict_bool(s: str) -> bool:
+    """true/false, yes/no, on/off, 1/0 (any case); anything else is an error, not False."""
+    v = s.strip().lower()
+    if v in ("true", "yes", "on", "1"):
+        return True
+    if v in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="dataset root in the synthetic/COCO layout (train/, val/, annotations/)")
-    p.add_argument("--train-json"), p.add_argument("--train-images")
-    p.add_argument("--val-json"), p.add_argument("--val-images")
-    p.add_argument("--masks", action="store_true", help="load instance masks (Mask R-CNN)")
-    p.add_argument("--labels", default="contiguous", choices=["contiguous", "identity"],
-                   help="category id -> label: 1..K, or label == category id (torchvision COCO models)")
+    g = p.add_argument_group("data (give --data, or the four files)")
+    g.add_argument("--data", metavar="ROOT",
+                   help="dataset root in the synthetic/COCO layout: train/ (or train2017/), val/ (or val2017/), "
+                        "annotations/instances_{train,val}.json")
+    g.add_argument("--train-json", metavar="FILE", help="COCO instances JSON of the training set")
+    g.add_argument("--train-images", metavar="DIR", help="folder the training JSON's file_name entries are in")
+    g.add_argument("--val-json", metavar="FILE", help="COCO instances JSON of the validation set")
+    g.add_argument("--val-images", metavar="DIR", help="folder the validation JSON's file_name entries are in")
+    g.add_argument("--masks", action="store_true", help="load instance masks (Mask R-CNN)")
+    g.add_argument("--labels", default="contiguous", choices=["contiguous", "identity"],
+                   help="category id -> model label: 1..K (contiguous), or label == category id (identity: "
+                        "torchvision's COCO models) (default: %(default)s)")
 
 
 def _data_config(args: argparse.Namespace) -> DataConfig:
@@ -32,38 +56,50 @@ def _data_config(args: argparse.Namespace) -> DataConfig:
         return cfg
     given = [args.train_json, args.train_images, args.val_json, args.val_images]
     if not all(given):
-        raise SystemExit("give --data ROOT, or all of --train-json --train-images --val-json --val-images")
+        raise ConfigError("give --data ROOT, or all of --train-json --train-images --val-json --val-images")
     return DataConfig(args.train_images, args.train_json, args.val_images, args.val_json, args.masks, args.labels)
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
+    """One option per `TrainConfig` field, described by the field's metadata; unset options keep the preset's
+    value (or TrainConfig's default)."""
+    from pkdkit.engine import TrainConfig
+
+    g = p.add_argument_group("training settings (default: the preset's, else the value shown)")
     defaults = TrainConfig()
     for f in fields(TrainConfig):
         if f.name == "progress":
             continue
         default = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
+        text = f.metadata.get("help", "")
         if isinstance(default, bool):
-            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
-                           help=f"true/false (default {default})")
+            g.add_argument(flag, type=strict_bool, default=None, metavar="BOOL",
+                           help=f"{text}: true or false (default {str(default).lower()})")
         elif isinstance(default, tuple):
-            p.add_argument(flag, type=float, nargs="+", default=None, help=f"default {list(default)}")
+            g.add_argument(flag, type=float, nargs="+", default=None, help=f"{text} (default {list(default)})")
         else:
-            kind = type(default) if default is not None else float
-            p.add_argument(flag, type=kind, default=None, help=f"default {default}")
+            kind = int if isinstance(default, int) else float if f.type.startswith("float") else str
+            g.add_argument(flag, type=kind, default=None, choices=f.metadata.get("choices"),
+                           help=f"{text} (default {default})")
 
 
-def _train_config(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
+def _train_config(args: argparse.Namespace, base: Any = None) -> Any:
+    from pkdkit.engine import TrainConfig
+
     base = base or TrainConfig()
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
              if f.name != "progress" and getattr(args, f.name, None) is not None}
     return base.replace(**given, progress=not args.quiet)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Commands
 def cmd_synth(args: argparse.Namespace) -> int:
     from pkdkit.synthetic import make_synthetic_coco
 
-    paths = make_synthetic_coco(args.out, n_train=args.train, n_val=args.val, size=args.size, seed=args.seed)
+    paths = make_synthetic_coco(args.out, n_train=args.train, n_val=args.val, size=args.size, seed=args.seed,
+                                overwrite=args.force)
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
     return 0
 
@@ -74,14 +110,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pkdkit.models import DetectorSpec
     from pkdkit.presets import get_preset
 
+    preset = get_preset(args.preset) if args.preset else None
+    cfg = _train_config(args, preset.train if preset else None)  # settings first: they cost nothing to check
     data = _data_config(args)
     train_ds, val_ds = data.train_dataset(), data.val_dataset()
-    preset = get_preset(args.preset) if args.preset else None
     spec_fields = {f.name for f in fields(DetectorSpec)}
     spec_args = {k: v for k, v in vars(args).items() if k in spec_fields and v is not None}
     base = preset.student.to_dict() if preset else {}
-    spec = DetectorSpec.from_dict({**base, **spec_args, "num_classes": args.num_classes or train_ds.label_map.num_classes})
-    cfg = _train_config(args, preset.train if preset else None)
+    try:
+        spec = DetectorSpec.from_dict({**base, **spec_args,
+                                       "num_classes": args.num_classes or train_ds.label_map.num_classes})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"detector: {e}") from e
     record = train_detector(spec, train_ds, val_ds, cfg, args.out)
     if record:
         print(f"\n{spec.name} on {data.val_json}\n{comparison_table({spec.name: record})}")
@@ -92,17 +132,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pkdkit.engine import resolve_device
     from pkdkit.evaluate import comparison_table, evaluate_detector
+    from pkdkit.files import run_lock
     from pkdkit.models import load_detector
 
+    device = resolve_device(args.device)
     data = _data_config(args)
+    val_ds = data.val_dataset()  # the data is checked before any model is built
     rows = {}
-    for ckpt in args.checkpoints:
-        model, spec, label_map, payload = load_detector(ckpt)
-        ds = data.val_dataset(label_map if args.labels == "identity" else None)
-        name = Path(ckpt).parent.name or spec.name
-        rows[name] = evaluate_detector(model, ds, label_map, out_dir=args.out, name=name,
-                                       device=resolve_device(args.device), config=payload.get("config"),
-                                       progress=not args.quiet)
+    with run_lock(args.out) if args.out else nullcontext():
+        for ckpt in args.checkpoints:
+            model, spec, label_map, payload = load_detector(ckpt)
+            ds = data.val_dataset(label_map) if args.labels == "identity" else val_ds
+            name = Path(ckpt).parent.name or spec.name
+            rows[name] = evaluate_detector(model, ds, label_map, out_dir=args.out, name=name, device=device,
+                                           config=payload.get("config"), progress=not args.quiet)
     print(comparison_table(rows))
     if args.out:
         print(f"metrics and COCO results written to {args.out}")
@@ -110,23 +153,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
+    from pkdkit.engine import init_distributed
+    from pkdkit.files import run_lock
     from pkdkit.plan import load_plan, run_plan
 
     plan = load_plan(args.plan)
     if args.device:
         plan.train = plan.train.replace(device=args.device)
-    run_plan(plan, progress=not args.quiet)
+    info = init_distributed(plan.train.device)
+    with run_lock(plan.out_dir) if info.is_main else nullcontext():
+        run_plan(plan, progress=not args.quiet)
     return 0
 
 
 def cmd_select(args: argparse.Namespace) -> int:
+    from pkdkit.files import run_lock
     from pkdkit.selection import run_selection
 
     teachers = dict(_name_eq_path(t) for t in args.teachers)
-    aps = dict((k, float(v)) for k, v in (_name_eq_path(a) for a in args.ap)) if args.ap else None
+    aps = None
+    if args.ap:
+        try:
+            aps = {k: float(v) for k, v in (_name_eq_path(a) for a in args.ap)}
+        except ValueError as e:
+            raise ConfigError(f"--ap takes NAME=AP with a number for AP: {e}") from e
     data = _data_config(args)
-    selection = run_selection(args.student, teachers, data.val_dataset(), args.out, n_images=args.images,
-                              strategy=args.strategy, method=args.method, device=args.device, aps=aps)
+    with run_lock(args.out):
+        selection = run_selection(args.student, teachers, data.val_dataset(), args.out, n_images=args.images,
+                                  strategy=args.strategy, method=args.method, device=args.device, aps=aps)
     print(selection.explanation)
     print(f"selection written to {Path(args.out) / 'selection.json'}")
     if args.plan:
@@ -148,120 +202,214 @@ def _name_eq_path(s: str) -> tuple[str, str]:
 def cmd_notebooks(args: argparse.Namespace) -> int:
     import yaml
 
-    from pkdkit.notebooks import NotebookRunError, run_experiment, run_notebooks
+    from pkdkit.notebooks import run_experiment, run_notebooks
 
-    params = {k: yaml.safe_load(v) for k, v in (_name_eq_path(p) for p in args.param)}
-    try:
-        if args.action == "run":
-            summary = run_notebooks(args.preset, args.out, run_dir=args.run_dir, device=args.device,
-                                    parameters=params, only=args.only, threads=args.threads)
-            print(f"executed notebooks, figures and metrics.json are in {summary['out']}")
-        else:
-            summary = run_experiment(args.preset, args.seeds, args.out, run_root=args.run_root, device=args.device,
-                                     parameters=params, threads=args.threads)
-            print(f"per-seed reports and the seed study (experiment.json, figures/) are in {summary['out']}")
-    except NotebookRunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    params = {}
+    for p in args.param:
+        if "=" not in p:
+            raise ConfigError(f"-p takes NAME=VALUE, got {p!r}")
+        name, value = p.split("=", 1)
+        params[name] = yaml.safe_load(value)
+    if args.action == "run":
+        summary = run_notebooks(args.preset, args.out, run_dir=args.run_dir, device=args.device,
+                                parameters=params, only=args.only, threads=args.threads)
+        print(f"executed notebooks, figures and metrics.json are in {summary['out']}")
+    else:
+        summary = run_experiment(args.preset, args.seeds, args.out, run_root=args.run_root, device=args.device,
+                                 parameters=params, threads=args.threads)
+        print(f"per-seed reports and the seed study (experiment.json, figures/) are in {summary['out']}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pkdkit.models import ExportError, export_model
+    from pkdkit.models import export_model
 
-    try:
-        path = export_model(args.checkpoint, args.format, args.out)
-    except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    path = export_model(args.checkpoint, args.format, args.out)
     print(f"{args.format} export of {args.checkpoint}: {path} (spec, label map"
           f"{' and the torchvision code that builds it' if args.format == 'torchvision' else ''}: {path}.json)")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pkdkit", description=__doc__)
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("synth", help="write the synthetic COCO-format shapes dataset")
-    p.add_argument("--out", required=True), p.add_argument("--train", type=int, default=64)
-    p.add_argument("--val", type=int, default=16), p.add_argument("--size", type=int, default=96)
-    p.add_argument("--seed", type=int, default=0)
+# ----------------------------------------------------------------------------------------------------
+# Parsers: each subcommand's options are added only when that subcommand runs (they import torch).
+def _synth_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="dataset root to write (train/, val/, annotations/)")
+    p.add_argument("--train", type=int, default=64, help="training images (default: %(default)s)")
+    p.add_argument("--val", type=int, default=16, help="validation images (default: %(default)s)")
+    p.add_argument("--size", type=int, default=96, help="image side in pixels, >= 32 (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed writes the same files (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace a dataset already in --out (its images and JSON)")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("train", help="supervised training of one detector (teachers, baseline student)")
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    from pkdkit.models import ARCHS, BACKBONES
+    from pkdkit.presets import PRESETS
+
     _add_data_args(p)
-    p.add_argument("--out", required=True, help="run folder (re-running resumes)")
-    p.add_argument("--preset", choices=["tiny", "small", "coco"], help="start from the preset's student/training")
-    p.add_argument("--arch"), p.add_argument("--backbone"), p.add_argument("--num-classes", type=int)
-    p.add_argument("--fpn-channels", type=int), p.add_argument("--min-size", type=int), p.add_argument("--max-size", type=int)
-    p.add_argument("--anchor-sizes", type=int, nargs="+"), p.add_argument("--weights"), p.add_argument("--backbone-weights")
-    p.add_argument("--trainable-layers", type=int)
+    p.add_argument("--out", required=True,
+                   help="run folder: last.pt, model.pt, metrics.json, eval.json. Re-running resumes with the same "
+                        "settings; other settings are refused")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="start from the preset's student and training settings")
+    g = p.add_argument_group("detector (default: the preset's student, else the value shown)")
+    g.add_argument("--arch", choices=ARCHS, help="detector architecture (default retinanet)")
+    g.add_argument("--backbone", choices=list(BACKBONES), help="backbone network (default resnet18)")
+    g.add_argument("--num-classes", type=int, help="classes including background (default: from the data)")
+    g.add_argument("--fpn-channels", type=int, help="FPN width (FCOS: a multiple of 32) (default 256)")
+    g.add_argument("--min-size", type=int, help="images are resized so the short side is this (default 800)")
+    g.add_argument("--max-size", type=int, help="... and the long side at most this (default 1333)")
+    g.add_argument("--anchor-sizes", type=int, nargs="+", help="one anchor size per FPN level, smallest first "
+                                                               "(default: torchvision's, for 800 px images)")
+    g.add_argument("--weights", help="torchvision detection weights (e.g. FCOS_ResNet50_FPN_Weights.COCO_V1) or "
+                                     "a pkdkit checkpoint to start from")
+    g.add_argument("--backbone-weights", help="torchvision classification weights of the backbone "
+                                              "(e.g. ResNet50_Weights.IMAGENET1K_V1)")
+    g.add_argument("--trainable-layers", type=int, help="backbone stages left trainable with backbone weights "
+                                                        "(default 3)")
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="COCO evaluation of checkpoints on the validation set")
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
     _add_data_args(p)
-    p.add_argument("checkpoints", nargs="+"), p.add_argument("--out"), p.add_argument("--device", default="auto")
+    p.add_argument("checkpoints", nargs="+", help="pkdkit checkpoints (model.pt) to evaluate on the validation set")
+    p.add_argument("--out", help="folder for <name>.json (metrics) and <name>_results.json (COCO results)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:<index> (default: %(default)s)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("select", help="adaptation costs between student and teachers, and the teacher order")
+
+def _select_args(p: argparse.ArgumentParser) -> None:
+    from pkdkit.losses import LOSSES
+    from pkdkit.selection import DEFAULT_STRATEGY, METHODS, STRATEGIES
+
     _add_data_args(p)
     p.add_argument("--student", required=True, help="student checkpoint")
     p.add_argument("--teachers", nargs="+", required=True,
-                   help="NAME=CHECKPOINT or NAME=TORCHVISION_WEIGHTS (e.g. fcos=FCOS_ResNet50_FPN_Weights.COCO_V1)")
+                   help="NAME=CHECKPOINT or NAME=TORCHVISION_WEIGHTS (e.g. fcos=FCOS_ResNet50_FPN_Weights.COCO_V1), "
+                        "or CHECKPOINT: named by its folder")
     p.add_argument("--ap", nargs="*", help="NAME=AP of teachers (for the by-AP order and the final teacher)")
-    p.add_argument("--out", required=True), p.add_argument("--images", type=int, default=64)
-    p.add_argument("--strategy", default="minimax"), p.add_argument("--method", default="closed_form")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="folder for selection.json and selection.png")
+    p.add_argument("--images", type=int, default=64, help="calibration images from the validation set "
+                                                          "(default: %(default)s)")
+    p.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=list(STRATEGIES),
+                   help="how the teacher order is chosen (default: %(default)s)")
+    p.add_argument("--method", default="closed_form", choices=list(METHODS),
+                   help="how adaptation costs are computed (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:<index> (default: %(default)s)")
     p.add_argument("--plan", help="also write a distillation plan (YAML) through the selected order")
-    p.add_argument("--loss", default="mgd", help="distillation loss of that plan's stages")
+    p.add_argument("--loss", default="mgd", choices=sorted(LOSSES),
+                   help="distillation loss of that plan's stages (default: %(default)s)")
     p.add_argument("--fine-tune", action="store_true",
                    help="that plan starts from the student checkpoint's trained weights (default: the paper's "
                         "protocol, the student's initial weights plus the first teacher's neck and head)")
     p.set_defaults(func=cmd_select)
 
-    p = sub.add_parser("distill", help="run a distillation plan (YAML/JSON): stages, hand-over, evaluation")
-    p.add_argument("plan"), p.add_argument("--device")
+
+def _distill_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("plan", help="plan file (YAML or JSON; format in pkdkit/plan.py). Re-running skips finished "
+                                "stages and resumes; a changed plan is refused")
+    p.add_argument("--device", help="overrides the plan's device: auto, cpu, cuda, cuda:<index>")
     p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("export", help="a deployable student: a torchvision state dict or an ONNX file")
+
+def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a pkdkit checkpoint (e.g. distill/<plan>/stage_<k>_<name>/student.pt)")
     p.add_argument("--format", choices=["torchvision", "onnx"], default="torchvision",
                    help="torchvision: plain state dict + <out>.json with the code that builds it; onnx: needs "
-                        "pip install 'pkdkit[onnx]'")
+                        "pip install 'pkdkit[onnx]' (default: %(default)s)")
     p.add_argument("--out", required=True, help="output file (e.g. student.pth or student.onnx)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("notebooks", help="run the notebooks headless with papermill")
-    nsub = p.add_subparsers(dest="action", required=True)
-    r = nsub.add_parser("run")
-    r.add_argument("--preset", default="tiny", choices=["tiny", "small", "coco"])
+
+def _notebooks_args(p: argparse.ArgumentParser) -> None:
+    from pkdkit.notebooks import DEFAULT_THREADS, NOTEBOOKS
+    from pkdkit.presets import PRESETS
+
+    nsub = p.add_subparsers(dest="action", required=True, metavar="ACTION", prog="pkdkit notebooks")
+    text = "run the walk-through notebooks in order into a report folder"
+    r = nsub.add_parser("run", help=text, description=text, usage="%(prog)s --out DIR [options]")
+    _add_common(r, top=False)
+    r.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="default: %(default)s")
     r.add_argument("--out", required=True, help="report folder: executed notebooks, figures, metrics.json")
-    r.add_argument("--run-dir", help="shared run directory (default: <out>/run)")
-    r.add_argument("--device", default="auto")
-    r.add_argument("--only", nargs="*", help="run only these notebooks (file names)")
-    r.add_argument("-p", "--param", action="append", default=[],
-                   help="NAME=VALUE for every notebook's parameters cell (YAML value: 3, 0.5, true, null, [a, b])")
-    r.add_argument("--threads", type=int, default=2,
-                   help="CPU threads per notebook kernel, recorded in metrics.json (0: torch's default; default 2)")
+    r.add_argument("--run-dir", help="shared run directory: data, models, selection, distillation "
+                                     "(default: runs/<preset>); a run dir made with other parameters is refused")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:<index> (default: %(default)s)")
+    r.add_argument("--only", nargs="*", choices=NOTEBOOKS, metavar="NOTEBOOK",
+                   help=f"run only these notebooks (file names: {', '.join(NOTEBOOKS)})")
+    r.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a value for the notebooks' parameters cells (YAML: 3, 0.5, true, null, [a, b]); unknown "
+                        "names and wrong types are refused before any notebook runs")
+    r.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                   help="CPU threads of each notebook kernel, recorded in metrics.json, so that the same settings "
+                        "give the same numbers (0: torch's default) (default: %(default)s)")
     r.set_defaults(func=cmd_notebooks)
-    e = nsub.add_parser("experiment", help="the walk-through once per seed, then the seed study (06)")
-    e.add_argument("--preset", default="tiny", choices=["tiny", "small", "coco"])
-    e.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    text = "the walk-through once per seed, then the seed study (06)"
+    e = nsub.add_parser("experiment", help=text, description=text, usage="%(prog)s --out DIR [options]")
+    _add_common(e, top=False)
+    e.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="default: %(default)s")
+    e.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="default: %(default)s")
     e.add_argument("--out", required=True, help="report folder: seed_<k>/ per seed, experiment.json, figures/")
     e.add_argument("--run-root", help="run directories, one per seed (default: runs/<preset>_experiment)")
-    e.add_argument("--device", default="auto")
-    e.add_argument("-p", "--param", action="append", default=[], help="NAME=VALUE for every notebook")
-    e.add_argument("--threads", type=int, default=2, help="CPU threads per notebook kernel (0: torch's default)")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:<index> (default: %(default)s)")
+    e.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a value for every notebook's parameters cell (as for `run`)")
+    e.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                   help="CPU threads of each notebook kernel (0: torch's default) (default: %(default)s)")
     e.set_defaults(func=cmd_notebooks)
+
+
+# name -> (what it does, the arguments of its short usage line, the function adding its options)
+COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = {
+    "synth": ("write the synthetic COCO-format shapes dataset", "--out DIR [options]", _synth_args),
+    "train": ("supervised training of one detector (teachers, baseline student)",
+              "--out DIR (--data ROOT | --train-json ... --val-images ...) [options]", _train_args),
+    "evaluate": ("COCO evaluation of checkpoints on the validation set", "CHECKPOINT [CHECKPOINT ...] [options]",
+                 _evaluate_args),
+    "select": ("adaptation costs between student and teachers, and the teacher order",
+               "--student CKPT --teachers NAME=CKPT ... --out DIR [options]", _select_args),
+    "distill": ("run a distillation plan (YAML/JSON): stages, hand-over, evaluation", "PLAN [options]",
+                _distill_args),
+    "notebooks": ("run the notebooks headless with papermill", "{run,experiment} --out DIR [options]",
+                  _notebooks_args),
+    "export": ("a deployable student: a torchvision state dict or an ONNX file",
+               "CHECKPOINT --out FILE [--format torchvision|onnx]", _export_args),
+}
+
+
+def _add_common(p: argparse.ArgumentParser, top: bool) -> None:
+    # In a subcommand the defaults are suppressed, so `pkdkit --quiet train` is not reset by train's parser.
+    default = {} if top else {"default": argparse.SUPPRESS}
+    p.add_argument("--quiet", action="store_true", help="no progress bars", **default)
+    p.add_argument("--debug", action="store_true", help="show the traceback of pkdkit's errors", **default)
+
+
+def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The `pkdkit` parser; only the subcommands in `commands` (default: all) get their options."""
+    parser = argparse.ArgumentParser(prog="pkdkit", description=__doc__)
+    _add_common(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (text, usage, add_args) in COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text, usage=f"%(prog)s {usage}")
+        if commands is None or name in commands:
+            _add_common(p, top=False)
+            add_args(p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser([command] if command in COMMANDS else []).parse_args(argv)
+    try:
+        return args.func(args)
+    except PkdkitError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"pkdkit {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"pkdkit {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -11,11 +11,15 @@ before pycocotools sees it, and each image is checked against its JSON entry whe
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import io
 import json
+import math
+import os
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -24,8 +28,10 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from pkdkit.errors import PkdkitError, reason
 
-class DataError(ValueError):
+
+class DataError(PkdkitError, ValueError):
     """Bad input data (annotation file, image file, label map); the message names the file and the id."""
 
 
@@ -133,7 +139,7 @@ def load_coco(ann_file) -> COCO:
     try:
         text = ann_file.read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read annotation file {ann_file}: {e}") from e
+        raise DataError(f"cannot read annotation file {ann_file}: {reason(e)}") from e
     try:
         d = json.loads(text)
     except json.JSONDecodeError as e:
@@ -178,10 +184,23 @@ def _validate(d, ann_file: Path) -> None:
         check_keys(img, ("id", "file_name", "width", "height"), "image", i)
     for i, ann in enumerate(d["annotations"]):
         check_keys(ann, ("id", "image_id", "category_id", "bbox"), "annotation", i)
+    def check_int(entry, key, kind):
+        if not _is_int(entry[key]):
+            where = f"{kind} id {entry['id']!r}" if key != "id" else kind
+            raise DataError(f"{ann_file}: {where} has {key} {entry[key]!r} ({type(entry[key]).__name__}); COCO ids "
+                            f"are integers (convert string ids to numbers)")
+
+    for cat in d["categories"]:
+        check_int(cat, "id", "category")
     for img in d["images"]:
-        if not all(isinstance(img[k], int) and img[k] > 0 for k in ("width", "height")):
+        check_int(img, "id", "image")
+        if not all(_is_int(img[k]) and img[k] > 0 for k in ("width", "height")):
             raise DataError(f"{ann_file}: image id {img['id']} width and height should be positive integers, "
                             f"found {img['width']!r} x {img['height']!r}")
+        _check_file_name(img, ann_file)
+    for ann in d["annotations"]:
+        for key in ("id", "image_id", "category_id"):
+            check_int(ann, key, "annotation")
     check_unique([c["id"] for c in d["categories"]], "category")
     check_unique([img["id"] for img in d["images"]], "image")
     check_unique([a["id"] for a in d["annotations"]], "annotation")
@@ -198,6 +217,37 @@ def _validate(d, ann_file: Path) -> None:
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
             raise DataError(f"{ann_file}: annotation id {ann['id']} bbox should be 4 numbers [x, y, w, h], "
                             f"found {bbox!r}")
+        _check_polygons(ann, ann_file)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_file_name(img: dict, ann_file: Path) -> None:
+    """`file_name` must be a relative path inside the image folder: no absolute path, no `..` out of it."""
+    name = img["file_name"]
+    if not isinstance(name, str) or not name.strip():
+        raise DataError(f"{ann_file}: image id {img['id']} file_name should be a non-empty string, found {name!r}")
+    parts = PurePosixPath(os.path.normpath(name.replace("\\", "/"))).parts
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or (parts and parts[0] == ".."):
+        raise DataError(f"{ann_file}: image id {img['id']} file_name {name!r} points outside the image folder; "
+                        f"file names must be relative to it (like '000001.png' or 'sub/000001.png')")
+
+
+def _check_polygons(ann: dict, ann_file: Path) -> None:
+    """A polygon segmentation is a list of flat [x0, y0, x1, y1, ...] lists of at least 3 points."""
+    seg = ann.get("segmentation")
+    if not isinstance(seg, list):
+        return  # absent, or RLE (checked when masks are loaded)
+    for k, poly in enumerate(seg):
+        where = f"{ann_file}: annotation id {ann['id']} (image id {ann['image_id']}) polygon {k}"
+        if not isinstance(poly, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                 and math.isfinite(v) for v in poly):
+            raise DataError(f"{where} should be a flat list of numbers [x0, y0, x1, y1, ...], found {poly!r:.80}")
+        if len(poly) % 2 or len(poly) < 6:
+            raise DataError(f"{where} has {len(poly)} coordinates; a polygon needs an even number, at least 6 "
+                            f"(3 points)")
 
 
 class CocoDetection(Dataset):
@@ -230,10 +280,29 @@ class CocoDetection(Dataset):
         self.label_map = label_map
         self.ids = sorted(self.coco.imgs)
         self._anns = self._usable_annotations()
+        if train and not any(self._anns.values()):
+            n = len(self.coco.dataset["annotations"])
+            raise DataError(f"no usable training annotations in {self.ann_file}: {len(self.ids)} images, {n} "
+                            f"annotations, none of them a non-crowd box with an extent inside its image")
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 (16 hex digits) of the annotation file: which data a run was trained on, beyond its path."""
+        return hashlib.sha256(self.ann_file.read_bytes()).hexdigest()[:16]
+
+    def check_images(self) -> None:
+        """Every image file exists (not decoded: that happens when loaded). Run before a long job, so that a
+        missing validation image fails at the start rather than after training."""
+        missing = [(i, self.image_dir / self.coco.imgs[i]["file_name"]) for i in self.ids
+                   if not (self.image_dir / self.coco.imgs[i]["file_name"]).is_file()]
+        if missing:
+            image_id, path = missing[0]
+            raise DataError(f"{len(missing)} of {len(self.ids)} image files of {self.ann_file} are missing from "
+                            f"{self.image_dir}, e.g. {path} (image id {image_id})")
 
     def _usable_annotations(self) -> dict[int, list[tuple[dict, list[float]]]]:
         """Per image id: (annotation, clipped xyxy box) for every non-crowd annotation with a real box."""
-        usable, skipped = {}, 0
+        usable, skipped = {}, []
         for image_id in self.ids:
             info = self.coco.imgs[image_id]
             w, h = info["width"], info["height"]
@@ -246,9 +315,11 @@ class CocoDetection(Dataset):
                 if box[2] > box[0] and box[3] > box[1]:  # also False for NaN
                     usable[image_id].append((ann, box))
                 else:
-                    skipped += 1
+                    skipped.append(ann["id"])
         if skipped:
-            warnings.warn(f"skipped {skipped} annotations with degenerate boxes in {self.ann_file}", stacklevel=3)
+            warnings.warn(f"skipped {len(skipped)} annotations with degenerate boxes (no extent inside the image) in "
+                          f"{self.ann_file}, annotation ids {skipped[:5]}{' ...' if len(skipped) > 5 else ''}",
+                          stacklevel=3)
         return usable
 
     def __len__(self) -> int:
@@ -281,13 +352,13 @@ class CocoDetection(Dataset):
             raise DataError(f"image file not found: {path} ({where})")
         try:
             with Image.open(path) as img:
-                img = img.convert("RGB")
+                img.load()
         except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for truncated / unknown files
-            raise DataError(f"cannot decode image {path} ({where}): {e}") from e
+            raise DataError(f"cannot decode image {path} ({where}): {reason(e)}") from e
         if img.size != (info["width"], info["height"]):
             raise DataError(f"image {path} ({where}) is {img.size[0]}x{img.size[1]} (WxH) but the JSON says "
                             f"{info['width']}x{info['height']}")
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div_(255)
+        return to_tensor_image(img, f"{path} ({where})")
 
     def _load_masks(self, info: dict, anns: list[dict]) -> torch.Tensor:
         """Instance masks `(K, H, W)` uint8 from polygons or (un)compressed RLE (pycocotools annToMask)."""
@@ -305,10 +376,23 @@ class CocoDetection(Dataset):
                 masks.append(self.coco.annToMask(ann))
             except Exception as e:  # pycocotools raises bare TypeError/ValueError on malformed segmentations
                 raise DataError(f"{self.ann_file}: cannot decode segmentation of annotation id {ann['id']} "
-                                f"(image id {info['id']}): {e}") from e
+                                f"(image id {info['id']}): {reason(e)}") from e
         if not masks:
             return torch.zeros((0, h, w), dtype=torch.uint8)
         return torch.from_numpy(np.stack(masks)).to(torch.uint8)
+
+
+def to_tensor_image(img: Image.Image, where: str = "image") -> torch.Tensor:
+    """A PIL image as `(3, H, W)` float in [0, 1]. 16-bit grey images (PIL mode "I;16") are scaled by 65535,
+    not clipped at 255 (which would turn them almost white); 32-bit integer and float images ("I", "F") have
+    no known range and are refused."""
+    if img.mode.startswith("I;16"):
+        grey = torch.from_numpy(np.asarray(img).astype(np.float32) / 65535.0)
+        return grey.expand(3, *grey.shape).contiguous()
+    if img.mode in ("I", "F"):
+        raise DataError(f"{where} has 32-bit {'float' if img.mode == 'F' else 'integer'} pixels (PIL mode "
+                        f"{img.mode!r}) whose range is unknown; convert it to 8-bit or 16-bit")
+    return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1).float().div_(255)
 
 
 def hflip(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:

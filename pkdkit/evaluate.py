@@ -40,7 +40,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import nn
 from tqdm.auto import tqdm
 
-from pkdkit.data import CocoDetection, LabelMap, collate_fn, load_coco
+from pkdkit.data import CocoDetection, DataError, LabelMap, collate_fn, load_coco
 from pkdkit.fasteval import DEFAULT_COCOEVAL
 from pkdkit.files import write_json
 
@@ -80,6 +80,10 @@ def predict(model: nn.Module, dataset: CocoDetection, label_map: LabelMap, *,
     cat_ids = set(dataset.coco.getCatIds())
     to_cat = {label: label_map.to_cat_id(label) for label in label_map.labels}
     to_cat = {label: cat for label, cat in to_cat.items() if cat in cat_ids}
+    if not to_cat:
+        raise DataError(f"predict: the model's categories (ids {list(label_map.cat_ids)[:10]}) and those of "
+                        f"{getattr(dataset, 'ann_file', 'the dataset')} (ids {sorted(cat_ids)[:10]}) have none in "
+                        f"common: every AP would be 0; is this the model's dataset and its own label map?")
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
 
     was_training = model.training
@@ -191,6 +195,32 @@ def _load_results(results: list[dict] | str | os.PathLike) -> tuple[list[dict], 
 
 
 def _check_results(coco_gt: COCO, results: list[dict], iou_type: str, where: str) -> None:
+    """Results pycocotools would mis-evaluate or crash on raise a DataError (a ValueError) naming the first
+    offending index: a missing key, a box or score that is not 4 / 1 finite numbers, an unknown image, or no
+    category in common with the ground truth."""
+    required = {"image_id", "category_id", "score"} | ({"bbox"} if iou_type == "bbox" else set())
+    for i, r in enumerate(results):
+        if not isinstance(r, dict) or not required <= r.keys():
+            found = f"keys {sorted(r)}" if isinstance(r, dict) else type(r).__name__
+            raise DataError(f"{where}: result #{i} needs {sorted(required)}, found {found}")
+    for key, width in (("bbox", 4), ("score", None)):
+        rows = [(i, r[key]) for i, r in enumerate(results) if key in r]
+        try:
+            values = np.array([v for _, v in rows], dtype=np.float64).reshape(len(rows), width or 1)
+        except (TypeError, ValueError):
+            values = None
+        ok = (np.isfinite(values).all(axis=1) if values is not None else
+              np.array([_finite_numbers(v, width) for _, v in rows], dtype=bool))
+        if not ok.all():
+            i, v = rows[int(np.argmin(ok))]
+            what = "4 finite numbers [x, y, w, h]" if width else "a finite number"
+            raise DataError(f"{where}: result #{i} {key} should be {what}, found {v!r}")
+    if results:
+        found_cats = {r["category_id"] for r in results}
+        if not found_cats & set(coco_gt.getCatIds()):
+            raise DataError(f"{where}: no result has a category of the ground truth (results have category ids "
+                            f"{sorted(found_cats)[:10]}, the ground truth {sorted(coco_gt.getCatIds())[:10]}); was the "
+                            f"model trained on another dataset, or given another label map?")
     unknown = {r["image_id"] for r in results} - set(coco_gt.getImgIds())
     if unknown:
         raise ValueError(f"{where}: {len(unknown)} image ids are not in the ground truth, e.g. "
@@ -205,6 +235,12 @@ def _check_results(coco_gt: COCO, results: list[dict], iou_type: str, where: str
         if no_gt_seg:
             raise ValueError(f"segm evaluation needs ground-truth 'segmentation' on every annotation; "
                              f"{len(no_gt_seg)} have none, e.g. annotation ids {no_gt_seg[:5]}")
+
+
+def _finite_numbers(v: Any, width: int | None) -> bool:
+    values = v if width else [v]
+    return (isinstance(values, (list, tuple)) and len(values) == (width or 1) and
+            all(isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in values))
 
 
 def _shallow_copy(coco: COCO) -> COCO:

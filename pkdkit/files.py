@@ -1,20 +1,65 @@
-"""Atomic file writes: every checkpoint, metrics JSON and plan goes through `atomic_write`, so a crash or a
-kill never leaves a half-written file in place of a good one."""
+"""Files a run writes: atomic writes and the run-folder lock.
+
+Every checkpoint, metrics JSON and plan goes through `atomic_write`, so a crash or a kill never leaves a
+half-written file in place of a good one; the temp file a killed write leaves behind is removed by the next
+write of the same file. `run_lock(folder)` keeps two runs from writing into one folder at the same time.
+"""
 from __future__ import annotations
 
+import errno
+import fcntl
+import glob
 import json
 import os
-import tempfile
+import secrets
+import socket
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
+
+from pkdkit.errors import PkdkitError
+
+_HOST = socket.gethostname().replace(".", "_")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: str | os.PathLike, name: str) -> list[Path]:
+    """Remove `folder/.<name>.<host>-<pid>.*.tmp` files of dead processes on this host (killed atomic writes)."""
+    removed = []
+    for tmp in Path(folder).glob(f"{glob.escape(f'.{name}.{_HOST}-')}*.tmp"):
+        try:
+            pid = int(tmp.name[len(f".{name}.{_HOST}-"):].split(".")[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Call `write(f)` on a temp file in `path`'s folder, fsync it, then `os.replace` it onto `path`.
-    On any error the temp file is removed and `path` keeps its old content."""
+
+    On any error the temp file is removed and `path` keeps its old content; temp files left by writers that
+    were killed (SIGKILL, power loss) are removed by the next write of the same name. The file gets the
+    user's normal permissions (0666 minus the umask), like a file opened with `open(path, "w")`.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temp_files(path.parent, path.name)
+    tmp = path.parent / f".{path.name}.{_HOST}-{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -22,7 +67,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
@@ -35,3 +80,78 @@ def write_json(obj: Any, path: str | os.PathLike, indent: int | None = 2) -> Pat
 
 def write_text(text: str, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run-folder lock
+LOCK_NAME = ".pkdkit.lock"
+
+
+class RunLockedError(PkdkitError):
+    """Another process is writing into the run folder."""
+
+
+_held: dict[Path, tuple[int, int]] = {}  # folder -> (file descriptor, depth): the lock is re-entrant per process
+
+
+@contextmanager
+def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold `folder`'s lock for the block: a second process that asks for it fails at once with
+    `RunLockedError` naming the folder and the process that holds it.
+
+    The lock is an advisory `flock` on `folder/.pkdkit.lock` (removed when the block ends), released by the
+    kernel when the holder exits, so a killed run never leaves a folder locked. Re-entrant within one process (a training inside a locked run).
+    Checks first that the folder can be created and written to, so an unwritable output fails before any work.
+    """
+    folder = Path(folder).resolve()
+    if folder in _held:
+        fd, depth = _held[folder]
+        _held[folder] = (fd, depth + 1)
+        try:
+            yield folder
+        finally:
+            fd, depth = _held[folder]
+            _held[folder] = (fd, depth - 1)
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = _lock_file(folder / LOCK_NAME)
+    except OSError as e:
+        raise PkdkitError(f"cannot write to the run folder {folder}: {e.strerror or e}") from e
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)[:300]}\n".encode(), 0)
+    _held[folder] = (fd, 1)
+    try:
+        yield folder
+    finally:
+        fd, depth = _held[folder]
+        if depth > 1:
+            _held[folder] = (fd, depth - 1)
+        else:
+            del _held[folder]
+            (folder / LOCK_NAME).unlink(missing_ok=True)  # before closing: whoever opened it will retry
+            os.close(fd)
+
+
+def _lock_file(path: Path) -> int:
+    """Open and flock `path`; the lock counts only if `path` is still that file (not unlinked by its holder
+    meanwhile), else retry. Raises RunLockedError naming the holder when another process has it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process that is starting"
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunLockedError(f"{path.parent} is in use by another run ({holder}); wait for it to finish, "
+                                     f"or use another output folder") from None
+            raise
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            return fd
+        os.close(fd)

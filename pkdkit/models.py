@@ -30,6 +30,7 @@ from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from pkdkit.data import LabelMap
+from pkdkit.errors import PkdkitError, reason
 from pkdkit.files import atomic_write
 
 ARCHS = ("retinanet", "fcos", "fasterrcnn", "maskrcnn")
@@ -63,7 +64,7 @@ TORCHVISION_DETECTORS: dict[str, tuple[str, str, Callable[..., nn.Module]]] = {
 }
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(PkdkitError, RuntimeError):
     """A checkpoint is missing, unreadable, or does not fit the model it is loaded into."""
 
 
@@ -338,7 +339,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason(e)}") from e
 
 
 def state_fingerprint(model: nn.Module) -> str:
@@ -432,7 +433,7 @@ def model_meta(ref: str | os.PathLike) -> tuple[DetectorSpec, LabelMap]:
 
 # ----------------------------------------------------------------------------------------------------
 # Export: a deployable student
-class ExportError(ValueError):
+class ExportError(PkdkitError, ValueError):
     """A model that cannot be exported in the asked format; the message says why and what works instead."""
 
 

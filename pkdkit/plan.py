@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -44,19 +45,21 @@ from typing import Any
 import yaml
 from torch import nn
 
+from pkdkit.config import check_fields, check_value, config_diff
 from pkdkit.data import CocoDetection, DataError, LabelMap, make_loader
 from pkdkit.distill import build_distiller, calibrate_loss_weight, inherit_teacher_head
 from pkdkit.engine import TrainConfig, barrier, init_distributed, resolve_device, seed_everything, train
+from pkdkit.errors import ConfigError, PkdkitError, reason
 from pkdkit.evaluate import comparison_table, evaluate_detector
 from pkdkit.features import common_levels, feature_levels
 from pkdkit.files import write_json, write_text
-from pkdkit.losses import LOSSES, loss_hparams
+from pkdkit.losses import LOSSES, build_loss, loss_hparams
 from pkdkit.models import (CheckpointError, DetectorSpec, build_detector, initial_weights_label, is_torchvision_weight,
                            load_checkpoint, load_model, model_meta, save_detector, state_fingerprint)
 from pkdkit.selection import selection_to_stages
 
 
-class PlanError(ValueError):
+class PlanError(PkdkitError, ValueError):
     """A plan that cannot run; the message names the stage and the field."""
 
 
@@ -103,6 +106,7 @@ class DataConfig:
 
     def _dataset(self, images: str, ann: str, train: bool, label_map: LabelMap | None) -> CocoDetection:
         ds = CocoDetection(images, ann, train=train, masks=self.masks, label_map=label_map)
+        ds.check_images()  # a missing image fails now, not after an epoch of training
         if label_map is None and self.labels == "identity":
             ds.label_map = LabelMap.identity(ds.coco.dataset["categories"])
         return ds
@@ -179,16 +183,17 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], base_dir: str | os.PathLike = ".") -> "Plan":
-        """Build a plan from a dict; relative paths are taken relative to `base_dir`."""
+        """Build a plan from a dict; relative paths are taken relative to `base_dir`.
+
+        Every field is type-checked (PlanError naming the stage and the field), numbers written as strings
+        (YAML reads ``lr: 1e-3`` as a string) are read as numbers, and each stage's training settings and loss
+        parameters are validated here, so a bad plan fails before anything runs or is written."""
         where = "plan"
         try:
-            known = {f.name for f in fields(cls)}
-            unknown = set(d) - known
-            if unknown:
-                raise PlanError(f"plan: unknown keys {sorted(unknown)}; known: {sorted(known)}")
             for key in ("name", "student", "data", "out_dir"):
                 if key not in d:
                     raise PlanError(f"plan: missing {key!r}")
+            d = _check_fields(cls, {**d, "stages": d.get("stages") or []}, "plan")
             base = Path(base_dir)
 
             def path(p: str | None) -> str | None:
@@ -196,27 +201,69 @@ class Plan:
                     return p
                 return str((base / p).resolve())
 
+            where = "train"
+            tcfg = TrainConfig.from_dict(d.get("train") or {})
             stages = []
-            for i, s in enumerate(d.get("stages") or []):
+            for i, s in enumerate(d["stages"]):
                 where = f"stage {i + 1}"
                 if not isinstance(s, dict):
                     raise PlanError(f"stage {i + 1}: expected a mapping, found {s!r}")
-                bad = set(s) - {f.name for f in fields(Stage)}
-                if bad:
-                    raise PlanError(f"stage {i + 1} ({s.get('name', '?')}): unknown keys {sorted(bad)}")
-                stages.append(Stage(**{**s, "teacher": path(s.get("teacher"))}))
+                where = f"stage {i + 1} ({s.get('name', '?')})"
+                s = _check_fields(Stage, s, where)
+                for key in ("name", "teacher"):
+                    if key not in s:
+                        raise PlanError(f"{where}: missing {key!r}")
+                stage = Stage(**{**s, "teacher": path(s["teacher"])})
+                stage.loss_params = _check_loss_params(stage, where)
+                try:
+                    tcfg.replace(**stage.train)
+                except ValueError as e:
+                    raise PlanError(f"{where}: {e}") from e
+                stages.append(stage)
             where = "student"
-            student = DetectorSpec.from_dict(d["student"])
+            student = DetectorSpec.from_dict(_check_fields(DetectorSpec, d["student"], "student"))
             where = "data"
-            data = DataConfig(**{k: (path(v) if k not in ("masks", "labels") else v) for k, v in d["data"].items()})
-            where = "train"
-            tcfg = TrainConfig.from_dict(d.get("train") or {})
+            data_d = _check_fields(DataConfig, d["data"], "data")
+            data = DataConfig(**{k: (path(v) if k not in ("masks", "labels") else v) for k, v in data_d.items()})
         except PlanError:
             raise
         except (TypeError, ValueError) as e:
             raise PlanError(f"{where}: {e}") from e
         return cls(name=d["name"], student=student, data=data, stages=stages, out_dir=path(d["out_dir"]),
                    student_init=path(d.get("student_init")), train=tcfg)
+
+
+def _check_fields(cls: type, values: Any, where: str) -> dict[str, Any]:
+    try:
+        return check_fields(cls, values, where)
+    except ConfigError as e:  # the message names `where` and the field already
+        raise PlanError(str(e)) from None
+
+
+def _check_loss_params(stage: Stage, where: str) -> dict[str, Any]:
+    """The stage's loss parameters, known to its loss, of the type of their defaults, in range (the loss is
+    built once, at a usual FPN width, to run its own checks)."""
+    if stage.loss not in LOSSES:
+        raise PlanError(f"{where}: unknown loss {stage.loss!r}; available: {sorted(LOSSES)}")
+    accepted = loss_hparams(stage.loss)
+    params = {}
+    for key, value in stage.loss_params.items():
+        if key not in accepted:
+            choices = ", ".join(f"{k}={v!r}" for k, v in accepted.items())
+            raise PlanError(f"{where}: loss_params: {stage.loss} has no parameter {key!r}; accepted: {choices}")
+        default = accepted[key]
+        kind = type(default).__name__ if isinstance(default, (bool, int, float, str)) else None
+        try:
+            params[key] = check_value(value, kind, f"{where}: loss_params: {key}") if kind else value
+        except ConfigError as e:
+            raise PlanError(str(e)) from None
+        if isinstance(params[key], float) and not math.isfinite(params[key]):
+            raise PlanError(f"{where}: loss_params: {key} must be a finite number, got {params[key]}")
+    try:
+        build_loss(stage.loss, 256, 256, **params)
+    except (TypeError, ValueError) as e:
+        raise PlanError(f"{where}: loss_params: {e}") from e
+    return params
 
 
 def plan_from_selection(selection: Any, teacher_checkpoints: dict[str, str], student_checkpoint: str,
@@ -243,7 +290,7 @@ def load_plan(path: str | os.PathLike) -> Plan:
     try:
         text = path.read_text()
     except OSError as e:
-        raise PlanError(f"cannot read plan {path}: {e}") from e
+        raise PlanError(f"cannot read plan {path}: {reason(e)}") from e
     try:
         d = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
@@ -309,14 +356,14 @@ def _check_same_plan(plan: Plan, saved_path: Path) -> None:
     if not saved_path.exists():
         return
     saved, now = load_plan(saved_path).to_dict(), plan.to_dict()
-    for d in (saved, now):
-        for key in ("device", "progress", "num_workers"):
-            d["train"].pop(key, None)
-    diff = [k for k in now if k != "stages" and saved.get(k) != now[k]]
-    diff += [f"stage {i + 1} ({s['name']})" for i, s in enumerate(saved["stages"])
-             if i >= len(now["stages"]) or now["stages"][i] != s]
+    free = {"device", "progress", "num_workers"}
+    diff = config_diff({k: v for k, v in saved.items() if k != "stages"},
+                       {k: v for k, v in now.items() if k != "stages"}, ignore=free)
+    for i, s in enumerate(saved["stages"]):
+        changed = config_diff(s, now["stages"][i], ignore=free) if i < len(now["stages"]) else ["removed"]
+        diff += [f"stage {i + 1} ({s['name']}) {c}" for c in changed]
     if diff:
-        raise PlanError(f"{plan.out_dir} holds a run of a different plan (changed: {', '.join(diff)}; see "
+        raise PlanError(f"{plan.out_dir} holds a run of a different plan (changed: {'; '.join(diff)}; see "
                         f"{saved_path}); use another out_dir, or delete it to start over")
 
 

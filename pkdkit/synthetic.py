@@ -21,6 +21,9 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from pkdkit.errors import ConfigError
+from pkdkit.files import write_text
+
 CATEGORIES: tuple[dict, ...] = (
     {"id": 1, "name": "circle", "supercategory": "shape"},
     {"id": 3, "name": "square", "supercategory": "shape"},
@@ -39,20 +42,33 @@ MIN_VISIBLE = 0.5  # an earlier shape must keep at least this share of its pixel
 PLACEMENT_TRIES = 10
 
 
-def make_synthetic_coco(out_dir, n_train: int = 64, n_val: int = 16, size: int = 96, seed: int = 0) -> dict:
+def make_synthetic_coco(out_dir, n_train: int = 64, n_val: int = 16, size: int = 96, seed: int = 0, *,
+                        overwrite: bool = False) -> dict:
     """Write the train and val splits under `out_dir` and return their paths.
 
     Layout: `out_dir/{train,val}/<image_id:06d>.png` and `out_dir/annotations/instances_{train,val}.json`.
     Image and annotation ids start at 1 in each file. Each image is drawn from its own random stream
     (seed, split, index), so changing `n_train` does not change the val split.
 
+    A folder that already holds a dataset (either annotation file, or images in train/ or val/) is refused
+    with `ConfigError`, unless `overwrite`: then the old images of those folders are removed first, so no
+    stale image is left beside the new ones.
+
     Returns `{"root", "train_images", "train_json", "val_images", "val_json"}` as `Path`s.
     """
     if size < 32:
-        raise ValueError(f"synthetic image size must be >= 32 px, got {size}")
+        raise ConfigError(f"synthetic image size must be >= 32 px, got {size}")
     if n_train < 0 or n_val < 0:
-        raise ValueError(f"image counts must be >= 0, got n_train={n_train}, n_val={n_val}")
+        raise ConfigError(f"image counts must be >= 0, got n_train={n_train}, n_val={n_val}")
     root = Path(out_dir)
+    existing = [p for p in (root / "annotations" / "instances_train.json", root / "annotations" / "instances_val.json")
+                if p.exists()]
+    existing += [p for split in ("train", "val") if (root / split).is_dir() for p in (root / split).glob("*.png")]
+    if existing and not overwrite:
+        raise ConfigError(f"{root} already holds a dataset ({len(existing)} files, e.g. {existing[0]}); choose "
+                          f"another folder, or replace it (synth --force / overwrite=True)")
+    for p in existing:
+        p.unlink()
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     paths = {"root": root}
     for split_index, (split, n) in enumerate((("train", n_train), ("val", n_val))):
@@ -60,7 +76,7 @@ def make_synthetic_coco(out_dir, n_train: int = 64, n_val: int = 16, size: int =
         image_dir.mkdir(parents=True, exist_ok=True)
         dataset = _make_split(image_dir, n, size, seed, split_index)
         ann_file = root / "annotations" / f"instances_{split}.json"
-        ann_file.write_text(json.dumps(dataset, sort_keys=True, separators=(",", ":")))
+        write_text(json.dumps(dataset, sort_keys=True, separators=(",", ":")), ann_file)
         paths[f"{split}_images"] = image_dir
         paths[f"{split}_json"] = ann_file
     return paths

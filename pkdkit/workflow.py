@@ -46,7 +46,7 @@ def prepare_data(preset: Preset, run_dir: str | os.PathLike, data_root: str | No
     else:
         root = Path(run_dir).resolve() / "data"
         if not (root / "annotations" / "instances_val.json").exists():
-            make_synthetic_coco(root, **preset.synth)
+            make_synthetic_coco(root, **preset.synth, overwrite=True)  # no val JSON (written last): a partial set
         cfg = DataConfig.from_root(root)
     return cfg
 

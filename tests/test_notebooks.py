@@ -76,18 +76,28 @@ def test_report_metrics_hold_every_section_and_the_parameters(demo_run):
                                                     for k, v in metrics["fiftyone"]["counts"].items()}
 
 
-def test_a_failing_notebook_names_the_notebook_and_the_cell(demo_run, tmp_path):
+def test_a_failing_notebook_names_the_notebook_and_the_cell(tmp_path):
     with pytest.raises(NotebookRunError, match=r"01_data_and_teachers.ipynb failed in cell \d+ .*ValueError: unknown preset 'huge'"):
-        run_notebooks("huge", tmp_path / "report", run_dir=demo_run / "run", only=["01_data_and_teachers.ipynb"])
+        run_notebooks("huge", tmp_path / "report", run_dir=tmp_path / "run", only=["01_data_and_teachers.ipynb"])
     assert (tmp_path / "report" / "01_data_and_teachers.ipynb").exists()  # the executed copy shows the error
 
 
-def test_cli_exits_non_zero_when_a_notebook_fails(demo_run, tmp_path):
+def test_cli_exits_non_zero_when_a_notebook_fails(tmp_path):
     cmd = [sys.executable, "-m", "pkdkit.cli", "notebooks", "run", "--preset", "tiny", "--out", str(tmp_path),
-           "--run-dir", str(demo_run / "run"), "--only", "02_teacher_selection.ipynb", "-p", "strategy=fastest"]
+           "--run-dir", str(tmp_path / "run"), "--only", "02_teacher_selection.ipynb",
+           "-p", f"data_root={tmp_path / 'nowhere'}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1
-    assert "02_teacher_selection.ipynb failed in cell" in proc.stderr and "fastest" in proc.stderr
+    assert "02_teacher_selection.ipynb failed in cell" in proc.stderr and "nowhere" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_run_dir_refuses_other_parameters_before_any_notebook_runs(demo_run, tmp_path):
+    cmd = [sys.executable, "-m", "pkdkit.cli", "notebooks", "run", "--preset", "tiny", "--out", str(tmp_path),
+           "--run-dir", str(demo_run / "run"), "--only", "02_teacher_selection.ipynb", "-p", "strategy=greedy"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "strategy: 'shortest_path' -> 'greedy'" in proc.stderr
+    assert not (tmp_path / "02_teacher_selection.ipynb").exists()
 
 
 def test_seed_study_notebook_aggregates_reports(demo_run, tmp_path):

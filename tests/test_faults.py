@@ -1,0 +1,482 @@
+"""The fault suite: each bad input or unsafe re-run a user can make, on tiny data, and its outcome.
+
+Every case checks the three things a user sees: the message (what is wrong and where), the exit status, and
+that the files that were there before are unchanged (nothing lost or overwritten silently).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from pkdkit.cli import build_parser, main
+from pkdkit.data import CocoDetection, DataError, LabelMap
+from pkdkit.engine import NonFiniteLossError, TrainConfig, train
+from pkdkit.errors import ConfigError, PkdkitError
+from pkdkit.evaluate import run_cocoeval
+from pkdkit.files import RunLockedError, atomic_write, run_lock, write_json
+from pkdkit.models import DetectorSpec, build_detector, save_detector
+from pkdkit.plan import PlanError, load_plan
+from pkdkit.synthetic import make_synthetic_coco
+
+TINY = ["--preset", "tiny", "--optimizer", "adamw", "--lr", "1e-3", "--warmup-iters", "1", "--device", "cpu"]
+SPEC = dict(arch="fcos", backbone="resnet18", fpn_channels=32, min_size=64, max_size=64,
+            anchor_sizes=(8, 16, 32, 64, 128))
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under `folder`."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def cli(capsys, *args: str) -> tuple[int, str]:
+    """Run `pkdkit ARGS` in this process; returns (exit status, stderr)."""
+    try:
+        code = main(["--quiet", *args])
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def one_line_error(err: str, command: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"pkdkit {command}: error: "), err
+    assert "Traceback" not in err and not lines[0].rstrip().endswith(":"), err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("faults_data")
+    make_synthetic_coco(root, n_train=8, n_val=4, size=64, seed=0)
+    return root
+
+
+@pytest.fixture
+def own_data(tmp_path) -> Path:
+    """A dataset a test may break."""
+    make_synthetic_coco(tmp_path / "data", n_train=4, n_val=2, size=64, seed=1)
+    return tmp_path / "data"
+
+
+@pytest.fixture(scope="module")
+def finished_run(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["--quiet", "train", "--data", str(data), "--out", str(out), "--epochs", "1", *TINY]) == 0
+    return out
+
+
+def _edit_json(path: Path, change) -> None:
+    d = json.loads(path.read_text())
+    change(d)
+    path.write_text(json.dumps(d))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Nothing is lost or overwritten silently
+def test_synth_refuses_an_existing_dataset_and_force_leaves_no_stale_images(tmp_path, capsys):
+    out = tmp_path / "shapes"
+    assert main(["synth", "--out", str(out), "--train", "4", "--val", "2", "--size", "64"]) == 0
+    capsys.readouterr()
+    before = snapshot(out)
+    code, err = cli(capsys, "synth", "--out", str(out), "--train", "2", "--val", "1", "--size", "64", "--seed", "3")
+    assert code == 1 and "already holds a dataset" in one_line_error(err, "synth") and str(out) in err
+    assert snapshot(out) == before
+    assert main(["synth", "--out", str(out), "--train", "2", "--val", "1", "--size", "64", "--force"]) == 0
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["000001.png", "000002.png"]
+    assert len(json.loads((out / "annotations" / "instances_train.json").read_text())["images"]) == 2
+
+
+def _hold_lock(folder: Path) -> subprocess.Popen:
+    """Another process that holds `folder`'s run lock until killed."""
+    code = ("import sys, time\nfrom pkdkit.files import run_lock\nwith run_lock(sys.argv[1]):\n"
+            "    print('locked', flush=True)\n    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_run_on_a_locked_folder_is_refused_naming_the_folder_and_process(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = _hold_lock(out)
+    try:
+        t0 = time.time()
+        code, err = cli(capsys, "train", "--data", str(data), "--out", str(out), "--epochs", "1", *TINY)
+        line = one_line_error(err, "train")
+        assert code == 1 and time.time() - t0 < 30
+        assert f"{out} is in use by another run (pid {holder.pid}" in line
+        assert not (out / "last.pt").exists()
+        with pytest.raises(RunLockedError, match=f"pid {holder.pid}"):
+            train(torch.nn.Linear(1, 1), [], TrainConfig(device="cpu"), out)
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_lock(out):  # the lock dies with its holder
+        pass
+    assert not (out / ".pkdkit.lock").exists()
+
+
+def test_distill_and_notebook_run_dirs_are_locked_too(data, tmp_path, capsys):
+    from pkdkit.notebooks import run_notebooks
+
+    run = tmp_path / "nb_run"
+    holder = _hold_lock(run)
+    try:
+        with pytest.raises(RunLockedError, match=f"{run} is in use by another run \\(pid {holder.pid}"):
+            run_notebooks("tiny", tmp_path / "report", run_dir=run, only=["01_data_and_teachers.ipynb"])
+        assert not (tmp_path / "report" / "01_data_and_teachers.ipynb").exists()
+        plan = _plan(data, tmp_path, out_dir=str(run))
+        code, err = cli(capsys, "distill", str(plan))
+        assert code == 1 and f"pid {holder.pid}" in one_line_error(err, "distill")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("change, named", [
+    (["--arch", "retinanet"], "spec.arch: 'fcos' -> 'retinanet'"),
+    (["--epochs", "2"], "train.epochs: 1 -> 2"),
+    (["--lr", "0.002"], "train.lr: 0.001 -> 0.002"),
+])
+def test_rerunning_a_finished_run_with_other_settings_is_refused(finished_run, data, capsys, change, named):
+    before = snapshot(finished_run)
+    args = ["train", "--data", str(data), "--out", str(finished_run), "--epochs", "1", *TINY, *change]
+    code, err = cli(capsys, *args)
+    assert code == 1 and named in one_line_error(err, "train")
+    assert snapshot(finished_run) == before
+
+
+def test_rerunning_with_the_same_settings_returns_the_saved_result(finished_run, data, capsys):
+    before = snapshot(finished_run)
+    assert main(["--quiet", "train", "--data", str(data), "--out", str(finished_run), "--epochs", "1", *TINY]) == 0
+    assert "fcos_resnet18" in capsys.readouterr().out and snapshot(finished_run) == before
+
+
+def test_resuming_checks_the_dataset_and_the_spec(finished_run, data, tmp_path, capsys):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in ("last.pt", "metrics.json"):  # a run killed after its last epoch's checkpoint
+        shutil.copy(finished_run / name, partial / name)
+    before = snapshot(partial)
+    other = tmp_path / "other_data"
+    shutil.copytree(data, other)
+    _edit_json(other / "annotations" / "instances_train.json", lambda d: d["annotations"].pop())
+    for args, named in ((["--data", str(other)], "data.train_sha256"), (["--data", str(data), "--fpn-channels", "64"],
+                                                                         "spec.fpn_channels: 32 -> 64")):
+        code, err = cli(capsys, "train", *args, "--out", str(partial), "--epochs", "1", *TINY)
+        assert code == 1 and named in one_line_error(err, "train") and "last.pt" in err
+        assert snapshot(partial) == before
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Non-finite values never become a "good" checkpoint; strict settings
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "inf", "lr must be a finite number > 0, got inf"),
+    ("--lr", "nan", "lr must be a finite number > 0, got nan"),
+    ("--gamma", "-1", "gamma must be a finite number > 0"),
+    ("--momentum", "1.5", "momentum must be a finite number >= 0 and < 1"),
+    ("--milestones", "1.5", "each milestone (a fraction of all iterations) must be a finite number >= 0 and <= 1"),
+])
+def test_numeric_settings_are_checked_before_anything_is_written(data, tmp_path, capsys, flag, value, message):
+    code, err = cli(capsys, "train", "--data", str(data), "--out", str(tmp_path / "run"), *TINY, flag, value)
+    assert code == 1 and message in one_line_error(err, "train")
+    assert not (tmp_path / "run").exists()
+
+
+def test_boolean_flags_take_only_booleans(data, tmp_path, capsys):
+    code, err = cli(capsys, "train", "--data", str(data), "--out", str(tmp_path / "run"), *TINY, "--amp", "ture")
+    assert code == 2 and "argument --amp: expected true or false, got 'ture'" in err
+    with pytest.raises(ConfigError, match="amp: expected bool, found 'yes'"):
+        TrainConfig(amp="yes")
+    assert build_parser(["train"]).parse_args(["train", "--out", "x", "--amp", "False"]).amp is False
+
+
+def test_weights_that_become_non_finite_after_a_step_never_reach_a_checkpoint(data, tmp_path):
+    ds = CocoDetection(data / "train", data / "annotations" / "instances_train.json", train=True)
+    model = build_detector(DetectorSpec(num_classes=ds.label_map.num_classes, **SPEC))
+    cfg = TrainConfig(epochs=2, batch_size=8, optimizer="sgd", lr=1e-3, warmup_iters=0, grad_clip=0, device="cpu",
+                      progress=False)
+
+    def corrupt_gradients(epoch, m):  # the loss stays finite; the step makes the weights NaN
+        m.head.classification_head.cls_logits.weight.register_hook(lambda g: g * float("inf"))
+        return {}
+
+    with pytest.raises(NonFiniteLossError, match=r"non-finite weights after the optimizer step at epoch 2, step 1 "
+                                                 r".*cls_logits.weight.*last good checkpoint .*last.pt is intact"):
+        train(model, ds, cfg, tmp_path, on_epoch_end=corrupt_gradients)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Input is validated where it enters
+@pytest.mark.parametrize("file_name", ["../../etc/passwd", "../000001.png", "/etc/hosts", "a/../../x.png", ""])
+def test_file_names_must_stay_inside_the_image_folder(own_data, file_name):
+    ann = own_data / "annotations" / "instances_val.json"
+    _edit_json(ann, lambda d: d["images"][0].update(file_name=file_name))
+    with pytest.raises(DataError, match=r"image id 1 file_name .*(outside the image folder|non-empty string)") as err:
+        CocoDetection(own_data / "val", ann)
+    assert str(ann) in str(err.value)
+
+
+def test_16_bit_images_are_scaled_and_32_bit_ones_refused(own_data):
+    ann = own_data / "annotations" / "instances_val.json"
+    grey = np.full((64, 64), 32768, dtype=np.uint16)
+    Image.fromarray(grey).save(own_data / "val" / "000001.png")
+    image, _ = CocoDetection(own_data / "val", ann)[0]
+    assert image.shape == (3, 64, 64) and torch.allclose(image, torch.full_like(image, 32768 / 65535))
+    Image.fromarray(grey.astype(np.int32)).save(own_data / "val" / "wide.tiff")
+    _edit_json(ann, lambda d: d["images"][0].update(file_name="wide.tiff"))
+    with pytest.raises(DataError, match=r"wide.tiff \(image id 1 .*32-bit integer pixels"):
+        CocoDetection(own_data / "val", ann)[0]
+
+
+@pytest.mark.parametrize("polygon, message", [
+    ([10.0, 10.0, 20.0, 10.0, 20.0], "has 5 coordinates"),
+    ([10.0, 10.0, 20.0, 10.0], "has 4 coordinates"),
+    ([10.0, "x", 20.0, 10.0, 20.0, 20.0], "should be a flat list of numbers"),
+])
+def test_bad_polygons_name_the_annotation(own_data, polygon, message):
+    ann = own_data / "annotations" / "instances_train.json"
+    d = json.loads(ann.read_text())
+    d["annotations"][0]["segmentation"] = [polygon]
+    ann.write_text(json.dumps(d))
+    ann_id, image_id = d["annotations"][0]["id"], d["annotations"][0]["image_id"]
+    with pytest.raises(DataError, match=rf"annotation id {ann_id} \(image id {image_id}\) polygon 0 {message}"):
+        CocoDetection(own_data / "train", ann)
+
+
+def test_string_image_ids_are_a_clear_error(own_data, capsys):
+    ann = own_data / "annotations" / "instances_val.json"
+
+    def stringify(d):
+        for a in d["annotations"]:
+            a["image_id"] = str(a["image_id"])
+        for img in d["images"]:
+            img["id"] = str(img["id"])
+    _edit_json(ann, stringify)
+    code, err = cli(capsys, "evaluate", "--data", str(own_data), "missing.pt")
+    assert code == 1 and "image has id '1' (str); COCO ids are integers" in one_line_error(err, "evaluate")
+
+
+def test_a_training_set_left_empty_by_invalid_boxes_is_an_error(own_data, tmp_path, capsys):
+    ann = own_data / "annotations" / "instances_train.json"
+    _edit_json(ann, lambda d: [a.update(bbox=[0, 0, 0, 5]) for a in d["annotations"]])
+    code, err = cli(capsys, "train", "--data", str(own_data), "--out", str(tmp_path / "run"), *TINY)
+    assert code == 1 and "no usable training annotations" in one_line_error(err, "train") and str(ann) in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_skipped_degenerate_boxes_are_counted_and_named(own_data):
+    ann = own_data / "annotations" / "instances_train.json"
+    d = json.loads(ann.read_text())
+    for a in d["annotations"][:2]:
+        a["bbox"] = [5.0, 5.0, 0.0, 3.0]
+    ann.write_text(json.dumps(d))
+    ids = [a["id"] for a in d["annotations"][:2]]
+    with pytest.warns(UserWarning, match=rf"skipped 2 annotations with degenerate boxes .* annotation ids {re.escape(str(ids))}"):
+        CocoDetection(own_data / "train", ann)
+
+
+def test_a_model_with_no_category_in_common_with_the_data_is_an_error(data, tmp_path, capsys):
+    spec = DetectorSpec(num_classes=3, **SPEC)
+    ckpt = save_detector(tmp_path / "other" / "model.pt", build_detector(spec), spec,
+                         LabelMap((1, 2), (101, 102), ("cat", "dog")))
+    code, err = cli(capsys, "evaluate", "--data", str(data), str(ckpt), "--device", "cpu")
+    assert code == 1 and "have none in common" in one_line_error(err, "evaluate")
+
+
+def _plan(data: Path, tmp_path: Path, *, train: dict | None = None, stage: dict | None = None,
+          out_dir: str = "run", teacher: str | None = None) -> Path:
+    """A one-stage plan file (teacher: a pkdkit checkpoint written here)."""
+    lm = CocoDetection(data / "val", data / "annotations" / "instances_val.json").label_map
+    spec = DetectorSpec(num_classes=lm.num_classes, **SPEC)
+    if teacher is None:
+        teacher = str(save_detector(tmp_path / "teacher.pt", build_detector(spec), spec, lm))
+    d = {"name": "p", "out_dir": out_dir, "student": spec.to_dict(),
+         "data": {"train_images": str(data / "train"), "train_json": str(data / "annotations/instances_train.json"),
+                  "val_images": str(data / "val"), "val_json": str(data / "annotations/instances_val.json")},
+         "train": {"epochs": 1, "device": "cpu", **(train or {})},
+         "stages": [{"name": "t", "teacher": teacher, "loss": "mgd", **(stage or {})}]}
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def test_plan_numbers_written_as_yaml_strings_are_read_as_numbers(data, tmp_path):
+    path = _plan(data, tmp_path, stage={"loss_params": {"alpha_mgd": "2e-5"}, "train": {"weight_decay": "1e-4"}})
+    text = path.read_text().replace("epochs: 1", "epochs: 1\n  lr: 1e-3")  # YAML 1.1 reads 1e-3 as a string
+    path.write_text(text)
+    assert yaml.safe_load(text)["train"]["lr"] == "1e-3"
+    plan = load_plan(path)
+    assert plan.train.lr == 0.001 and plan.stages[0].loss_params == {"alpha_mgd": 2e-5}
+    assert plan.stage_train(0).weight_decay == 1e-4
+
+
+@pytest.mark.parametrize("train, stage, message", [
+    ({"epochs": "two"}, None, r"train: training setting epochs: expected int, found 'two'"),
+    ({"lr": float("inf")}, None, r"train: lr must be a finite number > 0, got inf"),
+    (None, {"inherit_teacher_head": "yes"}, r"stage 1 \(t\): inherit_teacher_head: expected bool, found 'yes'"),
+    (None, {"train": {"gamma": 0}}, r"stage 1 \(t\): gamma must be a finite number > 0"),
+    (None, {"loss_params": {"alpha_mgd": -1}}, r"stage 1 \(t\): loss_params: .*alpha_mgd must be >= 0"),
+    (None, {"loss_params": {"alpha": 1}}, r"stage 1 \(t\): loss_params: mgd has no parameter 'alpha'"),
+    (None, {"levels": "p3"}, r"stage 1 \(t\): levels: expected list\[str\] \| None, found 'p3'"),
+])
+def test_plan_fields_are_type_checked_before_anything_is_written(data, tmp_path, capsys, train, stage, message):
+    path = _plan(data, tmp_path, train=train, stage=stage)
+    code, err = cli(capsys, "distill", str(path))
+    line = one_line_error(err, "distill")
+    assert code == 1 and str(path) in line
+    assert re.search(message, line), line
+    assert not (tmp_path / "run").exists()
+
+
+def test_detection_results_are_validated(data):
+    gt = data / "annotations" / "instances_val.json"
+    good = {"image_id": 1, "category_id": 1, "bbox": [1.0, 2.0, 10.0, 10.0], "score": 0.9}
+    for bad, message in (({**good, "bbox": [1.0, float("nan"), 10.0, 10.0]}, r"result #1 bbox should be 4 finite"),
+                         ({**good, "bbox": [1.0, 2.0, float("inf"), 10.0]}, r"result #1 bbox should be 4 finite"),
+                         ({**good, "score": float("nan")}, r"result #1 score should be a finite number"),
+                         ({k: v for k, v in good.items() if k != "score"}, r"result #1 needs .*'score'"),
+                         ({k: v for k, v in good.items() if k != "bbox"}, r"result #1 needs .*'bbox'")):
+        with pytest.raises(ValueError, match=message):
+            run_cocoeval(gt, [good, bad])
+    with pytest.raises(ValueError, match="no result has a category of the ground truth"):
+        run_cocoeval(gt, [{**good, "category_id": 999}])
+
+
+def test_unknown_or_mistyped_notebook_parameters_fail_before_any_notebook_runs(tmp_path, capsys):
+    report = tmp_path / "report"
+    base = ["notebooks", "run", "--out", str(report), "--run-dir", str(tmp_path / "run")]
+    code, err = cli(capsys, *base, "-p", "epoch=3")
+    line = one_line_error(err, "notebooks")
+    assert code == 1 and "unknown notebook parameter 'epoch'" in line and "distill_epochs=None" in line
+    code, err = cli(capsys, *base, "-p", "run_reversed=3")
+    assert code == 1 and "'run_reversed' should be a bool" in one_line_error(err, "notebooks")
+    code, err = cli(capsys, *base, "-p", "run_dir=/elsewhere")
+    assert code == 1 and "set with --run-dir" in one_line_error(err, "notebooks")
+    code, err = cli(capsys, "notebooks", "experiment", "--out", str(report), "--run-root", str(tmp_path / "run"),
+                    "-p", "seed=1")
+    assert code == 1 and "'seed' is set with --seeds" in one_line_error(err, "notebooks")
+    assert not list(report.glob("*.ipynb")) and not (tmp_path / "run").exists()
+
+
+def test_a_notebook_run_dir_refuses_other_parameters(tmp_path, capsys):
+    """A first run (failing fast in notebook 01 on a missing data root) records its parameters; a re-run with
+    other epochs is refused before any notebook runs."""
+    run, report = tmp_path / "run", tmp_path / "report"
+    base = ["notebooks", "run", "--out", str(report), "--run-dir", str(run), "--device", "cpu",
+            "--only", "01_data_and_teachers.ipynb", "-p", f"data_root={tmp_path / 'nowhere'}"]
+    code, err = cli(capsys, *base, "-p", "epochs=1")
+    assert code == 1 and "01_data_and_teachers.ipynb failed in cell" in err
+    before, executed = snapshot(run), (report / "01_data_and_teachers.ipynb").stat().st_mtime
+    code, err = cli(capsys, *base, "-p", "epochs=3")
+    assert code == 1 and "epochs: 1 -> 3" in one_line_error(err, "notebooks")
+    assert snapshot(run) == before and (report / "01_data_and_teachers.ipynb").stat().st_mtime == executed
+
+
+def test_cheap_checks_fail_before_training(data, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    code, err = cli(capsys, "train", "--data", str(data), "--out", str(blocker / "run"), *TINY)
+    assert code == 1 and f"cannot write to the run folder {blocker / 'run'}" in one_line_error(err, "train")
+    broken = tmp_path / "data"
+    shutil.copytree(data, broken)
+    (broken / "val" / "000002.png").unlink()
+    code, err = cli(capsys, "train", "--data", str(broken), "--out", str(tmp_path / "run"), *TINY)
+    assert code == 1 and "1 of 4 image files" in one_line_error(err, "train") and "000002.png" in err
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. One clear message per error
+def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys, data):
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    code, err = cli(capsys, "evaluate", "--data", str(data), str(empty), "--device", "cpu")
+    line = one_line_error(err, "evaluate")
+    assert code == 1 and f"cannot read checkpoint {empty}: " in line and not line.endswith(": ")
+    code, err = cli(capsys, "--debug", "evaluate", "--data", str(data), str(empty), "--device", "cpu")
+    assert code == 1 and "Traceback" in err and err.strip().splitlines()[-1].startswith("pkdkit evaluate: error:")
+    code, err = cli(capsys, "evaluate", "--data", str(tmp_path / "nowhere"), str(empty))
+    assert code == 1 and "cannot read annotation file" in one_line_error(err, "evaluate")
+    code, err = cli(capsys, "distill", str(tmp_path / "no_plan.yaml"))
+    assert code == 1 and "cannot read plan" in one_line_error(err, "distill")
+
+
+def test_help_is_fast_and_imports_no_torch():
+    code = ("import sys, time\nt = time.time()\nfrom pkdkit.cli import main\ntry:\n    main(['--help'])\n"
+            "except SystemExit:\n    pass\nprint(time.time() - t, 'torch' in sys.modules, file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    seconds, imported = proc.stderr.split()
+    assert "train" in proc.stdout and imported == "False" and float(seconds) < 1.0
+
+
+def test_subcommand_help_lists_the_choices_and_describes_every_option(capsys):
+    for command, choices in (("train", ["fcos", "maskrcnn", "resnet50", "swin_t", "adamw", "cosine"]),
+                             ("select", ["shortest_path", "greedy", "closed_form", "sgd", "mgd", "cwd"]),
+                             ("synth", ["--force"]), ("evaluate", ["--device"]), ("distill", ["--device"])):
+        parser = build_parser([command])
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--help"])
+        text = capsys.readouterr().out
+        assert all(c in text for c in choices), (command, text)
+        sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+        undescribed = [a.dest for a in sub._actions if not a.help]
+        assert not undescribed, f"{command}: options without help {undescribed}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Tidy files
+def test_interrupted_atomic_writes_are_cleaned_up_and_files_get_normal_permissions(tmp_path):
+    """A writer killed with SIGKILL mid-write leaves its temp file; the next write of that file removes it."""
+    code = ("import sys, time\nfrom pkdkit.files import atomic_write\n"
+            "def write(f):\n    f.write(b'half a checkpoint')\n    f.flush()\n    print('writing', flush=True)\n"
+            "    time.sleep(600)\natomic_write(sys.argv[1], write)\n")
+    target = tmp_path / "metrics.json"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.stdout.readline().strip() == "writing"
+    proc.kill()
+    proc.wait()
+    (stale,) = tmp_path.glob(".metrics.json.*.tmp")
+    assert not target.exists()
+    from pkdkit.files import _HOST
+
+    alive = tmp_path / f".metrics.json.{_HOST}-{os.getpid()}.ffff0000.tmp"  # this process: still writing
+    alive.write_text("in progress")
+    old = os.umask(0o022)
+    try:
+        write_json({"a": 1}, target)
+    finally:
+        os.umask(old)
+    assert not stale.exists() and alive.exists() and json.loads(target.read_text()) == {"a": 1}
+    assert target.stat().st_mode & 0o777 == 0o644
+    with pytest.raises(ZeroDivisionError):
+        atomic_write(tmp_path / "x.bin", lambda f: 1 / 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "metrics.json"]
+
+
+def test_pkdkit_errors_share_one_base():
+    from pkdkit.models import CheckpointError
+    from pkdkit.notebooks import NotebookRunError
+
+    for cls in (DataError, PlanError, ConfigError, CheckpointError, NonFiniteLossError, NotebookRunError,
+                RunLockedError):
+        assert issubclass(cls, PkdkitError)
