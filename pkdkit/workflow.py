@@ -60,8 +60,9 @@ def teacher_data(preset: Preset, run_dir: str | os.PathLike, data: DataConfig) -
             Path(run_dir).resolve() / "data":
         return data
     root = Path(run_dir).resolve() / "data_teachers"
-    if not (root / "annotations" / "instances_train.json").exists():
-        make_synthetic_coco(root, **{**preset.synth, "n_train": preset.teacher_train_images, "n_val": 0})
+    if not (root / "annotations" / "instances_val.json").exists():  # written last: a partial set is redone
+        make_synthetic_coco(root, **{**preset.synth, "n_train": preset.teacher_train_images, "n_val": 0},
+                            overwrite=True)
     return replace(data, train_images=str(root / "train"), train_json=str(root / "annotations" / "instances_train.json"))
 
 
