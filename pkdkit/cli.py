@@ -133,19 +133,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pkdkit.engine import resolve_device
     from pkdkit.evaluate import comparison_table, evaluate_detector
     from pkdkit.files import run_lock
-    from pkdkit.models import load_detector
+    from pkdkit.models import is_torchvision_weight, load_checkpoint, load_model
 
     device = resolve_device(args.device)
     data = _data_config(args)
     val_ds = data.val_dataset()  # the data is checked before any model is built
     rows = {}
     with run_lock(args.out) if args.out else nullcontext():
-        for ckpt in args.checkpoints:
-            model, spec, label_map, payload = load_detector(ckpt)
+        for ref in args.checkpoints:
+            model, spec, label_map = load_model(ref)
+            if is_torchvision_weight(ref):  # COCO classes, matched to the data's categories by name
+                label_map, config, name = label_map.onto(val_ds.label_map), {"weights": ref}, ref.split(".")[0]
+            else:
+                config, name = load_checkpoint(ref).get("config"), Path(ref).parent.name or spec.name
             ds = data.val_dataset(label_map) if args.labels == "identity" else val_ds
-            name = Path(ckpt).parent.name or spec.name
             rows[name] = evaluate_detector(model, ds, label_map, out_dir=args.out, name=name, device=device,
-                                           config=payload.get("config"), progress=not args.quiet)
+                                           config=config, progress=not args.quiet)
     print(comparison_table(rows))
     if args.out:
         print(f"metrics and COCO results written to {args.out}")
@@ -272,7 +275,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     _add_data_args(p)
-    p.add_argument("checkpoints", nargs="+", help="pkdkit checkpoints (model.pt) to evaluate on the validation set")
+    p.add_argument("checkpoints", nargs="+", help="pkdkit checkpoints (model.pt) or torchvision COCO weight names "
+                                                  "(FCOS_ResNet50_FPN_Weights.COCO_V1) to evaluate on the validation set")
     p.add_argument("--out", help="folder for <name>.json (metrics) and <name>_results.json (COCO results)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:<index> (default: %(default)s)")
     p.set_defaults(func=cmd_evaluate)
