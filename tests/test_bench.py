@@ -30,6 +30,7 @@ def toy_cfg() -> run.BenchConfig:
 
 
 def test_speed_settings_run_amp_channels_last_and_cudnn_autotuning_side_by_side(toy_cfg):
+    torch.manual_seed(0)  # the toy models' weights: independent of what other test modules drew at import
     cpu = torch.device("cpu")
     steps = run.settings_fns(toy_cfg, cpu)
     assert list(steps) == ["plain", "amp", "amp+channels_last", "amp+channels_last+cudnn_benchmark"]

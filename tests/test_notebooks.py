@@ -11,7 +11,7 @@ import pytest
 
 from pkdkit.notebooks import NOTEBOOKS, NotebookRunError, notebooks_dir, run_notebooks
 
-FAST = {"epochs": 1, "distill_epochs": 1}
+FAST = {"epochs": 1, "distill_epochs": 1, "image_size": 64}  # 64 px: the mechanics, fast
 
 
 @pytest.fixture(scope="module")
