@@ -384,7 +384,12 @@ def seed_study(reports: list[str | os.PathLike], stats: tuple[str, ...] = ("AP",
     if missing:
         raise ValueError(f"reports without an evaluation section (did notebook 05 run?): {missing}")
     names = [n for n in metrics[0]["evaluation"] if all(n in m["evaluation"] for m in metrics)]
-    budgets = {n: metrics[0].get("comparison", {}).get("runs", {}).get(n, {}).get("budget", {}) for n in names}
+    per_seed = {n: [m.get("comparison", {}).get("runs", {}).get(n, {}).get("budget", {}) for m in metrics] for n in names}
+    budgets = {n: b[0] for n, b in per_seed.items()}
+    # a run name may cost different epochs in different seeds (the selection chose 1 teacher in one, 2 in another)
+    mixed = {n: [b.get("epochs") for b in bs] for n, bs in per_seed.items() if len({b.get("epochs") for b in bs}) > 1}
+    for n, epochs in mixed.items():
+        budgets[n] = {**budgets[n], "epochs": "/".join(str(e) for e in epochs)}
     runs, records = {}, {}
     for name in names:
         values = {s: [m["evaluation"][name][s] for m in metrics] for s in stats}
@@ -404,6 +409,11 @@ def seed_study(reports: list[str | os.PathLike], stats: tuple[str, ...] = ("AP",
                     for seed, c in zip(seeds, checks) if c]
     return {"seeds": seeds, "runs": runs, "budgets": budgets, "records": records,
             "table": "\n".join([header, *lines]) + f"\n\n(mean ± sample std over {len(metrics)} seeds, AP in %; "
-                     "epochs: the student's total training epochs; every run starts from the same initialisation)",
+                     "epochs: the student's total training epochs; every run starts from the same initialisation)"
+                     + "".join(f"\n\n**{n} is not one budget**: {'/'.join(str(e) for e in ep)} epochs in seeds "
+                               f"{', '.join(str(s) for s in [m.get('parameters', {}).get('seed') for m in metrics])} "
+                               "(the selection chose another number of teachers): do not read its mean as one run."
+                               for n, ep in mixed.items()),
+            "mixed_budgets": mixed,
             "order_checks": checks, "order_table": "\n".join(order_lines),
             "parameters": [m.get("parameters", {}) for m in metrics]}

@@ -96,7 +96,7 @@ def test_a_run_dir_refuses_other_parameters_before_any_notebook_runs(demo_run, t
     cmd = [sys.executable, "-m", "pkdkit.cli", "notebooks", "run", "--preset", "tiny", "--out", str(tmp_path),
            "--run-dir", str(demo_run / "run"), "--only", "02_teacher_selection.ipynb", "-p", "strategy=greedy"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 1 and "strategy: 'shortest_path' -> 'greedy'" in proc.stderr
+    assert proc.returncode == 1 and "strategy: 'minimax' -> 'greedy'" in proc.stderr
     assert not (tmp_path / "02_teacher_selection.ipynb").exists()
 
 

@@ -72,7 +72,8 @@ def test_seed_study_aggregates_with_budgets_and_reports_the_order_check_per_seed
     orders = comparison_orders(selection(["t1", "t2"]), {"t1": .2, "t2": .3})
     reports = []
     for seed, ap in enumerate((.20, .24)):
-        records = {"baseline": record(.1, 12), "progressive": record(ap, 24), "one_shot": record(.22, 12)}
+        records = {"baseline": record(.1, 12), "progressive": record(ap, 24), "one_shot": record(.22, 12),
+                   "by_ap": record(.2, 12 * (seed + 1))}
         metrics = {"parameters": {"seed": seed},
                    "evaluation": {n: r["metrics"]["bbox"]["stats"] for n, r in records.items()},
                    "comparison": {"runs": {n: {"budget": r["config"]["budget"]} for n, r in records.items()},
@@ -85,6 +86,9 @@ def test_seed_study_aggregates_with_budgets_and_reports_the_order_check_per_seed
     assert "| progressive | 24 | initial (random, seed 0) | 22.0 ± 2.8 |" in study["table"]
     assert [c["selected_is_best"] for c in study["order_checks"]] == [False, True]
     assert "| 1 | t1 → t2 | 24.0 | progressive: t1 → t2 | 24.0 | yes |" in study["order_table"]
+    # a run that cost other epochs in another seed is flagged, never averaged silently as one budget
+    assert study["mixed_budgets"] == {"by_ap": [12, 24]} and "| by_ap | 12/24 |" in study["table"]
+    assert "**by_ap is not one budget**" in study["table"]
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
