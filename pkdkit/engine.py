@@ -287,12 +287,8 @@ def _train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig
         if on_epoch_end is not None and info.is_main:
             record.update(on_epoch_end(epoch, model))
         history.append(record)
-        if info.is_main:  # checkpoint
-            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
-                         "epoch": epoch + 1, "history": json.dumps(history), "train_config": cfg.to_dict(),
-                         "config": json.dumps(full_config, default=str)},
-                        ckpt_path)
+        if info.is_main:
+            _save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, epoch + 1, history, cfg, full_config)
             write_json({"config": full_config, "epochs": history}, history_path)
             if cfg.progress:
                 tqdm.write(f"{desc} epoch {epoch + 1}/{cfg.epochs}: " +
@@ -317,6 +313,17 @@ def _resume(ckpt_path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     scaler.load_state_dict(state["scaler"])
     _set_rng_state(state["rng"])
     return json.loads(state["history"]), int(state["epoch"])
+
+
+def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                     scaler: torch.amp.GradScaler, epochs_done: int, history: list[dict[str, Any]], cfg: TrainConfig,
+                     full_config: dict[str, Any]) -> None:
+    """Everything `_resume` needs to go on exactly, written atomically."""
+    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
+                 "epoch": epochs_done, "history": json.dumps(history), "train_config": cfg.to_dict(),
+                 "config": json.dumps(full_config, default=str)},
+                path)
 
 
 def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer,

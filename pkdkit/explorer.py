@@ -152,7 +152,7 @@ class FeatureExplorer:
             what = f"channel {mode}" if signed else {"mean": "mean |·|", "max": "max |·|", "pca": "PCA (RGB)"}[mode]
             h, w = summary.shape[:2]
             map_panel(fig, axes[1], summary, f"{name}: {level} {what} ({h}×{w})",
-                       cmap="RdBu_r" if signed else "magma", colorbar=mode != "pca")
+                      cmap="RdBu_r" if signed else "magma", colorbar=mode != "pca")
         if name == self.reference:
             note(axes[2], f"{name} is the reference:\npick another model to compare")
         elif level not in feats or level not in ref_feats:
@@ -161,11 +161,11 @@ class FeatureExplorer:
             note(axes[2], f"{level} is 1×1: no spatial pattern to compare")
         elif feats[level].shape != ref_feats[level].shape:
             note(axes[2], f"{level}: {name} {tuple(feats[level].shape)} vs {self.reference} "
-                           f"{tuple(ref_feats[level].shape)}:\nno channel-wise difference")
+                          f"{tuple(ref_feats[level].shape)}:\nno channel-wise difference")
         else:
             d = standardised_difference(feats[level], ref_feats[level])
             map_panel(fig, axes[2], d, f"|z({name}) − z({self.reference})|: mean {float(d.mean()):.2f}",
-                       cmap="viridis", vmin=0)
+                      cmap="viridis", vmin=0)
         for ax in axes:
             bare(ax)
         self.figure = fig

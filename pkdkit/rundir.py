@@ -7,6 +7,7 @@ in sequence and each picks up what the previous ones wrote. `RunDir` is the only
     <root>/selection/                 selection.json, selection.png (`pkdkit.selection.run_selection`)
     <root>/distill/<plan name>/       one staged run per plan (`pkdkit.plan`: plan.yaml, stage folders, summary.json)
     <root>/distill/comparison.json    the runs compared, their records and budgets (notebook 03 -> 05)
+    <root>/parameters.json            the notebook parameters the run was made with (`pkdkit.notebooks`)
 
 A model's folder holds what `pkdkit.engine.train_detector` writes; evaluation files are named by
 `pkdkit.evaluate.evaluation_files`, a plan's stage folders by `pkdkit.plan.Plan.stage_dir`.

@@ -70,6 +70,7 @@ def show(fig: Figure, path: str | os.PathLike | None = None, dpi: int = DPI) -> 
 
 
 def png_bytes(fig: Figure, dpi: int = DPI) -> bytes:
+    """`fig` as PNG bytes (what a notebook displays)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     return buf.getvalue()
@@ -181,11 +182,13 @@ def _colorbar(fig: Figure, im: Any, ax: Any, **kwargs: Any) -> None:
 
 
 def bare(ax: Any) -> None:
+    """No ticks: an image panel."""
     ax.set_xticks([])
     ax.set_yticks([])
 
 
 def level_order(name: str) -> tuple[int, str]:
+    """Sort key of FPN level names: p2 < p3 < ... < p7, other names last."""
     return (int(name[1:]), name) if name[1:].isdigit() else (1_000, name)
 
 
@@ -297,13 +300,13 @@ def plot_feature_difference(student: Mapping[str, Tensor], teacher: Mapping[str,
     return fig
 
 
-# What each loss weighs at a position, for the panel's title
+# ----------------------------------------------------------------------------------------------------
+# What a loss sees
+# The losses drawn by the generic view: name, and what the loss weighs at a position (for the panel's title)
 _LOSS_TERMS = {PKDLoss: ("PKD", "(z(S) − z(T))², z per channel"), CWDLoss: ("CWD", "p_T·log(p_T/p_S), spatial softmax"),
                MSELoss: ("MSE", "(S − T)²")}
 
 
-# ----------------------------------------------------------------------------------------------------
-# What a loss sees
 def plot_loss_masks(loss_module: nn.Module, student_feat: Tensor, teacher_feat: Tensor, *,
                     boxes: Sequence[Tensor] | None = None, image_size: tuple[int, int] | None = None,
                     index: int = 0, seed: int = 0) -> Figure:
@@ -334,7 +337,8 @@ def plot_loss_masks(loss_module: nn.Module, student_feat: Tensor, teacher_feat: 
 
 
 def map_panel(fig: Figure, ax: Any, data: Tensor | np.ndarray, title: str, cmap: str = "magma",
-               vmin: float | None = None, vmax: float | None = None, colorbar: bool = True) -> None:
+              vmin: float | None = None, vmax: float | None = None, colorbar: bool = True) -> None:
+    """Draw an (H, W) map (or (H, W, 3) image) on `ax` with its title; a signed map ("RdBu_r") is centred on 0."""
     data = data.detach().cpu().numpy() if isinstance(data, Tensor) else data
     if cmap == "RdBu_r" and vmin is None:  # signed: symmetric around 0
         vmax = float(np.abs(data).max()) or 1.0
@@ -633,5 +637,6 @@ def plot_detections(dataset: Any, results: Mapping[str, Sequence[Mapping[str, An
 
 
 def note(ax: Any, text: str) -> None:
+    """A panel that says why there is nothing to draw."""
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=10, color="0.3")
     bare(ax)
