@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from pkdkit.errors import ConfigError, PkdkitError
 
 if TYPE_CHECKING:
-    from pkdkit.plan import DataConfig
+    from pkdkit.data import DataConfig
 
 
 def strict_bool(s: str) -> bool:
@@ -48,7 +48,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _data_config(args: argparse.Namespace) -> DataConfig:
-    from pkdkit.plan import DataConfig
+    from pkdkit.data import DataConfig
 
     if args.data:
         cfg = DataConfig.from_root(args.data, masks=args.masks)
@@ -182,8 +182,8 @@ def cmd_select(args: argparse.Namespace) -> int:
             raise ConfigError(f"--ap takes NAME=AP with a number for AP: {e}") from e
     data = _data_config(args)
     with run_lock(args.out):
-        selection = run_selection(args.student, teachers, data.val_dataset(), args.out, n_images=args.images,
-                                  strategy=args.strategy, method=args.method, device=args.device, aps=aps)
+        selection, _ = run_selection(args.student, teachers, data.val_dataset(), args.out, n_images=args.images,
+                                     strategy=args.strategy, method=args.method, device=args.device, aps=aps)
     print(selection.explanation)
     print(f"selection written to {Path(args.out) / 'selection.json'}")
     if args.plan:
@@ -284,7 +284,8 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 def _select_args(p: argparse.ArgumentParser) -> None:
     from pkdkit.losses import LOSSES
-    from pkdkit.selection import DEFAULT_STRATEGY, METHODS, STRATEGIES
+    from pkdkit.ordering import DEFAULT_STRATEGY, STRATEGIES
+    from pkdkit.selection import METHODS
 
     _add_data_args(p)
     p.add_argument("--student", required=True, help="student checkpoint")

@@ -382,6 +382,55 @@ class CocoDetection(Dataset):
         return torch.from_numpy(np.stack(masks)).to(torch.uint8)
 
 
+@dataclass
+class DataConfig:
+    """Where the COCO-format data is. `masks` loads instance masks (Mask R-CNN students). `labels`:
+    "contiguous" maps categories to labels 1..K; "identity" uses the category id as label (COCO with
+    torchvision's 91-class COCO detectors)."""
+
+    train_images: str
+    train_json: str
+    val_images: str
+    val_json: str
+    masks: bool = False
+    labels: str = "contiguous"
+
+    def __post_init__(self) -> None:
+        if self.labels not in ("contiguous", "identity"):
+            raise ValueError(f"data.labels must be 'contiguous' or 'identity', not {self.labels!r}")
+
+    @classmethod
+    def from_root(cls, root: str | os.PathLike, masks: bool = False) -> "DataConfig":
+        """The synthetic layout (`pkdkit synth`): root/{train,val}, root/annotations/instances_{split}.json;
+        COCO 2017 uses the same names with train2017/val2017 folders."""
+        root = Path(root)
+        split = ("train2017", "val2017") if (root / "train2017").is_dir() else ("train", "val")
+        cfg = cls(str(root / split[0]), str(root / "annotations" / f"instances_{split[0]}.json"),
+                  str(root / split[1]), str(root / "annotations" / f"instances_{split[1]}.json"), masks)
+        missing = [p for p in (cfg.train_images, cfg.val_images) if not Path(p).is_dir()]
+        missing += [p for p in (cfg.train_json, cfg.val_json) if not Path(p).is_file()]
+        if missing:
+            found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir()) if root.is_dir() else None
+            raise DataError(f"data root {root} lacks {', '.join(str(Path(p).relative_to(root)) for p in missing)}. "
+                            "Expected train2017/, val2017/, annotations/instances_train2017.json and "
+                            "annotations/instances_val2017.json (COCO 2017), or the same with train/ and val/; "
+                            + (f"found {found[:12]}" if found is not None else "the folder does not exist"))
+        return cfg
+
+    def train_dataset(self, label_map: LabelMap | None = None) -> CocoDetection:
+        return self._dataset(self.train_images, self.train_json, True, label_map)
+
+    def val_dataset(self, label_map: LabelMap | None = None) -> CocoDetection:
+        return self._dataset(self.val_images, self.val_json, False, label_map)
+
+    def _dataset(self, images: str, ann: str, train: bool, label_map: LabelMap | None) -> CocoDetection:
+        ds = CocoDetection(images, ann, train=train, masks=self.masks, label_map=label_map)
+        ds.check_images()  # a missing image fails now, not after an epoch of training
+        if label_map is None and self.labels == "identity":
+            ds.label_map = LabelMap.identity(ds.coco.dataset["categories"])
+        return ds
+
+
 def to_tensor_image(img: Image.Image, where: str = "image") -> torch.Tensor:
     """A PIL image as `(3, H, W)` float in [0, 1]. 16-bit grey images (PIL mode "I;16") are scaled by 65535,
     not clipped at 255 (which would turn them almost white); 32-bit integer and float images ("I", "F") have

@@ -1,7 +1,8 @@
 """The training loop: a plain loop in the spirit of torchvision's references/detection/engine.py.
 
 `train(model, dataset, cfg, out_dir)` trains anything whose forward `(images, targets)` returns a dict of
-losses: a torchvision detector in train mode, or a `pkdkit.distill.Distiller`. It writes an atomic
+losses: a torchvision detector in train mode, or a `pkdkit.distill.Distiller`: set-up (loader, optimizer,
+scheduler), resume, then `train_one_epoch` and a checkpoint per epoch. It writes an atomic
 checkpoint (`last.pt`: model, optimizer, scheduler, AMP scaler, RNG states, history) and `metrics.json`
 after every epoch, and resumes from `last.pt` when run again with the same config. Each epoch re-seeds
 every RNG from (seed, epoch) and the sampler shuffles by (seed, epoch), so a run killed mid-epoch and
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 from pkdkit.config import check_range, check_value, config_diff
 from pkdkit.data import CocoDetection, make_loader
 from pkdkit.errors import ConfigError, PkdkitError, RunMismatchError
-from pkdkit.evaluate import evaluate_detector
+from pkdkit.evaluate import evaluate_detector, evaluation_files
 from pkdkit.files import run_lock, write_json
 from pkdkit.models import (DetectorSpec, atomic_save, build_detector, initial_weights_label, load_checkpoint,
                            save_detector, state_fingerprint)
@@ -120,8 +121,8 @@ class TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})
 
 
-# Settings that do not change the result: a resumed run may change them.
-_RESUME_FREE = {"progress", "num_workers", "device", "pin_memory", "persistent_workers", "prefetch_factor"}
+# Settings that do not change the result: a resumed run, or a plan run again, may change them.
+RESUME_FREE = {"progress", "num_workers", "device", "pin_memory", "persistent_workers", "prefetch_factor"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -248,94 +249,47 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig,
         return _train(model, dataset, cfg, Path(out_dir), info, desc, config, on_epoch_end)
 
 
+def training_files(out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """(checkpoint, history): what `train` writes into `out_dir` after every epoch, `last.pt` and `metrics.json`."""
+    return Path(out_dir) / "last.pt", Path(out_dir) / "metrics.json"
+
+
 def _train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig, out_dir: Path, info: DistInfo,
            desc: str, config: dict[str, Any] | None,
            on_epoch_end: Callable[[int, nn.Module], dict[str, Any]] | None) -> list[dict[str, Any]]:
+    # set-up: device, loader, optimisation
     device = _device_for(cfg, info)
-    ckpt_path = out_dir / "last.pt"
+    ckpt_path, history_path = training_files(out_dir)
     model.to(device)
     loader = make_loader(dataset, cfg.batch_size, shuffle=True, seed=cfg.seed, num_workers=cfg.num_workers,
                          distributed=info.enabled, persistent_workers=cfg.persistent_workers,
                          prefetch_factor=cfg.prefetch_factor,
                          pin_memory=device.type == "cuda" if cfg.pin_memory is None else cfg.pin_memory)
     total_iters = cfg.epochs * len(loader)
-    named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named_params]
-    optimizer = build_optimizer(params, cfg)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, total_iters, cfg))
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
     # the training set's content, not only its path: a resumed run must see the same annotations
     full_config = {"train": cfg.to_dict(), "train_data_sha256": getattr(dataset, "fingerprint", None), **(config or {})}
-
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
-    if ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, map_location=device)
-        saved = json.loads(state["config"]) if "config" in state else {"train": state.get("train_config", {})}
-        check_same_run(saved, full_config if "config" in state else {"train": cfg.to_dict()}, ckpt_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
-        history = json.loads(state["history"])
-        start_epoch = int(state["epoch"])
+    history, start_epoch = _resume(ckpt_path, model, optimizer, scheduler, scaler, cfg, full_config, device)
 
     net = model
     if info.enabled:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    step = start_epoch * len(loader)
     for epoch in range(start_epoch, cfg.epochs):
         seed_everything(epoch_seed(cfg.seed, epoch) + info.rank)
         loader.sampler.set_epoch(epoch)
-        net.train()
-        sums: dict[str, float] = {}
         t0 = time.time()
-        # a bar beside the loader, not around it: tqdm.auto's bar calls iter() on what it wraps once more,
-        # which would start (and drop) a second set of loader workers every epoch
-        bar = tqdm(total=len(loader), desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not (cfg.progress and info.is_main), leave=False, dynamic_ncols=True)
-        for i, (images, targets) in enumerate(loader):
-            images = [im.to(device, non_blocking=True) for im in images]
-            targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-            with torch.autocast(device.type, enabled=use_amp):
-                losses = net(images, targets)
-            loss = sum(losses.values())
-            _check_finite(loss, losses, info, epoch, i, step, ckpt_path)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            _check_finite_weights(named_params, info, epoch, i, step, ckpt_path)
-            scheduler.step()
-            step += 1
-            values = {k: v.item() for k, v in losses.items()}
-            values["loss"] = loss.item()
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
-            kd = sum(v for k, v in values.items() if k.startswith("distill"))
-            bar.set_postfix(loss=f"{values['loss']:.3f}", det=f"{values['loss'] - kd:.3f}", kd=f"{kd:.4f}",
-                            lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-            bar.update()
-        bar.close()
-        n = max(len(loader), 1)
+        means = train_one_epoch(net, loader, optimizer, scheduler, scaler, cfg, device, epoch, info=info,
+                                ckpt_path=ckpt_path, desc=desc)
         record: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                                  "seconds": round(time.time() - t0, 2), **{k: v / n for k, v in sums.items()}}
+                                  "seconds": round(time.time() - t0, 2), **means}
         if on_epoch_end is not None and info.is_main:
             record.update(on_epoch_end(epoch, model))
         history.append(record)
         if info.is_main:
-            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
-                         "epoch": epoch + 1, "history": json.dumps(history), "train_config": cfg.to_dict(),
-                         "config": json.dumps(full_config, default=str)},
-                        ckpt_path)
-            write_json({"config": full_config, "epochs": history}, out_dir / "metrics.json")
+            _save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, epoch + 1, history, cfg, full_config)
+            write_json({"config": full_config, "epochs": history}, history_path)
             if cfg.progress:
                 tqdm.write(f"{desc} epoch {epoch + 1}/{cfg.epochs}: " +
                            ", ".join(f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float) and k != "lr"))
@@ -343,10 +297,86 @@ def _train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig
     return history
 
 
+def _resume(ckpt_path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+            scaler: torch.amp.GradScaler, cfg: TrainConfig, full_config: dict[str, Any],
+            device: torch.device) -> tuple[list[dict[str, Any]], int]:
+    """(history, first epoch to run): from `ckpt_path` when it exists (model, optimizer, scheduler, AMP scaler
+    and every RNG restored, after checking it was written with the same settings), else ([], 0)."""
+    if not ckpt_path.exists():
+        return [], 0
+    state = load_checkpoint(ckpt_path, map_location=device)
+    saved = json.loads(state["config"]) if "config" in state else {"train": state.get("train_config", {})}
+    check_same_run(saved, full_config if "config" in state else {"train": cfg.to_dict()}, ckpt_path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"])
+    return json.loads(state["history"]), int(state["epoch"])
+
+
+def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                     scaler: torch.amp.GradScaler, epochs_done: int, history: list[dict[str, Any]], cfg: TrainConfig,
+                     full_config: dict[str, Any]) -> None:
+    """Everything `_resume` needs to go on exactly, written atomically."""
+    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
+                 "epoch": epochs_done, "history": json.dumps(history), "train_config": cfg.to_dict(),
+                 "config": json.dumps(full_config, default=str)},
+                path)
+
+
+def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, scaler: torch.amp.GradScaler, cfg: TrainConfig, device: torch.device,
+                    epoch: int, *, info: DistInfo, ckpt_path: Path, desc: str = "train") -> dict[str, float]:
+    """One pass over `loader` as torchvision's reference does it: forward `(images, targets) -> {name: loss}`,
+    sum, backward (AMP-scaled on CUDA), optional gradient clipping, optimizer and per-iteration scheduler
+    step. Returns the epoch's mean of every loss and of their sum ("loss"). A non-finite loss or weight
+    stops training (NonFiniteLossError naming the step; `ckpt_path` is the checkpoint left intact)."""
+    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    named_params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    params = [p for _, p in named_params]
+    use_amp = scaler.is_enabled()
+    model.train()
+    sums: dict[str, float] = {}
+    # a bar beside the loader, not around it: tqdm.auto's bar calls iter() on what it wraps once more,
+    # which would start (and drop) a second set of loader workers every epoch
+    bar = tqdm(total=len(loader), desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}",
+               disable=not (cfg.progress and info.is_main), leave=False, dynamic_ncols=True)
+    for i, (images, targets) in enumerate(loader):
+        step = epoch * len(loader) + i
+        images = [im.to(device, non_blocking=True) for im in images]
+        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+        with torch.autocast(device.type, enabled=use_amp):
+            losses = model(images, targets)
+        loss = sum(losses.values())
+        _check_finite(loss, losses, info, epoch, i, step, ckpt_path)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        _check_finite_weights(named_params, info, epoch, i, step, ckpt_path)
+        scheduler.step()
+        values = {k: v.item() for k, v in losses.items()}
+        values["loss"] = loss.item()
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
+        kd = sum(v for k, v in values.items() if k.startswith("distill"))
+        bar.set_postfix(loss=f"{values['loss']:.3f}", det=f"{values['loss'] - kd:.3f}", kd=f"{kd:.4f}",
+                        lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        bar.update()
+    bar.close()
+    n = max(len(loader), 1)
+    return {k: v / n for k, v in sums.items()}
+
+
 def check_same_run(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
     """Refuse to resume or reuse a run written with other settings (device, progress display and loader
     workers may change); RunMismatchError names each differing setting."""
-    diff = config_diff(saved, now, ignore=_RESUME_FREE)
+    diff = config_diff(saved, now, ignore=RESUME_FREE)
     if diff:
         raise RunMismatchError(f"{path} was written with different settings ({'; '.join(diff)}); run again with the "
                                f"same settings, or use another output folder (or delete this one) to start over")
@@ -411,9 +441,10 @@ def train_detector(spec: DetectorSpec, train_ds: CocoDetection, val_ds: CocoDete
             "budget": budget, **(config or {})}
     info = init_distributed(cfg.device)
     with run_lock(out_dir) if info.is_main else contextlib.nullcontext():
-        if (out_dir / "model.pt").exists() and (out_dir / "eval.json").exists():
-            record = json.loads((out_dir / "eval.json").read_text())
-            check_same_run(record.get("config") or {}, full, out_dir / "eval.json")
+        record_file = evaluation_files(out_dir)[0]
+        if (out_dir / "model.pt").exists() and record_file.exists():
+            record = json.loads(record_file.read_text())
+            check_same_run(record.get("config") or {}, full, record_file)
             return record
         train(model, train_ds, cfg, out_dir, desc=f"train {spec.name}", config=full)
         record: dict[str, Any] = {}

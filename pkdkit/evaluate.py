@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from pkdkit.data import CocoDetection, DataError, LabelMap, collate_fn, load_coco
 from pkdkit.fasteval import DEFAULT_COCOEVAL
 from pkdkit.files import write_json
+from pkdkit.models import eval_mode
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -86,18 +87,15 @@ def predict(model: nn.Module, dataset: CocoDetection, label_map: LabelMap, *,
                         f"common: every AP would be 0; is this the model's dataset and its own label map?")
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
 
-    was_training = model.training
-    model.to(device).eval()
+    model.to(device)
     results: list[dict] = []
     dropped: dict[int, int] = {}
-    try:
+    with eval_mode(model):
         for images, targets in tqdm(loader, desc="predict", disable=not progress):
             outputs = model([img.to(device, non_blocking=True) for img in images])
             for target, output in zip(targets, outputs):
                 image_id = int(target["image_id"])
                 results.extend(_to_coco_results(image_id, output, to_cat, score_threshold, dropped))
-    finally:
-        model.train(was_training)
     if dropped:
         warnings.warn(
             f"predict: dropped {sum(dropped.values())} detections whose model label has no category in "
@@ -381,6 +379,12 @@ def pr_curve(cocoeval: COCOeval, iou: float = 0.5, area: str = "all",
 
 # ----------------------------------------------------------------------------------------------------
 # Model -> metrics files
+def evaluation_files(folder: str | os.PathLike, name: str = "eval") -> tuple[Path, Path]:
+    """(record, COCO results): the files `evaluate_detector(..., out_dir=folder, name=name)` writes,
+    ``<folder>/<name>.json`` and ``<folder>/<name>_results.json``."""
+    return Path(folder) / f"{name}.json", Path(folder) / f"{name}_results.json"
+
+
 def evaluate_detector(model: nn.Module, dataset: CocoDetection, label_map: LabelMap, *,
                       out_dir: str | os.PathLike | None = None, name: str = "model",
                       device: str | torch.device | None = "cpu", batch_size: int = 4,
@@ -394,7 +398,7 @@ def evaluate_detector(model: nn.Module, dataset: CocoDetection, label_map: Label
     Returns the record ``{"name", "metrics": {iou_type: {...}}, "config", "ann_file", "image_dir",
     "num_images", "num_detections", "iou_types", "seconds": {"predict", "evaluate"}, "timestamp"}``;
     with `out_dir`, it is written to ``<out_dir>/<name>.json`` and the COCO results (dataset category ids)
-    to ``<out_dir>/<name>_results.json``, both atomically.
+    to ``<out_dir>/<name>_results.json``, both atomically (`evaluation_files`).
     """
     tic = time.perf_counter()
     results = predict(model, dataset, label_map, device=device, batch_size=batch_size, progress=progress)
@@ -422,8 +426,9 @@ def evaluate_detector(model: nn.Module, dataset: CocoDetection, label_map: Label
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if out_dir is not None:
-        results_to_json(results, Path(out_dir) / f"{name}_results.json")
-        write_json(record, Path(out_dir) / f"{name}.json")
+        record_file, results_file = evaluation_files(out_dir, name)
+        results_to_json(results, results_file)
+        write_json(record, record_file)
     return record
 
 

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection.image_list import ImageList
 
+from pkdkit.models import eval_mode
+
 
 def name_levels(feats: "OrderedDict[str, torch.Tensor]", input_hw: tuple[int, int]) -> "OrderedDict[str, torch.Tensor]":
     """Rename FPN outputs `{name: (N, C, H_l, W_l)}` to ``p<log2 stride>`` given the batch size `(H, W)`.
@@ -92,14 +94,8 @@ def features_at(model: nn.Module, batch: torch.Tensor, scale: float,
 def feature_levels(model: nn.Module, size: int = 128) -> dict[str, int]:
     """{level name: channels} of a detector's FPN, from one small dummy forward of its backbone."""
     p = next(model.parameters())
-    modes = {m: m.training for m in model.backbone.modules()}
-    model.backbone.eval()
-    try:
-        with torch.no_grad():
-            feats = backbone_features(model, torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
-    finally:
-        for m, training in modes.items():
-            m.training = training
+    with eval_mode(model.backbone), torch.no_grad():
+        feats = backbone_features(model, torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
     return {k: v.shape[1] for k, v in feats.items()}
 
 

@@ -24,7 +24,8 @@ from typing import Any, Callable, Sequence
 from pkdkit.engine import TrainConfig, train_detector
 from pkdkit.files import write_json
 from pkdkit.models import DetectorSpec
-from pkdkit.plan import DataConfig, Plan, run_plan
+from pkdkit.data import DataConfig
+from pkdkit.plan import Plan, run_plan
 
 
 class LaunchError(RuntimeError):
@@ -87,7 +88,7 @@ def run_plan_distributed(plan: Plan, nproc: int, *, progress: bool = True) -> di
     """`pkdkit.plan.run_plan` on `nproc` processes; returns the plan's summary (`summary.json`)."""
     out = Path(plan.out_dir)
     torchrun({"step": "plan", "plan": plan.to_dict(), "progress": progress}, out / "launch.json", nproc)
-    return json.loads((out / "summary.json").read_text())
+    return json.loads(plan.summary_file.read_text())
 
 
 def _train_step(job: dict[str, Any]) -> None:

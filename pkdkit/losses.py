@@ -4,6 +4,11 @@ Every loss is a small `nn.Module` with the same interface::
 
     loss = LOSSES[name](student_channels, teacher_channels, **hparams)
     value = loss(student_feat, teacher_feat, boxes=None, image_size=None)   # scalar tensor
+    where = loss.loss_map(student_feat, teacher_feat, boxes=None, image_size=None)  # (N, H, W)
+
+`loss_map` is each position's share of the loss: the same formula as `forward` (one `_terms` method per
+loss), summed over channels instead of over everything, so its total is the loss (FGD: its focal part).
+`pkdkit.viz.plot_loss_masks` draws it.
 
 - `student_feat`: (N, Cs, H, W), `teacher_feat`: (N, Ct, H, W), taken from the *same* transformed batch, so
   N, H and W must agree (a mismatch raises `ValueError` naming both shapes).
@@ -63,6 +68,27 @@ class _FeatureLoss(nn.Module):
         student = self.adapter(student_feat) if self.adapter is not None else student_feat
         return student, teacher_feat.detach()
 
+    def forward(self, student_feat: Tensor, teacher_feat: Tensor, boxes: list[Tensor] | None = None,
+                image_size: tuple[int, int] | None = None) -> Tensor:
+        """The loss on one level: a scalar."""
+        return self._terms(student_feat, teacher_feat, boxes, image_size, per_position=False)
+
+    def loss_map(self, student_feat: Tensor, teacher_feat: Tensor, boxes: list[Tensor] | None = None,
+                 image_size: tuple[int, int] | None = None) -> Tensor:
+        """(N, H, W): what the loss weighs at each position of each image, its terms summed over channels;
+        the map sums over (N, H, W) to the loss (FGD: to its foreground and background terms)."""
+        return self._terms(student_feat, teacher_feat, boxes, image_size, per_position=True)
+
+    def _terms(self, student_feat: Tensor, teacher_feat: Tensor, boxes: list[Tensor] | None,
+               image_size: tuple[int, int] | None, per_position: bool) -> Tensor:
+        """The loss's formula, summed over everything, or over channels only with `per_position`."""
+        raise NotImplementedError
+
+
+def _total(terms: Tensor, per_position: bool) -> Tensor:
+    """Sum (N, C, H, W) terms over everything, or over channels only -> (N, H, W)."""
+    return terms.sum(dim=1) if per_position else terms.sum()
+
 
 def _non_negative(owner: str, **values: float) -> None:
     for key, value in values.items():
@@ -113,12 +139,17 @@ class MGDLoss(_FeatureLoss):
                                         nn.Conv2d(c, c, 3, padding=1))
         self.generator: torch.Generator | None = None
 
-    def forward(self, student_feat: Tensor, teacher_feat: Tensor, boxes: list[Tensor] | None = None,
-                image_size: tuple[int, int] | None = None) -> Tensor:
+    def _terms(self, student_feat: Tensor, teacher_feat: Tensor, boxes: list[Tensor] | None,
+               image_size: tuple[int, int] | None, per_position: bool) -> Tensor:
+        generated, teacher, _ = self.generate(student_feat, teacher_feat)
+        return self.alpha_mgd * _total((generated - teacher) ** 2, per_position) / teacher.shape[0]
+
+    def generate(self, student_feat: Tensor, teacher_feat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(G(S * M), T, M): the map generated from the masked, adapted student (N, C, H, W), the detached
+        teacher (N, C, H, W) and the mask drawn (N, 1, H, W), one new draw per call (`keep_mask`)."""
         student, teacher = self.prepare(student_feat, teacher_feat)
-        n = teacher.shape[0]
-        generated = self.generation(student * self.keep_mask(student))
-        return self.alpha_mgd * F.mse_loss(generated, teacher, reduction="sum") / n
+        keep = self.keep_mask(student)
+        return self.generation(student * keep), teacher, keep
 
     def keep_mask(self, feat: Tensor) -> Tensor:
         """The random spatial mask M for a map (N, C, H, W): (N, 1, H, W), 1 = kept, 0 = masked.
@@ -247,23 +278,23 @@ class FGDLoss(_FeatureLoss):
         self.gc_student = GcBlock(teacher_channels)
         self.gc_teacher = GcBlock(teacher_channels)
 
-    def forward(self, student_feat: Tensor, teacher_feat: Tensor, boxes: list[Tensor] | None = None,
-                image_size: tuple[int, int] | None = None) -> Tensor:
+    def _terms(self, student_feat: Tensor, teacher_feat: Tensor, boxes: list[Tensor] | None,
+               image_size: tuple[int, int] | None, per_position: bool) -> Tensor:
         student, teacher = self.prepare(student_feat, teacher_feat)
         n, _, h, w = teacher.shape
         check_boxes(boxes, image_size, n)
         mask_fg, mask_bg = fgd_masks([b.to(teacher.device) for b in boxes], image_size, (h, w))
-
         spatial_t, channel_t = fgd_attention(teacher, self.temp)
-        spatial_s, channel_s = fgd_attention(student, self.temp)
 
+        # alpha_fgd * L_fg + beta_fgd * L_bg: the focal terms, one weight per position
         sq_err = (student - teacher) ** 2 * spatial_t.unsqueeze(1) * channel_t[:, :, None, None]
-        fg_loss = (sq_err * mask_fg.unsqueeze(1)).sum() / n
-        bg_loss = (sq_err * mask_bg.unsqueeze(1)).sum() / n
+        focal = _total(sq_err * (self.alpha_fgd * mask_fg + self.beta_fgd * mask_bg).unsqueeze(1), per_position) / n
+        if per_position:
+            return focal
+        spatial_s, channel_s = fgd_attention(student, self.temp)
         attention_loss = ((channel_s - channel_t).abs().sum() + (spatial_s - spatial_t).abs().sum()) / n
         global_loss = F.mse_loss(self.gc_student(student), self.gc_teacher(teacher), reduction="sum") / n
-        return (self.alpha_fgd * fg_loss + self.beta_fgd * bg_loss + self.gamma_fgd * attention_loss
-                + self.lambda_fgd * global_loss)
+        return focal + self.gamma_fgd * attention_loss + self.lambda_fgd * global_loss
 
 
 def check_boxes(boxes: list[Tensor] | None, image_size: tuple[int, int] | None, n: int) -> None:
@@ -315,13 +346,20 @@ class PKDLoss(_FeatureLoss):
             raise ValueError(f"PKDLoss: resize_student must be True or False, got {resize_student!r}")
         self.resize_student = resize_student
 
-    def forward(self, student_feat: Tensor, teacher_feat: Tensor, boxes: list[Tensor] | None = None,
-                image_size: tuple[int, int] | None = None) -> Tensor:
+    def prepare(self, student_feat: Tensor, teacher_feat: Tensor) -> tuple[Tensor, Tensor]:
+        """As every loss does, after resizing the student to the teacher's H, W when `resize_student`."""
         if self.resize_student and student_feat.dim() == 4 and teacher_feat.dim() == 4 \
                 and student_feat.shape[-2:] != teacher_feat.shape[-2:]:
             student_feat = F.interpolate(student_feat, size=teacher_feat.shape[-2:], mode="bilinear")
+        return super().prepare(student_feat, teacher_feat)
+
+    def _terms(self, student_feat: Tensor, teacher_feat: Tensor, boxes: list[Tensor] | None,
+               image_size: tuple[int, int] | None, per_position: bool) -> Tensor:
         student, teacher = self.prepare(student_feat, teacher_feat)
-        return self.loss_weight * F.mse_loss(self.standardise(student), self.standardise(teacher)) / 2
+        n, _, h, w = teacher.shape
+        sq = (self.standardise(student) - self.standardise(teacher)) ** 2  # (C, N*H*W)
+        total = sq.sum(dim=0).reshape(n, h, w) if per_position else sq.sum()
+        return self.loss_weight * (total / sq.numel()) / 2
 
     def standardise(self, feat: Tensor) -> Tensor:
         """Each channel of (N, C, H, W) to zero mean, unit (unbiased) std over (N, H, W); returns (C, N*H*W)."""
@@ -357,14 +395,14 @@ class CWDLoss(_FeatureLoss):
         _positive("CWDLoss", tau=self.tau)
         _non_negative("CWDLoss", loss_weight=self.loss_weight)
 
-    def forward(self, student_feat: Tensor, teacher_feat: Tensor, boxes: list[Tensor] | None = None,
-                image_size: tuple[int, int] | None = None) -> Tensor:
+    def _terms(self, student_feat: Tensor, teacher_feat: Tensor, boxes: list[Tensor] | None,
+               image_size: tuple[int, int] | None, per_position: bool) -> Tensor:
         student, teacher = self.prepare(student_feat, teacher_feat)
         n, c, h, w = teacher.shape
         log_p_s = F.log_softmax(student.reshape(n * c, h * w) / self.tau, dim=1)
         log_p_t = F.log_softmax(teacher.reshape(n * c, h * w) / self.tau, dim=1)
-        kl = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True)
-        return self.loss_weight * self.tau ** 2 * kl / (n * c)
+        kl = (log_p_t.exp() * (log_p_t - log_p_s)).reshape(n, c, h, w)  # each position's KL term
+        return self.loss_weight * self.tau ** 2 * _total(kl, per_position) / (n * c)
 
 
 class MSELoss(_FeatureLoss):
@@ -385,10 +423,10 @@ class MSELoss(_FeatureLoss):
         self.loss_weight = float(loss_weight)
         _non_negative("MSELoss", loss_weight=self.loss_weight)
 
-    def forward(self, student_feat: Tensor, teacher_feat: Tensor, boxes: list[Tensor] | None = None,
-                image_size: tuple[int, int] | None = None) -> Tensor:
+    def _terms(self, student_feat: Tensor, teacher_feat: Tensor, boxes: list[Tensor] | None,
+               image_size: tuple[int, int] | None, per_position: bool) -> Tensor:
         student, teacher = self.prepare(student_feat, teacher_feat)
-        return self.loss_weight * F.mse_loss(student, teacher)
+        return self.loss_weight * _total((student - teacher) ** 2, per_position) / student.numel()
 
 
 LOSSES: dict[str, type[_FeatureLoss]] = {"mgd": MGDLoss, "fgd": FGDLoss, "pkd": PKDLoss, "cwd": CWDLoss,

@@ -12,6 +12,7 @@ read with ``torch.load(..., weights_only=True)``. A detector checkpoint carries 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -19,7 +20,7 @@ import pickle
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torchvision
@@ -257,6 +258,20 @@ def _anchor_generator(spec: DetectorSpec, n_levels: int, ratios: tuple[float, ..
     else:
         sizes = tuple((s,) for s in spec.anchor_sizes)
     return AnchorGenerator(sizes, (ratios,) * n_levels)
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Run the block with `models` in eval mode; every submodule's own train/eval flag is restored on exit,
+    also on error (a frozen part stays frozen, a training model goes on training)."""
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def is_torchvision_weight(ref: str | os.PathLike | None) -> bool:

@@ -38,7 +38,7 @@ import itertools
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,70 +46,25 @@ import yaml
 from torch import nn
 
 from pkdkit.config import check_fields, check_value, config_diff
-from pkdkit.data import CocoDetection, DataError, LabelMap, make_loader
+from pkdkit.data import DataConfig, LabelMap, make_loader
 from pkdkit.distill import build_distiller, calibrate_loss_weight, inherit_teacher_head
-from pkdkit.engine import TrainConfig, barrier, init_distributed, resolve_device, seed_everything, train
+from pkdkit.engine import (RESUME_FREE, TrainConfig, barrier, init_distributed, resolve_device, seed_everything, train,
+                           training_files)
 from pkdkit.errors import ConfigError, PkdkitError, reason
-from pkdkit.evaluate import comparison_table, evaluate_detector
+from pkdkit.evaluate import comparison_table, evaluate_detector, evaluation_files
 from pkdkit.features import common_levels, feature_levels
 from pkdkit.files import write_json, write_text
 from pkdkit.losses import LOSSES, build_loss, loss_hparams
 from pkdkit.models import (CheckpointError, DetectorSpec, build_detector, initial_weights_label, is_torchvision_weight,
                            load_checkpoint, load_model, model_meta, save_detector, state_fingerprint)
-from pkdkit.selection import selection_to_stages
+from pkdkit.ordering import Selection
+
+
+PLAN_FILE = "plan.yaml"  # in a plan's out_dir: the plan that ran there
 
 
 class PlanError(PkdkitError, ValueError):
     """A plan that cannot run; the message names the stage and the field."""
-
-
-@dataclass
-class DataConfig:
-    """Where the COCO-format data is. `masks` loads instance masks (Mask R-CNN students). `labels`:
-    "contiguous" maps categories to labels 1..K; "identity" uses the category id as label (COCO with
-    torchvision's 91-class COCO detectors)."""
-
-    train_images: str
-    train_json: str
-    val_images: str
-    val_json: str
-    masks: bool = False
-    labels: str = "contiguous"
-
-    def __post_init__(self) -> None:
-        if self.labels not in ("contiguous", "identity"):
-            raise ValueError(f"data.labels must be 'contiguous' or 'identity', not {self.labels!r}")
-
-    @classmethod
-    def from_root(cls, root: str | os.PathLike, masks: bool = False) -> "DataConfig":
-        """The synthetic layout (`pkdkit synth`): root/{train,val}, root/annotations/instances_{split}.json;
-        COCO 2017 uses the same names with train2017/val2017 folders."""
-        root = Path(root)
-        split = ("train2017", "val2017") if (root / "train2017").is_dir() else ("train", "val")
-        cfg = cls(str(root / split[0]), str(root / "annotations" / f"instances_{split[0]}.json"),
-                  str(root / split[1]), str(root / "annotations" / f"instances_{split[1]}.json"), masks)
-        missing = [p for p in (cfg.train_images, cfg.val_images) if not Path(p).is_dir()]
-        missing += [p for p in (cfg.train_json, cfg.val_json) if not Path(p).is_file()]
-        if missing:
-            found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir()) if root.is_dir() else None
-            raise DataError(f"data root {root} lacks {', '.join(str(Path(p).relative_to(root)) for p in missing)}. "
-                            "Expected train2017/, val2017/, annotations/instances_train2017.json and "
-                            "annotations/instances_val2017.json (COCO 2017), or the same with train/ and val/; "
-                            + (f"found {found[:12]}" if found is not None else "the folder does not exist"))
-        return cfg
-
-    def train_dataset(self, label_map: LabelMap | None = None) -> CocoDetection:
-        return self._dataset(self.train_images, self.train_json, True, label_map)
-
-    def val_dataset(self, label_map: LabelMap | None = None) -> CocoDetection:
-        return self._dataset(self.val_images, self.val_json, False, label_map)
-
-    def _dataset(self, images: str, ann: str, train: bool, label_map: LabelMap | None) -> CocoDetection:
-        ds = CocoDetection(images, ann, train=train, masks=self.masks, label_map=label_map)
-        ds.check_images()  # a missing image fails now, not after an epoch of training
-        if label_map is None and self.labels == "identity":
-            ds.label_map = LabelMap.identity(ds.coco.dataset["categories"])
-        return ds
 
 
 @dataclass
@@ -160,8 +115,37 @@ class Plan:
     student_init: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    # The run's layout under out_dir (see the module docstring)
+    @property
+    def plan_file(self) -> Path:
+        return Path(self.out_dir) / PLAN_FILE
+
+    @property
+    def summary_file(self) -> Path:
+        return Path(self.out_dir) / "summary.json"
+
     def stage_dir(self, k: int) -> Path:
         return Path(self.out_dir) / f"stage_{k + 1}_{self.stages[k].name}"
+
+    def stage_student(self, k: int) -> Path:
+        """Stage k's student-only checkpoint, the hand-over to stage k + 1."""
+        return self.stage_dir(k) / "student.pt"
+
+    def stage_record(self, k: int) -> Path:
+        """Stage k's evaluation record of its student."""
+        return evaluation_files(self.stage_dir(k))[0]
+
+    def stage_checkpoint(self, k: int) -> Path:
+        """Stage k's training checkpoint (`last.pt`: the student and the trained loss modules)."""
+        return training_files(self.stage_dir(k))[0]
+
+    def stage_history(self, k: int) -> Path:
+        """Stage k's per-epoch metrics."""
+        return training_files(self.stage_dir(k))[1]
+
+    def stage_calibration(self, k: int) -> Path:
+        """Stage k's distillation-weight calibration (`_calibrate`)."""
+        return self.stage_dir(k) / "calibration.json"
 
     def stage_train(self, k: int) -> TrainConfig:
         return self.train.replace(**self.stages[k].train)
@@ -266,19 +250,29 @@ def _check_loss_params(stage: Stage, where: str) -> dict[str, Any]:
     return params
 
 
-def plan_from_selection(selection: Any, teacher_checkpoints: dict[str, str], student_checkpoint: str,
+def selection_to_stages(selection: Selection, teacher_checkpoints: dict[str, str | os.PathLike],
+                        **stage_fields: Any) -> list[Stage]:
+    """One `Stage` per selected teacher, in the selected order: ``Stage(name=teacher name,
+    teacher=its checkpoint, **stage_fields)`` (e.g. loss="mgd")."""
+    missing = [t for t in selection.order if t not in teacher_checkpoints]
+    if missing:
+        raise ValueError(f"no checkpoint given for selected teachers {missing} "
+                         f"(checkpoints given for {sorted(teacher_checkpoints)})")
+    return [Stage(name=t, teacher=str(teacher_checkpoints[t]), **stage_fields) for t in selection.order]
+
+
+def plan_from_selection(selection: Selection, teacher_checkpoints: dict[str, str], student_checkpoint: str,
                         data: DataConfig, out_dir: str | os.PathLike, *, name: str = "progressive",
                         loss: str = "mgd", loss_params: dict[str, Any] | None = None,
                         train: TrainConfig | None = None, fine_tune: bool = False) -> Plan:
-    """A plan through the selected teacher order (`pkdkit.selection.Selection`), one stage per teacher, for
+    """A plan through the selected teacher order (`pkdkit.ordering.Selection`), one stage per teacher, for
     the student of `student_checkpoint`: by default the paper's protocol (its spec from the initial weights,
     seeded as the checkpoint's own training was, with the first teacher's neck and head); with `fine_tune`,
     starting from the checkpoint's trained weights."""
     payload = load_checkpoint(student_checkpoint)
     student = DetectorSpec.from_dict(payload["spec"])
     seed = payload.get("config", {}).get("train", {}).get("seed", 0)
-    stages = [Stage(**d) for d in selection_to_stages(selection, teacher_checkpoints, loss=loss,
-                                                      loss_params=dict(loss_params or {}))]
+    stages = selection_to_stages(selection, teacher_checkpoints, loss=loss, loss_params=dict(loss_params or {}))
     return Plan(name=name, student=student, data=data, stages=stages, out_dir=str(Path(out_dir).resolve()),
                 student_init=str(Path(student_checkpoint).resolve()) if fine_tune else None,
                 train=train or TrainConfig(seed=seed))
@@ -352,15 +346,14 @@ def validate_plan(plan: Plan, dataset_label_map: LabelMap) -> None:
 
 def _check_same_plan(plan: Plan, saved_path: Path) -> None:
     """A run directory belongs to one plan: refuse to mix its finished stages with a changed plan.
-    Appending stages, or changing the device or progress display, is allowed."""
+    Appending stages, or changing settings that do not affect the result (`pkdkit.engine.RESUME_FREE`), is allowed."""
     if not saved_path.exists():
         return
     saved, now = load_plan(saved_path).to_dict(), plan.to_dict()
-    free = {"device", "progress", "num_workers"}
     diff = config_diff({k: v for k, v in saved.items() if k != "stages"},
-                       {k: v for k, v in now.items() if k != "stages"}, ignore=free)
+                       {k: v for k, v in now.items() if k != "stages"}, ignore=RESUME_FREE)
     for i, s in enumerate(saved["stages"]):
-        changed = config_diff(s, now["stages"][i], ignore=free) if i < len(now["stages"]) else ["removed"]
+        changed = config_diff(s, now["stages"][i], ignore=RESUME_FREE) if i < len(now["stages"]) else ["removed"]
         diff += [f"stage {i + 1} ({s['name']}) {c}" for c in changed]
     if diff:
         raise PlanError(f"{plan.out_dir} holds a run of a different plan (changed: {'; '.join(diff)}; see "
@@ -381,9 +374,9 @@ def run_plan(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
     validate_plan(plan, label_map)
     train_ds = plan.data.train_dataset(label_map)
     device = resolve_device(plan.train.device)
-    _check_same_plan(plan, out / "plan.yaml")
+    _check_same_plan(plan, plan.plan_file)
     if info.is_main:
-        save_plan(plan, out / "plan.yaml")
+        save_plan(plan, plan.plan_file)
     config = plan.to_dict()
 
     def evaluate(model: nn.Module, folder: Path, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -396,7 +389,7 @@ def run_plan(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
         student, _, _ = load_model(plan.student_init, expected=plan.student)
         init = f"fine-tune of {Path(plan.student_init).parent.name}/{Path(plan.student_init).name}"
         epochs = int(budget_of(load_checkpoint(plan.student_init).get("config", {}))["epochs"])
-        baseline_json = out / "baseline" / "eval.json"
+        baseline_json = evaluation_files(out / "baseline")[0]
         if info.is_main:
             rows["baseline"] = (json.loads(baseline_json.read_text()) if baseline_json.exists() else evaluate(
                 student, baseline_json.parent, {**config, "budget": {"init": init, "epochs": epochs}}))
@@ -409,9 +402,9 @@ def run_plan(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
         folder = plan.stage_dir(k)
         cfg = plan.stage_train(k)
         epochs += cfg.epochs
-        done = folder / "student.pt"
-        if done.exists() and (folder / "eval.json").exists():
-            record = json.loads((folder / "eval.json").read_text())
+        done = plan.stage_student(k)
+        if done.exists() and plan.stage_record(k).exists():
+            record = json.loads(plan.stage_record(k).read_text())
             if info.is_main:
                 rows[stage.name] = record
             init = record["config"]["budget"]["init"]
@@ -432,7 +425,7 @@ def run_plan(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
                       f"by name); skipped {len(inherited['skipped'])} tensors (absent or another shape)"
                       + (f" and the categories {skipped[:5]}{'...' if len(skipped) > 5 else ''}" if skipped else ""))
         distiller = build_distiller(student, teacher, stage.loss, stage.loss_params or None, stage.levels)
-        calibration = _calibrate(distiller, stage, train_ds, cfg, folder, device, info.is_main)
+        calibration = _calibrate(distiller, stage, train_ds, cfg, plan.stage_calibration(k), device, info.is_main)
         distiller.weight = calibration["weight"]
         if progress and info.is_main:
             print(f"stage {k + 1} ({stage.name}): distillation weight {distiller.weight:.4g}"
@@ -461,7 +454,7 @@ def run_plan(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
     if info.is_main:
         summary["rows"] = rows
         summary["table"] = comparison_table(rows)
-        write_json(summary, out / "summary.json")
+        write_json(summary, plan.summary_file)
         if progress:
             print(f"\n{plan.name}: student after each stage (val set)\n{summary['table']}")
     return summary
@@ -470,12 +463,11 @@ def run_plan(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
 CALIBRATION_BATCHES = 4
 
 
-def _calibrate(distiller: nn.Module, stage: Stage, train_ds: Any, cfg: TrainConfig, folder: Path,
+def _calibrate(distiller: nn.Module, stage: Stage, train_ds: Any, cfg: TrainConfig, path: Path,
                device: Any, is_main: bool) -> dict[str, Any]:
     """The stage's distillation weight, and how large distillation starts relative to detection, measured
     on the first `CALIBRATION_BATCHES` training batches (`pkdkit.distill.calibrate_loss_weight`). Written to
-    `calibration.json` once, so a resumed stage uses the same weight."""
-    path = folder / "calibration.json"
+    `path` (`Plan.stage_calibration`) once, so a resumed stage uses the same weight."""
     if path.exists():
         return json.loads(path.read_text())
     if stage.loss_weight == 0:

@@ -1,4 +1,4 @@
-"""Figures of features, losses and results, and an ipywidgets feature explorer.
+"""Figures of features, losses and results.
 
 Every plotting function returns a `matplotlib.figure.Figure` made without pyplot, so nothing is left in
 pyplot's figure list: under Agg (tests, papermill) nothing leaks, and in a notebook a returned figure is
@@ -12,32 +12,30 @@ saves and displays in one call, `save_figure(fig, path)` only saves.
 - `plot_loss_masks`: what a distillation loss sees (MGD's random mask and generated map, FGD's masks and
   attention, the per-position loss of PKD / CWD / MSE).
 - `plot_loss_curves`, `plot_ap_bars`, `plot_samples`: training and evaluation summaries.
-- `FeatureExplorer`: the same views, interactive.
+
+The interactive feature explorer is `pkdkit.explorer.FeatureExplorer`.
 """
 from __future__ import annotations
 
-import base64
+import contextlib
 import io
 import os
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 from torch import Tensor, nn
 
 from pkdkit.evaluate import record_budget
-from pkdkit.features import extract_features
 from pkdkit.losses import CWDLoss, FGDLoss, MGDLoss, MSELoss, PKDLoss, check_boxes, fgd_attention, fgd_masks
 
 __all__ = ["feature_summary", "plot_feature_maps", "plot_feature_difference", "plot_loss_masks",
-           "plot_loss_curves", "plot_ap_bars", "plot_samples", "FeatureExplorer", "save_figure", "show"]
+           "plot_loss_curves", "plot_ap_bars", "plot_samples", "plot_detections", "save_figure", "show"]
 
 MODES = ("mean", "pca", "max")
 DPI = 110
@@ -68,10 +66,11 @@ def show(fig: Figure, path: str | os.PathLike | None = None, dpi: int = DPI) -> 
     except ImportError:
         return
     if get_ipython() is not None:
-        display(Image(data=_png_bytes(fig, dpi)))
+        display(Image(data=png_bytes(fig, dpi)))
 
 
-def _png_bytes(fig: Figure, dpi: int = DPI) -> bytes:
+def png_bytes(fig: Figure, dpi: int = DPI) -> bytes:
+    """`fig` as PNG bytes (what a notebook displays)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     return buf.getvalue()
@@ -91,7 +90,7 @@ def _register_notebook_display() -> None:
     try:
         png.lookup_by_type(Figure)
     except KeyError:
-        png.for_type(Figure, _png_bytes)
+        png.for_type(Figure, png_bytes)
 
 
 _register_notebook_display()
@@ -145,7 +144,7 @@ def _pca_rgb(x: Tensor) -> np.ndarray:
     return rgb.reshape(h, w, 3).numpy().astype(np.float32)
 
 
-def _standardised_difference(student: Tensor, teacher: Tensor) -> Tensor:
+def standardised_difference(student: Tensor, teacher: Tensor) -> Tensor:
     """mean_c |z(S)_c - z(T)_c| for maps (C, H, W), z standardising each channel over its H*W positions."""
     def z(f: Tensor) -> Tensor:
         f = f.detach().to("cpu", torch.float64).flatten(1)
@@ -182,12 +181,14 @@ def _colorbar(fig: Figure, im: Any, ax: Any, **kwargs: Any) -> None:
     cb.update_ticks()
 
 
-def _bare(ax: Any) -> None:
+def bare(ax: Any) -> None:
+    """No ticks: an image panel."""
     ax.set_xticks([])
     ax.set_yticks([])
 
 
-def _level_order(name: str) -> tuple[int, str]:
+def level_order(name: str) -> tuple[int, str]:
+    """Sort key of FPN level names: p2 < p3 < ... < p7, other names last."""
     return (int(name[1:]), name) if name[1:].isdigit() else (1_000, name)
 
 
@@ -234,7 +235,7 @@ def plot_feature_maps(features: Mapping[str, Mapping[str, Tensor]], image: Tenso
         if mode != "pca":
             _colorbar(fig, im, list(axes[:, j]), location="bottom", shrink=0.85, aspect=15)
     for ax in axes.flat:
-        _bare(ax)
+        bare(ax)
     what = {"mean": "mean |activation|", "max": "max |activation|", "pca": "first 3 principal components (RGB)"}
     fig.suptitle(f"FPN features: {f'channel {mode}' if signed else what[mode]}")
     return fig
@@ -280,16 +281,16 @@ def plot_feature_difference(student: Mapping[str, Tensor], teacher: Mapping[str,
             raise ValueError(f"plot_feature_difference: level {lvl}: student map {tuple(s.shape)} and teacher map "
                              f"{tuple(t.shape)} differ (C, H, W); pass the 1x1 `adapter` when channels differ and "
                              "features of the same transformed batch")
-        diffs[lvl] = _standardised_difference(s, t).numpy()
+        diffs[lvl] = standardised_difference(s, t).numpy()
     fig = Figure(figsize=(2.4 * len(levels) + 1.0, 3.0), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(levels), squeeze=False)[0])
     hi = max(float(d.max()) for d in diffs.values())
     im = None
     for ax, (lvl, d) in zip(axes, diffs.items()):
-        _bare(ax)
+        bare(ax)
         if d.size < 2:  # one position: standardising leaves nothing to compare
             ax.set_title(f"{lvl}: n/a")
-            _note(ax, "1×1 map:\nno spatial pattern")
+            note(ax, "1×1 map:\nno spatial pattern")
             continue
         im = ax.imshow(d, cmap="viridis", vmin=0, vmax=hi, interpolation="nearest")
         ax.set_title(f"{lvl}: mean {d.mean():.2f}")
@@ -301,6 +302,11 @@ def plot_feature_difference(student: Mapping[str, Tensor], teacher: Mapping[str,
 
 # ----------------------------------------------------------------------------------------------------
 # What a loss sees
+# The losses drawn by the generic view: name, and what the loss weighs at a position (for the panel's title)
+_LOSS_TERMS = {PKDLoss: ("PKD", "(z(S) − z(T))², z per channel"), CWDLoss: ("CWD", "p_T·log(p_T/p_S), spatial softmax"),
+               MSELoss: ("MSE", "(S − T)²")}
+
+
 def plot_loss_masks(loss_module: nn.Module, student_feat: Tensor, teacher_feat: Tensor, *,
                     boxes: Sequence[Tensor] | None = None, image_size: tuple[int, int] | None = None,
                     index: int = 0, seed: int = 0) -> Figure:
@@ -317,7 +323,7 @@ def plot_loss_masks(loss_module: nn.Module, student_feat: Tensor, teacher_feat: 
     A per-position loss map sums, over all positions and images of the batch, to the loss's value (for
     FGD: its focal part), so the titles can quote both.
     """
-    kinds = (MGDLoss, FGDLoss, PKDLoss, CWDLoss, MSELoss)
+    kinds = (MGDLoss, FGDLoss, *_LOSS_TERMS)
     if not isinstance(loss_module, kinds):
         raise ValueError(f"plot_loss_masks: expected one of {[k.__name__ for k in kinds]}, "
                          f"got {type(loss_module).__name__}")
@@ -330,15 +336,16 @@ def plot_loss_masks(loss_module: nn.Module, student_feat: Tensor, teacher_feat: 
         return _contribution_view(loss_module, student_feat, teacher_feat, index)
 
 
-def _map_panel(fig: Figure, ax: Any, data: Tensor | np.ndarray, title: str, cmap: str = "magma",
-               vmin: float | None = None, vmax: float | None = None, colorbar: bool = True) -> None:
+def map_panel(fig: Figure, ax: Any, data: Tensor | np.ndarray, title: str, cmap: str = "magma",
+              vmin: float | None = None, vmax: float | None = None, colorbar: bool = True) -> None:
+    """Draw an (H, W) map (or (H, W, 3) image) on `ax` with its title; a signed map ("RdBu_r") is centred on 0."""
     data = data.detach().cpu().numpy() if isinstance(data, Tensor) else data
     if cmap == "RdBu_r" and vmin is None:  # signed: symmetric around 0
         vmax = float(np.abs(data).max()) or 1.0
         vmin = -vmax
     im = ax.imshow(data, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
     ax.set_title(title, fontsize=10)
-    _bare(ax)
+    bare(ax)
     if colorbar:
         _colorbar(fig, im, ax, shrink=0.8, location="bottom", aspect=15)
 
@@ -350,91 +357,83 @@ def _loss_figure(n_panels: int, title: str) -> tuple[Figure, np.ndarray]:
     return fig, axes
 
 
-def _mgd_view(loss: MGDLoss, s_feat: Tensor, t_feat: Tensor, index: int, seed: int) -> Figure:
-    student, teacher = loss.prepare(s_feat, t_feat)
-    n = teacher.shape[0]
-    _one_image(teacher, index, "plot_loss_masks")
+@contextlib.contextmanager
+def _seeded(loss: MGDLoss, seed: int) -> Iterator[None]:
+    """MGD's masks drawn from a CPU generator seeded with `seed`; the module's own generator is restored."""
     previous = loss.generator
-    loss.generator = torch.Generator().manual_seed(seed)  # a seeded mask; torch's global RNG is left alone
+    loss.generator = torch.Generator().manual_seed(seed)
     try:
-        keep = loss.keep_mask(student)
+        yield
     finally:
         loss.generator = previous
-    generated = loss.generation(student * keep)
-    per_position = loss.alpha_mgd * ((generated - teacher) ** 2).sum(dim=1) / n  # (N, H, W), sums to the loss
+
+
+def _mgd_view(loss: MGDLoss, s_feat: Tensor, t_feat: Tensor, index: int, seed: int) -> Figure:
+    with _seeded(loss, seed):
+        generated, teacher, keep = loss.generate(s_feat, t_feat)
+    with _seeded(loss, seed):  # the same mask again
+        per_position = loss.loss_map(s_feat, t_feat)
+    n = teacher.shape[0]
+    _one_image(teacher, index, "plot_loss_masks")
     value = float(per_position.sum())
 
     fig, axes = _loss_figure(4, f"MGD: loss {value:.4g} on this batch (N={n}), λ={loss.lambda_mgd:g}, seed {seed}")
     mask = keep[index, 0]
-    _map_panel(fig, axes[0], mask, f"random mask: {100 * mask.mean():.0f}% kept", cmap="gray", vmin=0, vmax=1,
-               colorbar=False)
+    map_panel(fig, axes[0], mask, f"random mask: {100 * mask.mean():.0f}% kept", cmap="gray", vmin=0, vmax=1,
+              colorbar=False)
     axes[0].set_xlabel("white: kept, black: masked", fontsize=9)
     g, t = generated[index].abs().mean(dim=0), teacher[index].abs().mean(dim=0)
     hi = float(torch.maximum(g.max(), t.max()))
-    _map_panel(fig, axes[1], g, "generated G(S·M): mean |·|", vmin=0, vmax=hi)
-    _map_panel(fig, axes[2], t, "teacher: mean |·|", vmin=0, vmax=hi)
-    _map_panel(fig, axes[3], per_position[index], f"loss per position (Σ = {float(per_position[index].sum()):.3g})",
-               cmap="viridis")
+    map_panel(fig, axes[1], g, "generated G(S·M): mean |·|", vmin=0, vmax=hi)
+    map_panel(fig, axes[2], t, "teacher: mean |·|", vmin=0, vmax=hi)
+    map_panel(fig, axes[3], per_position[index], f"loss per position (Σ = {float(per_position[index].sum()):.3g})",
+              cmap="viridis")
     return fig
 
 
 def _fgd_view(loss: FGDLoss, s_feat: Tensor, t_feat: Tensor, boxes: Sequence[Tensor] | None,
               image_size: tuple[int, int] | None, index: int) -> Figure:
-    student, teacher = loss.prepare(s_feat, t_feat)
+    _, teacher = loss.prepare(s_feat, t_feat)
     n, c, h, w = teacher.shape
     _one_image(teacher, index, "plot_loss_masks")
     check_boxes(list(boxes) if boxes is not None else None, image_size, n)
     boxes = [b.to(teacher.device) for b in boxes]
     value = float(loss(s_feat, t_feat, boxes=boxes, image_size=image_size))
+    per_position = loss.loss_map(s_feat, t_feat, boxes=boxes, image_size=image_size)  # (N, H, W), focal terms
     mask_fg, mask_bg = fgd_masks(boxes, image_size, (h, w))
     spatial_t, channel_t = fgd_attention(teacher, loss.temp)
-    weighted = ((student - teacher) ** 2 * spatial_t.unsqueeze(1) * channel_t[:, :, None, None]).sum(dim=1)
-    per_position = weighted * (loss.alpha_fgd * mask_fg + loss.beta_fgd * mask_bg) / n  # (N, H, W)
 
     fig, axes = _loss_figure(5, f"FGD: loss {value:.4g} on this batch (N={n}), temperature {loss.temp:g}")
-    _map_panel(fig, axes[0], mask_fg[index], "foreground mask (1/box area)", cmap="viridis", vmin=0)
+    map_panel(fig, axes[0], mask_fg[index], "foreground mask (1/box area)", cmap="viridis", vmin=0)
     for x1, y1, x2, y2 in boxes[index].tolist():  # outline the boxes in feature-cell coordinates
         sx, sy = w / image_size[1], h / image_size[0]
         axes[0].add_patch(Rectangle((x1 * sx - 0.5, y1 * sy - 0.5), (x2 - x1) * sx, (y2 - y1) * sy,
                                     fill=False, edgecolor="white", lw=1.2))
-    _map_panel(fig, axes[1], mask_bg[index], "background mask (1/#cells)", cmap="viridis", vmin=0)
-    _map_panel(fig, axes[2], spatial_t[index], "teacher spatial attention")
+    map_panel(fig, axes[1], mask_bg[index], "background mask (1/#cells)", cmap="viridis", vmin=0)
+    map_panel(fig, axes[2], spatial_t[index], "teacher spatial attention")
     ch = channel_t[index].sort(descending=True).values.cpu().numpy()
     axes[3].bar(np.arange(c), ch, width=1.0, color="tab:orange")
     axes[3].axhline(1.0, color="0.4", lw=0.8, ls="--")
     axes[3].set(title="teacher channel attention", xlabel="channel (sorted)", xlim=(-0.5, c - 0.5))
     axes[3].title.set_fontsize(10)
-    _map_panel(fig, axes[4], per_position[index],
-               f"focal loss per position (Σ = {float(per_position[index].sum()):.3g})", cmap="viridis")
+    map_panel(fig, axes[4], per_position[index],
+              f"focal loss per position (Σ = {float(per_position[index].sum()):.3g})", cmap="viridis")
     return fig
 
 
 def _contribution_view(loss: PKDLoss | CWDLoss | MSELoss, s_feat: Tensor, t_feat: Tensor, index: int) -> Figure:
-    if isinstance(loss, PKDLoss) and loss.resize_student and s_feat.shape[-2:] != t_feat.shape[-2:]:
-        s_feat = F.interpolate(s_feat, size=t_feat.shape[-2:], mode="bilinear")
     student, teacher = loss.prepare(s_feat, t_feat)
-    n, c, h, w = teacher.shape
+    n = teacher.shape[0]
     _one_image(teacher, index, "plot_loss_masks")
     value = float(loss(s_feat, t_feat))
-    if isinstance(loss, PKDLoss):  # loss_weight * mean((z(S) - z(T))^2) / 2, z over (N, H, W) per channel
-        sq = (loss.standardise(student) - loss.standardise(teacher)) ** 2  # (C, N*H*W)
-        per_position = loss.loss_weight / 2 * sq.sum(dim=0).reshape(n, h, w) / sq.numel()
-        name, what = "PKD", "(z(S) − z(T))², z per channel"
-    elif isinstance(loss, CWDLoss):  # KL(p_T || p_S) per channel over positions; each position's term
-        log_s = F.log_softmax(student.reshape(n * c, h * w) / loss.tau, dim=1)
-        log_t = F.log_softmax(teacher.reshape(n * c, h * w) / loss.tau, dim=1)
-        kl = (log_t.exp() * (log_t - log_s)).reshape(n, c, h, w).sum(dim=1)
-        per_position = loss.loss_weight * loss.tau ** 2 * kl / (n * c)
-        name, what = "CWD", "p_T·log(p_T/p_S), spatial softmax"
-    else:
-        per_position = loss.loss_weight * ((student - teacher) ** 2).sum(dim=1) / student.numel()
-        name, what = "MSE", "(S − T)²"
+    per_position = loss.loss_map(s_feat, t_feat)
+    name, what = _LOSS_TERMS[type(loss)]
     fig, axes = _loss_figure(3, f"{name}: loss {value:.4g} on this batch (N={n})")
-    _map_panel(fig, axes[0], student[index].abs().mean(dim=0), "student (adapted): mean |·|")
-    _map_panel(fig, axes[1], teacher[index].abs().mean(dim=0), "teacher: mean |·|")
+    map_panel(fig, axes[0], student[index].abs().mean(dim=0), "student (adapted): mean |·|")
+    map_panel(fig, axes[1], teacher[index].abs().mean(dim=0), "teacher: mean |·|")
     m = per_position[index]
-    _map_panel(fig, axes[2], m, f"loss per position (Σ = {float(m.sum()):.3g})\n{what}",
-               cmap="RdBu_r" if float(m.min()) < 0 else "viridis")
+    map_panel(fig, axes[2], m, f"loss per position (Σ = {float(m.sum()):.3g})\n{what}",
+              cmap="RdBu_r" if float(m.min()) < 0 else "viridis")
     return fig
 
 
@@ -589,7 +588,7 @@ def plot_samples(dataset: Any, n: int = 6, *, indices: Sequence[int] | None = No
         k = len(target["boxes"])
         ax.set_title(f"image {image_id}: {k} object{'s' if k != 1 else ''}", fontsize=9)
     for ax in axes.flat:
-        _bare(ax)
+        bare(ax)
         if not ax.images:
             ax.set_axis_off()
     return fig
@@ -633,186 +632,11 @@ def plot_detections(dataset: Any, results: Mapping[str, Sequence[Mapping[str, An
                 ax.text(x, y, label, color="white", fontsize=6, va="bottom",
                         bbox=dict(facecolor=color, alpha=0.8, pad=1, lw=0))
             ax.set_title(f"{title} · image {image_id}" if c == 0 else f"{title} ({len(boxes)})", fontsize=8)
-            _bare(ax)
+            bare(ax)
     return fig
 
 
-# ----------------------------------------------------------------------------------------------------
-# Interactive explorer
-class FeatureExplorer:
-    """Browse FPN features of several detectors in a notebook (ipywidgets).
-
-    >>> explorer = FeatureExplorer({"teacher": t, "student before": s0, "student after": s1}, images)
-    >>> explorer                                   # the controls and the figure
-    >>> fig = explorer.update(model="student after", level="p4", mode="pca", image=1)   # headless
-
-    models: {name: detector}; the first is the reference of the difference panel. images: (3, H, W) in
-    [0, 1]. The figure shows the input as the model saw it (resized and padded, so it lines up with the
-    maps) | the chosen model's map at the chosen level (`feature_summary`: mean, pca, max or one channel)
-    | the per-channel standardised difference to the reference model (as `plot_feature_difference`).
-    Features are computed once per (model, image) in eval mode without gradients (each module's
-    train/eval flag is restored afterwards) and kept on the CPU; the constructor computes image 0 for
-    every model to learn the levels.
-    """
-
-    def __init__(self, models: Mapping[str, nn.Module], images: Sequence[Tensor]):
-        import ipywidgets as widgets
-
-        if not models:
-            raise ValueError("FeatureExplorer: no models given")
-        if not images:
-            raise ValueError("FeatureExplorer: no images given")
-        for i, im in enumerate(images):
-            if not isinstance(im, Tensor) or im.dim() != 3 or im.shape[0] != 3:
-                raise ValueError(f"FeatureExplorer: images[{i}] must be a (3, H, W) tensor, got "
-                                 f"{tuple(im.shape) if isinstance(im, Tensor) else type(im).__name__}")
-        self.models = dict(models)
-        self.images = list(images)
-        self._cache: dict[tuple[str, int], tuple[OrderedDict[str, Tensor], np.ndarray]] = {}
-        self.reference = next(iter(self.models))
-        found = {lvl for name in self.models for lvl in self._features(name, 0)[0]}
-        levels = sorted(found, key=_level_order)
-        first_levels = list(self._features(self.reference, 0)[0])
-
-        style = {"description_width": "initial"}
-        self.controls = {
-            "model": widgets.Dropdown(options=list(self.models), description="model", style=style),
-            "level": widgets.Dropdown(options=levels, value=first_levels[0], description="level"),
-            "mode": widgets.Dropdown(options=[*MODES, "channel"], value="mean", description="mode"),
-            "channel": widgets.IntSlider(value=0, min=0, max=0, description="channel", disabled=True),
-            "image": widgets.IntSlider(value=0, min=0, max=len(self.images) - 1, description="image"),
-        }
-        self.output = widgets.Output()
-        self.widget = widgets.VBox([widgets.HBox([self.controls[k] for k in ("model", "level", "mode")]),
-                                    widgets.HBox([self.controls[k] for k in ("channel", "image")]), self.output])
-        self.figure: Figure | None = None
-        self._hold = False
-        self._sync_channel_range()
-        for w in self.controls.values():
-            w.observe(self._on_change, names="value")
-        self._draw()
-
-    # --- features -------------------------------------------------------------------------------
-    def _features(self, name: str, i: int) -> tuple["OrderedDict[str, Tensor]", np.ndarray]:
-        """({level: (C, H, W) on CPU}, what the backbone saw as an (H, W, 3) image) of model `name`, image i."""
-        key = (name, i)
-        if key not in self._cache:
-            model = self.models[name]
-            p = next(model.parameters())
-            modes = [(m, m.training) for m in model.modules()]
-            model.eval()
-            try:
-                with torch.no_grad():
-                    feats, batch = extract_features(model, [self.images[i].to(p.device, p.dtype)])
-            finally:
-                for m, was_training in modes:
-                    m.training = was_training
-            mean = torch.tensor(model.transform.image_mean).view(3, 1, 1)
-            std = torch.tensor(model.transform.image_std).view(3, 1, 1)
-            seen = (batch.tensors[0].float().cpu() * std + mean).clamp(0, 1)
-            self._cache[key] = (OrderedDict((k, v[0].float().cpu()) for k, v in feats.items()),
-                                seen.permute(1, 2, 0).numpy())
-        return self._cache[key]
-
-    # --- widgets --------------------------------------------------------------------------------
-    def _sync_channel_range(self) -> None:
-        c = self.controls
-        feats = self._features(c["model"].value, c["image"].value)[0]
-        level = feats.get(c["level"].value)
-        c["channel"].max = (level.shape[0] - 1) if level is not None else 0
-        c["channel"].disabled = c["mode"].value != "channel"
-
-    def _on_change(self, change: dict[str, Any]) -> None:
-        if self._hold:
-            return
-        self._hold = True
-        try:
-            self._sync_channel_range()
-        finally:
-            self._hold = False
-        self._draw()
-
-    def update(self, **changes: Any) -> Figure:
-        """Set controls (model=, level=, mode=, channel=, image=) and redraw once; returns the figure.
-
-        Raises ValueError for a value the control does not offer (listing the choices)."""
-        unknown = sorted(set(changes) - set(self.controls))
-        if unknown:
-            raise TypeError(f"FeatureExplorer.update: unknown control(s) {unknown}; controls: {list(self.controls)}")
-        self._hold = True
-        try:
-            for key in ("model", "level", "mode", "image"):
-                if key in changes:
-                    self._set(key, changes[key])
-            self._sync_channel_range()  # the channel range follows model and level
-            if "channel" in changes:
-                self._set("channel", changes["channel"])
-        finally:
-            self._hold = False
-        return self._draw()
-
-    def _set(self, key: str, value: Any) -> None:
-        w = self.controls[key]
-        if hasattr(w, "options"):
-            if value not in w.options:
-                raise ValueError(f"FeatureExplorer: {key}={value!r} is not available; choices: {list(w.options)}")
-        elif not (isinstance(value, (int, np.integer)) and w.min <= value <= w.max):
-            raise ValueError(f"FeatureExplorer: {key}={value!r} is out of range [{w.min}, {w.max}]")
-        w.value = value
-
-    # --- drawing --------------------------------------------------------------------------------
-    def _draw(self) -> Figure:
-        c = {k: w.value for k, w in self.controls.items()}
-        name, level, i = c["model"], c["level"], c["image"]
-        feats, seen = self._features(name, i)
-        ref_feats = self._features(self.reference, i)[0]
-        fig = Figure(figsize=(12, 4.0), layout="constrained")
-        axes = fig.subplots(1, 3)
-        axes[0].imshow(seen)
-        axes[0].set_title(f"image {i} (as {name} sees it)", fontsize=10)
-        mode = c["channel"] if c["mode"] == "channel" else c["mode"]
-        if level not in feats:
-            _note(axes[1], f"{name} has no {level}\n(levels {', '.join(feats)})")
-        else:
-            summary = feature_summary(feats[level], mode)
-            signed = c["mode"] == "channel"
-            what = f"channel {mode}" if signed else {"mean": "mean |·|", "max": "max |·|", "pca": "PCA (RGB)"}[mode]
-            h, w = summary.shape[:2]
-            _map_panel(fig, axes[1], summary, f"{name}: {level} {what} ({h}×{w})",
-                       cmap="RdBu_r" if signed else "magma", colorbar=mode != "pca")
-        if name == self.reference:
-            _note(axes[2], f"{name} is the reference:\npick another model to compare")
-        elif level not in feats or level not in ref_feats:
-            _note(axes[2], f"{level} missing in {name if level not in feats else self.reference}")
-        elif feats[level][0].numel() < 2:
-            _note(axes[2], f"{level} is 1×1: no spatial pattern to compare")
-        elif feats[level].shape != ref_feats[level].shape:
-            _note(axes[2], f"{level}: {name} {tuple(feats[level].shape)} vs {self.reference} "
-                           f"{tuple(ref_feats[level].shape)}:\nno channel-wise difference")
-        else:
-            d = _standardised_difference(feats[level], ref_feats[level])
-            _map_panel(fig, axes[2], d, f"|z({name}) − z({self.reference})|: mean {float(d.mean()):.2f}",
-                       cmap="viridis", vmin=0)
-        for ax in axes:
-            _bare(ax)
-        self.figure = fig
-        png = base64.b64encode(_png_bytes(fig, dpi=90)).decode("ascii")
-        self.output.outputs = ({"output_type": "display_data", "metadata": {},
-                                "data": {"image/png": png, "text/plain": repr(fig)}},)
-        return fig
-
-    def _ipython_display_(self) -> None:
-        """Show the controls and figure; the bundle also carries a PNG of the current figure, which is what
-        a frontend without the live widget (a headless papermill run opened later) shows instead."""
-        from IPython.display import display
-
-        bundle = dict(self.widget._repr_mimebundle_())
-        bundle["text/plain"] = f"FeatureExplorer(models={list(self.models)}, images={len(self.images)})"
-        if self.figure is not None:
-            bundle["image/png"] = base64.b64encode(_png_bytes(self.figure, dpi=90)).decode("ascii")
-        display(bundle, raw=True)
-
-
-def _note(ax: Any, text: str) -> None:
+def note(ax: Any, text: str) -> None:
+    """A panel that says why there is nothing to draw."""
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=10, color="0.3")
-    _bare(ax)
+    bare(ax)

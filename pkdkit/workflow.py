@@ -1,14 +1,8 @@
 """The pipeline steps the notebooks walk through, as plain functions over one run directory.
 
-Run directory layout (shared by all notebooks, so papermill can run them in sequence)::
-
-    <run_dir>/data/                      synthetic COCO-format data (tiny/small presets)
-    <run_dir>/models/<name>/             baseline student and candidate teachers: model.pt, eval.json, metrics.json
-    <run_dir>/selection/                 selection.json, selection.png
-    <run_dir>/distill/<plan name>/       one staged run per plan (plan.yaml, stage_k_<teacher>/, summary.json)
-
-Every step skips work whose outputs already exist, so re-running a notebook (or the whole pipeline)
-resumes instead of starting over.
+Every path comes from `pkdkit.rundir.RunDir` (the layout is described there); the functions take the run
+directory as a path. Every step skips work whose outputs already exist, so re-running a notebook (or the
+whole pipeline) resumes instead of starting over.
 """
 from __future__ import annotations
 
@@ -18,16 +12,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pkdkit.data import CocoDetection
 from pkdkit.distill import Distiller, build_distiller
 from pkdkit.engine import TrainConfig, resolve_device, train_detector
-from pkdkit.evaluate import evaluate_detector
+from pkdkit.evaluate import evaluate_detector, evaluation_files
 from pkdkit.files import write_json
 from pkdkit.launch import run_plan_distributed, train_detector_distributed
 from pkdkit.models import DetectorSpec, is_torchvision_weight, load_checkpoint, load_model
-from pkdkit.plan import DataConfig, Plan, Stage, budget_of, load_plan, run_plan
-from pkdkit.selection import DEFAULT_STRATEGY, Selection, run_selection
+from pkdkit.data import CocoDetection, DataConfig
+from pkdkit.plan import PLAN_FILE, Plan, Stage, budget_of, load_plan, run_plan
+from pkdkit.ordering import DEFAULT_STRATEGY, CostMatrix, Selection
 from pkdkit.presets import Preset
+from pkdkit.rundir import RunDir
+from pkdkit.selection import run_selection
 from pkdkit.synthetic import make_synthetic_coco
 
 STUDENT = "student"
@@ -35,7 +31,7 @@ BASELINE_LONG = "baseline_long"
 
 
 def prepare_data(preset: Preset, run_dir: str | os.PathLike, data_root: str | None = None) -> DataConfig:
-    """The preset's synthetic data under `run_dir/data` (generated once), or COCO-format data at
+    """The preset's synthetic data under `RunDir.data` (generated once), or COCO-format data at
     `data_root` (train/val or train2017/val2017 folders and annotations/instances_*.json). Models are
     trained on the dataset's own labels (1..K over its categories); torchvision teachers' classes are
     matched to them by name."""
@@ -44,26 +40,28 @@ def prepare_data(preset: Preset, run_dir: str | os.PathLike, data_root: str | No
     elif preset.synth is None:
         raise ValueError(f"preset {preset.name!r} has no synthetic data: give data_root (e.g. the COCO 2017 folder)")
     else:
-        root = Path(run_dir).resolve() / "data"
-        if not (root / "annotations" / "instances_val.json").exists():
-            make_synthetic_coco(root, **preset.synth, overwrite=True)  # no val JSON (written last): a partial set
-        cfg = DataConfig.from_root(root)
+        cfg = _synthetic_data(RunDir(run_dir).data, **preset.synth)
     return cfg
+
+
+def _synthetic_data(root: Path, **synth: Any) -> DataConfig:
+    """Synthetic COCO-format data at `root`, generated unless complete (the val JSON is written last, so a set
+    without it is partial and made again)."""
+    if not (root / "annotations" / "instances_val.json").exists():
+        make_synthetic_coco(root, **synth, overwrite=True)
+    return DataConfig.from_root(root)
 
 
 def teacher_data(preset: Preset, run_dir: str | os.PathLike, data: DataConfig) -> DataConfig:
     """Where the candidate teachers train: with `preset.teacher_train_images` (synthetic presets), a larger
-    training set from the same generator under `run_dir/data_teachers` (its first images are the student's),
+    training set from the same generator under `RunDir.data_teachers` (its first images are the student's),
     as published teachers are trained on more data than a small student gets; else the student's data.
     Validation is always the student's."""
-    if not preset.teacher_train_images or preset.synth is None or Path(data.train_images).parent != \
-            Path(run_dir).resolve() / "data":
+    rd = RunDir(run_dir)
+    if not preset.teacher_train_images or preset.synth is None or Path(data.train_images).parent != rd.data:
         return data
-    root = Path(run_dir).resolve() / "data_teachers"
-    if not (root / "annotations" / "instances_val.json").exists():  # written last: a partial set is redone
-        make_synthetic_coco(root, **{**preset.synth, "n_train": preset.teacher_train_images, "n_val": 0},
-                            overwrite=True)
-    return replace(data, train_images=str(root / "train"), train_json=str(root / "annotations" / "instances_train.json"))
+    teachers = _synthetic_data(rd.data_teachers, **{**preset.synth, "n_train": preset.teacher_train_images, "n_val": 0})
+    return replace(data, train_images=teachers.train_images, train_json=teachers.train_json)
 
 
 def student_spec(preset: Preset, data: DataConfig) -> DetectorSpec:
@@ -89,7 +87,7 @@ def train_candidates(preset: Preset, data: DataConfig, run_dir: str | os.PathLik
     teacher_cfg = cfg.replace(epochs=epochs or preset.teacher_epochs or cfg.epochs)
     records: dict[str, dict[str, Any]] = {}
     for name, spec in {STUDENT: preset.student, **preset.teachers}.items():
-        out = Path(run_dir) / "models" / name
+        out = RunDir(run_dir).model_dir(name)
         if isinstance(spec, str):  # a torchvision COCO detector
             records[name] = _evaluate_reference(spec, preset.reference_size, val_ds, out, device, progress)
             continue
@@ -109,7 +107,7 @@ def train_baseline_long(preset: Preset, data: DataConfig, run_dir: str | os.Path
     """The equal-budget control: the baseline student trained `epochs` epochs (S x E, as long as an S-stage
     plan trains it) from the same initialisation and with the same recipe, into `models/baseline_long`."""
     cfg = preset.train.replace(device=device, seed=seed, progress=progress, epochs=epochs)
-    spec, out = student_spec(preset, data), Path(run_dir) / "models" / BASELINE_LONG
+    spec, out = student_spec(preset, data), RunDir(run_dir).model_dir(BASELINE_LONG)
     config = {"preset": preset.name, "role": "equal-budget control"}
     if gpus > 1:
         return train_detector_distributed(spec, data, cfg, out, gpus, config=config)
@@ -118,8 +116,9 @@ def train_baseline_long(preset: Preset, data: DataConfig, run_dir: str | os.Path
 
 def _evaluate_reference(weights: str, size: tuple[int, int] | None, val_ds: CocoDetection, out: Path, device: str,
                         progress: bool) -> dict[str, Any]:
-    if (out / "eval.json").exists():
-        return json.loads((out / "eval.json").read_text())
+    record_file = evaluation_files(out)[0]
+    if record_file.exists():
+        return json.loads(record_file.read_text())
     model, spec, label_map = load_model(weights, size=size)
     matched = label_map.onto(val_ds.label_map)
     return evaluate_detector(model, val_ds, matched, out_dir=out, name="eval", device=resolve_device(device),
@@ -129,7 +128,7 @@ def _evaluate_reference(weights: str, size: tuple[int, int] | None, val_ds: Coco
 
 def model_refs(preset: Preset, run_dir: str | os.PathLike) -> dict[str, str]:
     """{name: checkpoint path or torchvision weight name} of the student and every candidate teacher."""
-    return {name: spec if isinstance(spec, str) else str(Path(run_dir).resolve() / "models" / name / "model.pt")
+    return {name: spec if isinstance(spec, str) else str(RunDir(run_dir).checkpoint(name))
             for name, spec in {STUDENT: preset.student, **preset.teachers}.items()}
 
 
@@ -138,11 +137,12 @@ def candidate_aps(records: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 
 def select(preset: Preset, data: DataConfig, run_dir: str | os.PathLike, aps: dict[str, float], *,
-           strategy: str = DEFAULT_STRATEGY, method: str = "closed_form", device: str = "auto") -> Selection:
-    """Adaptation costs between student and teachers, the chosen order, `selection/selection.{json,png}`."""
+           strategy: str = DEFAULT_STRATEGY, method: str = "closed_form", device: str = "auto"
+           ) -> tuple[Selection, CostMatrix]:
+    """Adaptation costs between student and teachers and the chosen order, written to `RunDir.selection`."""
     refs = model_refs(preset, run_dir)
     teachers = {k: v for k, v in refs.items() if k != STUDENT}
-    return run_selection(refs[STUDENT], teachers, data.val_dataset(), Path(run_dir) / "selection",
+    return run_selection(refs[STUDENT], teachers, data.val_dataset(), RunDir(run_dir).selection,
                          n_images=preset.calibration_images, strategy=strategy, method=method,
                          device=str(resolve_device(device)), aps=aps, sizes=_reference_sizes(preset, refs))
 
@@ -171,7 +171,7 @@ def make_plan(preset: Preset, data: DataConfig, run_dir: str | os.PathLike, name
                     loss_params=dict(preset.loss_params if loss_params is None else loss_params),
                     loss_weight=weight, teacher_size=list(sizes[t]) if t in sizes else None) for t in teachers]
     return Plan(name=name, student=student_spec(preset, data), data=data, stages=stages,
-                out_dir=str(Path(run_dir).resolve() / "distill" / name),
+                out_dir=str(RunDir(run_dir).plan_dir(name)),
                 student_init=refs[STUDENT] if fine_tune else None, train=train)
 
 
@@ -251,7 +251,7 @@ def stage_histories(plan: Plan) -> dict[str, list[dict[str, Any]]]:
     """Per-stage epoch metrics of a plan, in stage order: {"1: r34": [...], "2: r50": [...]}."""
     out = {}
     for k, stage in enumerate(plan.stages):
-        path = plan.stage_dir(k) / "metrics.json"
+        path = plan.stage_history(k)
         if path.exists():
             out[f"{k + 1}: {stage.name}"] = json.loads(path.read_text())["epochs"]
     return out
@@ -262,12 +262,12 @@ def comparison_records(run_dir: str | os.PathLike, plans: list[Plan],
     """{run name: evaluation record} in table order: the baseline, the equal-budget control (when trained)
     and the last stage of every finished plan (a run of `orders` marked ``same_as`` another shares its
     record). Each record's config carries its `budget`."""
-    records = {"baseline": _record(Path(run_dir) / "models" / STUDENT / "eval.json")}
-    long = Path(run_dir) / "models" / BASELINE_LONG / "eval.json"
-    if long.exists():
-        records[BASELINE_LONG] = _record(long)
+    rd = RunDir(run_dir)
+    records = {"baseline": _record(rd.record(STUDENT))}
+    if rd.record(BASELINE_LONG).exists():
+        records[BASELINE_LONG] = _record(rd.record(BASELINE_LONG))
     for plan in plans:
-        last = plan.stage_dir(len(plan.stages) - 1) / "eval.json"
+        last = plan.stage_record(len(plan.stages) - 1)
         if last.exists():
             records[plan.name] = _record(last)
     for name, o in (orders or {}).items():
@@ -284,27 +284,28 @@ def _record(path: Path) -> dict[str, Any]:
 
 def write_comparison(run_dir: str | os.PathLike, records: dict[str, dict[str, Any]],
                      orders: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Write `distill/comparison.json`: each run's evaluation record file, budget (initialisation, student
+    """Write `RunDir.comparison`: each run's evaluation record file, budget (initialisation, student
     epochs) and teacher order with where it came from, plus `order_check`. Notebook 5 reads it back."""
-    runs = {name: {"record": str(Path(r["path"]).relative_to(Path(run_dir).resolve())),
+    rd = RunDir(run_dir)
+    runs = {name: {"record": str(Path(r["path"]).relative_to(rd.root)),
                    "budget": budget_of(r.get("config") or {}),
                    "order": orders.get(name, {}).get("order", []),
                    "source": orders.get(name, {}).get("source", "no teacher")} for name, r in records.items()}
     comparison = {"runs": runs, "order_check": order_check(records, orders)}
-    write_json(comparison, Path(run_dir) / "distill" / "comparison.json")
+    write_json(comparison, rd.comparison)
     return comparison
 
 
 def load_comparison(run_dir: str | os.PathLike) -> dict[str, Any]:
     """What notebook 3 wrote (`write_comparison`), with each run's record loaded under "records" and its COCO
     results file under "results"."""
-    path = Path(run_dir) / "distill" / "comparison.json"
-    if not path.exists():
+    rd = RunDir(run_dir)
+    if not rd.comparison.exists():
         raise FileNotFoundError(f"no comparison in {run_dir}: run notebook 03 (staged distillation) first")
-    comparison = json.loads(path.read_text())
-    root = Path(run_dir).resolve()
-    comparison["records"] = {n: _record(root / r["record"]) for n, r in comparison["runs"].items()}
-    comparison["results"] = {n: (root / r["record"]).with_name("eval_results.json") for n, r in comparison["runs"].items()}
+    comparison = json.loads(rd.comparison.read_text())
+    files = {n: evaluation_files((rd.root / r["record"]).parent) for n, r in comparison["runs"].items()}
+    comparison["records"] = {n: _record(record) for n, (record, _) in files.items()}
+    comparison["results"] = {n: results for n, (_, results) in files.items()}
     return comparison
 
 
@@ -331,11 +332,11 @@ def load_stage(plan: Plan, k: int) -> Distiller:
     """Stage k's Distiller as it ended: the stage's student, its teacher, and the trained loss modules
     (adapters, MGD generation blocks) from the stage's `last.pt`."""
     stage = plan.stages[k]
-    student, _, _ = load_model(plan.stage_dir(k) / "student.pt")
+    student, _, _ = load_model(plan.stage_student(k))
     teacher, _, _ = load_model(stage.teacher, size=stage.teacher_size)
     distiller = build_distiller(student, teacher, stage.loss, stage.loss_params, stage.levels)
-    distiller.load_state_dict(load_checkpoint(plan.stage_dir(k) / "last.pt")["model"])
-    calibration = plan.stage_dir(k) / "calibration.json"
+    distiller.load_state_dict(load_checkpoint(plan.stage_checkpoint(k))["model"])
+    calibration = plan.stage_calibration(k)
     if calibration.exists():
         distiller.weight = json.loads(calibration.read_text())["weight"]
     return distiller.eval()
@@ -343,16 +344,16 @@ def load_stage(plan: Plan, k: int) -> Distiller:
 
 def training_history(run_dir: str | os.PathLike, name: str) -> list[dict[str, Any]]:
     """Per-epoch metrics of a trained candidate (empty for torchvision reference models)."""
-    path = Path(run_dir) / "models" / name / "metrics.json"
+    path = RunDir(run_dir).history(name)
     return json.loads(path.read_text())["epochs"] if path.exists() else []
 
 
 def load_run_plan(run_dir: str | os.PathLike, name: str) -> Plan:
-    """A plan that notebook 03 wrote and ran (`distill/<name>/plan.yaml`)."""
-    path = Path(run_dir) / "distill" / name / "plan.yaml"
-    if not path.exists():
+    """A plan that notebook 03 wrote and ran (its `PLAN_FILE` in `RunDir.plan_dir(name)`)."""
+    plan_dir = RunDir(run_dir).plan_dir(name)
+    if not plan_dir.is_dir():
         raise FileNotFoundError(f"no plan {name!r} in {run_dir}: run notebook 03 (staged distillation) first")
-    return load_plan(path)
+    return load_plan(plan_dir / PLAN_FILE)
 
 
 def stage_models(plan: Plan, run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -361,9 +362,9 @@ def stage_models(plan: Plan, run_dir: str | os.PathLike) -> dict[str, Any]:
     models: dict[str, Any] = {}
     for stage in plan.stages:
         models[f"teacher {stage.name}"] = load_model(stage.teacher, size=stage.teacher_size)[0].eval()
-    models["student (baseline)"] = load_model(str(Path(run_dir) / "models" / STUDENT / "model.pt"))[0].eval()
+    models["student (baseline)"] = load_model(RunDir(run_dir).checkpoint(STUDENT))[0].eval()
     for k, stage in enumerate(plan.stages):
-        models[f"student after {stage.name}"] = load_model(plan.stage_dir(k) / "student.pt")[0].eval()
+        models[f"student after {stage.name}"] = load_model(plan.stage_student(k))[0].eval()
     return models
 
 

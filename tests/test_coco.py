@@ -192,7 +192,8 @@ def test_data_without_coco_categories_still_distils_features_but_refuses_head_in
     from pkdkit.data import CocoDetection
     from pkdkit.distill import build_distiller
     from pkdkit.models import DetectorSpec, build_detector, load_model
-    from pkdkit.plan import DataConfig, Plan, PlanError, Stage, validate_plan
+    from pkdkit.data import DataConfig
+    from pkdkit.plan import Plan, PlanError, Stage, validate_plan
 
     ds = CocoDetection(tiny_coco["train_images"], tiny_coco["train_json"], train=True)  # circle, square, ...
     spec = DetectorSpec(arch="retinanet", backbone="resnet18", num_classes=ds.label_map.num_classes, fpn_channels=32,
@@ -331,7 +332,8 @@ def test_gpus_2_distils_under_torchrun_streaming_its_output_and_a_failing_step_r
     from pkdkit.engine import TrainConfig
     from pkdkit.launch import LaunchError, train_detector_distributed
     from pkdkit.models import DetectorSpec
-    from pkdkit.plan import DataConfig, Plan, Stage
+    from pkdkit.data import DataConfig
+    from pkdkit.plan import Plan, Stage
 
     data = DataConfig(str(tiny_coco["train_images"]), str(tiny_coco["train_json"]), str(tiny_coco["val_images"]),
                       str(tiny_coco["val_json"]))
@@ -360,7 +362,7 @@ def test_cli_select_takes_torchvision_weight_names_as_teachers(use_torch_home, t
     from pkdkit.cli import main
     from pkdkit.data import CocoDetection
     from pkdkit.models import DetectorSpec, build_detector, save_detector
-    from pkdkit.selection import load_selection
+    from pkdkit.ordering import load_selection
 
     label_map = CocoDetection(tiny_coco["val_images"], tiny_coco["val_json"]).label_map
     spec = DetectorSpec(arch="retinanet", backbone="resnet18", num_classes=6, fpn_channels=32, min_size=96, max_size=96)

@@ -381,3 +381,23 @@ def test_per_architecture_defaults_are_the_authors_configs():
     assert loss_hparams("mgd") == {"alpha_mgd": 2e-5, "lambda_mgd": 0.65}
     with pytest.raises(ValueError, match="no mgd defaults for detector arch 'ssd'"):
         loss_defaults("mgd", "ssd")
+
+
+# ---------------------------------------------------------------------------------------------- loss maps
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_each_loss_map_is_per_position_and_sums_to_the_loss(name):
+    """`loss_map` is the forward's formula summed over channels only: (N, H, W), summing to the loss (FGD: to
+    its foreground and background terms, so here the attention and relation terms are switched off)."""
+    extra = {"gamma_fgd": 0.0, "lambda_fgd": 0.0} if name == "fgd" else {}
+    loss = build_loss(name, 8, 16, **extra).double()
+    s, t = feats(8, 16)
+    kwargs = {"boxes": BOXES, "image_size": IMAGE_SIZE} if name == "fgd" else {}
+    if name == "mgd":
+        loss.generator = torch.Generator().manual_seed(3)
+    value = loss(s, t, **kwargs)
+    if name == "mgd":
+        loss.generator = torch.Generator().manual_seed(3)  # the same mask
+    where = loss.loss_map(s, t, **kwargs)
+    assert where.shape == (N, H, W)
+    assert where.sum().item() == pytest.approx(value.item(), rel=1e-12)

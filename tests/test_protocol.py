@@ -8,7 +8,7 @@ import pytest
 
 from pkdkit.evaluate import comparison_table
 from pkdkit.presets import PRESETS, get_preset
-from pkdkit.selection import Selection
+from pkdkit.ordering import Selection
 from pkdkit.workflow import comparison_orders, order_check, orders_table, seed_study, stage_count
 
 

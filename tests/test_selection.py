@@ -11,12 +11,14 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from pkdkit.data import CocoDetection, LabelMap, make_loader
+from pkdkit.data import CocoDetection, LabelMap
 from pkdkit.models import DetectorSpec, build_detector, save_detector
-from pkdkit.selection import (
-    DEFAULT_STRATEGY, STRATEGIES, CostMatrix, Selection, adaptation_cost, cost_matrix, load_selection, order_by_ap,
-    order_greedy, order_minimax, order_shortest_path, plot_cost_matrix, run_selection, save_selection, select_teachers, selection_to_stages,
+from pkdkit.ordering import (
+    DEFAULT_STRATEGY, STRATEGIES, CostMatrix, Selection, load_selection, order_by_ap, order_greedy, order_minimax,
+    order_shortest_path, plot_cost_matrix, save_selection, select_teachers,
 )
+from pkdkit.plan import Stage, selection_to_stages
+from pkdkit.selection import adaptation_cost, cost_matrix, run_selection
 
 TINY = dict(num_classes=6, fpn_channels=16, min_size=64, max_size=64)
 LEVELS = ["p3", "p4"]  # 64 px images: p5-p7 have too few pixels on a handful of images for a 16-channel fit
@@ -155,15 +157,20 @@ def test_sgd_cost_is_close_to_and_not_below_closed_form(chain, images):
     assert closed.total * 0.999 <= sgd.total <= closed.total * 1.5 + 1e-3
 
 
-def test_dataset_and_loader_batches_give_the_same_cost_as_a_list_of_images(tiny_coco, chain):
+def test_the_cost_does_not_depend_on_the_calibration_batch_size(tiny_coco, chain):
     ds = CocoDetection(tiny_coco["val_images"], tiny_coco["val_json"])
     s, t = chain["student"], chain["t2"]
-    from_list = adaptation_cost(s, t, [ds[i][0] for i in range(len(ds))], levels=LEVELS, batch_size=4)
-    from_ds = adaptation_cost(s, t, ds, levels=LEVELS, batch_size=4)
-    from_loader = adaptation_cost(s, t, make_loader(ds, 4, shuffle=False), levels=LEVELS)
-    assert from_ds.n_images == from_loader.n_images == len(ds)
-    assert from_ds.total == pytest.approx(from_list.total, rel=1e-9)
-    assert from_loader.total == pytest.approx(from_list.total, rel=1e-9)
+    images = [ds[i][0] for i in range(len(ds))]
+    by_4 = adaptation_cost(s, t, images, levels=LEVELS, batch_size=4)
+    by_3 = adaptation_cost(s, t, images, levels=LEVELS, batch_size=3)
+    assert by_4.n_images == by_3.n_images == len(ds)
+    assert by_3.total == pytest.approx(by_4.total, rel=1e-9)
+
+
+def test_calibration_images_must_be_image_tensors(tiny_coco, chain):
+    ds = CocoDetection(tiny_coco["val_images"], tiny_coco["val_json"])
+    with pytest.raises(ValueError, match=r"calibration image 0: expected a \(3, H, W\) tensor, found tuple"):
+        adaptation_cost(chain["student"], chain["t2"], ds, levels=LEVELS)
 
 
 def test_levels_with_too_few_pixels_are_left_out_with_a_warning(student, images):
@@ -312,9 +319,9 @@ def test_plot_draws_heatmap_with_the_chosen_path(chain_matrix):
 
 def test_selection_to_stages_follows_the_order():
     sel = Selection("greedy", "S", ["B", "F"], [0.1, 0.2], 0.3, 0.2, "")
-    stages = selection_to_stages(sel, {"F": "f.pt", "B": "b.pt", "A": "a.pt"}, loss="mgd", epochs=2)
-    assert stages == [{"name": "B", "teacher": "b.pt", "loss": "mgd", "epochs": 2},
-                      {"name": "F", "teacher": "f.pt", "loss": "mgd", "epochs": 2}]
+    stages = selection_to_stages(sel, {"F": "f.pt", "B": "b.pt", "A": "a.pt"}, loss="mgd", train={"epochs": 2})
+    assert stages == [Stage(name="B", teacher="b.pt", loss="mgd", train={"epochs": 2}),
+                      Stage(name="F", teacher="f.pt", loss="mgd", train={"epochs": 2})]
     with pytest.raises(ValueError, match=r"no checkpoint given for selected teachers \['F'\]"):
         selection_to_stages(sel, {"B": "b.pt"})
 
@@ -326,9 +333,10 @@ def test_run_selection_writes_json_and_figure(tmp_path, tiny_coco, chain):
     ckpts = {name: save_detector(tmp_path / f"{name}.pt", model, spec, label_map) for name, model in chain.items()}
     student = ckpts.pop("student")
     with pytest.warns(UserWarning, match="too few pixel samples"):
-        sel = run_selection(student, ckpts, ds, tmp_path / "out", n_images=6, strategy="greedy")
+        sel, returned = run_selection(student, ckpts, ds, tmp_path / "out", n_images=6, strategy="greedy")
     assert sel.order == ["t1", "t2", "t3"]
     loaded, matrix, config = load_selection(tmp_path / "out" / "selection.json")
-    assert loaded == sel and matrix.names == ["student", "t1", "t2", "t3"] and matrix.n_images == 6
+    assert loaded == sel and matrix == returned
+    assert matrix.names == ["student", "t1", "t2", "t3"] and matrix.n_images == 6
     assert config["strategy"] == "greedy" and config["teachers"]["t1"] == str(ckpts["t1"])
     assert (tmp_path / "out" / "selection.png").stat().st_size > 0

@@ -11,6 +11,7 @@ from matplotlib.container import BarContainer
 from matplotlib.figure import Figure
 
 from pkdkit import viz
+from pkdkit.explorer import FeatureExplorer
 from pkdkit.features import extract_features
 from pkdkit.losses import LOSSES, FGDLoss, MGDLoss
 from pkdkit.models import DetectorSpec, build_detector
@@ -283,7 +284,7 @@ def test_explorer_redraws_on_update_caches_features_and_restores_models(detector
     handles = [m.backbone.register_forward_hook(lambda *_, n=n: calls.__setitem__(n, calls[n] + 1))
                for n, m in detectors.items()]
     try:
-        explorer = viz.FeatureExplorer(detectors, images)
+        explorer = FeatureExplorer(detectors, images)
         assert calls == {"teacher": 1, "student": 1}  # image 0 of each model, to learn the levels
         assert explorer.controls["level"].options == ("p3", "p4", "p5", "p6", "p7")
         assert len(explorer.output.outputs) == 1
