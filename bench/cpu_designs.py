@@ -20,7 +20,7 @@ import torch
 
 from pkdkit.engine import TrainConfig, train_detector
 from pkdkit.models import DetectorSpec
-from pkdkit.plan import DataConfig
+from pkdkit.data import DataConfig
 from pkdkit.presets import get_preset
 from pkdkit.synthetic import make_synthetic_coco
 
