@@ -465,7 +465,7 @@ def comparison_table(metrics_by_run: dict[str, dict], iou_type: str = "bbox",
         ap = values.get("AP") if values else None
         if i == 0:
             ref_ap = ap
-        delta = "n/a" if ap is None or ap < 0 or ref_ap is None or ref_ap < 0 else f"{100 * (ap - ref_ap):+.1f}"
+        delta = "n/a" if ap is None or ap < 0 or ref_ap is None or ref_ap < 0 else format_delta(100 * (ap - ref_ap))
         cells = [fmt(values.get(s) if values else None) for s in stats]
         budget = [str(budgets[run].get("epochs", "?")), budgets[run].get("init", "?")] if budgets[run] else ["?", "?"]
         rows.append([run, *(budget if with_budget else []), *cells, delta])
@@ -482,16 +482,22 @@ def record_budget(record: dict) -> dict:
     return dict(config.get("budget") or {}) if isinstance(config, dict) else {}
 
 
+def format_delta(points: float) -> str:
+    """A difference to one decimal with its sign, and "0.0" (not "-0.0" or "+0.0") where it rounds to zero."""
+    rounded = round(points, 1)
+    return "0.0" if rounded == 0 else f"{rounded:+.1f}"
+
+
 def plot_pr_curves(cocoevals: dict[str, COCOeval], iou: float = 0.5, ax: Any = None) -> "Figure":
     """Mean precision-recall curves (all areas, all classes with ground truth) of several runs at one IoU.
 
     Draws on `ax` if given, else on a new Figure (made without pyplot, so it works under Agg and shows
-    once in a notebook). The legend shows each run's AP at that IoU.
+    once in a notebook). The legend, beside the axes so that it covers no curve, shows each run's AP at that IoU.
     """
     from matplotlib.figure import Figure
 
     if ax is None:
-        fig = Figure(figsize=(5, 4), layout="constrained")
+        fig = Figure(figsize=(7.5, 4), layout="constrained")
         ax = fig.add_subplot()
     fig = ax.get_figure()
     for run, cocoeval in cocoevals.items():
@@ -502,5 +508,5 @@ def plot_pr_curves(cocoevals: dict[str, COCOeval], iou: float = 0.5, ax: Any = N
            title=f"precision-recall at IoU {iou:.2f}")
     ax.grid(alpha=0.3)
     if cocoevals:
-        ax.legend(loc="lower left")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize=9, frameon=False)
     return fig

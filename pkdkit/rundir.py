@@ -7,6 +7,7 @@ in sequence and each picks up what the previous ones wrote. `RunDir` is the only
     <root>/selection/                 selection.json, selection.png (`pkdkit.selection.run_selection`)
     <root>/distill/<plan name>/       one staged run per plan (`pkdkit.plan`: plan.yaml, stage folders, summary.json)
     <root>/distill/comparison.json    the runs compared, their records and budgets (notebook 03 -> 05)
+    <root>/settings.json              what the run is made with: preset, data, seed, epochs (notebook 01, `workflow`)
     <root>/parameters.json            the notebook parameters the run was made with (`pkdkit.notebooks`)
 
 A model's folder holds what `pkdkit.engine.train_detector` writes; evaluation files are named by
@@ -30,6 +31,10 @@ class RunDir:
 
     def __init__(self, root: str | os.PathLike) -> None:
         object.__setattr__(self, "root", Path(root).resolve())
+
+    @property
+    def settings(self) -> Path:
+        return self.root / "settings.json"
 
     @property
     def data(self) -> Path:

@@ -31,7 +31,7 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 from torch import Tensor, nn
 
-from pkdkit.evaluate import record_budget
+from pkdkit.evaluate import format_delta, record_budget
 from pkdkit.losses import CWDLoss, FGDLoss, MGDLoss, MSELoss, PKDLoss, check_boxes, fgd_attention, fgd_masks
 
 __all__ = ["feature_summary", "plot_feature_maps", "plot_feature_difference", "plot_loss_masks",
@@ -258,14 +258,16 @@ def _pick_levels(features: Mapping[str, Mapping[str, Tensor]], levels: Sequence[
 
 def plot_feature_difference(student: Mapping[str, Tensor], teacher: Mapping[str, Tensor], *, index: int = 0,
                             levels: Sequence[str] | None = None,
-                            adapter: nn.Module | Mapping[str, nn.Module | None] | None = None) -> Figure:
+                            adapter: nn.Module | Mapping[str, nn.Module | None] | None = None,
+                            title: str = "student vs teacher") -> Figure:
     """Per level, mean over channels of |z(S) - z(T)|, z standardising each channel over H*W.
 
     student, teacher: {level: (N, C, H, W)} of the same transformed batch; `index` picks the image.
     Standardising per channel removes each network's scale, so the map shows where the *patterns* differ
     (0: identical up to scale and shift; about 1.13 for unrelated channels). adapter: a 1x1 conv applied to
     the student first, or {level: module} (e.g. the distillation losses' `adapter`s) when channel counts
-    differ; the same colour scale for all levels, the level's mean in its title.
+    differ; the same colour scale for all levels, the level's mean in its title. Levels of one position
+    (1x1: standardising leaves nothing to compare) are left out and named in the figure's title.
     """
     levels = _pick_levels({"student": student, "teacher": teacher}, levels, "plot_feature_difference")
     diffs = {}
@@ -282,21 +284,20 @@ def plot_feature_difference(student: Mapping[str, Tensor], teacher: Mapping[str,
                              f"{tuple(t.shape)} differ (C, H, W); pass the 1x1 `adapter` when channels differ and "
                              "features of the same transformed batch")
         diffs[lvl] = standardised_difference(s, t).numpy()
-    fig = Figure(figsize=(2.4 * len(levels) + 1.0, 3.0), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(levels), squeeze=False)[0])
+    flat = [lvl for lvl, d in diffs.items() if d.size < 2]
+    diffs = {lvl: d for lvl, d in diffs.items() if d.size >= 2}
+    if not diffs:
+        raise ValueError(f"plot_feature_difference: every level ({', '.join(flat)}) is 1x1: nothing to compare")
+    fig = Figure(figsize=(2.4 * len(diffs) + 1.0, 3.0), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(diffs), squeeze=False)[0])
     hi = max(float(d.max()) for d in diffs.values())
-    im = None
     for ax, (lvl, d) in zip(axes, diffs.items()):
         bare(ax)
-        if d.size < 2:  # one position: standardising leaves nothing to compare
-            ax.set_title(f"{lvl}: n/a")
-            note(ax, "1×1 map:\nno spatial pattern")
-            continue
         im = ax.imshow(d, cmap="viridis", vmin=0, vmax=hi, interpolation="nearest")
         ax.set_title(f"{lvl}: mean {d.mean():.2f}")
-    if im is not None:
-        _colorbar(fig, im, list(axes), shrink=0.85, label="|z(S) − z(T)|")
-    fig.suptitle("student vs teacher, per-channel standardised (lower = closer)")
+    _colorbar(fig, im, list(axes), shrink=0.85, label="|z(S) − z(T)|")
+    left_out = f"; {', '.join(flat)} left out (1×1)" if flat else ""
+    fig.suptitle(f"{title}: per-channel standardised difference (lower = closer){left_out}")
     return fig
 
 
@@ -474,28 +475,28 @@ def plot_loss_curves(histories: Mapping[str, Any], sequential: bool = True) -> F
     """
     if not histories:
         raise ValueError("plot_loss_curves: no histories given")
-    fig = Figure(figsize=(11, 3.8), layout="constrained")
-    ax_det, ax_kd = fig.subplots(1, 2, sharex=True)
-    colors = [f"C{i % 10}" for i in range(len(histories))]
-    offset, any_kd = 0, False
-    for i, (name, history) in enumerate(histories.items()):
+    series, offset = [], 0  # (name, epochs on the x axis, detection loss, distillation loss)
+    for name, history in histories.items():
         records = _epochs(history, name)
-        x = np.arange(1, len(records) + 1) + (offset if sequential else 0)
         det, kd = np.array([_split_loss(r) for r in records], dtype=float).reshape(-1, 2).T
-        ax_det.plot(x, det, marker="o", ms=4, color=colors[i], label=name)
-        if not np.all(np.isnan(kd)):
-            any_kd = True
-            ax_kd.plot(x, kd, marker="o", ms=4, color=colors[i], label=name)
-        if sequential and i > 0:
-            for ax in (ax_det, ax_kd):
-                ax.axvline(offset + 0.5, color="0.55", ls="--", lw=1, gid="stage-separator")
+        series.append((name, np.arange(1, len(records) + 1) + (offset if sequential else 0), det, kd))
         offset += len(records)
+    any_kd = any(not np.all(np.isnan(kd)) for *_, kd in series)
+    # Without distillation terms (supervised runs) only the detection loss is drawn: no empty panel.
+    fig = Figure(figsize=(11, 3.8) if any_kd else (6.5, 3.8), layout="constrained")
+    axes = list(np.atleast_1d(fig.subplots(1, 2 if any_kd else 1, sharex=True)))
+    ax_det = axes[0]
+    for i, (name, x, det, kd) in enumerate(series):
+        ax_det.plot(x, det, marker="o", ms=4, color=f"C{i % 10}", label=name)
+        if any_kd and not np.all(np.isnan(kd)):
+            axes[1].plot(x, kd, marker="o", ms=4, color=f"C{i % 10}", label=name)
+        if sequential and i > 0:
+            for ax in axes:
+                ax.axvline(x[0] - 0.5, color="0.55", ls="--", lw=1, gid="stage-separator")
     ax_det.set(title="detection loss", xlabel="epoch" + (" (all stages)" if sequential else ""), ylabel="loss")
-    ax_kd.set(title="distillation loss (sum over levels)", xlabel=ax_det.get_xlabel())
-    if not any_kd:
-        ax_kd.text(0.5, 0.5, "no distillation terms", ha="center", va="center", transform=ax_kd.transAxes,
-                   color="0.4")
-    for ax in (ax_det, ax_kd):
+    if any_kd:
+        axes[1].set(title="distillation loss (sum over levels)", xlabel=ax_det.get_xlabel())
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.legend(*ax_det.get_legend_handles_labels(), loc="outside lower center", ncols=min(len(histories), 4),
@@ -550,7 +551,7 @@ def plot_ap_bars(rows: Mapping[str, Any], stat: str = "AP", iou_type: str = "bbo
         else:
             text = f"{m:.1f}" + (f" ± {s:.1f} (n={k})" if k > 1 else "")
             if i > 0 and not np.isnan(base):
-                text += f"   {m - base:+.1f}"
+                text += f"   {format_delta(m - base)}"
         ax.text((0 if np.isnan(m) else m + s) + 0.02 * right, i, text, va="center", fontsize=9)
     ax.set_yticks(y, names)
     ax.invert_yaxis()

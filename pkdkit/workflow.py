@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from pkdkit.distill import Distiller, build_distiller
 from pkdkit.engine import TrainConfig, resolve_device, train_detector
+from pkdkit.errors import PkdkitError, RunMismatchError
 from pkdkit.evaluate import evaluate_detector, evaluation_files
 from pkdkit.files import write_json
 from pkdkit.launch import run_plan_distributed, train_detector_distributed
@@ -21,13 +22,70 @@ from pkdkit.models import DetectorSpec, is_torchvision_weight, load_checkpoint, 
 from pkdkit.data import CocoDetection, DataConfig
 from pkdkit.plan import PLAN_FILE, Plan, Stage, budget_of, load_plan, run_plan
 from pkdkit.ordering import DEFAULT_STRATEGY, CostMatrix, Selection
-from pkdkit.presets import Preset
+from pkdkit.presets import Preset, get_preset
 from pkdkit.rundir import RunDir
 from pkdkit.selection import run_selection
 from pkdkit.synthetic import make_synthetic_coco
 
 STUDENT = "student"
 BASELINE_LONG = "baseline_long"
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What a run is made with, chosen once (notebook 01's parameters) and read by every later notebook from
+    `RunDir.settings`, so that the notebooks cannot disagree on the preset, the data, the seed or the epochs."""
+
+    preset: str = "tiny"
+    data_root: str | None = None  # None: the preset's synthetic data
+    seed: int = 0
+    epochs: int | None = None  # None: the preset's, for teachers and baseline
+    distill_epochs: int | None = None  # None: the preset's, per distillation stage
+    image_size: int | None = None  # None: the preset's input size
+    device: str = "auto"
+    gpus: int = 1
+
+    # How the run is computed, not what it computes: these may change between sessions of one run.
+    HOW = ("device", "gpus")
+
+    def describe(self) -> str:
+        return ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
+
+
+class RunNotStartedError(PkdkitError, FileNotFoundError):
+    """A notebook after the first was run on a run directory that notebook 01 has not set up."""
+
+
+def save_settings(run_dir: str | os.PathLike, settings: RunSettings) -> RunSettings:
+    """Record `settings` in the run directory (notebook 01). A run directory holds one run: settings that
+    change what is trained (preset, data, seed, epochs, image size) must equal those it was made with, else
+    RunMismatchError says which differ and what to do; `device` and `gpus` may change."""
+    path = RunDir(run_dir).settings
+    if path.exists():
+        saved = json.loads(path.read_text())
+        diff = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in asdict(settings).items()
+                if k not in RunSettings.HOW and saved.get(k) != v]
+        if diff:
+            raise RunMismatchError(
+                f"{Path(run_dir)} was made with other settings ({'; '.join(diff)}); its models would not match "
+                f"them. Set run_dir to a new folder for the new settings, or delete {Path(run_dir)} to start over.")
+    write_json(asdict(settings), path)
+    return settings
+
+
+def load_settings(run_dir: str | os.PathLike) -> RunSettings:
+    """The settings notebook 01 recorded in the run directory."""
+    path = RunDir(run_dir).settings
+    if not path.exists():
+        raise RunNotStartedError(f"no run in {Path(run_dir).resolve()} ({path.name} is missing): run notebook 01 "
+                                 "with this run_dir first; it chooses the preset, data, seed and epochs of the run")
+    return RunSettings(**json.loads(path.read_text()))
+
+
+def open_run(run_dir: str | os.PathLike, settings: RunSettings) -> tuple[Preset, DataConfig]:
+    """The preset (at the settings' image size) and the data of a run; synthetic data is generated once."""
+    preset = get_preset(settings.preset, image_size=settings.image_size)
+    return preset, prepare_data(preset, run_dir, settings.data_root)
 
 
 def prepare_data(preset: Preset, run_dir: str | os.PathLike, data_root: str | None = None) -> DataConfig:

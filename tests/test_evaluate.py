@@ -19,7 +19,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 
-from pkdkit.evaluate import (STAT_NAMES, coco_evaluate, comparison_table, evaluate_detector, plot_pr_curves,
+from pkdkit.evaluate import (STAT_NAMES, coco_evaluate, comparison_table, evaluate_detector, format_delta, plot_pr_curves,
                              pr_curve, predict, results_to_json, run_cocoeval)
 
 SIZE = 200
@@ -233,7 +233,7 @@ def test_comparison_table_has_one_row_per_run_and_ap_delta_to_the_first():
     lines = table.splitlines()
 
     assert lines[0] == "| run | AP | AP50 | AP75 | APs | APm | APl | ΔAP |"
-    assert lines[2] == "| baseline | 25.0 | 50.0 | 50.0 | n/a | 50.0 | 50.0 | +0.0 |"
+    assert lines[2] == "| baseline | 25.0 | 50.0 | 50.0 | n/a | 50.0 | 50.0 | 0.0 |"
     assert lines[3] == "| distilled | 31.2 | 60.0 | 50.0 | n/a | 50.0 | 50.0 | +6.2 |"
     assert lines[4].endswith("| -15.0 |")
     segm = comparison_table({"a": _metrics(0.3, 0.5)}, iou_type="segm", stats=("AP",))
@@ -253,6 +253,14 @@ def test_plot_pr_curves_returns_a_figure_with_one_curve_per_run(gt_path, tmp_pat
     assert [line.get_label().split(" ")[0] for line in ax.get_lines()] == ["perfect", "noisy"]
     fig.savefig(tmp_path / "pr.png")
     assert (tmp_path / "pr.png").stat().st_size > 0
+    # the legend sits beside the axes, covering no curve
+    fig.canvas.draw()
+    legend, box = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert legend.x0 >= box.x1
+
+
+def test_format_delta_never_writes_a_signed_zero():
+    assert [format_delta(v) for v in (1.26, -2.0, -0.04, 0.04, 0.0, -0.0)] == ["+1.3", "-2.0", "0.0", "0.0", "0.0", "0.0"]
 
 
 # ----------------------------------------------------------------------------------------------------
