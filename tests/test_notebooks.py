@@ -36,6 +36,20 @@ def test_committed_notebooks_have_no_outputs_and_a_parameters_cell():
         assert nb.metadata["kernelspec"]["name"] == "python3" and nb.metadata["language_info"]["name"] == "python"
 
 
+def test_each_parameters_cell_holds_only_what_its_notebook_uses_under_an_edit_line():
+    import papermill as pm
+
+    for name in NOTEBOOKS:
+        nb = nbformat.read(notebooks_dir() / name, as_version=4)
+        at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+        assert "Edit the next cell" in nb.cells[at - 1].source, name
+        rest = "\n".join(c.source for c in nb.cells[at + 1:] if c.cell_type == "code")
+        for param in pm.inspect_notebook(str(notebooks_dir() / name)):
+            assert param in rest, f"{name}: parameter {param!r} is never used"
+        if name != NOTEBOOKS[0]:  # the run's settings are chosen once, in notebook 01
+            assert not {"preset", "seed", "epochs", "data_root"} & set(pm.inspect_notebook(str(notebooks_dir() / name)))
+
+
 def test_every_notebook_executes_headless_and_writes_its_outputs(demo_run):
     report = demo_run / "report"
     for name in NOTEBOOKS:

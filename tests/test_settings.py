@@ -1,0 +1,41 @@
+"""Run settings chosen once (notebook 01) and read by every later notebook from the run directory."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pkdkit import workflow
+from pkdkit.errors import RunMismatchError
+from pkdkit.rundir import RunDir
+
+
+def test_settings_round_trip_through_the_run_directory(tmp_path):
+    settings = workflow.RunSettings(preset="tiny", seed=3, epochs=2, image_size=64)
+    workflow.save_settings(tmp_path, settings)
+    assert json.loads(RunDir(tmp_path).settings.read_text())["seed"] == 3
+    assert workflow.load_settings(tmp_path) == settings
+
+
+def test_a_changed_setting_is_refused_with_what_differs_and_what_to_do(tmp_path):
+    workflow.save_settings(tmp_path, workflow.RunSettings(epochs=2))
+    with pytest.raises(RunMismatchError, match=r"epochs: 2 there, 4 now.*new folder.*or delete"):
+        workflow.save_settings(tmp_path, workflow.RunSettings(epochs=4))
+    assert workflow.load_settings(tmp_path).epochs == 2  # nothing overwritten
+    # how the run is computed may change: the device is recorded, the run kept
+    workflow.save_settings(tmp_path, workflow.RunSettings(epochs=2, device="cpu"))
+    assert workflow.load_settings(tmp_path).device == "cpu"
+
+
+def test_a_later_notebook_on_an_empty_run_directory_says_to_run_notebook_01(tmp_path):
+    with pytest.raises(workflow.RunNotStartedError, match="run notebook 01 with this run_dir first"):
+        workflow.load_settings(tmp_path / "nothing")
+
+
+def test_open_run_applies_the_image_size_and_makes_the_data_once(tmp_path):
+    preset, data = workflow.open_run(tmp_path, workflow.RunSettings(image_size=64))
+    assert preset.student.min_size == preset.student.max_size == 64
+    assert data.val_dataset().coco.getImgIds()
+    stamp = RunDir(tmp_path).data.joinpath("annotations", "instances_val.json").stat().st_mtime_ns
+    workflow.open_run(tmp_path, workflow.RunSettings(image_size=64))
+    assert RunDir(tmp_path).data.joinpath("annotations", "instances_val.json").stat().st_mtime_ns == stamp
