@@ -27,7 +27,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
 
 from pkdkit.config import check_range, check_value, config_diff
 from pkdkit.data import CocoDetection, make_loader
@@ -36,6 +35,7 @@ from pkdkit.evaluate import evaluate_detector
 from pkdkit.files import run_lock, write_json
 from pkdkit.models import (DetectorSpec, atomic_save, build_detector, initial_weights_label, load_checkpoint,
                            save_detector, state_fingerprint)
+from pkdkit.progress import bar as progress_bar, step as progress_step
 
 
 class NonFiniteLossError(PkdkitError, RuntimeError):
@@ -293,10 +293,10 @@ def _train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig
         net.train()
         sums: dict[str, float] = {}
         t0 = time.time()
-        # a bar beside the loader, not around it: tqdm.auto's bar calls iter() on what it wraps once more,
+        # a bar beside the loader, not around it: a tqdm bar calls iter() on what it wraps once more,
         # which would start (and drop) a second set of loader workers every epoch
-        bar = tqdm(total=len(loader), desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not (cfg.progress and info.is_main), leave=False, dynamic_ncols=True)
+        bar = progress_bar(total=len(loader), desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}",
+                           disable=not (cfg.progress and info.is_main), leave=False, dynamic_ncols=True)
         for i, (images, targets) in enumerate(loader):
             images = [im.to(device, non_blocking=True) for im in images]
             targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
@@ -337,8 +337,10 @@ def _train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig
                         ckpt_path)
             write_json({"config": full_config, "epochs": history}, out_dir / "metrics.json")
             if cfg.progress:
-                tqdm.write(f"{desc} epoch {epoch + 1}/{cfg.epochs}: " +
-                           ", ".join(f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float) and k != "lr"))
+                progress_step(f"{desc} epoch {epoch + 1}/{cfg.epochs}: " +
+                              ", ".join(f"{k}={v:.4f}" for k, v in record.items()
+                                        if isinstance(v, float) and k not in ("lr", "seconds"))
+                              + f" ({record['seconds']:.0f} s)")
         barrier(info)
     return history
 
@@ -414,6 +416,9 @@ def train_detector(spec: DetectorSpec, train_ds: CocoDetection, val_ds: CocoDete
         if (out_dir / "model.pt").exists() and (out_dir / "eval.json").exists():
             record = json.loads((out_dir / "eval.json").read_text())
             check_same_run(record.get("config") or {}, full, out_dir / "eval.json")
+            if cfg.progress and info.is_main:
+                progress_step(f"train {spec.name}: trained earlier, AP "
+                              f"{record['metrics']['bbox']['stats']['AP']:.3f} ({out_dir.name})")
             return record
         train(model, train_ds, cfg, out_dir, desc=f"train {spec.name}", config=full)
         record: dict[str, Any] = {}
@@ -421,5 +426,8 @@ def train_detector(spec: DetectorSpec, train_ds: CocoDetection, val_ds: CocoDete
             save_detector(out_dir / "model.pt", model, spec, label_map, config=full)
             record = evaluate_detector(model, val_ds, label_map, out_dir=out_dir, name="eval",
                                        device=_device_for(cfg, info), config=full, progress=cfg.progress)
+            if cfg.progress:
+                progress_step(f"train {spec.name}: evaluated, AP {record['metrics']['bbox']['stats']['AP']:.3f} "
+                              f"({out_dir.name})")
         barrier(info)
     return record

@@ -26,6 +26,7 @@ from pkdkit.files import write_json
 from pkdkit.launch import run_plan_distributed, train_detector_distributed
 from pkdkit.models import DetectorSpec, is_torchvision_weight, load_checkpoint, load_model
 from pkdkit.plan import DataConfig, Plan, Stage, budget_of, load_plan, run_plan
+from pkdkit.progress import step
 from pkdkit.selection import DEFAULT_STRATEGY, Selection, run_selection
 from pkdkit.presets import Preset
 from pkdkit.synthetic import make_synthetic_coco
@@ -142,6 +143,8 @@ def select(preset: Preset, data: DataConfig, run_dir: str | os.PathLike, aps: di
     """Adaptation costs between student and teachers, the chosen order, `selection/selection.{json,png}`."""
     refs = model_refs(preset, run_dir)
     teachers = {k: v for k, v in refs.items() if k != STUDENT}
+    step(f"teacher selection: adaptation costs between the student and {len(teachers)} teachers "
+         f"on {preset.calibration_images} images")
     return run_selection(refs[STUDENT], teachers, data.val_dataset(), Path(run_dir) / "selection",
                          n_images=preset.calibration_images, strategy=strategy, method=method,
                          device=str(resolve_device(device)), aps=aps, sizes=_reference_sizes(preset, refs))
