@@ -47,8 +47,8 @@ def notebooks_dir() -> Path:
 
 
 def execute(name: str, out: Path, parameters: dict[str, Any], *, reference: list[float] | None = None,
-            stream: TextIO | None = None) -> tuple[float, list[float]]:
-    """Execute `notebooks/<name>` with papermill into `out/<name>`; returns (seconds, seconds of each cell).
+            stream: TextIO | None = None) -> float:
+    """Execute `notebooks/<name>` with papermill into `out/<name>`; returns the seconds it took.
 
     The kernel runs in `out` (so the executed notebook's relative paths work where it lies), on the "python3"
     kernel of this interpreter, over IPC sockets (a TCP kernel logs a warning about unencrypted transport to
@@ -69,17 +69,19 @@ def execute(name: str, out: Path, parameters: dict[str, Any], *, reference: list
         pm.execute_notebook(str(notebooks_dir() / name), str(out / name), parameters=parameters,
                             kernel_name="python3", language="python", cwd=str(out), progress_bar=False,
                             stdout_file=printer, config=Config({"KernelManager": {"transport": "ipc"}}),
-                            on_cell_start=printer.cell_started, on_cell_executed=printer.cell_finished)
+                            on_cell_start=printer.cell_started)
     except pm.PapermillExecutionError as e:
         raise NotebookRunError(f"{name} failed in cell {e.exec_count} (executed copy: {out / name}): "
                                f"{e.ename}: {e.evalue}") from None
     finally:
         os.environ["PATH"] = env_path
         if (out / name).exists():
-            tidy_executed(out / name, out)
+            roots = [notebooks_dir().parent] + [out / v for k, v in parameters.items()
+                                                if k in PATH_PARAMETERS and isinstance(v, str)]
+            tidy_executed(out / name, out, roots=roots)
     seconds = round(printer.elapsed(), 1)
     print(f"{MARK}{name} done in {_clock(seconds)}", file=stream, flush=True)
-    return seconds, printer.cell_seconds
+    return seconds
 
 
 def _clock(seconds: float) -> str:
@@ -93,8 +95,8 @@ class ProgressPrinter:
     `pkdkit.progress.MARK`, each prefixed with the notebook, the elapsed time and the time left.
 
     papermill writes the kernel's stdout here as it arrives (`stdout_file`), and nbclient calls
-    `cell_started` / `cell_finished` around each cell. The time left is an estimate from `reference`, the
-    seconds each cell took in an earlier run (`timings.json`), scaled by this run's speed on the cells done so
+    `cell_started` around each cell. The time left is an estimate from `reference`, the seconds each cell
+    took in an earlier run (from the executed notebook's papermill metadata), scaled by this run's speed on the cells done so
     far: left = (reference seconds of the cells still to run) x (actual / reference seconds of the cells done)
     - (time already spent in the current cell). Without a reference of the same cell count none is shown.
     """
@@ -103,7 +105,6 @@ class ProgressPrinter:
                  out: TextIO | None = None, clock: Callable[[], float] = time.monotonic):
         self.name, self.out, self.clock = name, out or sys.stdout, clock
         self.reference = reference if reference is not None and len(reference) == n_cells else None
-        self.cell_seconds = [0.0] * n_cells
         self.t0 = self.cell_t0 = clock()
         self.current = 0
         self._partial = ""
@@ -117,10 +118,6 @@ class ProgressPrinter:
 
     def cell_started(self, cell: Any = None, cell_index: int = 0, **_: Any) -> None:
         self.current, self.cell_t0 = cell_index, self.clock()
-
-    def cell_finished(self, cell: Any = None, cell_index: int = 0, **_: Any) -> None:
-        if 0 <= cell_index < len(self.cell_seconds):
-            self.cell_seconds[cell_index] = round(self.clock() - self.cell_t0, 2)
 
     def time_left(self) -> float | None:
         """Estimated seconds until the notebook ends; None without a reference."""
@@ -156,15 +153,17 @@ class ProgressPrinter:
         print(text, file=self.out, flush=True)
 
 
-def tidy_executed(path: Path, out: Path) -> None:
+def tidy_executed(path: Path, out: Path, roots: list[Path] = ()) -> None:
     """Make an executed notebook read as it looked at the end and hold no absolute paths of this machine.
 
     Consecutive stream outputs of a cell are merged and text progress bars (lines redrawn with carriage
     returns) keep only their last state, as a notebook front-end shows them; papermill's `input_path` and
-    `output_path` are made relative to the report folder `out`."""
+    `output_path` are made relative to the report folder `out`, and so are the absolute paths of `roots`
+    (the run directory, the repository: printed data paths, warnings' file names) in the outputs' text."""
     import nbformat
 
     nb = nbformat.read(path, as_version=4)
+    relative = _path_rewriter(out, roots)
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
@@ -178,13 +177,31 @@ def tidy_executed(path: Path, out: Path) -> None:
                 merged.append(output)
         for output in merged:
             if output.output_type == "stream":
-                output.text = _final_text(output.text)
+                output.text = relative(_final_text(output.text))
+            elif output.output_type == "error":
+                output.evalue = relative(output.evalue)
+                output.traceback = [relative(line) for line in output.traceback]
+            for mime in ("text/plain", "text/markdown", "text/html"):
+                if mime in output.get("data", {}):
+                    output.data[mime] = relative(output.data[mime])
         cell.outputs = merged
     meta = nb.metadata.get("papermill", {})
     for key in ("input_path", "output_path"):
         if meta.get(key):
             meta[key] = os.path.relpath(meta[key], out)
     nbformat.write(nb, path)
+
+
+def _path_rewriter(out: Path, roots: list[Path]) -> Callable[[str], str]:
+    """A function replacing each absolute root path in a text by its path relative to `out` (deepest first)."""
+    pairs = sorted({(str(Path(r).resolve()), os.path.relpath(Path(r).resolve(), out)) for r in roots},
+                   key=lambda pair: -len(pair[0]))
+
+    def rewrite(text: str) -> str:
+        for absolute, rel in pairs:
+            text = text.replace(absolute, rel)
+        return text
+    return rewrite
 
 
 def _final_text(text: str) -> str:
@@ -214,8 +231,8 @@ def run_notebooks(preset: str, out: str | os.PathLike, *, run_dir: str | os.Path
     The notebooks get the run directory, the figures folder, the metrics file and a relative `data_root`
     as paths relative to the report folder (their kernels run there), so the executed notebooks and
     `metrics.json` hold no absolute paths of this machine and still work when opened where they lie.
-    `timings.json` keeps the seconds of each notebook and of each of its cells; the next run into the same
-    folder (else the committed example `reports/example-<preset>/`) uses them to estimate the time left.
+    The time left shown while a notebook runs is estimated from the seconds of each of its cells in the
+    previous executed copy in `out`, else in the committed example `reports/example-<preset>/`.
     """
     out = Path(out).resolve()
     run_dir = Path(run_dir or Path("runs") / preset).resolve()
@@ -234,17 +251,16 @@ def run_notebooks(preset: str, out: str | os.PathLike, *, run_dir: str | os.Path
               "figures_dir": str(out / "figures"), "report_metrics": str(out / "metrics.json"), **parameters}
     relative = {k: os.path.relpath(v, out) if k in PATH_PARAMETERS and isinstance(v, str) else v
                 for k, v in params.items()}
-    reference = _reference_timings(preset, out)
     saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     with run_lock(run_dir), run_lock(out):
         _check_same_run_parameters(run_dir, {**defaults, **params})
         if threads:
             os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        timings, cells = {}, {}
+        timings = {}
         try:
             for name in names:
-                timings[name], cells[name] = execute(name, out, relative, reference=reference.get(name),
-                                                     stream=None if progress else io.StringIO())
+                timings[name] = execute(name, out, relative, reference=_reference_timings(preset, out, name),
+                                        stream=None if progress else io.StringIO())
         finally:
             for key, value in saved.items():
                 if value is None:
@@ -255,8 +271,7 @@ def run_notebooks(preset: str, out: str | os.PathLike, *, run_dir: str | os.Path
         summary = json.loads(metrics.read_text()) if metrics.exists() else {}
         summary.update({"parameters": {**relative, "threads": threads or None}})
         write_json(summary, metrics)
-        write_json({"notebook_seconds": timings, "cell_seconds": cells, "threads": threads or None},
-                   out / "timings.json")
+        write_json({"notebook_seconds": timings, "threads": threads or None}, out / "timings.json")
     return {"out": str(out), "run_dir": str(run_dir), "notebooks": timings}
 
 
@@ -265,16 +280,16 @@ def example_dir(preset: str) -> Path:
     return notebooks_dir().parent / "reports" / f"example-{preset}"
 
 
-def _reference_timings(preset: str, out: Path) -> dict[str, list[float]]:
-    """Seconds of each cell of each notebook in an earlier run: of `out` if it has run before, else of the
-    committed example of the preset; {} when neither has them."""
-    for folder in (out, example_dir(preset)):
-        path = folder / "timings.json"
+def _reference_timings(preset: str, out: Path, name: str) -> list[float] | None:
+    """Seconds of each cell of notebook `name` in an earlier run (papermill records them in the executed
+    notebook): of `out` if it ran there before, else of the committed example of the preset; None if neither."""
+    for path in (out / name, example_dir(preset) / name):
         if path.exists():
-            cells = json.loads(path.read_text()).get("cell_seconds")
-            if cells:
-                return cells
-    return {}
+            cells = json.loads(path.read_text())["cells"]
+            seconds = [c.get("metadata", {}).get("papermill", {}).get("duration") for c in cells]
+            if any(seconds):
+                return [float(s or 0.0) for s in seconds]
+    return None
 
 
 class NotebookParameterError(PkdkitError, ValueError):

@@ -66,6 +66,8 @@ def test_executed_notebook_01_shows_its_figures_and_tables_in_jupyterlab(jupyter
     tables = page.locator(".jp-OutputArea-output table")  # the output node is the rendered markdown
     page.wait_for_function(f"document.querySelectorAll('.jp-OutputArea-output img').length >= {n_figures}",
                            timeout=120_000)
+    page.wait_for_function(f"document.querySelectorAll('.jp-OutputArea-output table').length >= {n_tables}",
+                           timeout=60_000)  # markdown renders after the images
     assert figures.count() == n_figures and tables.count() == n_tables
     for k in range(n_figures):  # each figure decoded, with a real size
         assert figures.nth(k).evaluate("img => img.complete && img.naturalWidth > 100"), k

@@ -38,7 +38,6 @@ def test_only_progress_lines_are_streamed_with_elapsed_time_and_time_left():
     printer.start()
     printer.cell_started(cell_index=1)
     clock.now = 20.0  # this run is twice as slow
-    printer.cell_finished(cell_index=1)
     printer.cell_started(cell_index=2)
     clock.now = 70.0  # 50 s into a cell that should take 200 s now
     printer.write("a table\n" + MARK + "train r18 epoch 1/4: lo")
@@ -47,7 +46,6 @@ def test_only_progress_lines_are_streamed_with_elapsed_time_and_time_left():
     assert lines[0] == MARK + "running 01_x.ipynb, about 2:00 in an earlier run ..."
     # left: (200 - 50) s of this cell + 10 s x 2 of the last one = 170 s
     assert lines[1:] == [MARK + "01_x.ipynb [1:10, ~2:50 left] train r18 epoch 1/4: loss=0.5"]
-    assert printer.cell_seconds[1] == 20.0
 
 
 def test_without_an_earlier_run_no_time_left_is_guessed():
@@ -65,17 +63,29 @@ def test_executed_notebooks_keep_the_final_state_of_text_bars_and_relative_paths
                     nbformat.v4.new_output("stream", name="stdout", text="\rtrain: 100%|##########| 8/8\n"),
                     nbformat.v4.new_output("stream", name="stdout", text=MARK + "train epoch 1/1: loss=0.5\n"),
                     nbformat.v4.new_output("display_data", data={"text/plain": "<Figure>"}),
-                    nbformat.v4.new_output("stream", name="stdout", text="after\n")]
+                    nbformat.v4.new_output("stream", name="stdout", text=f"data: {tmp_path}/run/data/val.json\n")]
     nb.cells = [cell]
     nb.metadata["papermill"] = {"input_path": str(tmp_path / "notebooks" / "01.ipynb"),
                                 "output_path": str(tmp_path / "report" / "01.ipynb")}
     (tmp_path / "report").mkdir()
     path = tmp_path / "report" / "01.ipynb"
     nbformat.write(nb, path)
-    tidy_executed(path, tmp_path / "report")
+    tidy_executed(path, tmp_path / "report", roots=[tmp_path / "run"])
     tidy = nbformat.read(path, as_version=4)
     outputs = tidy.cells[0].outputs
     assert [o.output_type for o in outputs] == ["stream", "display_data", "stream"]  # order kept
     assert outputs[0].text == "train: 100%|##########| 8/8\n" + MARK + "train epoch 1/1: loss=0.5\n"
+    assert outputs[2].text == "data: ../run/data/val.json\n"
     assert tidy.metadata.papermill == {"input_path": "../notebooks/01.ipynb", "output_path": "01.ipynb"}
     assert _final_text("a\rb\r\nc") == "b\nc"
+
+
+def test_the_time_left_comes_from_the_cells_of_an_earlier_executed_copy(tmp_path):
+    from pkdkit.notebooks import _reference_timings
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("a", metadata={"papermill": {"duration": 1.5}}),
+                nbformat.v4.new_markdown_cell("b", metadata={"papermill": {"duration": None}})]
+    nbformat.write(nb, tmp_path / "01_x.ipynb")
+    assert _reference_timings("no-such-preset", tmp_path, "01_x.ipynb") == [1.5, 0.0]
+    assert _reference_timings("no-such-preset", tmp_path, "02_y.ipynb") is None
