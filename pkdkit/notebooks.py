@@ -52,7 +52,7 @@ def execute(name: str, out: Path, parameters: dict[str, Any], *, reference: list
 
     The kernel runs in `out` (so the executed notebook's relative paths work where it lies), on the "python3"
     kernel of this interpreter, over IPC sockets (a TCP kernel logs a warning about unencrypted transport to
-    the terminal). The notebook's progress lines (`pkdkit.progress.step`) are streamed to `stream` (default
+    the terminal) and shut down without an interrupt (`_quiet_kernel_manager`). The notebook's progress lines (`pkdkit.progress.step`) are streamed to `stream` (default
     stdout) while it runs, with the elapsed time and an estimate of the time left from `reference` (the
     seconds of each cell in an earlier run; see `ProgressPrinter`). The executed copy is tidied by
     `tidy_executed`."""
@@ -69,7 +69,7 @@ def execute(name: str, out: Path, parameters: dict[str, Any], *, reference: list
         pm.execute_notebook(str(notebooks_dir() / name), str(out / name), parameters=parameters,
                             kernel_name="python3", language="python", cwd=str(out), progress_bar=False,
                             stdout_file=printer, config=Config({"KernelManager": {"transport": "ipc"}}),
-                            on_cell_start=printer.cell_started)
+                            kernel_manager_class=_quiet_kernel_manager(), on_cell_start=printer.cell_started)
     except pm.PapermillExecutionError as e:
         raise NotebookRunError(f"{name} failed in cell {e.exec_count} (executed copy: {out / name}): "
                                f"{e.ename}: {e.evalue}") from None
@@ -82,6 +82,23 @@ def execute(name: str, out: Path, parameters: dict[str, Any], *, reference: list
     seconds = round(printer.elapsed(), 1)
     print(f"{MARK}{name} done in {_clock(seconds)}", file=stream, flush=True)
     return seconds
+
+
+def _quiet_kernel_manager() -> type:
+    """jupyter_client's kernel manager without the interrupt it sends before every shutdown.
+
+    `KernelManager.shutdown_kernel` first interrupts the kernel (SIGINT) to stop code that may still run; a
+    papermill kernel has finished its last cell by then, and ipykernel logs the interrupt to the terminal as
+    "ERROR | KeyboardInterrupt caught in kernel". The shutdown request that follows ends the kernel the same way.
+    """
+    from jupyter_client.manager import AsyncKernelManager
+
+    class QuietShutdownKernelManager(AsyncKernelManager):
+        async def _async_interrupt_kernel(self) -> None:
+            if not self.shutting_down:
+                await super()._async_interrupt_kernel()
+
+    return QuietShutdownKernelManager
 
 
 def _clock(seconds: float) -> str:
