@@ -52,10 +52,10 @@ def execute(name: str, out: Path, parameters: dict[str, Any], *, reference: list
 
     The kernel runs in `out` (so the executed notebook's relative paths work where it lies), on the "python3"
     kernel of this interpreter, over IPC sockets (a TCP kernel logs a warning about unencrypted transport to
-    the terminal) and shut down without an interrupt (`_quiet_kernel_manager`). The notebook's progress lines (`pkdkit.progress.step`) are streamed to `stream` (default
-    stdout) while it runs, with the elapsed time and an estimate of the time left from `reference` (the
-    seconds of each cell in an earlier run; see `ProgressPrinter`). The executed copy is tidied by
-    `tidy_executed`."""
+    the terminal), and shut down without an interrupt (`_quiet_kernel_manager`). The notebook's progress
+    lines (`pkdkit.progress.step`) are streamed to `stream` (default stdout) while it runs, with the elapsed
+    time and an estimate of the time left from `reference` (the seconds of each cell in an earlier run; see
+    `ProgressPrinter`). The executed copy is tidied by `tidy_executed`."""
     import papermill as pm
     from traitlets.config import Config
 
@@ -113,9 +113,9 @@ class ProgressPrinter:
 
     papermill writes the kernel's stdout here as it arrives (`stdout_file`), and nbclient calls
     `cell_started` around each cell. The time left is an estimate from `reference`, the seconds each cell
-    took in an earlier run (from the executed notebook's papermill metadata), scaled by this run's speed on the cells done so
-    far: left = (reference seconds of the cells still to run) x (actual / reference seconds of the cells done)
-    - (time already spent in the current cell). Without a reference of the same cell count none is shown.
+    took in an earlier run (from the executed notebook's papermill metadata), scaled by this run's speed on
+    the cells done so far: left = (reference seconds of the cells still to run) x (actual / reference seconds
+    of the cells done) - (time already spent in the current cell). Without a reference of the same cell count none is shown.
     """
 
     def __init__(self, name: str, n_cells: int, *, reference: list[float] | None = None,

@@ -25,7 +25,8 @@ def jupyterlab(tmp_path):
     shutil.copy(EXAMPLE / "01_data_and_teachers.ipynb", tmp_path / "01_data_and_teachers.ipynb")
     port, token = free_port(), "pkdkit-test"
     env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
-           "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces"), "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings")}
+           "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces"),
+           "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings")}
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", f"--ServerApp.token={token}",
            f"--ServerApp.root_dir={tmp_path}", "--ServerApp.ip=127.0.0.1", "--allow-root",
            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
