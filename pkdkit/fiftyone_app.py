@@ -317,16 +317,37 @@ def launch_app(dataset: fo.Dataset | fo.DatasetView, *, enabled: bool, view_name
     if not enabled:
         print("FiftyOne App not launched (launch_app=False); from a shell: pkdkit inspect RUN_DIR")
         return None
+    from fiftyone.core.context import is_notebook_context
+
     port = port or fo.config.default_app_port
     if view_name:
         dataset = dataset.load_saved_view(view_name)
     kwargs.setdefault("config", _app_config(port))
+    auto = kwargs.pop("auto", True)
     if isinstance(dataset, fo.DatasetView):
-        session = fo.launch_app(view=dataset, port=port, **kwargs)
+        session = fo.launch_app(view=dataset, port=port, auto=False, **kwargs)
     else:
-        session = fo.launch_app(dataset, port=port, **kwargs)
+        session = fo.launch_app(dataset, port=port, auto=False, **kwargs)
+    if auto and is_notebook_context():
+        _show_when_connected(session)
     _show_link(session.url)
     return session
+
+
+def _show_when_connected(session: fo.Session, timeout: float = 180.0) -> None:
+    """`session.show()` (the App in the notebook's output) once the session has reached the App's server.
+
+    `fo.launch_app` in a notebook shows the App at once, and fails with "Client is not connected" when the
+    server it just started does not answer yet (its client retries every 10 s): seen on a busy machine."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            session.show()
+            return
+        except RuntimeError as e:
+            if "not connected" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def _show_link(url: str) -> None:
