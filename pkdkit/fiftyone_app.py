@@ -304,12 +304,15 @@ def _app_config(port: int) -> Any:
 
 
 def launch_app(dataset: fo.Dataset | fo.DatasetView, *, enabled: bool, view_name: str | None = None,
-               port: int | None = None, **kwargs: Any) -> fo.Session | None:
+               port: int | None = None, embed: bool = False, **kwargs: Any) -> fo.Session | None:
     """Open the FiftyOne App on `dataset` (on its saved view `view_name`, if given) when `enabled`; returns the
     session, or None when not enabled.
 
-    The App's URL is on localhost (see `_app_config`), so the App embedded in a notebook renders in
-    JupyterLab, and the URL is printed (in a notebook also as a link) to open it in a browser tab.
+    The App's URL is on localhost (see `_app_config`) and is printed, in a notebook as a link that opens the
+    App in a browser tab. `embed=True` also shows the App inside the notebook's output (`session.show()`):
+    in JupyterLab in Chromium that frame stays blank (seen with FiftyOne 1.22; its page is served with
+    cross-origin isolation headers, COOP/COEP, which a frame inside JupyterLab's page may not satisfy), so
+    the link is the default.
     The App starts a web server and waits for a browser, so headless runs (papermill, CI, `make demo`)
     must pass `enabled=False`. Nothing here can tell them apart reliably (papermill sets no environment
     variable), so the notebooks expose it as a parameter that defaults to False.
@@ -323,12 +326,11 @@ def launch_app(dataset: fo.Dataset | fo.DatasetView, *, enabled: bool, view_name
     if view_name:
         dataset = dataset.load_saved_view(view_name)
     kwargs.setdefault("config", _app_config(port))
-    auto = kwargs.pop("auto", True)
     if isinstance(dataset, fo.DatasetView):
         session = fo.launch_app(view=dataset, port=port, auto=False, **kwargs)
     else:
         session = fo.launch_app(dataset, port=port, auto=False, **kwargs)
-    if auto and is_notebook_context():
+    if embed and is_notebook_context():
         _show_when_connected(session)
     _show_link(session.url)
     return session
@@ -392,7 +394,7 @@ def inspect_run(run_dir: str | os.PathLike, *, port: int = 5151, iou: float = 0.
                                      confidence=confidence)
     print(f"{'built' if built else 'reloaded'} FiftyOne dataset {name} ({len(dataset)} images, models: "
           f"{', '.join(dataset.info['models'])})", flush=True)
-    session = launch_app(dataset, enabled=True, view_name=dataset.info.get("review_view"), port=port, auto=False)
+    session = launch_app(dataset, enabled=True, view_name=dataset.info.get("review_view"), port=port)
     if wait:
         print("Ctrl-C to stop", flush=True)
         try:

@@ -285,7 +285,7 @@ def test_app_page_loads_and_shows_the_samples_in_a_browser(coco_files, browser_p
     name = "pkdkit_test_app"
     ds, _, _ = open_dataset(name, coco_files / "gt.json", coco_files / "images", _predictions(coco_files),
                             baseline="baseline", improved="progressive")
-    session = launch_app(ds, enabled=True, view_name=ds.info["review_view"], port=free_port(), auto=False)
+    session = launch_app(ds, enabled=True, view_name=ds.info["review_view"], port=free_port())
     try:
         assert session.url.startswith("http://localhost:")
         page = browser_page
