@@ -249,7 +249,8 @@ def run_notebooks(preset: str, out: str | os.PathLike, *, run_dir: str | os.Path
     as paths relative to the report folder (their kernels run there), so the executed notebooks and
     `metrics.json` hold no absolute paths of this machine and still work when opened where they lie.
     The time left shown while a notebook runs is estimated from the seconds of each of its cells in the
-    previous executed copy in `out`, else in the committed example `reports/example-<preset>/`.
+    previous executed copy in `out`, else in the committed example `reports/example-<preset>/`, when that run
+    did the same work (same parameters but for display and paths); else no estimate is shown.
     """
     out = Path(out).resolve()
     run_dir = Path(run_dir or Path("runs") / preset).resolve()
@@ -276,7 +277,8 @@ def run_notebooks(preset: str, out: str | os.PathLike, *, run_dir: str | os.Path
         timings = {}
         try:
             for name in names:
-                timings[name] = execute(name, out, relative, reference=_reference_timings(preset, out, name),
+                reference = _reference_timings(preset, out, name, params, defaults)
+                timings[name] = execute(name, out, relative, reference=reference,
                                         stream=None if progress else io.StringIO())
         finally:
             for key, value in saved.items():
@@ -297,15 +299,23 @@ def example_dir(preset: str) -> Path:
     return notebooks_dir().parent / "reports" / f"example-{preset}"
 
 
-def _reference_timings(preset: str, out: Path, name: str) -> list[float] | None:
-    """Seconds of each cell of notebook `name` in an earlier run (papermill records them in the executed
-    notebook): of `out` if it ran there before, else of the committed example of the preset; None if neither."""
+def _reference_timings(preset: str, out: Path, name: str, params: dict[str, Any],
+                       defaults: dict[str, Any]) -> list[float] | None:
+    """Seconds of each cell of notebook `name` in an earlier run with the same work (the same `params`, with
+    the notebooks' `defaults` for those not given, but for display and path parameters; papermill records
+    both in the executed notebook): the copy in `out` if it ran there before, else the committed example of
+    the preset; None if neither fits."""
+    work = {k: v for k, v in {**defaults, **params}.items() if k not in _DISPLAY_PARAMETERS}
     for path in (out / name, example_dir(preset) / name):
-        if path.exists():
-            cells = json.loads(path.read_text())["cells"]
-            seconds = [c.get("metadata", {}).get("papermill", {}).get("duration") for c in cells]
-            if any(seconds):
-                return [float(s or 0.0) for s in seconds]
+        if not path.exists():
+            continue
+        nb = json.loads(path.read_text())
+        before = {**defaults, **nb.get("metadata", {}).get("papermill", {}).get("parameters", {})}
+        if any(before.get(k) != v for k, v in work.items()):
+            continue
+        seconds = [c.get("metadata", {}).get("papermill", {}).get("duration") for c in nb["cells"]]
+        if any(seconds):
+            return [float(s or 0.0) for s in seconds]
     return None
 
 

@@ -80,12 +80,17 @@ def test_executed_notebooks_keep_the_final_state_of_text_bars_and_relative_paths
     assert _final_text("a\rb\r\nc") == "b\nc"
 
 
-def test_the_time_left_comes_from_the_cells_of_an_earlier_executed_copy(tmp_path):
+def test_the_time_left_comes_from_an_earlier_executed_copy_that_did_the_same_work(tmp_path):
     from pkdkit.notebooks import _reference_timings
 
     nb = nbformat.v4.new_notebook()
+    nb.metadata["papermill"] = {"parameters": {"preset": "tiny", "epochs": 2, "run_dir": "../elsewhere"}}
     nb.cells = [nbformat.v4.new_code_cell("a", metadata={"papermill": {"duration": 1.5}}),
                 nbformat.v4.new_markdown_cell("b", metadata={"papermill": {"duration": None}})]
     nbformat.write(nb, tmp_path / "01_x.ipynb")
-    assert _reference_timings("no-such-preset", tmp_path, "01_x.ipynb") == [1.5, 0.0]
-    assert _reference_timings("no-such-preset", tmp_path, "02_y.ipynb") is None
+    defaults = {"preset": "tiny", "epochs": None, "seed": 0, "run_dir": "../runs/tiny"}
+    same = {"preset": "tiny", "epochs": 2, "run_dir": "/here", "seed": 0}  # paths and defaults do not matter
+    assert _reference_timings("no-such-preset", tmp_path, "01_x.ipynb", same, defaults) == [1.5, 0.0]
+    assert _reference_timings("no-such-preset", tmp_path, "01_x.ipynb", {**same, "epochs": 1}, defaults) is None
+    assert _reference_timings("no-such-preset", tmp_path, "01_x.ipynb", {**same, "seed": 1}, defaults) is None
+    assert _reference_timings("no-such-preset", tmp_path, "02_y.ipynb", same, defaults) is None
