@@ -305,8 +305,8 @@ def _app_config(port: int) -> Any:
 
 def launch_app(dataset: fo.Dataset | fo.DatasetView, *, enabled: bool, view_name: str | None = None,
                port: int | None = None, embed: bool = False, **kwargs: Any) -> fo.Session | None:
-    """Open the FiftyOne App on `dataset` (on its saved view `view_name`, if given) when `enabled`; returns the
-    session, or None when not enabled.
+    """Open the FiftyOne App on `dataset` (on its saved view `view_name`, if given and not empty) when `enabled`;
+    returns the session, or None when not enabled.
 
     The App's URL is on localhost (see `_app_config`) and is printed, in a notebook as a link that opens the
     App in a browser tab. `embed=True` also shows the App inside the notebook's output (`session.show()`):
@@ -324,7 +324,11 @@ def launch_app(dataset: fo.Dataset | fo.DatasetView, *, enabled: bool, view_name
 
     port = port or fo.config.default_app_port
     if view_name:
-        dataset = dataset.load_saved_view(view_name)
+        view = dataset.load_saved_view(view_name)
+        if len(view):
+            dataset = view
+        else:
+            print(f"the saved view {view_name!r} has no images: opening the whole dataset")
     kwargs.setdefault("config", _app_config(port))
     if isinstance(dataset, fo.DatasetView):
         session = fo.launch_app(view=dataset, port=port, auto=False, **kwargs)
