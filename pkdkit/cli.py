@@ -1,4 +1,5 @@
-"""`pkdkit synth | train | evaluate | select | distill | notebooks | export` — thin argparse wrappers over the library.
+"""`pkdkit synth | train | evaluate | select | distill | notebooks | inspect | export`: thin argparse wrappers
+over the library.
 
 pkdkit's own errors (bad data, a checkpoint, a plan, a setting, a run folder in use or made with other
 settings) are printed as one message and exit with status 1; `pkdkit --debug ...` shows the traceback.
@@ -215,7 +216,8 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
         params[name] = yaml.safe_load(value)
     if args.action == "run":
         summary = run_notebooks(args.preset, args.out, run_dir=args.run_dir, device=args.device,
-                                parameters=params, only=args.only, threads=args.threads)
+                                parameters=params, only=args.only, threads=args.threads,
+                                progress=not getattr(args, "quiet", False))
         print(f"executed notebooks, figures and metrics.json are in {summary['out']}")
     else:
         summary = run_experiment(args.preset, args.seeds, args.out, run_root=args.run_root, device=args.device,
@@ -326,6 +328,24 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    try:
+        from pkdkit.fiftyone_app import inspect_run
+    except ImportError as e:
+        raise ConfigError(str(e)) from None
+    inspect_run(args.run_dir, port=args.port, iou=args.iou, confidence=args.confidence)
+    return 0
+
+
+def _inspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a run directory of the notebooks (e.g. runs/tiny), after notebook 3 ran")
+    p.add_argument("--port", type=int, default=5151, help="the App's port (default: %(default)s)")
+    p.add_argument("--iou", type=float, default=0.5, help="IoU of the TP/FP/FN evaluation (default: %(default)s)")
+    p.add_argument("--confidence", type=float, default=0.3,
+                   help="detections shown in the review view: confidence >= this (default: %(default)s)")
+    p.set_defaults(func=cmd_inspect)
+
+
 def _notebooks_args(p: argparse.ArgumentParser) -> None:
     from pkdkit.notebooks import DEFAULT_THREADS, NOTEBOOKS
     from pkdkit.presets import PRESETS
@@ -376,6 +396,8 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] 
                 _distill_args),
     "notebooks": ("run the notebooks headless with papermill", "{run,experiment} --out DIR [options]",
                   _notebooks_args),
+    "inspect": ("open the FiftyOne App on a run directory's validation images and predictions (Ctrl-C stops)",
+                "RUN_DIR [--port PORT]", _inspect_args),
     "export": ("a deployable student: a torchvision state dict or an ONNX file",
                "CHECKPOINT --out FILE [--format torchvision|onnx]", _export_args),
 }

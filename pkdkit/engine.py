@@ -28,7 +28,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
 
 from pkdkit.config import check_range, check_value, config_diff
 from pkdkit.data import CocoDetection, make_loader
@@ -37,6 +36,7 @@ from pkdkit.evaluate import evaluate_detector, evaluation_files
 from pkdkit.files import run_lock, write_json
 from pkdkit.models import (DetectorSpec, atomic_save, build_detector, initial_weights_label, load_checkpoint,
                            save_detector, state_fingerprint)
+from pkdkit.progress import bar as progress_bar, step as progress_step
 
 
 class NonFiniteLossError(PkdkitError, RuntimeError):
@@ -291,8 +291,10 @@ def _train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig
             _save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, epoch + 1, history, cfg, full_config)
             write_json({"config": full_config, "epochs": history}, history_path)
             if cfg.progress:
-                tqdm.write(f"{desc} epoch {epoch + 1}/{cfg.epochs}: " +
-                           ", ".join(f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float) and k != "lr"))
+                progress_step(f"{desc} epoch {epoch + 1}/{cfg.epochs}: " +
+                              ", ".join(f"{k}={v:.4f}" for k, v in record.items()
+                                        if isinstance(v, float) and k not in ("lr", "seconds"))
+                              + f" ({record['seconds']:.0f} s)")
         barrier(info)
     return history
 
@@ -339,10 +341,10 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
     use_amp = scaler.is_enabled()
     model.train()
     sums: dict[str, float] = {}
-    # a bar beside the loader, not around it: tqdm.auto's bar calls iter() on what it wraps once more,
+    # a bar beside the loader, not around it: a tqdm bar calls iter() on what it wraps once more,
     # which would start (and drop) a second set of loader workers every epoch
-    bar = tqdm(total=len(loader), desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}",
-               disable=not (cfg.progress and info.is_main), leave=False, dynamic_ncols=True)
+    bar = progress_bar(total=len(loader), desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}",
+                       disable=not (cfg.progress and info.is_main), leave=False, dynamic_ncols=True)
     for i, (images, targets) in enumerate(loader):
         step = epoch * len(loader) + i
         images = [im.to(device, non_blocking=True) for im in images]
@@ -445,6 +447,9 @@ def train_detector(spec: DetectorSpec, train_ds: CocoDetection, val_ds: CocoDete
         if (out_dir / "model.pt").exists() and record_file.exists():
             record = json.loads(record_file.read_text())
             check_same_run(record.get("config") or {}, full, record_file)
+            if cfg.progress and info.is_main:
+                progress_step(f"train {spec.name}: trained earlier, AP "
+                              f"{record['metrics']['bbox']['stats']['AP']:.3f} ({out_dir.name})")
             return record
         train(model, train_ds, cfg, out_dir, desc=f"train {spec.name}", config=full)
         record: dict[str, Any] = {}
@@ -452,5 +457,8 @@ def train_detector(spec: DetectorSpec, train_ds: CocoDetection, val_ds: CocoDete
             save_detector(out_dir / "model.pt", model, spec, label_map, config=full)
             record = evaluate_detector(model, val_ds, label_map, out_dir=out_dir, name="eval",
                                        device=_device_for(cfg, info), config=full, progress=cfg.progress)
+            if cfg.progress:
+                progress_step(f"train {spec.name}: evaluated, AP {record['metrics']['bbox']['stats']['AP']:.3f} "
+                              f"({out_dir.name})")
         barrier(info)
     return record

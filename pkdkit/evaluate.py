@@ -38,12 +38,12 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
-from tqdm.auto import tqdm
 
 from pkdkit.data import CocoDetection, DataError, LabelMap, collate_fn, load_coco
 from pkdkit.fasteval import DEFAULT_COCOEVAL
 from pkdkit.files import write_json
 from pkdkit.models import eval_mode
+from pkdkit.progress import bar as progress_bar
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -91,7 +91,7 @@ def predict(model: nn.Module, dataset: CocoDetection, label_map: LabelMap, *,
     results: list[dict] = []
     dropped: dict[int, int] = {}
     with eval_mode(model):
-        for images, targets in tqdm(loader, desc="predict", disable=not progress):
+        for images, targets in progress_bar(loader, desc="predict", disable=not progress):
             outputs = model([img.to(device, non_blocking=True) for img in images])
             for target, output in zip(targets, outputs):
                 image_id = int(target["image_id"])

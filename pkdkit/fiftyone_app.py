@@ -3,6 +3,9 @@
 `build_dataset` puts a COCO ground-truth file and several models' COCO results (the JSON that pkdkit's
 evaluation writes) into one FiftyOne dataset; `evaluate_models` runs FiftyOne's COCO-style evaluation on each
 model; `fixed_by` is the view of images where the distilled student makes fewer mistakes than its baseline.
+`open_dataset` does all three for a run directory's dataset (persistent, named by `dataset_name`, rebuilt only
+when its inputs change) and saves the view to start from (`save_review_view`); `launch_app` opens the App on it
+in a notebook or a browser tab, and `pkdkit inspect RUN_DIR` from a shell (`inspect_run`).
 
 Counts follow pycocotools. At one IoU threshold, over all areas, with at most 100 detections per image and
 class, TP/FP/FN here equal what pycocotools' `COCOeval.evalImgs` gives (tests/test_fiftyone.py checks it):
@@ -14,9 +17,15 @@ FiftyOne needs a MongoDB server; offline installs get one from `scripts/ensure_f
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
+import os
 import re
+import time
 from pathlib import Path
+from typing import Any
 
 try:
     import fiftyone as fo
@@ -162,8 +171,9 @@ def evaluate_models(
     out = {}
     for field in model_fields:
         key = f"eval_{field}"
-        results = dataset.evaluate_detections(field, gt_field=gt_field, eval_key=key, method="coco", iou=iou,
-                                              compute_mAP=True)
+        with _quiet_fiftyone():  # its "Evaluating detections..." lines, a few per model, would fill a notebook
+            results = dataset.evaluate_detections(field, gt_field=gt_field, eval_key=key, method="coco", iou=iou,
+                                                  compute_mAP=True)
         gt_ids, gt_crowd, gt_eval, pred_eval, pred_match = dataset.values([
             f"{gt_field}.detections.id", f"{gt_field}.detections.iscrowd", f"{gt_field}.detections.{key}",
             f"{field}.detections.{key}", f"{field}.detections.{key}_id",
@@ -184,6 +194,18 @@ def evaluate_models(
             dataset.set_values(f"{key}_{name}", counts)
         out[field] = {"tp": sum(tps), "fp": sum(fps), "fn": sum(fns), "mAP": float(results.mAP())}
     return out
+
+
+@contextlib.contextmanager
+def _quiet_fiftyone():
+    """FiftyOne's info messages off for a while (its warnings and errors still show)."""
+    logger = logging.getLogger("fiftyone")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def fixed_by(dataset: fo.Dataset, baseline_field: str, improved_field: str) -> fo.DatasetView:
@@ -216,16 +238,187 @@ def summary_table(counts: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def launch_app(dataset: fo.Dataset | fo.DatasetView, *, enabled: bool, **kwargs) -> fo.Session | None:
-    """`fo.launch_app(dataset)` when `enabled`, else nothing (returns None).
+def dataset_name(run_dir: str | os.PathLike) -> str:
+    """`pkdkit-<folder>-<8 hex digits of the absolute path's SHA-1>`: one dataset per run directory, so two runs
+    in folders of the same name (runs/tiny here and there) never replace each other's dataset."""
+    path = Path(run_dir).resolve()
+    return f"pkdkit-{path.name}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
 
+
+def inputs_fingerprint(gt_json: str | Path, image_dir: str | Path, predictions: dict[str, str | Path],
+                       **settings: Any) -> str:
+    """SHA-256 of what a dataset is built from: the ground-truth file's bytes, the image folder, each model's
+    name and results file's bytes, and `settings` (the evaluation's IoU, ...)."""
+    h = hashlib.sha256()
+    h.update(Path(gt_json).read_bytes())
+    h.update(str(Path(image_dir).resolve()).encode())
+    for model in sorted(predictions):
+        h.update(model.encode())
+        h.update(Path(predictions[model]).read_bytes())
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+REVIEW_VIEW = "fixed-by-distillation"
+
+
+def save_review_view(dataset: fo.Dataset, baseline_field: str, improved_field: str, *,
+                     confidence: float = 0.3, name: str = REVIEW_VIEW) -> fo.DatasetView:
+    """Save (as `name`) and return the view to open the App on: the images where `improved_field` has fewer
+    errors than `baseline_field` (`fixed_by`, most improved first), showing only the ground truth and those two
+    models' detections with `confidence >= confidence` (the evaluation itself counts every detection), and their
+    per-image TP/FP/FN counts; the other models' fields are hidden."""
+    counts = [f"eval_{f}_{c}" for f in (baseline_field, improved_field) for c in ("tp", "fp", "fn")]
+    view = fixed_by(dataset, baseline_field, improved_field).select_fields(
+        ["coco_id", GT_FIELD, baseline_field, improved_field, *counts])
+    for field in (baseline_field, improved_field):
+        view = view.filter_labels(field, F("confidence") >= confidence, only_matches=False)
+    dataset.save_view(name, view, description=f"images where {improved_field} makes fewer errors (FP + FN at the "
+                      f"dataset's IoU) than {baseline_field}; ground truth and both models' detections with "
+                      f"confidence >= {confidence:g}", overwrite=True)
+    return dataset.load_saved_view(name)
+
+
+def open_dataset(name: str, gt_json: str | Path, image_dir: str | Path, predictions: dict[str, str | Path], *,
+                 iou: float = 0.5, baseline: str | None = None, improved: str | None = None,
+                 confidence: float = 0.3) -> tuple[fo.Dataset, dict[str, dict], bool]:
+    """The persistent dataset `name` built from these inputs and evaluated at `iou`; returns
+    (dataset, `evaluate_models` counts, whether it was (re)built).
+
+    An existing dataset of that name is reloaded as it is when the fingerprint of its inputs
+    (`inputs_fingerprint`, stored in `dataset.info["fingerprint"]`) is unchanged; otherwise it is rebuilt.
+    With `baseline` and `improved` (model names) the review view is saved (`save_review_view`) and named in
+    `dataset.info["review_view"]`.
+    """
+    fingerprint = inputs_fingerprint(gt_json, image_dir, predictions, iou=iou, baseline=baseline,
+                                     improved=improved, confidence=confidence)
+    if fo.dataset_exists(name):
+        dataset = fo.load_dataset(name)
+        if dataset.info.get("fingerprint") == fingerprint and "counts" in dataset.info:
+            return dataset, dataset.info["counts"], False
+    dataset = build_dataset(name, gt_json, image_dir, {k: str(v) for k, v in predictions.items()}, overwrite=True,
+                            persistent=True)
+    counts = evaluate_models(dataset, list(dataset.info["models"].values()), iou=iou)
+    if baseline and improved:
+        fields = dataset.info["models"]
+        save_review_view(dataset, fields[baseline], fields[improved], confidence=confidence)
+        dataset.info["review_view"] = REVIEW_VIEW
+    dataset.info.update(fingerprint=fingerprint, counts=counts, iou=iou)
+    dataset.save()
+    return dataset, counts, True
+
+
+def _app_config(port: int) -> Any:
+    """The App's config with its URL on localhost. In a container FiftyOne serves on 0.0.0.0 and builds the
+    App's URL (the notebook frame's `src`, `session.url`) on that address, which browsers refuse to load in a
+    frame; `proxy_url` only changes the URL, the server still listens where FiftyOne chose."""
+    config = fo.app_config.copy()
+    if not config.proxy_url:
+        config.proxy_url = f"http://localhost:{port}/"
+    return config
+
+
+def launch_app(dataset: fo.Dataset | fo.DatasetView, *, enabled: bool, view_name: str | None = None,
+               port: int | None = None, embed: bool = False, **kwargs: Any) -> fo.Session | None:
+    """Open the FiftyOne App on `dataset` (on its saved view `view_name`, if given and not empty) when `enabled`;
+    returns the session, or None when not enabled.
+
+    The App's URL is on localhost (see `_app_config`) and is printed, in a notebook as a link that opens the
+    App in a browser tab. `embed=True` also shows the App inside the notebook's output (`session.show()`):
+    in JupyterLab in Chromium that frame stays blank (seen with FiftyOne 1.22; its page is served with
+    cross-origin isolation headers, COOP/COEP, which a frame inside JupyterLab's page may not satisfy), so
+    the link is the default.
     The App starts a web server and waits for a browser, so headless runs (papermill, CI, `make demo`)
     must pass `enabled=False`. Nothing here can tell them apart reliably (papermill sets no environment
     variable), so the notebooks expose it as a parameter that defaults to False.
     """
     if not enabled:
-        print("FiftyOne App not launched (enabled=False); open it with fo.launch_app(dataset)")
+        print("FiftyOne App not launched (launch_app=False); from a shell: pkdkit inspect RUN_DIR")
         return None
+    from fiftyone.core.context import is_notebook_context
+
+    port = port or fo.config.default_app_port
+    if view_name:
+        view = dataset.load_saved_view(view_name)
+        if len(view):
+            dataset = view
+        else:
+            print(f"the saved view {view_name!r} has no images: opening the whole dataset")
+    kwargs.setdefault("config", _app_config(port))
     if isinstance(dataset, fo.DatasetView):
-        return fo.launch_app(view=dataset, **kwargs)
-    return fo.launch_app(dataset, **kwargs)
+        session = fo.launch_app(view=dataset, port=port, auto=False, **kwargs)
+    else:
+        session = fo.launch_app(dataset, port=port, auto=False, **kwargs)
+    if embed and is_notebook_context():
+        _show_when_connected(session)
+    _show_link(session.url)
+    return session
+
+
+def _show_when_connected(session: fo.Session, timeout: float = 180.0) -> None:
+    """`session.show()` (the App in the notebook's output) once the session has reached the App's server.
+
+    `fo.launch_app` in a notebook shows the App at once, and fails with "Client is not connected" when the
+    server it just started does not answer yet (its client retries every 10 s): seen on a busy machine."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            session.show()
+            return
+        except RuntimeError as e:
+            if "not connected" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
+def _show_link(url: str) -> None:
+    try:
+        from IPython import get_ipython
+        from IPython.display import HTML, display
+    except ImportError:
+        get_ipython = None
+    if get_ipython is not None and get_ipython() is not None:
+        display(HTML(f'FiftyOne App: <a href="{url}" target="_blank">{url}</a> (opens in a new tab)'))
+    else:
+        print(f"FiftyOne App: {url}", flush=True)
+
+
+def run_inputs(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """What a run directory's dataset is built from: {"gt_json", "image_dir", "predictions": {run: results
+    file}} of the validation set and the runs of notebook 3 (`distill/comparison.json`)."""
+    from pkdkit import workflow
+    from pkdkit.presets import get_preset
+
+    run_dir = Path(run_dir)
+    params_file = run_dir / "parameters.json"
+    if not params_file.exists():
+        raise FileNotFoundError(f"{run_dir} is not a run directory of the notebooks (no parameters.json): run "
+                                f"`pkdkit notebooks run --run-dir {run_dir}` first")
+    params = json.loads(params_file.read_text())
+    data = workflow.prepare_data(get_preset(params["preset"], image_size=params.get("image_size")), run_dir,
+                                 params.get("data_root"))
+    results = workflow.load_comparison(run_dir)["results"]
+    return {"gt_json": data.val_json, "image_dir": data.val_images, "predictions": results}
+
+
+def inspect_run(run_dir: str | os.PathLike, *, port: int = 5151, iou: float = 0.5, confidence: float = 0.3,
+                wait: bool = True) -> fo.Session:
+    """`pkdkit inspect RUN_DIR`: open (or build) the run directory's dataset, open the App on the review view
+    and, with `wait`, keep it open until Ctrl-C."""
+    inputs = run_inputs(run_dir)
+    name = dataset_name(run_dir)
+    improved = "progressive" if "progressive" in inputs["predictions"] else None
+    dataset, _, built = open_dataset(name, inputs["gt_json"], inputs["image_dir"], inputs["predictions"], iou=iou,
+                                     baseline="baseline" if improved else None, improved=improved,
+                                     confidence=confidence)
+    print(f"{'built' if built else 'reloaded'} FiftyOne dataset {name} ({len(dataset)} images, models: "
+          f"{', '.join(dataset.info['models'])})", flush=True)
+    session = launch_app(dataset, enabled=True, view_name=dataset.info.get("review_view"), port=port)
+    if wait:
+        print("Ctrl-C to stop", flush=True)
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            session.close()
+    return session

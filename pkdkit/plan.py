@@ -58,6 +58,7 @@ from pkdkit.losses import LOSSES, build_loss, loss_hparams
 from pkdkit.models import (CheckpointError, DetectorSpec, build_detector, initial_weights_label, is_torchvision_weight,
                            load_checkpoint, load_model, model_meta, save_detector, state_fingerprint)
 from pkdkit.ordering import Selection
+from pkdkit.progress import step
 
 
 PLAN_FILE = "plan.yaml"  # in a plan's out_dir: the plan that ran there
@@ -420,19 +421,20 @@ def run_plan(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
             init += f" + neck/head of {stage.name} ({len(inherited['copied'])} tensors)"
             if progress and info.is_main:
                 skipped = inherited["skipped_classes"]
-                print(f"stage 1 ({stage.name}): the student inherits {len(inherited['copied'])} neck/head tensors "
-                      f"from the teacher (classifier rows of {len(inherited['matched_classes'])} categories matched "
-                      f"by name); skipped {len(inherited['skipped'])} tensors (absent or another shape)"
-                      + (f" and the categories {skipped[:5]}{'...' if len(skipped) > 5 else ''}" if skipped else ""))
+                step(f"stage 1 ({stage.name}): the student inherits {len(inherited['copied'])} neck/head tensors "
+                     f"from the teacher (classifier rows of {len(inherited['matched_classes'])} categories matched "
+                     f"by name); skipped {len(inherited['skipped'])} tensors (absent or another shape)"
+                     + (f" and the categories {skipped[:5]}{'...' if len(skipped) > 5 else ''}" if skipped else ""))
         distiller = build_distiller(student, teacher, stage.loss, stage.loss_params or None, stage.levels)
         calibration = _calibrate(distiller, stage, train_ds, cfg, plan.stage_calibration(k), device, info.is_main)
         distiller.weight = calibration["weight"]
         if progress and info.is_main:
-            print(f"stage {k + 1} ({stage.name}): distillation weight {distiller.weight:.4g}"
-                  + (f" (auto: distillation starts at {stage.loss_ratio:g}x the detection loss)"
-                     if stage.loss_weight == "auto" else "")
-                  + (f"; at the start distillation / detection = {calibration['start_ratio']:.3g}"
-                     if "start_ratio" in calibration else ""))
+            step(f"{plan.name} stage {k + 1}/{len(plan.stages)} ({stage.name}): distillation weight "
+                 f"{distiller.weight:.4g}"
+                 + (f" (auto: distillation starts at {stage.loss_ratio:g}x the detection loss)"
+                    if stage.loss_weight == "auto" else "")
+                 + (f"; at the start distillation / detection = {calibration['start_ratio']:.3g}"
+                    if "start_ratio" in calibration else ""))
         first = next(iter(distiller.losses.values()))
         stage_config = {**config, "budget": {"init": init, "epochs": epochs},
                         "stage": {**asdict(stage), "index": k + 1, "init_from": init_ref, "init_fingerprint": fingerprint,
@@ -441,10 +443,13 @@ def run_plan(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
                                   "loss_params_used": {n: getattr(first, n) for n in loss_hparams(stage.loss)},
                                   "loss_weight_used": distiller.weight, "calibration": calibration}}
         train(distiller, train_ds, cfg.replace(progress=progress and cfg.progress), folder,
-              desc=f"stage {k + 1}/{len(plan.stages)} {stage.name}", config=stage_config)
+              desc=f"{plan.name} stage {k + 1}/{len(plan.stages)} {stage.name}", config=stage_config)
         if info.is_main:
             save_detector(done, distiller.student, plan.student, label_map, config=stage_config)
             rows[stage.name] = evaluate(distiller.student, folder, stage_config)
+            if progress:
+                step(f"{plan.name} stage {k + 1}/{len(plan.stages)} ({stage.name}): evaluated, "
+                     f"AP {rows[stage.name]['metrics']['bbox']['stats']['AP']:.3f}")
         barrier(info)
         student = distiller.student
         init_ref = str(done)

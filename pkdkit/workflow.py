@@ -23,6 +23,7 @@ from pkdkit.data import CocoDetection, DataConfig
 from pkdkit.plan import PLAN_FILE, Plan, Stage, budget_of, load_plan, run_plan
 from pkdkit.ordering import DEFAULT_STRATEGY, CostMatrix, Selection
 from pkdkit.presets import Preset, get_preset
+from pkdkit.progress import step
 from pkdkit.rundir import RunDir
 from pkdkit.selection import run_selection
 from pkdkit.synthetic import make_synthetic_coco
@@ -200,6 +201,8 @@ def select(preset: Preset, data: DataConfig, run_dir: str | os.PathLike, aps: di
     """Adaptation costs between student and teachers and the chosen order, written to `RunDir.selection`."""
     refs = model_refs(preset, run_dir)
     teachers = {k: v for k, v in refs.items() if k != STUDENT}
+    step(f"teacher selection: adaptation costs between the student and {len(teachers)} teachers "
+         f"on {preset.calibration_images} images")
     return run_selection(refs[STUDENT], teachers, data.val_dataset(), RunDir(run_dir).selection,
                          n_images=preset.calibration_images, strategy=strategy, method=method,
                          device=str(resolve_device(device)), aps=aps, sizes=_reference_sizes(preset, refs))

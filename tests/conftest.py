@@ -107,3 +107,45 @@ def use_torch_home(torch_home, monkeypatch):
     """Point torch.hub at the stand-in TORCH_HOME for this test (torch.hub reads the variable on each use)."""
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
     return torch_home
+
+
+# ----------------------------------------------------------------------------------------------------
+# A real headless browser: Debian's chromium driven by Playwright (whose own browser download is not used).
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+def browser_page():
+    """A Playwright page in headless chromium (skipped, with the reason, where playwright or chromium is
+    missing: `make install` installs chromium where apt-get and root are available)."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no browser at {CHROMIUM} (apt-get install chromium)")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)  # a new empty profile
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, on localhost."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def screenshot_dir():
+    """Where browser tests leave their screenshots for a person to look at: $PKDKIT_SCREENSHOTS, else not kept."""
+    from pathlib import Path
+
+    folder = os.environ.get("PKDKIT_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    return Path(folder) if folder else None

@@ -31,6 +31,7 @@ def _remove_stale_databases(prefix: str) -> None:
 _remove_stale_databases("pkdkit_fiftyone_db_")
 _DB_DIR = tempfile.mkdtemp(prefix="pkdkit_fiftyone_db_")
 os.environ["FIFTYONE_DATABASE_DIR"] = _DB_DIR
+os.environ["FIFTYONE_DO_NOT_TRACK"] = "true"  # else the App's analytics consent banner covers part of the page
 
 import fiftyone as fo  # noqa: E402
 import numpy as np  # noqa: E402
@@ -189,7 +190,7 @@ def test_fixed_by_without_evaluation_says_what_to_run(dataset):
         fixed_by(dataset, "nope", "baseline")
 
 
-def test_counts_equal_pycocotools_at_another_iou(coco_files):
+def test_counts_equal_pycocotools_at_another_iou(coco_files, capfd):
     # At IoU 0.85 the baseline's detection on cat 4 (IoU 0.82) no longer matches it but still matches the
     # crowd around it (crowd IoU = intersection / detection area = 1): ignored, and cat 4 becomes a miss.
     ds = build_dataset("pkdkit_test_fiftyone_085", coco_files / "gt.json", coco_files / "images",
@@ -200,6 +201,7 @@ def test_counts_equal_pycocotools_at_another_iou(coco_files):
             expected, _ = pycocotools_counts(coco_files / "gt.json", results, iou=0.85)
             assert {k: counts[field][k] for k in ("tp", "fp", "fn")} == expected, field
         assert {k: counts["baseline"][k] for k in ("tp", "fp", "fn")} == {"tp": 2, "fp": 5, "fn": 3}
+        assert "Evaluating detections" not in "".join(capfd.readouterr())  # no info lines in a notebook
     finally:
         ds.delete()
 
@@ -219,3 +221,85 @@ def test_missing_image_file_names_path_and_id(coco_files, tmp_path):
 def test_app_is_not_launched_when_disabled(dataset, capsys):
     assert launch_app(dataset, enabled=False) is None
     assert "not launched" in capsys.readouterr().out
+
+
+def test_dataset_names_are_unique_per_run_directory(tmp_path):
+    from pkdkit.fiftyone_app import dataset_name
+
+    a, b = tmp_path / "x" / "tiny", tmp_path / "y" / "tiny"
+    assert dataset_name(a).startswith("pkdkit-tiny-") and dataset_name(a) != dataset_name(b)
+    assert dataset_name(a) == dataset_name(str(a) + "/")
+
+
+def _predictions(coco_files, baseline=BASELINE):
+    (coco_files / "baseline.json").write_text(json.dumps(baseline))
+    return {"baseline": coco_files / "baseline.json", "progressive": coco_files / "student.json"}
+
+
+def test_open_dataset_is_persistent_reloaded_and_rebuilt_when_predictions_change(coco_files):
+    from pkdkit.fiftyone_app import open_dataset
+
+    name = "pkdkit_test_open"
+    try:
+        ds, counts, built = open_dataset(name, coco_files / "gt.json", coco_files / "images", _predictions(coco_files),
+                                         baseline="baseline", improved="progressive")
+        assert built and ds.persistent and counts["baseline"]["fp"] == EXPECTED["baseline"]["fp"]
+        ds.info["marker"] = "kept"
+        ds.save()
+        again, counts2, built2 = open_dataset(name, coco_files / "gt.json", coco_files / "images",
+                                              _predictions(coco_files), baseline="baseline", improved="progressive")
+        assert not built2 and again.info["marker"] == "kept" and counts2 == counts  # reloaded, not rebuilt
+        fewer = BASELINE[:-1]  # drop the TP on image 44: one FN more
+        rebuilt, counts3, built3 = open_dataset(name, coco_files / "gt.json", coco_files / "images",
+                                                _predictions(coco_files, fewer), baseline="baseline",
+                                                improved="progressive")
+        assert built3 and "marker" not in rebuilt.info and counts3["baseline"]["fn"] == EXPECTED["baseline"]["fn"] + 1
+    finally:
+        if fo.dataset_exists(name):
+            fo.delete_dataset(name)
+
+
+def test_review_view_shows_fixed_images_ground_truth_and_confident_detections(coco_files):
+    from pkdkit.fiftyone_app import REVIEW_VIEW, open_dataset
+
+    name = "pkdkit_test_review"
+    try:
+        ds, _, _ = open_dataset(name, coco_files / "gt.json", coco_files / "images", _predictions(coco_files),
+                                baseline="baseline", improved="progressive", confidence=0.5)
+        assert ds.info["review_view"] == REVIEW_VIEW and ds.list_saved_views() == [REVIEW_VIEW]
+        view = ds.load_saved_view(REVIEW_VIEW)
+        assert view.values("coco_id") == [11, 33, 22]  # what progressive fixed, most first
+        assert {"ground_truth", "baseline", "progressive"} <= set(view.get_field_schema())
+        assert "student_kd" not in view.get_field_schema() and "eval_progressive_fp" in view.get_field_schema()
+        scores = [c for cs in view.values("baseline.detections.confidence") for c in cs]
+        assert scores and min(scores) >= 0.5 and len(view.values("ground_truth.detections")[0]) == 4
+    finally:
+        fo.delete_dataset(name)
+
+
+def test_app_page_loads_and_shows_the_samples_in_a_browser(coco_files, browser_page):
+    """The App served by `launch_app` (its URL on localhost) opens in headless chromium on the review view."""
+    from conftest import free_port, screenshot_dir
+
+    from pkdkit.fiftyone_app import open_dataset
+
+    name = "pkdkit_test_app"
+    ds, _, _ = open_dataset(name, coco_files / "gt.json", coco_files / "images", _predictions(coco_files),
+                            baseline="baseline", improved="progressive")
+    session = launch_app(ds, enabled=True, view_name=ds.info["review_view"], port=free_port())
+    try:
+        assert session.url.startswith("http://localhost:")
+        page = browser_page
+        page.goto(session.url, wait_until="domcontentloaded", timeout=120_000)
+        page.get_by_text(ds.info["review_view"]).first.wait_for(timeout=120_000)  # opened on the saved view
+        page.get_by_text("3 samples").first.wait_for(timeout=120_000)  # what progressive fixed: images 11, 33, 22
+        for field in ("ground_truth", "baseline", "progressive"):
+            assert page.get_by_text(field, exact=True).count() >= 1, field
+        page.wait_for_timeout(3000)  # let the grid draw its images
+        shots = screenshot_dir()
+        if shots:
+            page.screenshot(path=str(shots / "fiftyone_app.png"))
+        assert "Error" not in page.title()
+    finally:
+        session.close()
+        fo.delete_dataset(name)

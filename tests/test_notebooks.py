@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -23,7 +24,75 @@ def demo_run(tmp_path_factory):
            "--run-dir", str(root / "run"), "--device", "cpu"] + [a for k, v in FAST.items() for a in ("-p", f"{k}={v}")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    (root / "stdout.txt").write_text(proc.stdout)
+    (root / "stderr.txt").write_text(proc.stderr)
     return root
+
+
+def test_the_run_streams_one_line_per_step_with_the_time_and_no_kernel_noise(demo_run):
+    out, err = (demo_run / "stdout.txt").read_text(), (demo_run / "stderr.txt").read_text()
+    lines = out.splitlines()
+    prefix = r"\[pkdkit\] {} \[\d+:\d\d(, ~\d+:\d\d left)?\] "
+    epoch = re.compile(prefix.format("01_data_and_teachers.ipynb") + r"train \S+ epoch 1/1: .*loss=[\d.]+ \(\d+ s\)$")
+    assert sum(bool(epoch.match(line)) for line in lines) == 3, out  # the student and two teachers
+    stage = re.compile(prefix.format("03_staged_distillation.ipynb") + r"progressive stage 1/\d \(\S+\): evaluated, AP")
+    assert any(stage.match(line) for line in lines), out
+    assert any("teacher selection: adaptation costs" in line for line in lines), out
+    assert all(line.startswith("[pkdkit] ") for line in lines[:-1]), out  # nothing else reaches the terminal
+    assert "it/s" not in out and "s/it" not in out  # no line per bar update
+    for noise in ("IPKernelApp", "without encryption", "KeyboardInterrupt"):
+        assert noise not in out + err
+
+
+def test_executed_notebooks_hold_text_bars_in_their_final_state_and_no_widgets(demo_run):
+    report = demo_run / "report"
+    for name in NOTEBOOKS:
+        nb = nbformat.read(report / name, as_version=4)
+        outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+        bars = [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+                and re.search(r"\d+%\|", o.data.get("text/plain", ""))]  # tqdm widgets (04's explorer is wanted)
+        assert not bars, name
+        assert not [o for o in outputs if o.output_type == "stream" and "\r" in o.text], name
+    nb01 = nbformat.read(report / NOTEBOOKS[0], as_version=4)
+    text = "".join(o.text for c in nb01.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "stream")
+    assert re.search(r"train \S+ epoch 1/1: 100%\|█+\| \d+/\d+ \[", text), text[-2000:]
+
+
+def test_reports_hold_paths_relative_to_the_report_folder(demo_run):
+    report = demo_run / "report"
+    for path in [*(report / n for n in NOTEBOOKS), report / "metrics.json"]:
+        assert str(demo_run) not in path.read_text(), path.name
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["parameters"]["run_dir"] == "../run" and metrics["parameters"]["figures_dir"] == "figures"
+
+
+def test_inspect_opens_the_app_on_the_dataset_notebook_5_built(demo_run):
+    """`pkdkit inspect RUN_DIR` reloads the run's persistent dataset (same predictions), serves the App, and
+    stops cleanly on Ctrl-C."""
+    import signal
+    import urllib.request
+
+    from conftest import free_port
+
+    port = free_port()
+    env = {**os.environ, "FIFTYONE_DATABASE_DIR": str(demo_run / "fiftyone_db")}
+    proc = subprocess.Popen([sys.executable, "-m", "pkdkit.cli", "inspect", str(demo_run / "run"), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if "Ctrl-C" in line:
+                break
+        text = "".join(seen)
+        assert "reloaded FiftyOne dataset pkdkit-run-" in text, text
+        assert f"FiftyOne App: http://localhost:{port}/" in text, text
+        with urllib.request.urlopen(f"http://localhost:{port}/", timeout=60) as page:
+            assert page.status == 200 and b"<html" in page.read().lower()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, "".join(seen) + rest
 
 
 def test_committed_notebooks_have_no_outputs_and_a_parameters_cell():
@@ -59,7 +128,9 @@ def test_every_notebook_executes_headless_and_writes_its_outputs(demo_run):
         errors = [o for c in code for o in c.outputs if o.output_type == "error"]
         assert not errors, f"{name}: {errors[0]['ename']}: {errors[0]['evalue']}"
         injected = [c for c in code if "injected-parameters" in c.metadata.get("tags", [])]
-        assert injected and "distill_epochs = 1" in injected[0].source
+        assert injected and "run_dir = " in injected[0].source
+        # only the parameters the notebook declares: the run's settings reach 02-05 through run_dir
+        assert ("distill_epochs = 1" in injected[0].source) == (name == NOTEBOOKS[0]), name
     figures = sorted(p.name for p in (report / "figures").glob("*.png"))
     for expected in ("01_samples.png", "01_candidates_ap.png", "02_cost_matrix.png", "03_final_ap.png",
                      "03_losses_progressive.png", "04_feature_maps.png", "04_difference_after.png",

@@ -1,0 +1,82 @@
+"""An executed report as a person opens it: JupyterLab in headless chromium (Playwright driving Debian's
+/usr/bin/chromium; skipped where playwright or chromium is missing)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from conftest import free_port, screenshot_dir
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "reports" / "example-tiny"
+
+
+@pytest.fixture
+def jupyterlab(tmp_path):
+    """JupyterLab serving a copy of the committed example's notebook 01 (and its figures); yields its URL."""
+    shutil.copy(EXAMPLE / "01_data_and_teachers.ipynb", tmp_path / "01_data_and_teachers.ipynb")
+    port, token = free_port(), "pkdkit-test"
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+           "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces"),
+           "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings")}
+    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", f"--ServerApp.token={token}",
+           f"--ServerApp.root_dir={tmp_path}", "--ServerApp.ip=127.0.0.1", "--allow-root",
+           "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+    log = open(tmp_path / "jupyterlab.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"JupyterLab did not start: {(tmp_path / 'jupyterlab.log').read_text()[-2000:]}")
+                time.sleep(1)
+        yield f"{base}/lab/tree/01_data_and_teachers.ipynb?token={token}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_executed_notebook_01_shows_its_figures_and_tables_in_jupyterlab(jupyterlab, browser_page):
+    nb = nbformat.read(EXAMPLE / "01_data_and_teachers.ipynb", as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    n_figures = sum("image/png" in o.get("data", {}) for o in outputs)
+    n_tables = sum("text/markdown" in o.get("data", {}) and "|" in o.data["text/markdown"] for o in outputs)
+    assert n_figures >= 2 and n_tables >= 1  # what the committed example shows
+
+    page = browser_page
+    page.goto(jupyterlab, wait_until="domcontentloaded", timeout=120_000)
+    figures = page.locator(".jp-OutputArea-output img")
+    tables = page.locator(".jp-OutputArea-output table")  # the output node is the rendered markdown
+    page.wait_for_function(f"document.querySelectorAll('.jp-OutputArea-output img').length >= {n_figures}",
+                           timeout=120_000)
+    page.wait_for_function(f"document.querySelectorAll('.jp-OutputArea-output table').length >= {n_tables}",
+                           timeout=60_000)  # markdown renders after the images
+    assert figures.count() == n_figures and tables.count() == n_tables
+    for k in range(n_figures):  # each figure decoded, with a real size
+        assert figures.nth(k).evaluate("img => img.complete && img.naturalWidth > 100"), k
+    assert tables.first.locator("th").count() >= 2 and tables.first.locator("td").count() >= 2
+    assert "Error displaying widget" not in page.inner_text("body")
+    shots = screenshot_dir()
+    if shots:
+        figures.first.scroll_into_view_if_needed()
+        page.screenshot(path=str(shots / "jupyterlab_01_figure.png"))
+        tables.first.scroll_into_view_if_needed()
+        page.screenshot(path=str(shots / "jupyterlab_01_table.png"))
