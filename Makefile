@@ -1,5 +1,5 @@
 # Two commands: `make demo` (install + run the notebooks on the tiny preset into runs/demo) and `make test`.
-# `make example` rewrites the committed example report reports/example-tiny/ (a fresh run, ~20 min on 2 cores).
+# `make example` rewrites the committed example report reports/example-tiny/: exactly what `make demo` runs, from a fresh run directory.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -31,7 +31,7 @@ demo: $(STAMP)
 
 example: $(STAMP)
 	rm -rf runs/example-tiny $(EXAMPLE)
-	$(BIN)/pkdkit notebooks run --preset tiny --threads 1 -p seed=0 --run-dir runs/example-tiny --out $(EXAMPLE)
+	$(BIN)/pkdkit notebooks run --preset tiny --run-dir runs/example-tiny --out $(EXAMPLE)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -385,18 +385,11 @@ def _show_link(url: str) -> None:
 
 def run_inputs(run_dir: str | os.PathLike) -> dict[str, Any]:
     """What a run directory's dataset is built from: {"gt_json", "image_dir", "predictions": {run: results
-    file}} of the validation set and the runs of notebook 3 (`distill/comparison.json`)."""
+    file}} of the validation set (from the run's settings, `workflow.load_settings`) and the runs of notebook 3
+    (`distill/comparison.json`)."""
     from pkdkit import workflow
-    from pkdkit.presets import get_preset
 
-    run_dir = Path(run_dir)
-    params_file = run_dir / "parameters.json"
-    if not params_file.exists():
-        raise FileNotFoundError(f"{run_dir} is not a run directory of the notebooks (no parameters.json): run "
-                                f"`pkdkit notebooks run --run-dir {run_dir}` first")
-    params = json.loads(params_file.read_text())
-    data = workflow.prepare_data(get_preset(params["preset"], image_size=params.get("image_size")), run_dir,
-                                 params.get("data_root"))
+    _, data = workflow.open_run(run_dir, workflow.load_settings(run_dir))
     results = workflow.load_comparison(run_dir)["results"]
     return {"gt_json": data.val_json, "image_dir": data.val_images, "predictions": results}
 

@@ -60,7 +60,10 @@ class RunNotStartedError(PkdkitError, FileNotFoundError):
 def save_settings(run_dir: str | os.PathLike, settings: RunSettings) -> RunSettings:
     """Record `settings` in the run directory (notebook 01). A run directory holds one run: settings that
     change what is trained (preset, data, seed, epochs, image size) must equal those it was made with, else
-    RunMismatchError says which differ and what to do; `device` and `gpus` may change."""
+    RunMismatchError says which differ and what to do; `device` and `gpus` may change. A relative `data_root`
+    is recorded absolute, so that notebooks run from another folder find the same data."""
+    if settings.data_root:
+        settings = replace(settings, data_root=str(Path(settings.data_root).resolve()))
     path = RunDir(run_dir).settings
     if path.exists():
         saved = json.loads(path.read_text())

@@ -169,11 +169,15 @@ def test_a_failing_notebook_names_the_notebook_and_the_cell(tmp_path):
 
 def test_cli_exits_non_zero_when_a_notebook_fails(tmp_path):
     cmd = [sys.executable, "-m", "pkdkit.cli", "notebooks", "run", "--preset", "tiny", "--out", str(tmp_path),
-           "--run-dir", str(tmp_path / "run"), "--only", "02_teacher_selection.ipynb",
-           "-p", f"data_root={tmp_path / 'nowhere'}"]
+           "--run-dir", str(tmp_path / "run"), "--only", "02_teacher_selection.ipynb"]
+    # a run setting belongs to notebook 01: refused before anything runs, with what notebook 02 takes
+    proc = subprocess.run(cmd + ["-p", f"data_root={tmp_path / 'nowhere'}"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "unknown notebook parameter 'data_root'" in proc.stderr
+    assert "strategy='minimax'" in proc.stderr and "Traceback" not in proc.stderr
+    # notebook 02 on a run directory notebook 01 has not set up: fails in its first cell, saying what to run
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1
-    assert "02_teacher_selection.ipynb failed in cell" in proc.stderr and "nowhere" in proc.stderr
+    assert "02_teacher_selection.ipynb failed in cell" in proc.stderr and "run notebook 01" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

@@ -27,6 +27,12 @@ def test_a_changed_setting_is_refused_with_what_differs_and_what_to_do(tmp_path)
     assert workflow.load_settings(tmp_path).device == "cpu"
 
 
+def test_a_relative_data_root_is_recorded_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    saved = workflow.save_settings(tmp_path / "run", workflow.RunSettings(data_root="coco"))
+    assert saved.data_root == str(tmp_path / "coco") == workflow.load_settings(tmp_path / "run").data_root
+
+
 def test_a_later_notebook_on_an_empty_run_directory_says_to_run_notebook_01(tmp_path):
     with pytest.raises(workflow.RunNotStartedError, match="run notebook 01 with this run_dir first"):
         workflow.load_settings(tmp_path / "nothing")
