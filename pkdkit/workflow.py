@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -432,6 +433,16 @@ def stage_models(plan: Plan, run_dir: str | os.PathLike) -> dict[str, Any]:
     return models
 
 
+def _common_init(labels: list[str | None]) -> str | None:
+    """One initialisation label for a run over seeds: the label itself when every seed has it, the label with
+    its seed number replaced by "the seed's" when only the seeds differ (each seed starts from its own random
+    initialisation), else the labels joined."""
+    if len(set(labels)) == 1:
+        return labels[0]
+    generic = {re.sub(r"\bseed \d+", "the seed's", label or "?") for label in labels}
+    return generic.pop() if len(generic) == 1 else " / ".join(str(label) for label in labels)
+
+
 def seed_study(reports: list[str | os.PathLike], stats: tuple[str, ...] = ("AP", "AP50", "AP75")) -> dict[str, Any]:
     """Aggregate the `evaluation` and `comparison` sections of several report folders (one per seed).
 
@@ -450,7 +461,7 @@ def seed_study(reports: list[str | os.PathLike], stats: tuple[str, ...] = ("AP",
         raise ValueError(f"reports without an evaluation section (did notebook 05 run?): {missing}")
     names = [n for n in metrics[0]["evaluation"] if all(n in m["evaluation"] for m in metrics)]
     per_seed = {n: [m.get("comparison", {}).get("runs", {}).get(n, {}).get("budget", {}) for m in metrics] for n in names}
-    budgets = {n: b[0] for n, b in per_seed.items()}
+    budgets = {n: {**b[0], "init": _common_init([x.get("init") for x in b])} for n, b in per_seed.items()}
     # a run name may cost different epochs in different seeds (the selection chose 1 teacher in one, 2 in another)
     mixed = {n: [b.get("epochs") for b in bs] for n, bs in per_seed.items() if len({b.get("epochs") for b in bs}) > 1}
     for n, epochs in mixed.items():
@@ -474,7 +485,7 @@ def seed_study(reports: list[str | os.PathLike], stats: tuple[str, ...] = ("AP",
                     for seed, c in zip(seeds, checks) if c]
     return {"seeds": seeds, "runs": runs, "budgets": budgets, "records": records,
             "table": "\n".join([header, *lines]) + f"\n\n(mean ± sample std over {len(metrics)} seeds, AP in %; "
-                     "epochs: the student's total training epochs; every run starts from the same initialisation)"
+                     "epochs: the student's total training epochs; in each seed every run starts from that seed's initialisation)"
                      + "".join(f"\n\n**{n} is not one budget**: {'/'.join(str(e) for e in ep)} epochs in seeds "
                                f"{', '.join(str(s) for s in [m.get('parameters', {}).get('seed') for m in metrics])} "
                                "(the selection chose another number of teachers): do not read its mean as one run."

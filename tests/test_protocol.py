@@ -72,7 +72,8 @@ def test_seed_study_aggregates_with_budgets_and_reports_the_order_check_per_seed
     orders = comparison_orders(selection(["t1", "t2"]), {"t1": .2, "t2": .3})
     reports = []
     for seed, ap in enumerate((.20, .24)):
-        records = {"baseline": record(.1, 12), "progressive": record(ap, 24), "one_shot": record(.22, 12),
+        records = {"baseline": record(.1, 12), "progressive": record(ap, 24, f"initial (random, seed {seed})"),
+                   "one_shot": record(.22, 12),
                    "by_ap": record(.2, 12 * (seed + 1))}
         metrics = {"parameters": {"seed": seed},
                    "evaluation": {n: r["metrics"]["bbox"]["stats"] for n, r in records.items()},
@@ -83,7 +84,9 @@ def test_seed_study_aggregates_with_budgets_and_reports_the_order_check_per_seed
         reports.append(tmp_path / f"s{seed}")
     study = seed_study(reports)
     assert study["runs"]["progressive"]["AP"]["mean"] == pytest.approx(.22)
-    assert "| progressive | 24 | initial (random, seed 0) | 22.0 ± 2.8 |" in study["table"]
+    # each seed starts from its own initialisation: the label says so instead of naming seed 0 for all
+    assert "| progressive | 24 | initial (random, the seed's) | 22.0 ± 2.8 |" in study["table"]
+    assert "| baseline | 12 | initial (random, seed 0) |" in study["table"]  # the same label in every seed
     assert [c["selected_is_best"] for c in study["order_checks"]] == [False, True]
     assert "| 1 | t1 → t2 | 24.0 | progressive: t1 → t2 | 24.0 | yes |" in study["order_table"]
     # a run that cost other epochs in another seed is flagged, never averaged silently as one budget
