@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from pkdkit.config import config_diff
 from pkdkit.distill import Distiller, build_distiller
 from pkdkit.engine import TrainConfig, resolve_device, train_detector
 from pkdkit.errors import PkdkitError, RunMismatchError
@@ -67,13 +68,11 @@ def save_settings(run_dir: str | os.PathLike, settings: RunSettings) -> RunSetti
         settings = replace(settings, data_root=str(Path(settings.data_root).resolve()))
     path = RunDir(run_dir).settings
     if path.exists():
-        saved = json.loads(path.read_text())
-        diff = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in asdict(settings).items()
-                if k not in RunSettings.HOW and saved.get(k) != v]
+        diff = config_diff(json.loads(path.read_text()), asdict(settings), ignore=set(RunSettings.HOW))
         if diff:
             raise RunMismatchError(
-                f"{Path(run_dir)} was made with other settings ({'; '.join(diff)}); its models would not match "
-                f"them. Set run_dir to a new folder for the new settings, or delete {Path(run_dir)} to start over.")
+                f"{Path(run_dir)} was made with other settings (there -> now: {'; '.join(diff)}); its models would "
+                f"not match them. Set run_dir to a new folder for the new settings, or delete {Path(run_dir)} to start over.")
     write_json(asdict(settings), path)
     return settings
 

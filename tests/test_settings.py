@@ -19,7 +19,7 @@ def test_settings_round_trip_through_the_run_directory(tmp_path):
 
 def test_a_changed_setting_is_refused_with_what_differs_and_what_to_do(tmp_path):
     workflow.save_settings(tmp_path, workflow.RunSettings(epochs=2))
-    with pytest.raises(RunMismatchError, match=r"epochs: 2 there, 4 now.*new folder.*or delete"):
+    with pytest.raises(RunMismatchError, match=r"epochs: 2 -> 4.*new folder.*or delete"):
         workflow.save_settings(tmp_path, workflow.RunSettings(epochs=4))
     assert workflow.load_settings(tmp_path).epochs == 2  # nothing overwritten
     # how the run is computed may change: the device is recorded, the run kept
