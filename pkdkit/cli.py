@@ -342,7 +342,7 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=5151, help="the App's port (default: %(default)s)")
     p.add_argument("--iou", type=float, default=0.5, help="IoU of the TP/FP/FN evaluation (default: %(default)s)")
     p.add_argument("--confidence", type=float, default=0.3,
-                   help="detections shown in the review view: confidence >= this (default: %(default)s)")
+                   help="detections loaded, evaluated and shown: confidence >= this (default: %(default)s)")
     p.set_defaults(func=cmd_inspect)
 
 

@@ -2,9 +2,9 @@
 
 `train(model, dataset, cfg, out_dir)` trains anything whose forward `(images, targets)` returns a dict of
 losses: a torchvision detector in train mode, or a `pkdkit.distill.Distiller`: set-up (loader, optimizer,
-scheduler), resume, then `train_one_epoch` and a checkpoint per epoch. It writes an atomic
-checkpoint (`last.pt`: model, optimizer, scheduler, AMP scaler, RNG states, history) and `metrics.json`
-after every epoch, and resumes from `last.pt` when run again with the same config. Each epoch re-seeds
+scheduler), resume, then `train_one_epoch` and a checkpoint per epoch (or every `checkpoint_every`
+epochs). It writes an atomic checkpoint (`last.pt`: model, optimizer, scheduler, AMP scaler, RNG states,
+history) and `metrics.json` together, and resumes from `last.pt` when run again with the same config. Each epoch re-seeds
 every RNG from (seed, epoch) and the sampler shuffles by (seed, epoch), so a run killed mid-epoch and
 resumed ends with exactly the weights of an uninterrupted run.
 
@@ -68,6 +68,9 @@ class TrainConfig:
     grad_clip: float | None = field(default=35.0, metadata={"help": "clip the gradient norm to this; 0 (null "
                                                                     "in a plan): no clipping"})
     amp: bool = field(default=True, metadata={"help": "mixed precision (used on CUDA only)"})
+    channels_last: bool = field(default=True, metadata={
+        "help": "channels-last memory layout for the convolutions (used on CUDA only: 1.24x faster with AMP on "
+                "an H200, bench/run.py --device cuda)"})
     seed: int = field(default=0, metadata={"help": "seed of every RNG (weights, shuffling, flips)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:<index> or mps"})
     num_workers: int = field(default=0, metadata={"help": "data-loader worker processes (decode, targets, masks "
@@ -78,6 +81,10 @@ class TrainConfig:
                                                                       "(needs num_workers > 0)"})
     prefetch_factor: int | None = field(default=None, metadata={"help": "batches loaded ahead per worker; null: "
                                                                         "torch's default (2)"})
+    checkpoint_every: int = field(default=1, metadata={
+        "help": "write the resume checkpoint (last.pt, with metrics.json) every this many epochs and after the "
+                "last; a killed run resumes from it exactly. Raise it where an epoch takes seconds and writing "
+                "the checkpoint a good part of that (the tiny preset)"})
     progress: bool = field(default=True, metadata={"help": "progress bars and per-epoch lines"})
 
     def __post_init__(self) -> None:
@@ -92,7 +99,7 @@ class TrainConfig:
             raise ConfigError(f"schedule must be 'multistep' or 'cosine', not {self.schedule!r}")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"device must be auto, cpu, cuda, cuda:<index> or mps, not {self.device!r}")
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "checkpoint_every"):
             check_range(name, getattr(self, name), 1)
         for name in ("warmup_iters", "seed", "num_workers", "weight_decay"):
             check_range(name, getattr(self, name), 0)
@@ -122,7 +129,8 @@ class TrainConfig:
 
 
 # Settings that do not change the result: a resumed run, or a plan run again, may change them.
-RESUME_FREE = {"progress", "num_workers", "device", "pin_memory", "persistent_workers", "prefetch_factor"}
+RESUME_FREE = {"progress", "num_workers", "device", "pin_memory", "persistent_workers", "prefetch_factor",
+               "channels_last", "checkpoint_every"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -235,7 +243,7 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig,
     """Train `model` (forward `(images, targets) -> {name: loss}`) on `dataset`; returns per-epoch metrics.
 
     Writes `out_dir/last.pt` and `out_dir/metrics.json` (with `config`, which should describe everything
-    that produced the run) after each epoch; only rank 0 writes. Resumes from `last.pt` if present.
+    that produced the run) after every `cfg.checkpoint_every` epochs and the last; only rank 0 writes. Resumes from `last.pt` if present.
     Loss names starting with ``distill`` are shown as the distillation part of the progress bar.
     `on_epoch_end(epoch, model)` may return extra metrics (for example an evaluation) for that epoch.
     `out_dir` is locked for the run (`pkdkit.files.run_lock`): a second run on it fails at once.
@@ -250,7 +258,7 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig,
 
 
 def training_files(out_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """(checkpoint, history): what `train` writes into `out_dir` after every epoch, `last.pt` and `metrics.json`."""
+    """(checkpoint, history): what `train` writes into `out_dir`, `last.pt` and `metrics.json`."""
     return Path(out_dir) / "last.pt", Path(out_dir) / "metrics.json"
 
 
@@ -261,6 +269,8 @@ def _train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig
     device = _device_for(cfg, info)
     ckpt_path, history_path = training_files(out_dir)
     model.to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model.to(memory_format=torch.channels_last)  # 4-D weights only; convolutions then run channels-last
     loader = make_loader(dataset, cfg.batch_size, shuffle=True, seed=cfg.seed, num_workers=cfg.num_workers,
                          distributed=info.enabled, persistent_workers=cfg.persistent_workers,
                          prefetch_factor=cfg.prefetch_factor,
@@ -288,8 +298,9 @@ def _train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig
             record.update(on_epoch_end(epoch, model))
         history.append(record)
         if info.is_main:
-            _save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, epoch + 1, history, cfg, full_config)
-            write_json({"config": full_config, "epochs": history}, history_path)
+            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+                _save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, epoch + 1, history, cfg, full_config)
+                write_json({"config": full_config, "epochs": history}, history_path)
             if cfg.progress:
                 progress_step(f"{desc} epoch {epoch + 1}/{cfg.epochs}: " +
                               ", ".join(f"{k}={v:.4f}" for k, v in record.items()

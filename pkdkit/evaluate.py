@@ -323,12 +323,16 @@ def coco_evaluate(coco_gt: COCO | str | os.PathLike, results: list[dict] | str |
     return metrics
 
 
-def match_counts(cocoeval: COCOeval, iou: float = 0.5) -> dict[str, int]:
-    """TP/FP/FN at one IoU threshold from an evaluated COCOeval (area "all", the largest maxDets).
+def match_counts(cocoeval: COCOeval, iou: float = 0.5, min_score: float = 0.0) -> dict[str, int]:
+    """TP/FP/FN at one IoU threshold from an evaluated COCOeval (area "all", the largest maxDets), counting
+    only detections scored at least `min_score`.
 
     COCO's matching: a detection is TP if matched to a non-crowd ground truth, FP if unmatched and not
     ignored; a non-crowd ground truth without a match is FN. Detections matched to crowd regions count
     as neither (FiftyOne's `evaluate_detections(method="coco")` is reconciled to this in pkdkit.fiftyone_app).
+    Matching is greedy from the highest score down, so a lower-scored detection never changes what a
+    higher-scored one matched: the counts equal those of evaluating only the detections above `min_score`
+    (a ground truth matched only by a detection below it is FN).
     """
     hits = np.flatnonzero(np.isclose(cocoeval.params.iouThrs, iou))
     if not len(hits):
@@ -342,10 +346,13 @@ def match_counts(cocoeval: COCOeval, iou: float = 0.5) -> dict[str, int]:
     for e in cocoeval.evalImgs:
         if e is None or e["aRng"] != all_area or e["maxDet"] != cocoeval.params.maxDets[-1]:
             continue
+        kept = np.asarray(e["dtScores"], dtype=float) >= min_score
         matched, ignored = e["dtMatches"][t] > 0, e["dtIgnore"][t].astype(bool)
-        tp += int(np.sum(matched & ~ignored))
-        fp += int(np.sum(~matched & ~ignored))
-        fn += int(np.sum((e["gtMatches"][t] == 0) & ~np.asarray(e["gtIgnore"], bool)))
+        tp += int(np.sum(matched & ~ignored & kept))
+        fp += int(np.sum(~matched & ~ignored & kept))
+        kept_ids = {int(i) for i, k in zip(e["dtIds"], kept) if k}
+        found = np.array([int(m) in kept_ids for m in e["gtMatches"][t]], dtype=bool)
+        fn += int(np.sum(~found & ~np.asarray(e["gtIgnore"], bool)))
     return {"tp": tp, "fp": fp, "fn": fn}
 
 

@@ -7,7 +7,8 @@ model; `fixed_by` is the view of images where the distilled student makes fewer 
 when its inputs change) and saves the view to start from (`save_review_view`); `launch_app` opens the App on it
 in a notebook or a browser tab, and `pkdkit inspect RUN_DIR` from a shell (`inspect_run`).
 
-Counts follow pycocotools. At one IoU threshold, over all areas, with at most 100 detections per image and
+Counts follow pycocotools. Over the detections in the dataset (`open_dataset` loads those with a score of at
+least its `confidence`, 0.3 by default), at one IoU threshold, over all areas, with at most 100 detections per image and
 class, TP/FP/FN here equal what pycocotools' `COCOeval.evalImgs` gives (tests/test_fiftyone.py checks it):
 crowd ground truth (`iscrowd=1`) is never a false negative, and a detection matched to a crowd region counts
 neither as TP nor FP. FiftyOne matches crowds the same way but tallies them as TP/FN, so `evaluate_models`
@@ -67,6 +68,7 @@ def build_dataset(
     *,
     overwrite: bool = True,
     persistent: bool = False,
+    min_confidence: float = 0.0,
 ) -> fo.Dataset:
     """One FiftyOne sample per image of a COCO ground-truth file, with every model's detections.
 
@@ -78,6 +80,10 @@ def build_dataset(
             "score"}` or the path of such a JSON file). Each model becomes the field `model_field(name)`.
         overwrite: replace an existing dataset of that name.
         persistent: keep the dataset after the Python process exits.
+        min_confidence: model detections with a lower score are left out. FiftyOne's evaluation saves a
+            label on every detection and slows down faster than linearly with detections per image (16 s per
+            model for ~75 boxes per image on 64 images, a CPU demo's untrained students): loading only the
+            boxes worth looking at keeps it to seconds.
 
     Fields: `coco_id` (image id), `ground_truth` (fo.Detections, `iscrowd` 0/1 and the annotation's
     `coco_id` as attributes; FiftyOne's COCO evaluation reads `iscrowd`), one fo.Detections field per
@@ -117,8 +123,10 @@ def build_dataset(
             if is_gt:
                 det = fo.Detection(label=label, bounding_box=box, iscrowd=int(e.get("iscrowd", 0)),
                                    coco_id=e.get("id"))
-            else:
+            elif e["score"] >= min_confidence:
                 det = fo.Detection(label=label, bounding_box=box, confidence=float(e["score"]))
+            else:
+                continue
             per_image[img["id"]].append(det)
         return per_image
 
@@ -152,14 +160,18 @@ def build_dataset(
 
 
 def evaluate_models(
-    dataset: fo.Dataset, model_fields: list[str], *, gt_field: str = GT_FIELD, iou: float = 0.5
+    dataset: fo.Dataset, model_fields: list[str], *, gt_field: str = GT_FIELD, iou: float = 0.5,
+    compute_map: bool = False,
 ) -> dict[str, dict]:
-    """FiftyOne COCO evaluation of each model field; returns `{field: {"tp", "fp", "fn", "mAP"}}`.
+    """FiftyOne COCO evaluation of each model field; returns `{field: {"tp", "fp", "fn"}}`, plus `"mAP"`
+    with `compute_map`.
 
     Runs `dataset.evaluate_detections(field, eval_key=f"eval_{field}", method="coco", iou=iou,
-    compute_mAP=True)` (classwise matching, highest score first). `mAP` is FiftyOne's COCO mAP@[.5:.95];
-    it equals pycocotools' AP except where detections of one class tie in score across images (FiftyOne
-    ranks the TPs of a tie first, pycocotools by image id), which float scores of real models rarely do.
+    compute_mAP=compute_map)` (classwise matching, highest score first). `mAP` is FiftyOne's COCO
+    mAP@[.5:.95]; it equals pycocotools' AP except where detections of one class tie in score across images
+    (FiftyOne ranks the TPs of a tie first, pycocotools by image id), which float scores of real models rarely
+    do. Off by default: pkdkit's own evaluation already gives the AP, and FiftyOne's IoU sweep for it costs
+    about a third of this function's time.
 
     FiftyOne matches crowds like pycocotools but counts a detection matched to a crowd as TP and an
     unmatched crowd as FN; pycocotools ignores both. So afterwards the per-object `eval_<field>` label of
@@ -173,7 +185,7 @@ def evaluate_models(
         key = f"eval_{field}"
         with _quiet_fiftyone():  # its "Evaluating detections..." lines, a few per model, would fill a notebook
             results = dataset.evaluate_detections(field, gt_field=gt_field, eval_key=key, method="coco", iou=iou,
-                                                  compute_mAP=True)
+                                                  compute_mAP=compute_map)
         gt_ids, gt_crowd, gt_eval, pred_eval, pred_match = dataset.values([
             f"{gt_field}.detections.id", f"{gt_field}.detections.iscrowd", f"{gt_field}.detections.{key}",
             f"{field}.detections.{key}", f"{field}.detections.{key}_id",
@@ -192,7 +204,9 @@ def evaluate_models(
         dataset.set_values(f"{field}.detections.{key}", new_pred_eval)
         for name, counts in (("tp", tps), ("fp", fps), ("fn", fns)):
             dataset.set_values(f"{key}_{name}", counts)
-        out[field] = {"tp": sum(tps), "fp": sum(fps), "fn": sum(fns), "mAP": float(results.mAP())}
+        out[field] = {"tp": sum(tps), "fp": sum(fps), "fn": sum(fns)}
+        if compute_map:
+            out[field]["mAP"] = float(results.mAP())
     return out
 
 
@@ -224,13 +238,15 @@ def fixed_by(dataset: fo.Dataset, baseline_field: str, improved_field: str) -> f
 
 
 def summary_table(counts: dict[str, dict]) -> str:
-    """Plain-text table of `evaluate_models` output: TP, FP, FN, precision, recall, mAP per model."""
-    rows = [("model", "TP", "FP", "FN", "precision", "recall", "mAP")]
+    """Plain-text table of `evaluate_models` output: TP, FP, FN, precision, recall (and mAP when computed)
+    per model."""
+    with_map = all("mAP" in c for c in counts.values())
+    rows = [("model", "TP", "FP", "FN", "precision", "recall", *(("mAP",) if with_map else ()))]
     for field, c in counts.items():
         prec = c["tp"] / (c["tp"] + c["fp"]) if c["tp"] + c["fp"] else 0.0
         rec = c["tp"] / (c["tp"] + c["fn"]) if c["tp"] + c["fn"] else 0.0
         rows.append((field, str(c["tp"]), str(c["fp"]), str(c["fn"]), f"{prec:.3f}", f"{rec:.3f}",
-                     f"{c['mAP']:.3f}"))
+                     *((f"{c['mAP']:.3f}",) if with_map else ())))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
              for r in rows]
@@ -266,7 +282,7 @@ def save_review_view(dataset: fo.Dataset, baseline_field: str, improved_field: s
                      confidence: float = 0.3, name: str = REVIEW_VIEW) -> fo.DatasetView:
     """Save (as `name`) and return the view to open the App on: the images where `improved_field` has fewer
     errors than `baseline_field` (`fixed_by`, most improved first), showing only the ground truth and those two
-    models' detections with `confidence >= confidence` (the evaluation itself counts every detection), and their
+    models' detections with `confidence >= confidence` (the evaluation counts every detection in the dataset), and their
     per-image TP/FP/FN counts; the other models' fields are hidden."""
     counts = [f"eval_{f}_{c}" for f in (baseline_field, improved_field) for c in ("tp", "fp", "fn")]
     view = fixed_by(dataset, baseline_field, improved_field).select_fields(
@@ -282,8 +298,9 @@ def save_review_view(dataset: fo.Dataset, baseline_field: str, improved_field: s
 def open_dataset(name: str, gt_json: str | Path, image_dir: str | Path, predictions: dict[str, str | Path], *,
                  iou: float = 0.5, baseline: str | None = None, improved: str | None = None,
                  confidence: float = 0.3) -> tuple[fo.Dataset, dict[str, dict], bool]:
-    """The persistent dataset `name` built from these inputs and evaluated at `iou`; returns
-    (dataset, `evaluate_models` counts, whether it was (re)built).
+    """The persistent dataset `name` built from these inputs (model detections with a score >= `confidence`,
+    `build_dataset`'s `min_confidence`) and evaluated at `iou`; returns (dataset, `evaluate_models` counts,
+    whether it was (re)built).
 
     An existing dataset of that name is reloaded as it is when the fingerprint of its inputs
     (`inputs_fingerprint`, stored in `dataset.info["fingerprint"]`) is unchanged; otherwise it is rebuilt.
@@ -297,7 +314,7 @@ def open_dataset(name: str, gt_json: str | Path, image_dir: str | Path, predicti
         if dataset.info.get("fingerprint") == fingerprint and "counts" in dataset.info:
             return dataset, dataset.info["counts"], False
     dataset = build_dataset(name, gt_json, image_dir, {k: str(v) for k, v in predictions.items()}, overwrite=True,
-                            persistent=True)
+                            persistent=True, min_confidence=confidence)
     counts = evaluate_models(dataset, list(dataset.info["models"].values()), iou=iou)
     if baseline and improved:
         fields = dataset.info["models"]

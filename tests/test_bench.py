@@ -17,6 +17,7 @@ import run  # noqa: E402
 import scaling  # noqa: E402
 
 from pkdkit.models import DetectorSpec  # noqa: E402
+from pkdkit.presets import get_preset  # noqa: E402
 
 TOY = dict(num_classes=4, fpn_channels=32, min_size=64, max_size=64, anchor_sizes=(8, 16, 32, 64, 128))
 
@@ -85,7 +86,8 @@ def test_loader_benchmark_compares_the_loader_with_the_training_step(tmp_path):
     assert all(row["images_per_s"] > 0 and row["ratio_to_step"] > 0 for row in out["loader"])
     assert out["step"]["images_per_s"] > 0 and [row["num_workers"] for row in out["fed"]] == [0, 1]
     assert all(row["ratio_to_step"] > 0 for row in out["fed"])
-    assert out["masks"] and out["batch_size"] == 8 and out["image_size"] == 96
+    tiny = get_preset("tiny")
+    assert out["masks"] and out["batch_size"] == tiny.train.batch_size and out["image_size"] == tiny.student.min_size
 
 
 def test_selection_point_times_a_cost_matrix_and_its_peak_memory(toy_cfg):

@@ -35,7 +35,7 @@ def _cli(*args: str) -> list[str]:
 def _train_args(tiny_coco, out: Path, epochs: int) -> list[str]:
     return ["train", "--data", str(tiny_coco["root"]), "--preset", "tiny", "--out", str(out), "--epochs", str(epochs),
             "--optimizer", "adamw", "--lr", "1e-3", "--weight-decay", "0.05", "--warmup-iters", "2",
-            "--device", "cpu"]
+            "--device", "cpu", "--checkpoint-every", "1"]
 
 
 def _assert_same_weights(a: dict, b: dict) -> None:
@@ -84,6 +84,33 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_coco, tmp_path):
     a = json.loads((straight / "metrics.json").read_text())["epochs"]
     b = json.loads((killed / "metrics.json").read_text())["epochs"]
     assert [e["loss"] for e in a] == [e["loss"] for e in b]
+
+
+def test_checkpoint_every_n_epochs_resumes_from_the_last_one_written_and_ends_the_same(tiny_coco, tmp_path):
+    """With `checkpoint_every=2` a run stopped in epoch 4 keeps the epoch-2 checkpoint (and metrics.json to
+    match); run again it trains epochs 3-4 once more and ends with the uninterrupted run's weights."""
+    train_ds, _ = _datasets(tiny_coco)
+    spec = DetectorSpec(num_classes=train_ds.label_map.num_classes, **SPEC)
+    cfg = CFG.replace(epochs=4, checkpoint_every=2)
+
+    def run(out: Path, stop_in_epoch: int | None = None) -> list[dict]:
+        torch.manual_seed(0)
+        def stop(epoch: int, model) -> dict:
+            if epoch + 1 == stop_in_epoch:
+                raise KeyboardInterrupt
+            return {}
+        return train(build_detector(spec), train_ds, cfg, out, config={"spec": spec.to_dict()}, on_epoch_end=stop)
+
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    history = run(straight)
+    with pytest.raises(KeyboardInterrupt):
+        run(stopped, stop_in_epoch=3)
+    assert load_checkpoint(stopped / "last.pt")["epoch"] == 2
+    assert [e["epoch"] for e in json.loads((stopped / "metrics.json").read_text())["epochs"]] == [1, 2]
+    resumed = run(stopped)
+    assert [e["loss"] for e in resumed] == [e["loss"] for e in history]
+    _assert_same_weights(load_checkpoint(straight / "last.pt")["model"], load_checkpoint(stopped / "last.pt")["model"])
+    assert load_checkpoint(straight / "last.pt")["epoch"] == 4  # the last epoch is always written
 
 
 def test_resume_with_other_settings_is_refused(tiny_coco, tmp_path):

@@ -157,7 +157,7 @@ def test_samples_hold_images_ground_truth_and_each_model(dataset, coco_files):
 
 
 def test_counts_equal_pycocotools_including_crowds_duplicates_and_wrong_classes(dataset, coco_files):
-    counts = evaluate_models(dataset, ["baseline", "student_kd"])
+    counts = evaluate_models(dataset, ["baseline", "student_kd"], compute_map=True)
     for field, results in (("baseline", BASELINE), ("student_kd", STUDENT)):
         expected, coco_ap = pycocotools_counts(coco_files / "gt.json", results, iou=0.5)
         assert expected == EXPECTED[field]  # the hand-worked numbers, so this test checks the oracle too
@@ -175,6 +175,8 @@ def test_counts_equal_pycocotools_including_crowds_duplicates_and_wrong_classes(
     table = summary_table(counts)
     assert table.splitlines()[0].split() == ["model", "TP", "FP", "FN", "precision", "recall", "mAP"]
     assert table.splitlines()[2].split()[:4] == ["baseline", "3", "5", "2"]
+    without_map = summary_table({k: {n: c[n] for n in ("tp", "fp", "fn")} for k, c in counts.items()})
+    assert without_map.splitlines()[0].split() == ["model", "TP", "FP", "FN", "precision", "recall"]
 
 
 def test_fixed_by_lists_images_the_student_improved_most_first(dataset):
@@ -202,6 +204,25 @@ def test_counts_equal_pycocotools_at_another_iou(coco_files, capfd):
             assert {k: counts[field][k] for k in ("tp", "fp", "fn")} == expected, field
         assert {k: counts["baseline"][k] for k in ("tp", "fp", "fn")} == {"tp": 2, "fp": 5, "fn": 3}
         assert "Evaluating detections" not in "".join(capfd.readouterr())  # no info lines in a notebook
+    finally:
+        ds.delete()
+
+
+def test_min_confidence_leaves_low_scores_out_and_counts_still_equal_pycocotools(coco_files):
+    # The baseline's detections scored below 0.75 are left out of FiftyOne; pkdkit's counts with the same
+    # min_score equal pycocotools on only those detections (greedy matching by score: dropping lower scores
+    # changes no higher-scored match).
+    ds = build_dataset("pkdkit_test_fiftyone_conf", coco_files / "gt.json", coco_files / "images",
+                       {"baseline": BASELINE, "student": STUDENT}, min_confidence=0.75)
+    try:
+        assert len(ds.values("baseline.detections", unwind=True)) == sum(d["score"] >= 0.75 for d in BASELINE)
+        counts = evaluate_models(ds, ["baseline", "student"])
+        for field, results in (("baseline", BASELINE), ("student", STUDENT)):
+            above, _ = pycocotools_counts(coco_files / "gt.json", [d for d in results if d["score"] >= 0.75], iou=0.5)
+            every = run_cocoeval(coco_files / "gt.json", results, cocoeval_cls=COCOeval)
+            assert match_counts(every, 0.5, min_score=0.75) == above
+            assert {k: counts[field][k] for k in ("tp", "fp", "fn")} == above, field
+        assert above != EXPECTED["student_kd"]  # the threshold did leave detections out (the same model)
     finally:
         ds.delete()
 
@@ -242,17 +263,19 @@ def test_open_dataset_is_persistent_reloaded_and_rebuilt_when_predictions_change
     name = "pkdkit_test_open"
     try:
         ds, counts, built = open_dataset(name, coco_files / "gt.json", coco_files / "images", _predictions(coco_files),
-                                         baseline="baseline", improved="progressive")
+                                         baseline="baseline", improved="progressive",
+                                         confidence=0.0)
         assert built and ds.persistent and counts["baseline"]["fp"] == EXPECTED["baseline"]["fp"]
         ds.info["marker"] = "kept"
         ds.save()
         again, counts2, built2 = open_dataset(name, coco_files / "gt.json", coco_files / "images",
-                                              _predictions(coco_files), baseline="baseline", improved="progressive")
+                                              _predictions(coco_files), baseline="baseline", improved="progressive",
+                                              confidence=0.0)
         assert not built2 and again.info["marker"] == "kept" and counts2 == counts  # reloaded, not rebuilt
         fewer = BASELINE[:-1]  # drop the TP on image 44: one FN more
         rebuilt, counts3, built3 = open_dataset(name, coco_files / "gt.json", coco_files / "images",
                                                 _predictions(coco_files, fewer), baseline="baseline",
-                                                improved="progressive")
+                                                improved="progressive", confidence=0.0)
         assert built3 and "marker" not in rebuilt.info and counts3["baseline"]["fn"] == EXPECTED["baseline"]["fn"] + 1
     finally:
         if fo.dataset_exists(name):
@@ -268,7 +291,9 @@ def test_review_view_shows_fixed_images_ground_truth_and_confident_detections(co
                                 baseline="baseline", improved="progressive", confidence=0.5)
         assert ds.info["review_view"] == REVIEW_VIEW and ds.list_saved_views() == [REVIEW_VIEW]
         view = ds.load_saved_view(REVIEW_VIEW)
-        assert view.values("coco_id") == [11, 33, 22]  # what progressive fixed, most first
+        # what progressive fixed, most first; image 33's baseline errors, two FPs scored 0.3 and 0.2, are below
+        # the confidence and so neither loaded nor counted
+        assert view.values("coco_id") == [11, 22]
         assert {"ground_truth", "baseline", "progressive"} <= set(view.get_field_schema())
         assert "student_kd" not in view.get_field_schema() and "eval_progressive_fp" in view.get_field_schema()
         scores = [c for cs in view.values("baseline.detections.confidence") for c in cs]

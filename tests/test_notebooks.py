@@ -156,6 +156,9 @@ def test_report_metrics_hold_every_section_and_the_parameters(demo_run):
     if len(order) > 1 or "by_ap" in runs:
         assert runs["baseline_long"]["budget"]["epochs"] == runs["one_shot_long"]["budget"]["epochs"] == 2
     assert metrics["comparison"]["order_check"]["selected"] == order
+    if "stage 1 of reversed" in runs["one_shot"]["source"]:  # trained once, as the first stage of reversed
+        assert "/reversed/" in runs["one_shot"]["record"].replace(os.sep, "/")
+        assert metrics["evaluation"]["one_shot"] == next(iter(metrics["distillation"]["reversed"].values()))
     # FiftyOne's counts equal pkdkit's own COCOeval counts (same IoU rule)
     assert metrics["fiftyone"]["pkdkit_counts"] == {k: {c: v[c] for c in ("tp", "fp", "fn")}
                                                     for k, v in metrics["fiftyone"]["counts"].items()}

@@ -28,6 +28,8 @@ def test_progressive_uses_exactly_the_selected_order_and_the_long_runs_match_its
     assert orders["progressive"] == {"order": ["t1", "t2"], "source": "selection (minimax)", "stages_x_epochs": 1}
     assert orders["reversed"]["order"] == ["t2", "t1"]
     assert orders["one_shot"]["order"] == ["t2"] and orders["one_shot"]["stages_x_epochs"] == 1
+    # reversed starts with t2 from the same initialisation for E epochs: its stage 1 is the one-shot run
+    assert orders["one_shot"]["same_as"] == "reversed" and orders["one_shot"]["same_stage"] == 1
     assert orders["one_shot_long"]["order"] == ["t2"] and orders["one_shot_long"]["stages_x_epochs"] == 2
     assert stage_count(orders) == 2
     table = orders_table(orders, 12)
@@ -44,8 +46,8 @@ def test_a_single_selected_teacher_is_said_plainly_and_the_by_ap_chain_is_labell
     assert orders["one_shot_long"]["stages_x_epochs"] == 2
     alone = comparison_orders(selection(["t1"]), {"t1": .2, "t2": .3})  # nothing weaker: no chain, no long run
     assert list(alone) == ["one_shot", "progressive"]
-    assert list(comparison_orders(selection(["t1", "t2"]), {"t1": .2, "t2": .3}, run_reversed=False)) == \
-        ["one_shot", "one_shot_long", "progressive"]
+    no_reversed = comparison_orders(selection(["t1", "t2"]), {"t1": .2, "t2": .3}, run_reversed=False)
+    assert list(no_reversed) == ["one_shot", "one_shot_long", "progressive"] and "same_as" not in no_reversed["one_shot"]
 
 
 def test_order_check_says_whether_the_selected_order_was_the_best_one_run():
