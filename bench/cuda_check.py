@@ -65,7 +65,8 @@ def check_pipeline(work: Path, device: str, epochs: int) -> dict:
         out[name] = {"AP": record["metrics"]["bbox"]["stats"]["AP"], "seconds": round(time.time() - tic, 1)}
         print(f"{name} ({spec.backbone}), {epochs} epochs on {device}: AP {100 * out[name]['AP']:.2f} "
               f"({out[name]['seconds']} s)")
-    plan = Plan(name="one_shot", student=replace(tiny.student, num_classes=n_classes), data=data, train=cfg, out_dir=str(work / "plan"),
+    plan = Plan(name="one_shot", student=replace(tiny.student, num_classes=n_classes), data=data, train=cfg,
+                out_dir=str(work / "plan"),
                 stages=[Stage(name="teacher", teacher=str(work / "teacher" / "model.pt"), loss_weight="auto")])
     tic = time.time()
     run_plan(plan, progress=False)

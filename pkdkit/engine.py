@@ -4,8 +4,8 @@
 losses: a torchvision detector in train mode, or a `pkdkit.distill.Distiller`: set-up (loader, optimizer,
 scheduler), resume, then `train_one_epoch` and a checkpoint per epoch (or every `checkpoint_every`
 epochs). It writes an atomic checkpoint (`last.pt`: model, optimizer, scheduler, AMP scaler, RNG states,
-history) and `metrics.json` together, and resumes from `last.pt` when run again with the same config. Each epoch re-seeds
-every RNG from (seed, epoch) and the sampler shuffles by (seed, epoch), so a run killed mid-epoch and
+history) and `metrics.json` together, and resumes from `last.pt` when run again with the same config. Each
+epoch re-seeds every RNG from (seed, epoch) and the sampler shuffles by (seed, epoch), so a run killed mid-epoch and
 resumed ends with exactly the weights of an uninterrupted run.
 
 `train_detector(...)` is the supervised entry point the CLI and notebooks call: build, train, save
@@ -243,7 +243,8 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig,
     """Train `model` (forward `(images, targets) -> {name: loss}`) on `dataset`; returns per-epoch metrics.
 
     Writes `out_dir/last.pt` and `out_dir/metrics.json` (with `config`, which should describe everything
-    that produced the run) after every `cfg.checkpoint_every` epochs and the last; only rank 0 writes. Resumes from `last.pt` if present.
+    that produced the run) after every `cfg.checkpoint_every` epochs and the last; only rank 0 writes.
+    Resumes from `last.pt` if present.
     Loss names starting with ``distill`` are shown as the distillation part of the progress bar.
     `on_epoch_end(epoch, model)` may return extra metrics (for example an evaluation) for that epoch.
     `out_dir` is locked for the run (`pkdkit.files.run_lock`): a second run on it fails at once.

@@ -47,7 +47,8 @@ def test_a_single_selected_teacher_is_said_plainly_and_the_by_ap_chain_is_labell
     alone = comparison_orders(selection(["t1"]), {"t1": .2, "t2": .3})  # nothing weaker: no chain, no long run
     assert list(alone) == ["one_shot", "progressive"]
     no_reversed = comparison_orders(selection(["t1", "t2"]), {"t1": .2, "t2": .3}, run_reversed=False)
-    assert list(no_reversed) == ["one_shot", "one_shot_long", "progressive"] and "same_as" not in no_reversed["one_shot"]
+    assert list(no_reversed) == ["one_shot", "one_shot_long", "progressive"]
+    assert "same_as" not in no_reversed["one_shot"]
 
 
 def test_order_check_says_whether_the_selected_order_was_the_best_one_run():
