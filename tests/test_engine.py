@@ -87,8 +87,8 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_coco, tmp_path):
 
 
 def test_checkpoint_every_n_epochs_resumes_from_the_last_one_written_and_ends_the_same(tiny_coco, tmp_path):
-    """With `checkpoint_every=2` a run stopped in epoch 4 keeps the epoch-2 checkpoint (and metrics.json to
-    match); run again it trains epochs 3-4 once more and ends with the uninterrupted run's weights."""
+    """With `checkpoint_every=2` a run stopped at the end of epoch 3 keeps the epoch-2 checkpoint (and
+    metrics.json to match); run again it trains epochs 3-4 and ends with the uninterrupted run's weights."""
     train_ds, _ = _datasets(tiny_coco)
     spec = DetectorSpec(num_classes=train_ds.label_map.num_classes, **SPEC)
     cfg = CFG.replace(epochs=4, checkpoint_every=2)

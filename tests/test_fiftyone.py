@@ -209,7 +209,7 @@ def test_counts_equal_pycocotools_at_another_iou(coco_files, capfd):
 
 
 def test_min_confidence_leaves_low_scores_out_and_counts_still_equal_pycocotools(coco_files):
-    # The baseline's detections scored below 0.75 are left out of FiftyOne; pkdkit's counts with the same
+    # Detections scored below 0.75 are left out of FiftyOne; pkdkit's counts with the same
     # min_score equal pycocotools on only those detections (greedy matching by score: dropping lower scores
     # changes no higher-scored match).
     ds = build_dataset("pkdkit_test_fiftyone_conf", coco_files / "gt.json", coco_files / "images",
