@@ -495,6 +495,16 @@ def format_delta(points: float) -> str:
     return "0.0" if rounded == 0 else f"{rounded:+.1f}"
 
 
+def distinct_results(results: dict[str, str | os.PathLike]) -> dict[str, Path]:
+    """{run name: COCO results file} with runs that share one file (a run reused by another, e.g. `one_shot` when
+    it is the `progressive` run) merged under one label, "one_shot = progressive", in first-seen order: each
+    file is then evaluated and drawn once, and no curve hides exactly under another."""
+    names: dict[Path, list[str]] = {}
+    for name, path in results.items():
+        names.setdefault(Path(path).resolve(), []).append(name)
+    return {" = ".join(runs): path for path, runs in names.items()}
+
+
 def plot_pr_curves(cocoevals: dict[str, COCOeval], iou: float = 0.5, ax: Any = None) -> "Figure":
     """Mean precision-recall curves (all areas, all classes with ground truth) of several runs at one IoU.
 

@@ -19,8 +19,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 
-from pkdkit.evaluate import (STAT_NAMES, coco_evaluate, comparison_table, evaluate_detector, format_delta, plot_pr_curves,
-                             pr_curve, predict, results_to_json, run_cocoeval)
+from pkdkit.evaluate import (STAT_NAMES, coco_evaluate, comparison_table, distinct_results, evaluate_detector,
+                             format_delta, plot_pr_curves, pr_curve, predict, results_to_json, run_cocoeval)
 
 SIZE = 200
 CATEGORIES = [{"id": 2, "name": "circle"}, {"id": 5, "name": "square"}, {"id": 9, "name": "triangle"},
@@ -257,6 +257,12 @@ def test_plot_pr_curves_returns_a_figure_with_one_curve_per_run(gt_path, tmp_pat
     fig.canvas.draw()
     legend, box = ax.get_legend().get_window_extent(), ax.get_window_extent()
     assert legend.x0 >= box.x1
+
+
+def test_runs_sharing_a_results_file_are_drawn_once_under_a_joint_label(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    merged = distinct_results({"baseline": a, "one_shot": b, "progressive": str(tmp_path / "." / "b.json")})
+    assert merged == {"baseline": a.resolve(), "one_shot = progressive": b.resolve()}
 
 
 def test_format_delta_never_writes_a_signed_zero():
