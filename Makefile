@@ -31,6 +31,9 @@ demo: $(STAMP)
 
 example: $(STAMP)
 	rm -rf runs/example-tiny $(EXAMPLE)
+	@# the run's FiftyOne dataset too (it lives in FiftyOne's database), so that notebook 5 builds it afresh
+	FIFTYONE_DATABASE_VALIDATION=false $(BIN)/python -c "import fiftyone as fo; from pkdkit.fiftyone_app import dataset_name; \
+		n = dataset_name('runs/example-tiny'); fo.dataset_exists(n) and fo.delete_dataset(n)"
 	$(BIN)/pkdkit notebooks run --preset tiny --run-dir runs/example-tiny --out $(EXAMPLE)
 
 test: $(STAMP)
