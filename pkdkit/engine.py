@@ -263,6 +263,12 @@ def training_files(out_dir: str | os.PathLike) -> tuple[Path, Path]:
     return Path(out_dir) / "last.pt", Path(out_dir) / "metrics.json"
 
 
+def detector_files(out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """(model, evaluation record): what `train_detector` leaves in `out_dir` once done, `model.pt` and the
+    record `evaluate_detector` writes (`evaluation_files`)."""
+    return Path(out_dir) / "model.pt", evaluation_files(out_dir)[0]
+
+
 def _train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig, out_dir: Path, info: DistInfo,
            desc: str, config: dict[str, Any] | None,
            on_epoch_end: Callable[[int, nn.Module], dict[str, Any]] | None) -> list[dict[str, Any]]:
@@ -455,8 +461,8 @@ def train_detector(spec: DetectorSpec, train_ds: CocoDetection, val_ds: CocoDete
             "budget": budget, **(config or {})}
     info = init_distributed(cfg.device)
     with run_lock(out_dir) if info.is_main else contextlib.nullcontext():
-        record_file = evaluation_files(out_dir)[0]
-        if (out_dir / "model.pt").exists() and record_file.exists():
+        model_file, record_file = detector_files(out_dir)
+        if model_file.exists() and record_file.exists():
             record = json.loads(record_file.read_text())
             check_same_run(record.get("config") or {}, full, record_file)
             if cfg.progress and info.is_main:
@@ -466,7 +472,7 @@ def train_detector(spec: DetectorSpec, train_ds: CocoDetection, val_ds: CocoDete
         train(model, train_ds, cfg, out_dir, desc=f"train {spec.name}", config=full)
         record: dict[str, Any] = {}
         if info.is_main:
-            save_detector(out_dir / "model.pt", model, spec, label_map, config=full)
+            save_detector(model_file, model, spec, label_map, config=full)
             record = evaluate_detector(model, val_ds, label_map, out_dir=out_dir, name="eval",
                                        device=_device_for(cfg, info), config=full, progress=cfg.progress)
             if cfg.progress:

@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pkdkit.engine import TrainConfig, train_detector
+from pkdkit.engine import TrainConfig, detector_files, train_detector
 from pkdkit.files import write_json
 from pkdkit.models import DetectorSpec
 from pkdkit.data import DataConfig
@@ -77,11 +77,12 @@ def train_detector_distributed(spec: DetectorSpec, data: DataConfig, cfg: TrainC
                                nproc: int, *, config: dict[str, Any] | None = None) -> dict[str, Any]:
     """`pkdkit.engine.train_detector` on `nproc` processes; returns the evaluation record (`eval.json`)."""
     out = Path(out_dir).resolve()
-    if not ((out / "model.pt").exists() and (out / "eval.json").exists()):
+    model_file, record_file = detector_files(out)
+    if not (model_file.exists() and record_file.exists()):
         job = {"step": "train", "spec": spec.to_dict(), "data": asdict(data), "train": cfg.to_dict(),
                "out": str(out), "config": config or {}}
         torchrun(job, out / "launch.json", nproc)
-    return json.loads((out / "eval.json").read_text())
+    return json.loads(record_file.read_text())
 
 
 def run_plan_distributed(plan: Plan, nproc: int, *, progress: bool = True) -> dict[str, Any]:

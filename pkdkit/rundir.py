@@ -19,8 +19,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pkdkit.engine import training_files
+from pkdkit.engine import detector_files, training_files
 from pkdkit.evaluate import evaluation_files
+from pkdkit.selection import selection_files
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class RunDir:
         return self.root / "models" / name
 
     def checkpoint(self, name: str) -> Path:
-        return self.model_dir(name) / "model.pt"
+        return detector_files(self.model_dir(name))[0]
 
     def record(self, name: str) -> Path:
         """The evaluation record (eval.json) of model `name`."""
@@ -65,7 +66,7 @@ class RunDir:
 
     @property
     def selection_json(self) -> Path:
-        return self.selection / "selection.json"
+        return selection_files(self.selection)[0]
 
     def plan_dir(self, name: str) -> Path:
         """The out_dir of distillation plan `name`."""

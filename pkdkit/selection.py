@@ -352,6 +352,11 @@ def cost_matrix(models: dict[str, nn.Module], images: Sequence[torch.Tensor], *,
                       per_level=per_level)
 
 
+def selection_files(out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """(selection, figure): what `run_selection` writes into `out_dir`, `selection.json` and `selection.png`."""
+    return Path(out_dir) / "selection.json", Path(out_dir) / "selection.png"
+
+
 def run_selection(student_ckpt: str | os.PathLike, teacher_ckpts: dict[str, str | os.PathLike], dataset: Any,
                   out_dir: str | os.PathLike, *, n_images: int = 64, strategy: str = DEFAULT_STRATEGY,
                   method: str = "closed_form", device: str = "cpu", aps: dict[str, float] | None = None,
@@ -374,10 +379,10 @@ def run_selection(student_ckpt: str | os.PathLike, teacher_ckpts: dict[str, str 
     matrix = cost_matrix(models, images, method=method, batch_size=batch_size, device=device)
     selection = select_teachers(matrix, "student", list(teacher_ckpts), strategy=strategy, aps=aps, final=final,
                                 objective=objective if strategy == "shortest_path" else "sum")
-    out = Path(out_dir)
     config = {"student": str(student_ckpt), "teachers": {k: str(v) for k, v in teacher_ckpts.items()},
               "n_images": matrix.n_images, "strategy": strategy, "method": method, "device": str(device),
               "aps": aps, "final": final, "objective": objective, "batch_size": batch_size}
-    save_selection(selection, matrix, out / "selection.json", config)
-    plot_cost_matrix(matrix, selection).savefig(out / "selection.png", dpi=120)
+    json_file, figure_file = selection_files(out_dir)
+    save_selection(selection, matrix, json_file, config)
+    plot_cost_matrix(matrix, selection).savefig(figure_file, dpi=120)
     return selection, matrix
