@@ -251,9 +251,9 @@ def comparison_orders(selection: Selection, aps: dict[str, float], *, run_revers
     - by_ap: when the selection chose a single teacher, the teachers up to it by ascending AP, run as an
       extra chain and labelled as such (it is not what the selection chose);
     - reversed: the multi-teacher order backwards (strong to weak), when there is one;
-    - one_shot: the final teacher alone for one stage (E epochs, as in the paper); marked ``same_as`` the run
-      that already trains it (same initialisation, teacher, epochs and seed): progressive when the selection
-      chose that teacher alone, else stage 1 of reversed (``same_stage``: 1);
+    - one_shot: the final teacher alone for one stage (E epochs, as in the paper); marked ``same_as`` the plan
+      whose stage ``same_stage`` already trains it (same initialisation, teacher, epochs and seed): progressive
+      when the selection chose that teacher alone, else stage 1 of reversed;
     - one_shot_long: the final teacher alone for S x E epochs, S the most stages of any order run (equal budget).
     """
     order = list(selection.order)
@@ -272,8 +272,8 @@ def comparison_orders(selection: Selection, aps: dict[str, float], *, run_revers
                             "stages_x_epochs": 1}
     runs["one_shot"] = {"order": [final], "source": "the final teacher alone, one stage", "stages_x_epochs": 1}
     if order == [final]:  # the selected order is the one-shot run: train it once
-        runs["one_shot"].update(same_as="progressive", source="the final teacher alone, one stage (the same run "
-                                                                 "as progressive)")
+        runs["one_shot"].update(same_as="progressive", same_stage=1,
+                                source="the final teacher alone, one stage (the same run as progressive)")
     elif "reversed" in runs:  # reversed starts with the final teacher: its stage 1 is the one-shot run
         runs["one_shot"].update(same_as="reversed", same_stage=1,
                                 source="the final teacher alone, one stage (stage 1 of reversed: the same run, "
@@ -330,8 +330,8 @@ def stage_histories(plan: Plan) -> dict[str, list[dict[str, Any]]]:
 def comparison_records(run_dir: str | os.PathLike, plans: list[Plan],
                        orders: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     """{run name: evaluation record} in table order: the baseline, the equal-budget control (when trained)
-    and the last stage of every finished plan (a run of `orders` marked ``same_as`` another shares its
-    record). Each record's config carries its `budget`."""
+    and the last stage of every finished plan (a run of `orders` marked ``same_as`` a plan takes the record of
+    that plan's stage ``same_stage``). Each record's config carries its `budget`."""
     rd = RunDir(run_dir)
     records = {"baseline": _record(rd.record(STUDENT))}
     if rd.record(BASELINE_LONG).exists():
@@ -342,12 +342,10 @@ def comparison_records(run_dir: str | os.PathLike, plans: list[Plan],
             records[plan.name] = _record(last)
     by_name = {plan.name: plan for plan in plans}
     for name, o in (orders or {}).items():
-        if "same_stage" in o and o["same_as"] in by_name:
+        if o.get("same_as") in by_name:
             stage = by_name[o["same_as"]].stage_record(o["same_stage"] - 1)
             if stage.exists():
                 records[name] = _record(stage)
-        elif o.get("same_as") in records:
-            records[name] = records[o["same_as"]]
     return dict(sorted(records.items(), key=lambda kv: RUN_ORDER.index(kv[0]) if kv[0] in RUN_ORDER else len(RUN_ORDER)))
 
 
