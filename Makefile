@@ -9,10 +9,10 @@ EXAMPLE := reports/example-tiny
 
 .PHONY: demo example test install browser bench clean
 
-$(STAMP): pyproject.toml constraints.txt scripts/ensure_fiftyone_db.py
+$(STAMP): Makefile pyproject.toml constraints.txt scripts/ensure_fiftyone_db.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -c constraints.txt -e ".[fiftyone,test]"
+	$(BIN)/python -m pip install -c constraints.txt -e ".[fiftyone,onnx,test]"
 	$(BIN)/python scripts/ensure_fiftyone_db.py
 	-@$(MAKE) --no-print-directory browser
 	touch $(STAMP)
