@@ -1,4 +1,4 @@
-"""Files a run writes: atomic writes and the run-folder lock.
+"""Files a run writes: atomic writes, links to another run's files, and the run-folder lock.
 
 Every checkpoint, metrics JSON and plan goes through `atomic_write`, so a crash or a kill never leaves a
 half-written file in place of a good one; the temp file a killed write leaves behind is removed by the next
@@ -12,6 +12,7 @@ import glob
 import json
 import os
 import secrets
+import shutil
 import socket
 import sys
 import time
@@ -48,6 +49,11 @@ def remove_stale_temp_files(folder: str | os.PathLike, name: str) -> list[Path]:
     return removed
 
 
+def _temp_path(path: Path) -> Path:
+    """The temp file a write of `path` goes through (`remove_stale_temp_files` knows its name)."""
+    return path.parent / f".{path.name}.{_HOST}-{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Call `write(f)` on a temp file in `path`'s folder, fsync it, then `os.replace` it onto `path`.
 
@@ -58,7 +64,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(path.parent, path.name)
-    tmp = path.parent / f".{path.name}.{_HOST}-{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp = _temp_path(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -80,6 +86,24 @@ def write_json(obj: Any, path: str | os.PathLike, indent: int | None = 2) -> Pat
 
 def write_text(text: str, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def link_files(source: str | os.PathLike, target: str | os.PathLike) -> list[Path]:
+    """Put each file of folder `source` into folder `target` as a hard link (a copy where the file system has
+    none), replacing a file of the same name atomically. Every later write of these files goes through
+    `atomic_write`, which replaces the link rather than writing through it, so the two folders stay independent."""
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    linked = []
+    for src in sorted(p for p in Path(source).iterdir() if p.is_file() and not p.name.startswith(".")):
+        tmp = _temp_path(target / src.name)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
+        os.replace(tmp, target / src.name)
+        linked.append(target / src.name)
+    return linked
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ the student's detector family (`pkdkit.losses.loss_defaults`).
 The run directory holds ``plan.yaml``, ``stage_<k>_<name>/{calibration.json, last.pt, student.pt,
 metrics.json, eval.json}``, ``summary.json`` and, when fine-tuning, ``baseline/eval.json`` (the checkpoint
 the plan started from). Every record carries its `budget`: the initialisation and the student's total epochs.
-Running a plan again skips finished stages and resumes an interrupted one exactly.
+Running a plan again skips finished stages and resumes an interrupted one exactly. Leading stages that an
+earlier plan already trained identically are taken from it rather than trained again (`reuse_stages`).
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ from pkdkit.engine import (RESUME_FREE, TrainConfig, barrier, init_distributed, 
 from pkdkit.errors import ConfigError, PkdkitError, reason
 from pkdkit.evaluate import comparison_table, evaluate_detector, evaluation_files
 from pkdkit.features import common_levels, feature_levels
-from pkdkit.files import write_json, write_text
+from pkdkit.files import link_files, write_json, write_text
 from pkdkit.losses import LOSSES, build_loss, loss_hparams
 from pkdkit.models import (CheckpointError, DetectorSpec, build_detector, initial_weights_label, is_torchvision_weight,
                            load_checkpoint, load_model, model_meta, save_detector, state_fingerprint)
@@ -359,6 +360,48 @@ def _check_same_plan(plan: Plan, saved_path: Path) -> None:
     if diff:
         raise PlanError(f"{plan.out_dir} holds a run of a different plan (changed: {'; '.join(diff)}; see "
                         f"{saved_path}); use another out_dir, or delete it to start over")
+
+
+def shared_stages(plan: Plan, other: Plan) -> int:
+    """How many leading stages `plan` and `other` train identically: the same student, initialisation, data and
+    training settings (up to `RESUME_FREE` ones) and the same stages in the same order. Stage k's seed, starting
+    weights and schedule depend on nothing else, so those stages of the two plans are one and the same run."""
+    a, b = plan.to_dict(), other.to_dict()
+    own = {"name", "out_dir", "stages"}
+    if config_diff({k: v for k, v in a.items() if k not in own}, {k: v for k, v in b.items() if k not in own},
+                   ignore=RESUME_FREE):
+        return 0
+    n = 0
+    while n < min(len(a["stages"]), len(b["stages"])) and not config_diff(a["stages"][n], b["stages"][n],
+                                                                            ignore=RESUME_FREE):
+        n += 1
+    return n
+
+
+def reuse_stages(plan: Plan, others: list[Plan], *, progress: bool = True) -> int:
+    """Give `plan` the finished leading stages it shares with one of `others` (`shared_stages`) instead of
+    training them again: each such stage folder's files are linked into `plan`'s (`pkdkit.files.link_files`),
+    so `run_plan` finds the stage finished and goes on from its student. Stages `plan` has finished itself are
+    left as they are. When the selection chooses one teacher, `reversed` starts with the stage `progressive`
+    is, and this trains it once. Returns how many stages `plan` now takes from another plan."""
+    def finished(p: Plan, k: int) -> bool:
+        return p.stage_student(k).exists() and p.stage_record(k).exists()
+
+    best, n = None, 0
+    for other in others:
+        shared = shared_stages(plan, other)
+        while shared and not all(finished(other, k) for k in range(shared)):
+            shared -= 1
+        if other.out_dir != plan.out_dir and shared > n:
+            best, n = other, shared
+    for k in range(n):
+        if not finished(plan, k):
+            link_files(best.stage_dir(k), plan.stage_dir(k))
+            if progress:
+                step(f"{plan.name} stage {k + 1}/{len(plan.stages)} ({plan.stages[k].name}): the same run as "
+                     f"{best.name}'s stage {k + 1} (same student, initialisation, teacher, settings and seed); "
+                     f"its files are linked from {best.stage_dir(k)}, not trained again")
+    return n
 
 
 def run_plan(plan: Plan, *, progress: bool = True) -> dict[str, Any]:

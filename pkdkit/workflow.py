@@ -22,7 +22,7 @@ from pkdkit.files import write_json
 from pkdkit.launch import run_plan_distributed, train_detector_distributed
 from pkdkit.models import DetectorSpec, is_torchvision_weight, load_checkpoint, load_model
 from pkdkit.data import CocoDetection, DataConfig
-from pkdkit.plan import PLAN_FILE, Plan, Stage, budget_of, load_plan, run_plan
+from pkdkit.plan import PLAN_FILE, Plan, Stage, budget_of, load_plan, reuse_stages, run_plan
 from pkdkit.ordering import DEFAULT_STRATEGY, CostMatrix, Selection
 from pkdkit.presets import Preset, get_preset
 from pkdkit.progress import step
@@ -310,11 +310,15 @@ def stage_count(orders: dict[str, dict[str, Any]]) -> int:
 
 
 def run_plans(plans: list[Plan], *, progress: bool = True, gpus: int = 1) -> dict[str, dict[str, Any]]:
-    """Run each plan (finished stages are skipped); returns {plan name: summary}. With `gpus > 1` each
-    plan runs under ``torchrun --nproc_per_node gpus`` (`pkdkit.launch`), its output streamed here."""
-    if gpus > 1:
-        return {p.name: run_plan_distributed(p, gpus, progress=progress) for p in plans}
-    return {p.name: run_plan(p, progress=progress) for p in plans}
+    """Run each plan in turn (finished stages are skipped, and leading stages an earlier plan trained identically
+    are taken from it: `pkdkit.plan.reuse_stages`); returns {plan name: summary}. With `gpus > 1` each plan runs
+    under ``torchrun --nproc_per_node gpus`` (`pkdkit.launch`), its output streamed here."""
+    summaries = {}
+    for i, plan in enumerate(plans):
+        reuse_stages(plan, plans[:i], progress=progress)
+        summaries[plan.name] = (run_plan_distributed(plan, gpus, progress=progress) if gpus > 1
+                                else run_plan(plan, progress=progress))
+    return summaries
 
 
 def stage_histories(plan: Plan) -> dict[str, list[dict[str, Any]]]:

@@ -19,7 +19,7 @@ from pkdkit.distill import Distiller, build_distiller, calibrate_loss_weight, in
 from pkdkit.engine import TrainConfig, seed_everything, train, train_detector
 from pkdkit.models import (DetectorSpec, build_detector, load_checkpoint, load_detector, save_detector,
                            state_fingerprint)
-from pkdkit.plan import PlanError, load_plan, run_plan
+from pkdkit.plan import Plan, PlanError, load_plan, reuse_stages, run_plan, shared_stages
 
 SIZE = dict(fpn_channels=32, min_size=96, max_size=96)
 ANCHORS = dict(anchor_sizes=(8, 16, 32, 64, 128))
@@ -192,6 +192,40 @@ def test_kill_in_stage_two_and_resume_matches_uninterrupted_run(tiny_coco, label
     _assert_same_state(load_checkpoint(tmp_path / "straight" / "stage_2_fcos50" / "student.pt")["model"],
                        load_checkpoint(metrics.parent / "student.pt")["model"])
 
+
+
+def test_a_stage_another_plan_trained_identically_is_linked_not_trained_again_and_ends_the_same(
+        tiny_coco, label_map, teachers, tmp_path):
+    from pkdkit.files import write_json
+    from pkdkit.workflow import run_plans
+
+    def plan(name: str, stages: slice = slice(None), **stage_one: object):
+        d = _plan_dict(tiny_coco, label_map, teachers, tmp_path / name)
+        d["stages"] = d["stages"][stages]
+        d["stages"][0].update(stage_one)
+        return Plan.from_dict({**d, "name": name})
+
+    one, two = plan("one", slice(0, 1)), plan("two")
+    assert shared_stages(two, one) == 1 and shared_stages(two, plan("alone")) == 2
+    assert shared_stages(two, plan("other_ratio", loss_ratio=1.0)) == 0
+    assert shared_stages(two, replace(one, train=replace(one.train, epochs=2))) == 0  # another schedule
+    assert shared_stages(two, replace(one, train=replace(one.train, num_workers=1))) == 1  # resume-free setting
+    assert reuse_stages(two, [one], progress=False) == 0  # nothing finished yet: nothing to take
+
+    run_plans([one, two], progress=False)
+    for name in ("student.pt", "last.pt", "eval.json", "metrics.json", "calibration.json"):
+        assert (two.stage_dir(0) / name).samefile(one.stage_dir(0) / name)
+    handed = json.loads(two.stage_record(1).read_text())["config"]["stage"]
+    assert handed["init_from"] == str(two.stage_student(0))
+    # the same final student as a plan that trained both of its stages itself
+    alone = plan("alone")
+    run_plan(alone, progress=False)
+    assert not alone.stage_student(0).samefile(one.stage_student(0))
+    _assert_same_state(load_checkpoint(alone.stage_student(1))["model"], load_checkpoint(two.stage_student(1))["model"])
+    # a later write to a linked file replaces the link: the plan it came from keeps its own
+    before = one.stage_history(0).read_text()
+    write_json({"epochs": []}, two.stage_history(0))
+    assert one.stage_history(0).read_text() == before
 
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("change, message", [
