@@ -145,6 +145,10 @@ class Plan:
         """Stage k's per-epoch metrics."""
         return training_files(self.stage_dir(k))[1]
 
+    def stage_finished(self, k: int) -> bool:
+        """Stage k has its student and its evaluation record: a run of the plan skips it."""
+        return self.stage_student(k).exists() and self.stage_record(k).exists()
+
     def stage_calibration(self, k: int) -> Path:
         """Stage k's distillation-weight calibration (`_calibrate`)."""
         return self.stage_dir(k) / "calibration.json"
@@ -346,17 +350,25 @@ def validate_plan(plan: Plan, dataset_label_map: LabelMap) -> None:
             raise PlanError(f"{where}: {e}") from e
 
 
+def _plan_diff(a: dict[str, Any], b: dict[str, Any], *, besides: frozenset[str] | set[str] = frozenset()
+               ) -> tuple[list[str], list[list[str]]]:
+    """How two plans (`Plan.to_dict()`) differ, up to `RESUME_FREE` settings and the plan-level keys `besides`:
+    (the plan-level differences, [the differences of stage k] for each k both plans have)."""
+    own = {"stages", *besides}
+    settings = config_diff({k: v for k, v in a.items() if k not in own}, {k: v for k, v in b.items() if k not in own},
+                           ignore=RESUME_FREE)
+    return settings, [config_diff(s, t, ignore=RESUME_FREE) for s, t in zip(a["stages"], b["stages"])]
+
+
 def _check_same_plan(plan: Plan, saved_path: Path) -> None:
     """A run directory belongs to one plan: refuse to mix its finished stages with a changed plan.
     Appending stages, or changing settings that do not affect the result (`pkdkit.engine.RESUME_FREE`), is allowed."""
     if not saved_path.exists():
         return
-    saved, now = load_plan(saved_path).to_dict(), plan.to_dict()
-    diff = config_diff({k: v for k, v in saved.items() if k != "stages"},
-                       {k: v for k, v in now.items() if k != "stages"}, ignore=RESUME_FREE)
-    for i, s in enumerate(saved["stages"]):
-        changed = config_diff(s, now["stages"][i], ignore=RESUME_FREE) if i < len(now["stages"]) else ["removed"]
-        diff += [f"stage {i + 1} ({s['name']}) {c}" for c in changed]
+    saved = load_plan(saved_path).to_dict()
+    diff, stages = _plan_diff(saved, plan.to_dict())
+    stages += [["removed"]] * (len(saved["stages"]) - len(stages))
+    diff += [f"stage {i + 1} ({s['name']}) {c}" for i, s in enumerate(saved["stages"]) for c in stages[i]]
     if diff:
         raise PlanError(f"{plan.out_dir} holds a run of a different plan (changed: {'; '.join(diff)}; see "
                         f"{saved_path}); use another out_dir, or delete it to start over")
@@ -366,16 +378,10 @@ def shared_stages(plan: Plan, other: Plan) -> int:
     """How many leading stages `plan` and `other` train identically: the same student, initialisation, data and
     training settings (up to `RESUME_FREE` ones) and the same stages in the same order. Stage k's seed, starting
     weights and schedule depend on nothing else, so those stages of the two plans are one and the same run."""
-    a, b = plan.to_dict(), other.to_dict()
-    own = {"name", "out_dir", "stages"}
-    if config_diff({k: v for k, v in a.items() if k not in own}, {k: v for k, v in b.items() if k not in own},
-                   ignore=RESUME_FREE):
+    settings, stages = _plan_diff(plan.to_dict(), other.to_dict(), besides={"name", "out_dir"})
+    if settings:
         return 0
-    n = 0
-    while n < min(len(a["stages"]), len(b["stages"])) and not config_diff(a["stages"][n], b["stages"][n],
-                                                                            ignore=RESUME_FREE):
-        n += 1
-    return n
+    return next((k for k, changed in enumerate(stages) if changed), len(stages))
 
 
 def reuse_stages(plan: Plan, others: list[Plan], *, progress: bool = True) -> int:
@@ -384,18 +390,14 @@ def reuse_stages(plan: Plan, others: list[Plan], *, progress: bool = True) -> in
     so `run_plan` finds the stage finished and goes on from its student. Stages `plan` has finished itself are
     left as they are. When the selection chooses one teacher, `reversed` starts with the stage `progressive`
     is, and this trains it once. Returns how many stages `plan` now takes from another plan."""
-    def finished(p: Plan, k: int) -> bool:
-        return p.stage_student(k).exists() and p.stage_record(k).exists()
-
     best, n = None, 0
     for other in others:
         shared = shared_stages(plan, other)
-        while shared and not all(finished(other, k) for k in range(shared)):
-            shared -= 1
+        shared = next((k for k in range(shared) if not other.stage_finished(k)), shared)
         if other.out_dir != plan.out_dir and shared > n:
             best, n = other, shared
     for k in range(n):
-        if not finished(plan, k):
+        if not plan.stage_finished(k):
             link_files(best.stage_dir(k), plan.stage_dir(k))
             if progress:
                 step(f"{plan.name} stage {k + 1}/{len(plan.stages)} ({plan.stages[k].name}): the same run as "
@@ -447,7 +449,7 @@ def run_plan(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
         cfg = plan.stage_train(k)
         epochs += cfg.epochs
         done = plan.stage_student(k)
-        if done.exists() and plan.stage_record(k).exists():
+        if plan.stage_finished(k):
             record = json.loads(plan.stage_record(k).read_text())
             if info.is_main:
                 rows[stage.name] = record
