@@ -385,6 +385,63 @@ def pr_curve(cocoeval: COCOeval, iou: float = 0.5, area: str = "all",
 
 
 # ----------------------------------------------------------------------------------------------------
+# The evaluation record
+class EvalRecord(dict):
+    """What `evaluate_detector` returns and writes (``eval.json``): a plain dict, so it is JSON as it is and
+    old code indexing it keeps working, with named accessors so that no caller spells its layout
+    (``record["metrics"]["bbox"]["stats"]["AP"]``).
+
+    Keys: ``{"name", "metrics": {iou_type: {"stats": {12 COCO stats}, "per_class_AP": {...}}}, "config",
+    "ann_file", "image_dir", "num_images", "num_detections", "iou_types", "seconds", "timestamp"}``; ``"path"``
+    when read from a file.
+    """
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "EvalRecord":
+        """The record in `path` (an ``eval.json``), with ``"path"`` set to its absolute path."""
+        path = Path(path)
+        try:
+            record = cls(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"cannot read the evaluation record {path}: {e}") from e
+        record["path"] = str(path.resolve())
+        return record
+
+    def stats(self, iou_type: str = "bbox") -> dict[str, float]:
+        """The 12 COCO stats (`STAT_NAMES`, fractions; -1 where undefined) for `iou_type`."""
+        return dict(self["metrics"][iou_type]["stats"])
+
+    def stat(self, name: str, iou_type: str = "bbox") -> float:
+        return float(self["metrics"][iou_type]["stats"][name])
+
+    @property
+    def ap(self) -> float:
+        """COCO box AP (IoU 0.50:0.95), a fraction."""
+        return self.stat("AP")
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.get("config") or {}
+
+    @property
+    def budget(self) -> dict[str, Any]:
+        """``{"init", "epochs"}``: the initialisation and the student's total epochs; see `budget_of`."""
+        return budget_of(self.config)
+
+
+def budget_of(config: dict[str, Any] | None) -> dict[str, Any]:
+    """The one budget reader: ``{"init", "epochs"}`` of a record's or checkpoint's config, the initialisation
+    and the student's total epochs. Configs written before budgets existed count their own training epochs
+    from an unnamed start ({} when they have no training settings either, e.g. a torchvision reference)."""
+    config = config if isinstance(config, dict) else {}
+    if config.get("budget"):
+        return dict(config["budget"])
+    if "train" in config:
+        return {"init": "unknown", "epochs": int(config["train"].get("epochs", 0))}
+    return {}
+
+
+# ----------------------------------------------------------------------------------------------------
 # Model -> metrics files
 def evaluation_files(folder: str | os.PathLike, name: str = "eval") -> tuple[Path, Path]:
     """(record, COCO results): the files `evaluate_detector(..., out_dir=folder, name=name)` writes,
@@ -396,7 +453,7 @@ def evaluate_detector(model: nn.Module, dataset: CocoDetection, label_map: Label
                       out_dir: str | os.PathLike | None = None, name: str = "model",
                       device: str | torch.device | None = "cpu", batch_size: int = 4,
                       iou_types: Sequence[str] | None = None, config: Any = None,
-                      progress: bool = True) -> dict[str, Any]:
+                      progress: bool = True) -> EvalRecord:
     """Predict over `dataset`, evaluate against its COCO ground truth, and optionally write JSON files.
 
     iou_types: default ``("bbox", "segm")`` for a detector with masks (a Mask R-CNN, i.e. it has
@@ -420,7 +477,7 @@ def evaluate_detector(model: nn.Module, dataset: CocoDetection, label_map: Label
 
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         config = dataclasses.asdict(config)
-    record = {
+    record = EvalRecord({
         "name": name,
         "metrics": metrics,
         "config": config,
@@ -431,7 +488,7 @@ def evaluate_detector(model: nn.Module, dataset: CocoDetection, label_map: Label
         "iou_types": list(iou_types),
         "seconds": {"predict": round(predict_s, 3), "evaluate": round(evaluate_s, 3)},
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    })
     if out_dir is not None:
         record_file, results_file = evaluation_files(out_dir, name)
         results_to_json(results, results_file)
