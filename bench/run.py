@@ -8,7 +8,8 @@ measured side by side in one run so that machine noise cancels.
     .venv/bin/python bench/run.py --only evaluation loader   # some parts only
 
 What is measured (timed runs interleave A, B, B, A, ... after warm-up; medians are reported):
-- ``distill``: a `Distiller` step (forward, backward, optimizer step; MGD on every common FPN level) over a
+- ``distill``: a `Distiller` step (the engine's own `train_step`: forward, backward, optimizer and scheduler
+  steps, finite checks; MGD on every common FPN level) over a
   student step plus the teacher's no-grad backbone+FPN forward on the same transformed batch. The target
   is <= 1.05. Two more rows help read it: the same Distiller with a loss that costs nothing (its machinery
   alone: feature tap, level naming, teacher call; the rest of the gap is MGD's generation convolutions) and
@@ -168,6 +169,20 @@ def build_models(cfg: BenchConfig, device: torch.device) -> tuple[nn.Module, nn.
 
 
 STEPS = ("distill", "student+teacher", "student", "distill_free_loss")
+
+
+class WithTeacher(nn.Module):
+    """The student's forward `(images, targets) -> {name: loss}`, then `teacher_forward()` (not trained): under
+    the engine's step, the teacher runs inside the student's autocast, as a Distiller's teacher does."""
+
+    def __init__(self, student: nn.Module, teacher_forward: Callable[[], None]) -> None:
+        super().__init__()
+        self.student, self.teacher_forward = student, teacher_forward
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
+        losses = self.student(images, targets)
+        self.teacher_forward()
+        return losses
 PARTS = ("distill", "evaluation", "loader", "selection", "memory", "settings")
 
 
@@ -192,8 +207,8 @@ def step_fns(cfg: BenchConfig, device: torch.device, kinds: tuple[str, ...] = ST
         return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 
     make = {"distill": lambda: TrainStep(distiller(cfg.loss, cfg.loss_params), images, targets, cfg.train, device),
-            "student+teacher": lambda: TrainStep(copy.deepcopy(student), images, targets, cfg.train, device,
-                                                 teacher_forward),
+            "student+teacher": lambda: TrainStep(WithTeacher(copy.deepcopy(student), teacher_forward), images,
+                                                 targets, cfg.train, device),
             "student": lambda: TrainStep(copy.deepcopy(student), images, targets, cfg.train, device),
             "distill_free_loss": lambda: TrainStep(distiller("mse", {"loss_weight": 0.0}), images, targets,
                                                    cfg.train, device)}

@@ -253,7 +253,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
     _add_data_args(p)
     p.add_argument("--out", required=True,
-                   help="run folder: last.pt, model.pt, metrics.json, eval.json. Re-running resumes with the same "
+                   help="run folder: last.pt, model.pt, history.json, eval.json. Re-running resumes with the same "
                         "settings; other settings are refused")
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from the preset's student and training settings")
     g = p.add_argument_group("detector (default: the preset's student, else the value shown)")

@@ -30,7 +30,7 @@ import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -407,9 +407,28 @@ class EvalRecord(dict):
         record["path"] = str(path.resolve())
         return record
 
+    @classmethod
+    def of(cls, value: Mapping[str, Any]) -> "EvalRecord":
+        """`value` as a record: an `evaluate_detector` record (a plain dict read from JSON too), or `coco_evaluate`'s
+        output ``{iou_type: {"stats", "per_class_AP"}}`` as the metrics of a record without config."""
+        if isinstance(value, cls):
+            return value
+        return cls(value if "metrics" in value else {"metrics": value})
+
+    @classmethod
+    def of_stats(cls, stats: dict[str, float], config: dict[str, Any] | None = None,
+                 iou_type: str = "bbox") -> "EvalRecord":
+        """A record of `stats` (the 12 COCO stats of `iou_type`, e.g. one seed's from a report) and `config` alone,
+        for what reads records (`comparison_table`, `pkdkit.viz.plot_ap_bars`)."""
+        return cls({"metrics": {iou_type: {"stats": stats}}, "config": config or {}})
+
     def stats(self, iou_type: str = "bbox") -> dict[str, float]:
         """The 12 COCO stats (`STAT_NAMES`, fractions; -1 where undefined) for `iou_type`."""
         return dict(self["metrics"][iou_type]["stats"])
+
+    def has(self, iou_type: str) -> bool:
+        """Whether the record holds `iou_type`'s metrics (a box-only model has no "segm")."""
+        return iou_type in self.get("metrics", {})
 
     def stat(self, name: str, iou_type: str = "bbox") -> float:
         return float(self["metrics"][iou_type]["stats"][name])
@@ -498,14 +517,14 @@ def evaluate_detector(model: nn.Module, dataset: CocoDetection, label_map: Label
 
 # ----------------------------------------------------------------------------------------------------
 # Reporting
-def comparison_table(metrics_by_run: dict[str, dict], iou_type: str = "bbox",
+def comparison_table(metrics_by_run: Mapping[str, Mapping[str, Any]], iou_type: str = "bbox",
                      stats: Sequence[str] = ("AP", "AP50", "AP75", "APs", "APm", "APl")) -> str:
     """A markdown table of COCO stats (in %, one decimal), one row per run, plus AP minus the first row's.
 
-    metrics_by_run: run name -> `coco_evaluate` output or `evaluate_detector` record (anything with
-    ``[iou_type]["stats"]`` or ``["metrics"][iou_type]["stats"]``). Undefined stats (-1) and runs without
-    `iou_type` show ``n/a``. When records carry a budget (``record["config"]["budget"]``: the initialisation
-    and the student's total epochs), the table shows both, so that extra epochs are never read as a gain.
+    metrics_by_run: run name -> `coco_evaluate` output or `evaluate_detector` record (`EvalRecord.of`).
+    Undefined stats (-1) and runs without `iou_type` show ``n/a``. When records carry a budget
+    (`EvalRecord.budget`: the initialisation and the student's total epochs), the table shows both, so that
+    extra epochs are never read as a gain.
     """
     if not metrics_by_run:
         raise ValueError("comparison_table: no runs given")
@@ -513,19 +532,16 @@ def comparison_table(metrics_by_run: dict[str, dict], iou_type: str = "bbox",
     if unknown:
         raise ValueError(f"comparison_table: unknown stats {unknown}; known: {STAT_NAMES}")
 
-    def stat_values(run: dict) -> dict[str, float] | None:
-        metrics = run.get("metrics", run)
-        return metrics[iou_type]["stats"] if iou_type in metrics else None
-
     def fmt(v: float | None, sign: str = "") -> str:
         return "n/a" if v is None or v < 0 else f"{100 * v:{sign}.1f}"
 
-    budgets = {run: record_budget(m) for run, m in metrics_by_run.items()}
+    records = {run: EvalRecord.of(m) for run, m in metrics_by_run.items()}
+    budgets = {run: record.budget for run, record in records.items()}
     with_budget = any(budgets.values())
     rows = []
     ref_ap = None
-    for i, (run, metrics) in enumerate(metrics_by_run.items()):
-        values = stat_values(metrics)
+    for i, (run, record) in enumerate(records.items()):
+        values = record.stats(iou_type) if record.has(iou_type) else None
         ap = values.get("AP") if values else None
         if i == 0:
             ref_ap = ap
@@ -538,12 +554,6 @@ def comparison_table(metrics_by_run: dict[str, dict], iou_type: str = "bbox",
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def record_budget(record: dict) -> dict:
-    """The budget of an `evaluate_detector` record (``{"init", "epochs"}``), or {} when it has none."""
-    config = record.get("config") if isinstance(record, dict) else None
-    return dict(config.get("budget") or {}) if isinstance(config, dict) else {}
 
 
 def format_delta(points: float) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from pkdkit.engine import TrainConfig, detector_files, train_detector
+from pkdkit.evaluate import EvalRecord
 from pkdkit.files import write_json
 from pkdkit.models import DetectorSpec
 from pkdkit.data import DataConfig
@@ -74,7 +75,7 @@ def torchrun(job: dict[str, Any], job_file: str | os.PathLike, nproc: int, *, ta
 
 
 def train_detector_distributed(spec: DetectorSpec, data: DataConfig, cfg: TrainConfig, out_dir: str | os.PathLike,
-                               nproc: int, *, config: dict[str, Any] | None = None) -> dict[str, Any]:
+                               nproc: int, *, config: dict[str, Any] | None = None) -> EvalRecord:
     """`pkdkit.engine.train_detector` on `nproc` processes; returns the evaluation record (`eval.json`)."""
     out = Path(out_dir).resolve()
     model_file, record_file = detector_files(out)
@@ -82,7 +83,7 @@ def train_detector_distributed(spec: DetectorSpec, data: DataConfig, cfg: TrainC
         job = {"step": "train", "spec": spec.to_dict(), "data": asdict(data), "train": cfg.to_dict(),
                "out": str(out), "config": config or {}}
         torchrun(job, out / "launch.json", nproc)
-    return json.loads(record_file.read_text())
+    return EvalRecord.read(record_file)
 
 
 def run_plan_distributed(plan: Plan, nproc: int, *, progress: bool = True) -> dict[str, Any]:

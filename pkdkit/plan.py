@@ -28,7 +28,7 @@ start ratio is recorded for every stage. Loss hyper-parameters and levels defaul
 the student's detector family (`pkdkit.losses.loss_defaults`).
 
 The run directory holds ``plan.yaml``, ``stage_<k>_<name>/{calibration.json, last.pt, student.pt,
-metrics.json, eval.json}``, ``summary.json`` and, when fine-tuning, ``baseline/eval.json`` (the checkpoint
+history.json, eval.json}``, ``summary.json`` and, when fine-tuning, ``baseline/eval.json`` (the checkpoint
 the plan started from). Every record carries its `budget`: the initialisation and the student's total epochs.
 Running a plan again skips finished stages and resumes an interrupted one exactly. Leading stages that an
 earlier plan already trained identically are taken from it rather than trained again (`reuse_stages`).
@@ -43,16 +43,17 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from torch import nn
 
 from pkdkit.config import check_fields, check_value, config_diff
-from pkdkit.data import DataConfig, LabelMap, make_loader
-from pkdkit.distill import build_distiller, calibrate_loss_weight, inherit_teacher_head
-from pkdkit.engine import (RESUME_FREE, TrainConfig, barrier, init_distributed, resolve_device, seed_everything, train,
-                           training_files)
+from pkdkit.data import CocoDetection, DataConfig, LabelMap, make_loader
+from pkdkit.distill import Distiller, build_distiller, calibrate_loss_weight, inherit_teacher_head
+from pkdkit.engine import (RESUME_FREE, DistInfo, TrainConfig, barrier, history_file, init_distributed, resolve_device,
+                           seed_everything, train, training_files)
 from pkdkit.errors import ConfigError, PkdkitError, reason
-from pkdkit.evaluate import comparison_table, evaluate_detector, evaluation_files
+from pkdkit.evaluate import EvalRecord, budget_of, comparison_table, evaluate_detector, evaluation_files
 from pkdkit.features import common_levels, feature_levels
 from pkdkit.files import link_files, write_json, write_text
 from pkdkit.losses import LOSSES, build_loss, loss_hparams
@@ -142,8 +143,8 @@ class Plan:
         return training_files(self.stage_dir(k))[0]
 
     def stage_history(self, k: int) -> Path:
-        """Stage k's per-epoch metrics."""
-        return training_files(self.stage_dir(k))[1]
+        """Stage k's per-epoch metrics (`pkdkit.engine.history_file`)."""
+        return history_file(self.stage_dir(k))
 
     def stage_finished(self, k: int) -> bool:
         """Stage k has its student and its evaluation record: a run of the plan skips it."""
@@ -413,101 +414,159 @@ def run_plan(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
     ...}, "table": markdown}. Each stage's record config holds the stage (teacher, effective loss parameters
     and levels, what the student inherited, the loss-weight calibration) and the run's `budget`.
     """
-    info = init_distributed(plan.train.device)
-    out = Path(plan.out_dir)
-    val_ds = plan.data.val_dataset()
-    label_map = val_ds.label_map
-    validate_plan(plan, label_map)
-    train_ds = plan.data.train_dataset(label_map)
-    device = resolve_device(plan.train.device)
-    _check_same_plan(plan, plan.plan_file)
-    if info.is_main:
-        save_plan(plan, plan.plan_file)
-    config = plan.to_dict()
-
-    def evaluate(model: nn.Module, folder: Path, cfg: dict[str, Any]) -> dict[str, Any]:
-        return evaluate_detector(model, val_ds, label_map, out_dir=folder, name="eval", device=device,
-                                 config=cfg, progress=progress)
-
-    rows: dict[str, Any] = {}
-    seed_everything(plan.train.seed)
-    if plan.fine_tunes:
-        student, _, _ = load_model(plan.student_init, expected=plan.student)
-        init = f"fine-tune of {Path(plan.student_init).parent.name}/{Path(plan.student_init).name}"
-        epochs = int(budget_of(load_checkpoint(plan.student_init).get("config", {}))["epochs"])
-        baseline_json = evaluation_files(out / "baseline")[0]
-        if info.is_main:
-            rows["baseline"] = (json.loads(baseline_json.read_text()) if baseline_json.exists() else evaluate(
-                student, baseline_json.parent, {**config, "budget": {"init": init, "epochs": epochs}}))
-    else:
-        student = build_detector(plan.student)
-        init, epochs = initial_weights_label(plan.student, plan.train.seed), 0
-    init_ref = plan.student_init or "initial"
-
+    run = _PlanRun.open(plan, progress)
+    student = _starting_student(run)
     for k, stage in enumerate(plan.stages):
-        folder = plan.stage_dir(k)
         cfg = plan.stage_train(k)
-        epochs += cfg.epochs
-        done = plan.stage_student(k)
+        student.epochs += cfg.epochs
         if plan.stage_finished(k):
-            record = json.loads(plan.stage_record(k).read_text())
-            if info.is_main:
-                rows[stage.name] = record
-            init = record["config"]["budget"]["init"]
-            init_ref = str(done)
-            continue
-        seed_everything(cfg.seed + 1000 * (k + 1))
-        if k > 0:  # hand-over: the previous stage's student-only weights
-            student, _, _ = load_model(init_ref, expected=plan.student)
-        teacher, t_spec, t_map = load_model(stage.teacher, size=stage.teacher_size)
-        fingerprint = state_fingerprint(student)
-        inherited = inherit_teacher_head(student, teacher, label_map, t_map) if plan.inherits(k) else None
-        if inherited is not None:
-            init += f" + neck/head of {stage.name} ({len(inherited['copied'])} tensors)"
-            if progress and info.is_main:
-                skipped = inherited["skipped_classes"]
-                step(f"stage 1 ({stage.name}): the student inherits {len(inherited['copied'])} neck/head tensors "
-                     f"from the teacher (classifier rows of {len(inherited['matched_classes'])} categories matched "
-                     f"by name); skipped {len(inherited['skipped'])} tensors (absent or another shape)"
-                     + (f" and the categories {skipped[:5]}{'...' if len(skipped) > 5 else ''}" if skipped else ""))
-        distiller = build_distiller(student, teacher, stage.loss, stage.loss_params or None, stage.levels)
-        calibration = _calibrate(distiller, stage, train_ds, cfg, plan.stage_calibration(k), device, info.is_main)
-        distiller.weight = calibration["weight"]
-        if progress and info.is_main:
-            step(f"{plan.name} stage {k + 1}/{len(plan.stages)} ({stage.name}): distillation weight "
-                 f"{distiller.weight:.4g}"
-                 + (f" (auto: distillation starts at {stage.loss_ratio:g}x the detection loss)"
-                    if stage.loss_weight == "auto" else "")
-                 + (f"; at the start distillation / detection = {calibration['start_ratio']:.3g}"
-                    if "start_ratio" in calibration else ""))
-        first = next(iter(distiller.losses.values()))
-        stage_config = {**config, "budget": {"init": init, "epochs": epochs},
-                        "stage": {**asdict(stage), "index": k + 1, "init_from": init_ref, "init_fingerprint": fingerprint,
-                                  "teacher_spec": t_spec.to_dict(), "inherited": inherited,
-                                  "levels_used": list(distiller.losses),
-                                  "loss_params_used": {n: getattr(first, n) for n in loss_hparams(stage.loss)},
-                                  "loss_weight_used": distiller.weight, "calibration": calibration}}
-        train(distiller, train_ds, cfg.replace(progress=progress and cfg.progress), folder,
-              desc=f"{plan.name} stage {k + 1}/{len(plan.stages)} {stage.name}", config=stage_config)
-        if info.is_main:
-            save_detector(done, distiller.student, plan.student, label_map, config=stage_config)
-            rows[stage.name] = evaluate(distiller.student, folder, stage_config)
-            if progress:
-                step(f"{plan.name} stage {k + 1}/{len(plan.stages)} ({stage.name}): evaluated, "
-                     f"AP {rows[stage.name]['metrics']['bbox']['stats']['AP']:.3f}")
-        barrier(info)
-        student = distiller.student
-        init_ref = str(done)
-        del distiller, teacher
+            record = EvalRecord.read(plan.stage_record(k))
+            student.init = record.budget["init"]
+        else:
+            distiller, stage_config = _prepare_stage(run, student, k, cfg)
+            record = _train_stage(run, k, cfg, distiller, stage_config)
+        if run.info.is_main:
+            run.rows[stage.name] = record
+        student.ref = str(plan.stage_student(k))
+    return run.summary()
 
-    summary: dict[str, Any] = {"plan": config}
-    if info.is_main:
-        summary["rows"] = rows
-        summary["table"] = comparison_table(rows)
-        write_json(summary, plan.summary_file)
-        if progress:
-            print(f"\n{plan.name}: student after each stage (val set)\n{summary['table']}")
-    return summary
+
+@dataclass
+class _PlanRun:
+    """What the stages of one `run_plan` call share: the plan, this process, the data, and the rows of the
+    summary (records on the main process only)."""
+
+    plan: Plan
+    progress: bool
+    info: DistInfo
+    val_ds: CocoDetection
+    train_ds: CocoDetection
+    device: torch.device
+    rows: dict[str, EvalRecord] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, plan: Plan, progress: bool) -> "_PlanRun":
+        """Read and check the data and the plan, refuse a run directory of another plan, save the plan there."""
+        info = init_distributed(plan.train.device)
+        val_ds = plan.data.val_dataset()
+        validate_plan(plan, val_ds.label_map)
+        run = cls(plan, progress, info, val_ds, plan.data.train_dataset(val_ds.label_map),
+                  resolve_device(plan.train.device))
+        _check_same_plan(plan, plan.plan_file)
+        if info.is_main:
+            save_plan(plan, plan.plan_file)
+        return run
+
+    @property
+    def label_map(self) -> LabelMap:
+        return self.val_ds.label_map
+
+    def say(self, message: str) -> None:
+        if self.progress and self.info.is_main:
+            step(message)
+
+    def evaluate(self, model: nn.Module, folder: Path, config: dict[str, Any]) -> EvalRecord:
+        """Evaluate `model` on the validation set into `folder` (`eval.json`), its record carrying `config`."""
+        return evaluate_detector(model, self.val_ds, self.label_map, out_dir=folder, name="eval", device=self.device,
+                                 config=config, progress=self.progress)
+
+    def summary(self) -> dict[str, Any]:
+        """{"plan"[, "rows", "table"] (main process)}, written to `Plan.summary_file` and its table printed."""
+        summary: dict[str, Any] = {"plan": self.plan.to_dict()}
+        if self.info.is_main:
+            summary["rows"] = self.rows
+            summary["table"] = comparison_table(self.rows)
+            write_json(summary, self.plan.summary_file)
+            if self.progress:
+                print(f"\n{self.plan.name}: student after each stage (val set)\n{summary['table']}")
+        return summary
+
+
+@dataclass
+class _Student:
+    """The plan's student between stages: where the next stage starts from and the budget so far."""
+
+    model: nn.Module  # what stage 1 starts from; later stages load `ref`
+    init: str  # the budget's initialisation label
+    ref: str  # "initial", the fine-tuned checkpoint, or the last finished stage's student.pt
+    epochs: int  # the student's total epochs so far
+
+
+def _starting_student(run: _PlanRun) -> _Student:
+    """The student before stage 1, seeded by the plan's seed: its initial weights, or the checkpoint a
+    fine-tuning plan starts from (evaluated once, as the summary's "baseline" row)."""
+    plan = run.plan
+    seed_everything(plan.train.seed)
+    if not plan.fine_tunes:
+        return _Student(build_detector(plan.student), initial_weights_label(plan.student, plan.train.seed),
+                        "initial", 0)
+    model, _, _ = load_model(plan.student_init, expected=plan.student)
+    start = Path(plan.student_init)
+    student = _Student(model, f"fine-tune of {start.parent.name}/{start.name}", plan.student_init,
+                       int(budget_of(load_checkpoint(start).get("config")).get("epochs", 0)))
+    baseline = evaluation_files(Path(plan.out_dir) / "baseline")[0]
+    if run.info.is_main:
+        run.rows["baseline"] = (EvalRecord.read(baseline) if baseline.exists() else
+                                run.evaluate(model, baseline.parent, {**plan.to_dict(), "budget": {"init": student.init,
+                                                                                     "epochs": student.epochs}}))
+    return student
+
+
+def _prepare_stage(run: _PlanRun, student: _Student, k: int, cfg: TrainConfig) -> tuple[Distiller, dict[str, Any]]:
+    """Stage k's Distiller, seeded by the stage: the student handed over from stage k-1 (stage 1: `student`,
+    inheriting the teacher's neck and head where the plan says so), the teacher and the calibrated
+    distillation weight; and the config its checkpoints and record carry."""
+    plan, stage = run.plan, run.plan.stages[k]
+    seed_everything(cfg.seed + 1000 * (k + 1))
+    model = student.model if k == 0 else load_model(student.ref, expected=plan.student)[0]
+    teacher, t_spec, t_map = load_model(stage.teacher, size=stage.teacher_size)
+    fingerprint = state_fingerprint(model)
+    inherited = inherit_teacher_head(model, teacher, run.label_map, t_map) if plan.inherits(k) else None
+    if inherited is not None:
+        student.init += f" + neck/head of {stage.name} ({len(inherited['copied'])} tensors)"
+        run.say(_inheritance_message(stage, inherited))
+    distiller = build_distiller(model, teacher, stage.loss, stage.loss_params or None, stage.levels)
+    calibration = _calibrate(distiller, stage, run.train_ds, cfg, plan.stage_calibration(k), run.device,
+                             run.info.is_main)
+    distiller.weight = calibration["weight"]
+    run.say(f"{plan.name} stage {k + 1}/{len(plan.stages)} ({stage.name}): distillation weight {distiller.weight:.4g}"
+            + (f" (auto: distillation starts at {stage.loss_ratio:g}x the detection loss)"
+               if stage.loss_weight == "auto" else "")
+            + (f"; at the start distillation / detection = {calibration['start_ratio']:.3g}"
+               if "start_ratio" in calibration else ""))
+    first = next(iter(distiller.losses.values()))
+    stage_config = {**plan.to_dict(), "budget": {"init": student.init, "epochs": student.epochs},
+                    "stage": {**asdict(stage), "index": k + 1, "init_from": student.ref, "init_fingerprint": fingerprint,
+                              "teacher_spec": t_spec.to_dict(), "inherited": inherited,
+                              "levels_used": list(distiller.losses),
+                              "loss_params_used": {n: getattr(first, n) for n in loss_hparams(stage.loss)},
+                              "loss_weight_used": distiller.weight, "calibration": calibration}}
+    return distiller, stage_config
+
+
+def _inheritance_message(stage: Stage, inherited: dict[str, Any]) -> str:
+    skipped = inherited["skipped_classes"]
+    return (f"stage 1 ({stage.name}): the student inherits {len(inherited['copied'])} neck/head tensors from the "
+            f"teacher (classifier rows of {len(inherited['matched_classes'])} categories matched by name); skipped "
+            f"{len(inherited['skipped'])} tensors (absent or another shape)"
+            + (f" and the categories {skipped[:5]}{'...' if len(skipped) > 5 else ''}" if skipped else ""))
+
+
+def _train_stage(run: _PlanRun, k: int, cfg: TrainConfig, distiller: Distiller,
+                 stage_config: dict[str, Any]) -> EvalRecord | None:
+    """Train stage k, then (main process) save its student (`Plan.stage_student`, the hand-over) and evaluate
+    it; returns the record (None on the other processes)."""
+    plan, stage = run.plan, run.plan.stages[k]
+    where = f"{plan.name} stage {k + 1}/{len(plan.stages)}"
+    train(distiller, run.train_ds, cfg.replace(progress=run.progress and cfg.progress), plan.stage_dir(k),
+          desc=f"{where} {stage.name}", config=stage_config)
+    record = None
+    if run.info.is_main:
+        save_detector(plan.stage_student(k), distiller.student, plan.student, run.label_map, config=stage_config)
+        record = run.evaluate(distiller.student, plan.stage_dir(k), stage_config)
+        run.say(f"{where} ({stage.name}): evaluated, AP {record.ap:.3f}")
+    barrier(run.info)
+    return record
 
 
 CALIBRATION_BATCHES = 4
@@ -531,11 +590,3 @@ def _calibrate(distiller: nn.Module, stage: Stage, train_ds: Any, cfg: TrainConf
     if is_main:
         write_json(result, path)
     return result
-
-
-def budget_of(config: dict[str, Any]) -> dict[str, Any]:
-    """{"init", "epochs"} of a record's or checkpoint's config: the initialisation and the student's total
-    epochs. Older records without a budget count their own training epochs from an unnamed start."""
-    if "budget" in config:
-        return config["budget"]
-    return {"init": "unknown", "epochs": int(config.get("train", {}).get("epochs", 0))}

@@ -31,7 +31,7 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 from torch import Tensor, nn
 
-from pkdkit.evaluate import format_delta, record_budget
+from pkdkit.evaluate import EvalRecord, format_delta
 from pkdkit.losses import CWDLoss, FGDLoss, MGDLoss, MSELoss, PKDLoss, check_boxes, fgd_attention, fgd_masks
 
 __all__ = ["feature_summary", "plot_feature_maps", "plot_feature_difference", "plot_loss_masks",
@@ -505,9 +505,8 @@ def plot_loss_curves(histories: Mapping[str, Any], sequential: bool = True) -> F
 
 
 def _stat(record: Mapping[str, Any], stat: str, iou_type: str, run: str) -> float | None:
-    metrics = record.get("metrics", record)
     try:
-        value = float(metrics[iou_type]["stats"][stat])
+        value = EvalRecord.of(record).stat(stat, iou_type)
     except (KeyError, TypeError) as e:
         raise ValueError(f"plot_ap_bars: run {run!r} has no {iou_type} {stat} (expected an evaluate record "
                          f"with ['metrics'][{iou_type!r}]['stats'][{stat!r}]); missing {e}") from e
@@ -517,10 +516,9 @@ def _stat(record: Mapping[str, Any], stat: str, iou_type: str, run: str) -> floa
 def plot_ap_bars(rows: Mapping[str, Any], stat: str = "AP", iou_type: str = "bbox") -> Figure:
     """Horizontal bars of one COCO stat (in %) per run, the first run (the baseline) on top.
 
-    rows: {run: evaluate record (``record["metrics"][iou_type]["stats"][stat]``, or `coco_evaluate`'s
-    output)} or {run: [records, one per seed]} for mean ± sample std error bars. Each bar is labelled
+    rows: {run: evaluate record or `coco_evaluate`'s output (`pkdkit.evaluate.EvalRecord.of`)} or {run: [records, one per seed]} for mean ± sample std error bars. Each bar is labelled
     with its value and its difference to the baseline; undefined stats (-1) show "n/a". Records with a
-    budget (`pkdkit.evaluate.record_budget`) show the student's total epochs beside the run name.
+    budget (`pkdkit.evaluate.EvalRecord.budget`) show the student's total epochs beside the run name.
     """
     if not rows:
         raise ValueError("plot_ap_bars: no runs given")
@@ -528,7 +526,7 @@ def plot_ap_bars(rows: Mapping[str, Any], stat: str = "AP", iou_type: str = "bbo
     for run, value in rows.items():
         records = list(value) if isinstance(value, Sequence) and not isinstance(value, (str, Mapping)) else [value]
         vals = [v for v in (_stat(r, stat, iou_type, run) for r in records) if v is not None]
-        epochs = record_budget(records[0]).get("epochs") if records else None
+        epochs = EvalRecord.of(records[0]).budget.get("epochs") if records else None
         names.append(f"{run} ({epochs} ep)" if epochs is not None else run)
         means.append(100 * float(np.mean(vals)) if vals else np.nan)
         stds.append(100 * float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0)

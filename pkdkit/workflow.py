@@ -17,12 +17,12 @@ from pkdkit.config import config_diff
 from pkdkit.distill import Distiller, build_distiller
 from pkdkit.engine import TrainConfig, resolve_device, train_detector
 from pkdkit.errors import PkdkitError, RunMismatchError
-from pkdkit.evaluate import evaluate_detector, evaluation_files
+from pkdkit.evaluate import EvalRecord, evaluate_detector, evaluation_files
 from pkdkit.files import write_json
 from pkdkit.launch import run_plan_distributed, train_detector_distributed
 from pkdkit.models import DetectorSpec, is_torchvision_weight, load_checkpoint, load_model
 from pkdkit.data import CocoDetection, DataConfig
-from pkdkit.plan import PLAN_FILE, Plan, Stage, budget_of, load_plan, reuse_stages, run_plan
+from pkdkit.plan import PLAN_FILE, Plan, Stage, load_plan, reuse_stages, run_plan
 from pkdkit.ordering import DEFAULT_STRATEGY, CostMatrix, Selection
 from pkdkit.presets import Preset, get_preset
 from pkdkit.progress import step
@@ -180,7 +180,7 @@ def _evaluate_reference(weights: str, size: tuple[int, int] | None, val_ds: Coco
                         progress: bool) -> dict[str, Any]:
     record_file = evaluation_files(out)[0]
     if record_file.exists():
-        return json.loads(record_file.read_text())
+        return EvalRecord.read(record_file)
     model, spec, label_map = load_model(weights, size=size)
     matched = label_map.onto(val_ds.label_map)
     return evaluate_detector(model, val_ds, matched, out_dir=out, name="eval", device=resolve_device(device),
@@ -195,7 +195,7 @@ def model_refs(preset: Preset, run_dir: str | os.PathLike) -> dict[str, str]:
 
 
 def candidate_aps(records: dict[str, dict[str, Any]]) -> dict[str, float]:
-    return {name: r["metrics"]["bbox"]["stats"]["AP"] for name, r in records.items() if name != STUDENT}
+    return {name: EvalRecord(r).ap for name, r in records.items() if name != STUDENT}
 
 
 def select(preset: Preset, data: DataConfig, run_dir: str | os.PathLike, aps: dict[str, float], *,
@@ -337,26 +337,20 @@ def comparison_records(run_dir: str | os.PathLike, plans: list[Plan],
     and the last stage of every finished plan (a run of `orders` marked ``same_as`` a plan takes the record of
     that plan's stage ``same_stage``). Each record's config carries its `budget`."""
     rd = RunDir(run_dir)
-    records = {"baseline": _record(rd.record(STUDENT))}
+    records = {"baseline": EvalRecord.read(rd.record(STUDENT))}
     if rd.record(BASELINE_LONG).exists():
-        records[BASELINE_LONG] = _record(rd.record(BASELINE_LONG))
+        records[BASELINE_LONG] = EvalRecord.read(rd.record(BASELINE_LONG))
     for plan in plans:
         last = plan.stage_record(len(plan.stages) - 1)
         if last.exists():
-            records[plan.name] = _record(last)
+            records[plan.name] = EvalRecord.read(last)
     by_name = {plan.name: plan for plan in plans}
     for name, o in (orders or {}).items():
         if o.get("same_as") in by_name:
             stage = by_name[o["same_as"]].stage_record(o["same_stage"] - 1)
             if stage.exists():
-                records[name] = _record(stage)
+                records[name] = EvalRecord.read(stage)
     return dict(sorted(records.items(), key=lambda kv: RUN_ORDER.index(kv[0]) if kv[0] in RUN_ORDER else len(RUN_ORDER)))
-
-
-def _record(path: Path) -> dict[str, Any]:
-    record = json.loads(path.read_text())
-    record["path"] = str(path.resolve())
-    return record
 
 
 def write_comparison(run_dir: str | os.PathLike, records: dict[str, dict[str, Any]],
@@ -365,7 +359,7 @@ def write_comparison(run_dir: str | os.PathLike, records: dict[str, dict[str, An
     epochs) and teacher order with where it came from, plus `order_check`. Notebook 5 reads it back."""
     rd = RunDir(run_dir)
     runs = {name: {"record": str(Path(r["path"]).relative_to(rd.root)),
-                   "budget": budget_of(r.get("config") or {}),
+                   "budget": EvalRecord(r).budget,
                    "order": orders.get(name, {}).get("order", []),
                    "source": orders.get(name, {}).get("source", "no teacher")} for name, r in records.items()}
     comparison = {"runs": runs, "order_check": order_check(records, orders)}
@@ -381,14 +375,14 @@ def load_comparison(run_dir: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"no comparison in {run_dir}: run notebook 03 (staged distillation) first")
     comparison = json.loads(rd.comparison.read_text())
     files = {n: evaluation_files((rd.root / r["record"]).parent) for n, r in comparison["runs"].items()}
-    comparison["records"] = {n: _record(record) for n, (record, _) in files.items()}
+    comparison["records"] = {n: EvalRecord.read(record) for n, (record, _) in files.items()}
     comparison["results"] = {n: results for n, (_, results) in files.items()}
     return comparison
 
 
 def order_check(records: dict[str, dict[str, Any]], orders: dict[str, dict[str, Any]], stat: str = "AP") -> dict[str, Any]:
     """Was the selected order (the `progressive` run) the best of the teacher orders that were run?"""
-    aps = {n: records[n]["metrics"]["bbox"]["stats"][stat] for n in orders if n in records}
+    aps = {n: EvalRecord(records[n]).stat(stat) for n in orders if n in records}
     if "progressive" not in aps:
         return {}
     best = max(aps, key=aps.get)
@@ -483,8 +477,7 @@ def seed_study(reports: list[str | os.PathLike], stats: tuple[str, ...] = ("AP",
         values = {s: [m["evaluation"][name][s] for m in metrics] for s in stats}
         runs[name] = {s: {"values": v, "mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
                       for s, v in values.items()}
-        records[name] = [{"metrics": {"bbox": {"stats": m["evaluation"][name]}}, "config": {"budget": budgets[name]}}
-                         for m in metrics]
+        records[name] = [EvalRecord.of_stats(m["evaluation"][name], {"budget": budgets[name]}) for m in metrics]
     header = "| run | epochs | init | " + " | ".join(stats) + " |\n|---|---:|---|" + "---:|" * len(stats)
     lines = [f"| {n} | {budgets[n].get('epochs', '?')} | {budgets[n].get('init', '?')} | "
              + " | ".join(f"{100 * r[s]['mean']:.1f} ± {100 * r[s]['std']:.1f}" for s in stats) + " |"
