@@ -481,7 +481,8 @@ def evaluate_detector(model: nn.Module, dataset: CocoDetection, label_map: Label
     Returns the record ``{"name", "metrics": {iou_type: {...}}, "config", "ann_file", "image_dir",
     "num_images", "num_detections", "iou_types", "seconds": {"predict", "evaluate"}, "timestamp"}``;
     with `out_dir`, it is written to ``<out_dir>/<name>.json`` and the COCO results (dataset category ids)
-    to ``<out_dir>/<name>_results.json``, both atomically (`evaluation_files`).
+    to ``<out_dir>/<name>_results.json``, both atomically (`evaluation_files`), and the record returned has
+    ``"path"``, as one read back with `EvalRecord.read` has.
     """
     tic = time.perf_counter()
     results = predict(model, dataset, label_map, device=device, batch_size=batch_size, progress=progress)
@@ -512,6 +513,7 @@ def evaluate_detector(model: nn.Module, dataset: CocoDetection, label_map: Label
         record_file, results_file = evaluation_files(out_dir, name)
         results_to_json(results, results_file)
         write_json(record, record_file)
+        record["path"] = str(record_file.resolve())
     return record
 
 

@@ -141,7 +141,7 @@ def test_two_stage_plan_hands_the_student_over_and_reruns_skip(tiny_coco, label_
     run = tmp_path / "run"
     s1, s2 = run / "stage_1_r34", run / "stage_2_fcos50"
     for d in (s1, s2):
-        assert {"last.pt", "student.pt", "metrics.json", "eval.json", "eval_results.json"} <= {p.name for p in d.iterdir()}
+        assert {"last.pt", "student.pt", "history.json", "eval.json", "eval_results.json"} <= {p.name for p in d.iterdir()}
     assert list(summary["rows"]) == ["r34", "fcos50"]  # the paper's protocol: no trained baseline to start from
     assert "| r34 | 1 | initial (random, seed 0) + neck/head of r34" in summary["table"] and "| fcos50 | 3 |" in summary["table"]
     # stage 2 provably starts from stage 1's student
@@ -162,7 +162,7 @@ def test_two_stage_plan_hands_the_student_over_and_reruns_skip(tiny_coco, label_
     assert json.loads((s2 / "eval.json").read_text())["config"]["budget"]["epochs"] == 3
     # student-only hand-over: no distillation adapters in student.pt
     assert not any(k.startswith("losses.") for k in load_checkpoint(s2 / "student.pt")["model"])
-    assert json.loads((s2 / "metrics.json").read_text())["epochs"][-1]["epoch"] == 2
+    assert json.loads((s2 / "history.json").read_text())["epochs"][-1]["epoch"] == 2
     assert (run / "plan.yaml").exists() and json.loads((run / "summary.json").read_text())["table"] == summary["table"]
     mtimes = {p: p.stat().st_mtime for p in (s1 / "student.pt", s2 / "student.pt")}
     again = run_plan(load_plan(plan_path), progress=False)
@@ -181,7 +181,7 @@ def test_kill_in_stage_two_and_resume_matches_uninterrupted_run(tiny_coco, label
     straight, killed = plan_file("straight"), plan_file("killed")
     subprocess.run([*cmd, str(straight)], check=True, capture_output=True)
     proc = subprocess.Popen([*cmd, str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "killed" / "stage_2_fcos50" / "metrics.json"
+    metrics = tmp_path / "killed" / "stage_2_fcos50" / "history.json"
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.exists() and len(json.loads(metrics.read_text())["epochs"]) >= 1):
         time.sleep(0.2)
@@ -213,7 +213,7 @@ def test_a_stage_another_plan_trained_identically_is_linked_not_trained_again_an
     assert reuse_stages(two, [one], progress=False) == 0  # nothing finished yet: nothing to take
 
     run_plans([one, two], progress=False)
-    for name in ("student.pt", "last.pt", "eval.json", "metrics.json", "calibration.json"):
+    for name in ("student.pt", "last.pt", "eval.json", "history.json", "calibration.json"):
         assert (two.stage_dir(0) / name).samefile(one.stage_dir(0) / name)
     handed = json.loads(two.stage_record(1).read_text())["config"]["stage"]
     assert handed["init_from"] == str(two.stage_student(0))

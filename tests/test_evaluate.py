@@ -19,8 +19,10 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 
-from pkdkit.evaluate import (STAT_NAMES, coco_evaluate, comparison_table, distinct_results, evaluate_detector,
-                             format_delta, plot_pr_curves, pr_curve, predict, results_to_json, run_cocoeval)
+from pkdkit.data import DataError
+from pkdkit.evaluate import (STAT_NAMES, EvalRecord, budget_of, coco_evaluate, comparison_table, distinct_results,
+                             evaluate_detector, format_delta, plot_pr_curves, pr_curve, predict, results_to_json,
+                             run_cocoeval)
 
 SIZE = 200
 CATEGORIES = [{"id": 2, "name": "circle"}, {"id": 5, "name": "square"}, {"id": 9, "name": "triangle"},
@@ -240,6 +242,31 @@ def test_comparison_table_has_one_row_per_run_and_ap_delta_to_the_first():
     assert segm.splitlines()[-1] == "| a | n/a | n/a |"
 
 
+def test_eval_record_names_its_stats_and_budget_and_reads_what_evaluate_writes(tmp_path):
+    record = EvalRecord({"metrics": _metrics(0.25, 0.5), "config": {"budget": {"init": "initial", "epochs": 12}}})
+    assert record.ap == 0.25 and record.stat("AP50") == 0.5 and record.stats()["APs"] == -1.0
+    assert record.has("bbox") and not record.has("segm")
+    assert record.budget == {"init": "initial", "epochs": 12}
+    assert EvalRecord.of(_metrics(0.1, 0.2)).ap == 0.1 and EvalRecord.of(record) is record  # coco_evaluate's output
+    assert EvalRecord.of_stats(record.stats(), record.config) == {"metrics": {"bbox": {"stats": record.stats()}},
+                                                                  "config": record.config}
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(record))
+    assert EvalRecord.read(path) == {**record, "path": str(path.resolve())}
+    with pytest.raises(DataError, match="cannot read the evaluation record"):
+        EvalRecord.read(tmp_path / "missing.json")
+
+
+def test_budget_of_reads_the_budget_or_counts_the_epochs_of_configs_written_before_budgets():
+    assert budget_of({"budget": {"init": "x", "epochs": 3}, "train": {"epochs": 9}}) == {"init": "x", "epochs": 3}
+    assert budget_of({"train": {"epochs": 9}}) == {"init": "unknown", "epochs": 9}
+    assert budget_of({"weights": "FCOS_ResNet50_FPN_Weights.COCO_V1"}) == {} == budget_of(None)
+    # a table shows budgets only when a record has one: a torchvision reference beside a trained student
+    table = comparison_table({"student": {"metrics": _metrics(0.2, 0.4), "config": {"budget": {"init": "i", "epochs": 2}}},
+                              "reference": {"metrics": _metrics(0.3, 0.5), "config": {"weights": "W"}}}, stats=("AP",))
+    assert table.splitlines()[2:] == ["| student | 2 | i | 20.0 | 0.0 |", "| reference | ? | ? | 30.0 | +10.0 |"]
+
+
 def test_plot_pr_curves_returns_a_figure_with_one_curve_per_run(gt_path, tmp_path):
     from matplotlib.figure import Figure
 
@@ -366,7 +393,8 @@ def test_evaluate_detector_writes_results_and_metrics_with_their_config(tiny_coc
     assert record["iou_types"] == ["bbox"]
     assert set(record["metrics"]["bbox"]["stats"]) == set(STAT_NAMES)
     saved = json.loads((tmp_path / "eval" / "student.json").read_text())
-    assert saved == record
+    assert EvalRecord.read(tmp_path / "eval" / "student.json") == record  # the record returned is the one written
+    assert record["path"] == str((tmp_path / "eval" / "student.json").resolve()) and "path" not in saved
     assert saved["config"] == config
     assert saved["ann_file"] == str(tiny_coco["val_json"])
     assert saved["timestamp"] and saved["num_images"] == len(ds)

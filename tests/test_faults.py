@@ -169,7 +169,7 @@ def test_rerunning_with_the_same_settings_returns_the_saved_result(finished_run,
 def test_resuming_checks_the_dataset_and_the_spec(finished_run, data, tmp_path, capsys):
     partial = tmp_path / "partial"
     partial.mkdir()
-    for name in ("last.pt", "metrics.json"):  # a run killed after its last epoch's checkpoint
+    for name in ("last.pt", "history.json"):  # a run killed after its last epoch's checkpoint
         shutil.copy(finished_run / name, partial / name)
     before = snapshot(partial)
     other = tmp_path / "other_data"
