@@ -2,8 +2,8 @@
 
 `train(model, dataset, cfg, out_dir)` trains anything whose forward `(images, targets)` returns a dict of
 losses: a torchvision detector in train mode, or a `pkdkit.distill.Distiller`: set-up (loader, optimizer,
-scheduler), resume, then `train_one_epoch` (one `train_step` per batch) and a checkpoint per epoch (or every `checkpoint_every`
-epochs). It writes an atomic checkpoint (`last.pt`: model, optimizer, scheduler, AMP scaler, RNG states,
+scheduler), resume, then `train_one_epoch` (one `train_step` per batch) and a checkpoint per epoch (or every
+`checkpoint_every` epochs). It writes an atomic checkpoint (`last.pt`: model, optimizer, scheduler, AMP scaler, RNG states,
 history) and `history.json` together, and resumes from `last.pt` when run again with the same config. Each
 epoch re-seeds every RNG from (seed, epoch) and the sampler shuffles by (seed, epoch), so a run killed mid-epoch and
 resumed ends with exactly the weights of an uninterrupted run.
@@ -333,7 +333,8 @@ def _train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig
 
 
 def _resume(ckpt_path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-            scaler: torch.amp.GradScaler, full_config: dict[str, Any], device: torch.device) -> tuple[list[dict[str, Any]], int]:
+            scaler: torch.amp.GradScaler, full_config: dict[str, Any],
+            device: torch.device) -> tuple[list[dict[str, Any]], int]:
     """(history, first epoch to run): from `ckpt_path` when it exists (model, optimizer, scheduler, AMP scaler
     and every RNG restored, after checking it was written with the same settings), else ([], 0)."""
     if not ckpt_path.exists():

@@ -506,9 +506,9 @@ def _starting_student(run: _PlanRun) -> _Student:
                        int(budget_of(load_checkpoint(start).get("config")).get("epochs", 0)))
     baseline = evaluation_files(Path(plan.out_dir) / "baseline")[0]
     if run.info.is_main:
-        run.rows["baseline"] = (EvalRecord.read(baseline) if baseline.exists() else
-                                run.evaluate(model, baseline.parent, {**plan.to_dict(), "budget": {"init": student.init,
-                                                                                     "epochs": student.epochs}}))
+        budget = {"init": student.init, "epochs": student.epochs}
+        run.rows["baseline"] = (EvalRecord.read(baseline) if baseline.exists()
+                                else run.evaluate(model, baseline.parent, {**plan.to_dict(), "budget": budget}))
     return student
 
 
@@ -536,8 +536,8 @@ def _prepare_stage(run: _PlanRun, student: _Student, k: int, cfg: TrainConfig) -
                if "start_ratio" in calibration else ""))
     first = next(iter(distiller.losses.values()))
     stage_config = {**plan.to_dict(), "budget": {"init": student.init, "epochs": student.epochs},
-                    "stage": {**asdict(stage), "index": k + 1, "init_from": student.ref, "init_fingerprint": fingerprint,
-                              "teacher_spec": t_spec.to_dict(), "inherited": inherited,
+                    "stage": {**asdict(stage), "index": k + 1, "init_from": student.ref,
+                              "init_fingerprint": fingerprint, "teacher_spec": t_spec.to_dict(), "inherited": inherited,
                               "levels_used": list(distiller.losses),
                               "loss_params_used": {n: getattr(first, n) for n in loss_hparams(stage.loss)},
                               "loss_weight_used": distiller.weight, "calibration": calibration}}

@@ -516,7 +516,8 @@ def _stat(record: Mapping[str, Any], stat: str, iou_type: str, run: str) -> floa
 def plot_ap_bars(rows: Mapping[str, Any], stat: str = "AP", iou_type: str = "bbox") -> Figure:
     """Horizontal bars of one COCO stat (in %) per run, the first run (the baseline) on top.
 
-    rows: {run: evaluate record or `coco_evaluate`'s output (`pkdkit.evaluate.EvalRecord.of`)} or {run: [records, one per seed]} for mean ± sample std error bars. Each bar is labelled
+    rows: {run: evaluate record or `coco_evaluate`'s output (`pkdkit.evaluate.EvalRecord.of`)} or
+    {run: [records, one per seed]} for mean ± sample std error bars. Each bar is labelled
     with its value and its difference to the baseline; undefined stats (-1) show "n/a". Records with a
     budget (`pkdkit.evaluate.EvalRecord.budget`) show the student's total epochs beside the run name.
     """

@@ -262,8 +262,9 @@ def test_budget_of_reads_the_budget_or_counts_the_epochs_of_configs_written_befo
     assert budget_of({"train": {"epochs": 9}}) == {"init": "unknown", "epochs": 9}
     assert budget_of({"weights": "FCOS_ResNet50_FPN_Weights.COCO_V1"}) == {} == budget_of(None)
     # a table shows budgets only when a record has one: a torchvision reference beside a trained student
-    table = comparison_table({"student": {"metrics": _metrics(0.2, 0.4), "config": {"budget": {"init": "i", "epochs": 2}}},
-                              "reference": {"metrics": _metrics(0.3, 0.5), "config": {"weights": "W"}}}, stats=("AP",))
+    student = {"metrics": _metrics(0.2, 0.4), "config": {"budget": {"init": "i", "epochs": 2}}}
+    reference = {"metrics": _metrics(0.3, 0.5), "config": {"weights": "W"}}
+    table = comparison_table({"student": student, "reference": reference}, stats=("AP",))
     assert table.splitlines()[2:] == ["| student | 2 | i | 20.0 | 0.0 |", "| reference | ? | ? | 30.0 | +10.0 |"]
 
 
