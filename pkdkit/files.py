@@ -83,6 +83,8 @@ def write_failure(path: Path, error: OSError) -> WriteError:
     large" (EFBIG), else the system's own words (a read-only folder: "Permission denied")."""
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         cause = f"no space left on device in {path.parent}; free some space and run again"
+    elif error.errno in (errno.EEXIST, errno.ENOTDIR):
+        cause = "a part of its folder's path is a file, not a folder"
     elif error.errno == errno.EFBIG:
         cause = "file too large (the file system's or the process's file size limit, ulimit -f)"
     else:
