@@ -172,9 +172,14 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_select(args: argparse.Namespace) -> int:
     from pkdkit.files import run_lock
-    from pkdkit.selection import run_selection
+    from pkdkit.selection import check_teacher_names, run_selection
 
-    teachers = dict(_name_eq_path(t) for t in args.teachers)
+    pairs = [_name_eq_path(t) for t in args.teachers]
+    try:
+        check_teacher_names([name for name, _ in pairs])
+    except ConfigError as e:
+        raise ConfigError(f"--teachers: {e}") from None
+    teachers = dict(pairs)
     aps = None
     if args.ap:
         try:
@@ -229,7 +234,7 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pkdkit.models import export_model
 
-    path = export_model(args.checkpoint, args.format, args.out)
+    path = export_model(args.checkpoint, args.format, args.out, force=args.force)
     print(f"{args.format} export of {args.checkpoint}: {path} (spec, label map"
           f"{' and the torchvision code that builds it' if args.format == 'torchvision' else ''}: {path}.json)")
     return 0
@@ -324,7 +329,10 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["torchvision", "onnx"], default="torchvision",
                    help="torchvision: plain state dict + <out>.json with the code that builds it; onnx: needs "
                         "pip install 'pkdkit[onnx]' (default: %(default)s)")
-    p.add_argument("--out", required=True, help="output file (e.g. student.pth or student.onnx)")
+    p.add_argument("--out", required=True, help="output file (e.g. student.pth or student.onnx); <out>.json is "
+                                                "written beside it. Existing files are refused unless --force")
+    p.add_argument("--force", action="store_true", help="replace existing output files (never a run folder's own "
+                                                       "files, such as its model.pt)")
     p.set_defaults(func=cmd_export)
 
 

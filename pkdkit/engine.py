@@ -35,7 +35,7 @@ from pkdkit.errors import ConfigError, PkdkitError, RunMismatchError
 from pkdkit.evaluate import EvalRecord, evaluate_detector, evaluation_files
 from pkdkit.files import run_lock, write_json
 from pkdkit.models import (DetectorSpec, atomic_save, build_detector, initial_weights_label, load_checkpoint,
-                           save_detector, state_fingerprint)
+                           model_meta, save_detector, state_fingerprint)
 from pkdkit.progress import bar as progress_bar, step as progress_step
 
 
@@ -516,6 +516,7 @@ def train_detector(spec: DetectorSpec, train_ds: CocoDetection, val_ds: CocoDete
         if model_file.exists() and record_file.exists():
             record = EvalRecord.read(record_file)
             check_same_run(record.config, full, record_file)
+            model_meta(model_file)  # the saved model is still the detector checkpoint written (digest, weights)
             if cfg.progress and info.is_main:
                 progress_step(f"train {spec.name}: trained earlier, AP {record.ap:.3f} ({out_dir.name})")
             return record

@@ -41,7 +41,7 @@ from torch import nn
 
 from pkdkit.data import CocoDetection, DataError, LabelMap, collate_fn, load_coco
 from pkdkit.fasteval import DEFAULT_COCOEVAL
-from pkdkit.files import write_json
+from pkdkit.files import check_name, write_json
 from pkdkit.models import eval_mode
 from pkdkit.progress import bar as progress_bar
 
@@ -464,7 +464,8 @@ def budget_of(config: dict[str, Any] | None) -> dict[str, Any]:
 # Model -> metrics files
 def evaluation_files(folder: str | os.PathLike, name: str = "eval") -> tuple[Path, Path]:
     """(record, COCO results): the files `evaluate_detector(..., out_dir=folder, name=name)` writes,
-    ``<folder>/<name>.json`` and ``<folder>/<name>_results.json``."""
+    ``<folder>/<name>.json`` and ``<folder>/<name>_results.json`` (`name`: one path component)."""
+    check_name(name, "evaluation name")
     return Path(folder) / f"{name}.json", Path(folder) / f"{name}_results.json"
 
 

@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
@@ -352,25 +353,69 @@ def notebook_parameters(names: list[str] | tuple[str, ...] = NOTEBOOKS) -> dict[
     return found
 
 
+# The declared types of the parameters whose default is None (the default says nothing of the type); notebook
+# 01's run settings are typed, and checked for range, by `pkdkit.workflow.RunSettings`.
+NONE_DEFAULT_TYPES = {"loss": "str | None", "fiftyone_dataset": "str | None"}
+
+
+def parameter_types(defaults: dict[str, Any]) -> dict[str, str]:
+    """{parameter: type annotation} of the notebooks' parameters: RunSettings' field for notebook 01's settings,
+    `NONE_DEFAULT_TYPES`, else the type of the default (a float default also takes an int)."""
+    from pkdkit.workflow import RunSettings
+
+    declared = {**{f.name: f.type for f in fields(RunSettings)}, **NONE_DEFAULT_TYPES}
+    types = {}
+    for key, default in defaults.items():
+        if key in declared:
+            types[key] = declared[key]
+        elif default is not None:
+            types[key] = "float" if isinstance(default, float) else type(default).__name__
+    return types
+
+
+def _matches(value: Any, annotation: str) -> bool:
+    """Whether `value` is of the type `annotation` ("int | None", "float", "list[str]", ...); an int is a float,
+    a bool is only a bool."""
+    kinds = {"int": int, "float": (int, float), "str": str, "list": list, "dict": dict, "None": type(None)}
+    for alt in annotation.split("|"):
+        base = alt.strip().split("[")[0]
+        if base == "bool" or isinstance(value, bool):
+            if base == "bool" and isinstance(value, bool):
+                return True
+        elif isinstance(value, kinds.get(base, ())):
+            return True
+    return False
+
+
 def check_parameters(names: list[str], parameters: dict[str, Any]) -> dict[str, Any]:
-    """Fail before any notebook runs: each parameter must be one of the notebooks' (not one set by an option)
-    and of its default's type (an int where the default is a float is fine; a None default takes any value).
+    """Fail before any notebook runs, and so before anything is written: each parameter must be one of the
+    notebooks' (not one set by an option), of its declared type (`parameter_types`; None only where the type
+    allows it), and notebook 01's run settings in range (`pkdkit.workflow.RunSettings`).
     Returns the notebooks' defaults."""
+    from pkdkit.errors import ConfigError
+    from pkdkit.workflow import RunSettings
+
     defaults = notebook_parameters(names)
+    types = parameter_types(defaults)
     valid = ", ".join(f"{k}={v!r}" for k, v in defaults.items() if k not in _SET_BY_OPTIONS)
     for key, value in parameters.items():
         if key in _SET_BY_OPTIONS:
             raise NotebookParameterError(f"parameter {key!r} is set with {_SET_BY_OPTIONS[key]}, not -p")
         if key not in defaults:
             raise NotebookParameterError(f"unknown notebook parameter {key!r}; the notebooks take: {valid}")
-        default = defaults[key]
-        if default is None or value is None:
-            continue
-        ok = isinstance(value, type(default)) and isinstance(value, bool) == isinstance(default, bool)
-        ok = ok or (isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool))
-        if not ok:
-            raise NotebookParameterError(f"notebook parameter {key!r} should be a {type(default).__name__} like "
-                                         f"its default {default!r}, got {value!r} ({type(value).__name__})")
+        if key not in types:
+            raise NotebookParameterError(f"notebook parameter {key!r} has no declared type (its default is None): "
+                                         f"declare it in pkdkit.notebooks.NONE_DEFAULT_TYPES")
+        if not _matches(value, types[key]):
+            kind = " or ".join(alt.strip() for alt in types[key].split("|"))
+            raise NotebookParameterError(f"notebook parameter {key!r} should be {'an' if kind[0] in 'aeiou' else 'a'} "
+                                         f"{kind} (its default is {defaults[key]!r}), got {value!r} "
+                                         f"({type(value).__name__})")
+    settings = {f.name: parameters[f.name] for f in fields(RunSettings) if f.name in parameters}
+    try:
+        RunSettings(**settings)
+    except ConfigError as e:
+        raise NotebookParameterError(f"notebook parameters: {e}") from None
     return defaults
 
 

@@ -55,7 +55,7 @@ from pkdkit.engine import (RESUME_FREE, DistInfo, TrainConfig, barrier, history_
 from pkdkit.errors import ConfigError, PkdkitError, reason
 from pkdkit.evaluate import EvalRecord, budget_of, comparison_table, evaluate_detector, evaluation_files
 from pkdkit.features import common_levels, feature_levels
-from pkdkit.files import link_files, write_json, write_text
+from pkdkit.files import check_name, link_files, write_json, write_text
 from pkdkit.losses import LOSSES, build_loss, loss_hparams
 from pkdkit.models import (CheckpointError, DetectorSpec, build_detector, initial_weights_label, is_torchvision_weight,
                            load_checkpoint, load_model, model_meta, save_detector, state_fingerprint)
@@ -95,6 +95,7 @@ class Stage:
     teacher_size: list[int] | None = None  # [min_size, max_size] the teacher runs at; None: its own
 
     def __post_init__(self) -> None:
+        check_name(self.name, "stage name")  # the stage's folder is stage_<k>_<name> inside the plan's out_dir
         if self.loss_weight != "auto":
             try:
                 self.loss_weight = float(self.loss_weight)
@@ -117,6 +118,9 @@ class Plan:
     out_dir: str
     student_init: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "plan name")
 
     # The run's layout under out_dir (see the module docstring)
     @property
@@ -216,12 +220,13 @@ class Plan:
             where = "data"
             data_d = _check_fields(DataConfig, d["data"], "data")
             data = DataConfig(**{k: (path(v) if k not in ("masks", "labels") else v) for k, v in data_d.items()})
+            where = "plan"
+            return cls(name=d["name"], student=student, data=data, stages=stages, out_dir=path(d["out_dir"]),
+                       student_init=path(d.get("student_init")), train=tcfg)
         except PlanError:
             raise
         except (TypeError, ValueError) as e:
             raise PlanError(f"{where}: {e}") from e
-        return cls(name=d["name"], student=student, data=data, stages=stages, out_dir=path(d["out_dir"]),
-                   student_init=path(d.get("student_init")), train=tcfg)
 
 
 def _check_fields(cls: type, values: Any, where: str) -> dict[str, Any]:

@@ -30,7 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from pkdkit.errors import ConfigError
 from pkdkit.features import backbone_features, common_levels, features_at, input_scale
+from pkdkit.files import check_name
 from pkdkit.models import eval_mode, load_model
 from pkdkit.ordering import DEFAULT_STRATEGY, CostMatrix, Selection, plot_cost_matrix, save_selection, select_teachers
 
@@ -357,6 +359,19 @@ def selection_files(out_dir: str | os.PathLike) -> tuple[Path, Path]:
     return Path(out_dir) / "selection.json", Path(out_dir) / "selection.png"
 
 
+def check_teacher_names(names: list[str]) -> None:
+    """Teacher names are unique, not "student" (the student's name in the cost matrix) and each one path
+    component (a teacher's name becomes a stage folder's name in a plan); else ConfigError."""
+    for name in names:
+        check_name(name, "teacher name")
+        if name == "student":
+            raise ConfigError(f"a teacher may not be named 'student', the name of the student in the cost matrix "
+                              f"(teachers: {names}); give it another name: NAME=CHECKPOINT")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"teacher names must be unique; {repeated} given more than once (teachers: {names})")
+
+
 def run_selection(student_ckpt: str | os.PathLike, teacher_ckpts: dict[str, str | os.PathLike], dataset: Any,
                   out_dir: str | os.PathLike, *, n_images: int = 64, strategy: str = DEFAULT_STRATEGY,
                   method: str = "closed_form", device: str = "cpu", aps: dict[str, float] | None = None,
@@ -367,8 +382,7 @@ def run_selection(student_ckpt: str | os.PathLike, teacher_ckpts: dict[str, str 
     first `n_images` images of `dataset`, order the teachers (`pkdkit.ordering.select_teachers`) and write
     `out_dir/selection.json` and `out_dir/selection.png`. The student is called "student" in the matrix.
     `sizes`: {name: (min_size, max_size)} input sizes that override a model's own."""
-    if "student" in teacher_ckpts:
-        raise ValueError(f"a teacher may not be named 'student' (teachers: {sorted(teacher_ckpts)})")
+    check_teacher_names(list(teacher_ckpts))
     if n_images < 1:
         raise ValueError(f"n_images must be >= 1, got {n_images}")
     sizes = sizes or {}

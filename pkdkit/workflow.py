@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from pkdkit.config import config_diff
+from pkdkit.config import check_fields, check_range, config_diff
 from pkdkit.distill import Distiller, build_distiller
 from pkdkit.engine import TrainConfig, resolve_device, train_detector
-from pkdkit.errors import PkdkitError, RunMismatchError
+from pkdkit.errors import ConfigError, PkdkitError, RunMismatchError
 from pkdkit.evaluate import EvalRecord, evaluate_detector, evaluation_files
 from pkdkit.files import write_json
 from pkdkit.launch import run_plan_distributed, train_detector_distributed
@@ -24,7 +24,7 @@ from pkdkit.models import DetectorSpec, is_torchvision_weight, load_checkpoint, 
 from pkdkit.data import CocoDetection, DataConfig
 from pkdkit.plan import PLAN_FILE, Plan, Stage, load_plan, reuse_stages, run_plan
 from pkdkit.ordering import DEFAULT_STRATEGY, CostMatrix, Selection
-from pkdkit.presets import Preset, get_preset
+from pkdkit.presets import PRESETS, Preset, get_preset
 from pkdkit.progress import step
 from pkdkit.rundir import RunDir
 from pkdkit.selection import run_selection
@@ -50,6 +50,15 @@ class RunSettings:
 
     # How the run is computed, not what it computes: these may change between sessions of one run.
     HOW = ("device", "gpus")
+
+    def __post_init__(self) -> None:
+        """Each setting of its field's type and in range (ConfigError naming it), so that settings are written
+        (`save_settings`) and a run started only with valid ones."""
+        check_fields(RunSettings, asdict(self), "run settings")
+        if self.preset not in PRESETS:
+            raise ConfigError(f"run settings: unknown preset {self.preset!r}; available: {sorted(PRESETS)}")
+        for name, low in (("seed", 0), ("epochs", 1), ("distill_epochs", 1), ("image_size", 32), ("gpus", 1)):
+            check_range(f"run settings: {name}", getattr(self, name), low)
 
     def describe(self) -> str:
         return ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
