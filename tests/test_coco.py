@@ -353,7 +353,7 @@ def test_gpus_2_distils_under_torchrun_streaming_its_output_and_a_failing_step_r
     out = capfd.readouterr().out
     assert "--nproc_per_node 2 -m pkdkit.launch" in out and "stage 1/1 t" in out  # the subprocess's progress
     # a training step (teachers, baseline) that fails on a rank fails here with the rank's error
-    with pytest.raises(LaunchError, match=r"failed with exit code 1: ConfigError: spec.num_classes=3 but .*instances_train"
+    with pytest.raises(LaunchError, match=r"failed with exit code 1: ConfigError: spec has num_classes=3 but the data .*instances_train"
                                           r".json has 5 categories(.|\n)*last lines of its output(.|\n)*Traceback"):
         train_detector_distributed(DetectorSpec(**{**spec.to_dict(), "num_classes": 3}), data, cfg, tmp_path / "bad", 2)
 
