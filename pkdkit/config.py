@@ -36,9 +36,16 @@ def field_types(cls: type) -> dict[str, Any]:
 
 def type_name(tp: Any) -> str:
     """A type as written in an annotation: "float | None", "tuple[int, ...]", "DetectorSpec"."""
-    if isinstance(tp, type) and not get_args(tp):
-        return "None" if tp is type(None) else tp.__name__
-    return str(tp).replace("typing.", "").replace("NoneType", "None")
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
+    if origin is Literal:
+        return f"Literal[{', '.join(repr(a) for a in args)}]"
+    if origin is not None:
+        return f"{type_name(origin)}[{', '.join('...' if a is Ellipsis else type_name(a) for a in args)}]"
+    if tp is type(None):
+        return "None"
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
 def _convert(value: Any, tp: Any) -> Any:
@@ -78,14 +85,21 @@ def _convert(value: Any, tp: Any) -> Any:
             if origin is tuple and args and args[-1] is not Ellipsis:  # tuple[int, int]: one type per item
                 if len(value) != len(args):
                     raise TypeError(f"expected {type_name(tp)} ({len(args)} items), found {value!r}")
-                items = [_convert(v, a) for v, a in zip(value, args)]
+                item_types = args
             else:
-                items = [_convert(v, args[0] if args else Any) for v in value]
-            return tuple(items) if (origin or tp) is tuple else items
+                item_types = (args[0] if args else Any,) * len(value)
+            try:
+                items = [_convert(v, a) for v, a in zip(value, item_types)]
+                return tuple(items) if (origin or tp) is tuple else items
+            except TypeError:
+                pass
     elif origin is dict or tp is dict:
         if isinstance(value, dict):
             key, val = args or (Any, Any)
-            return {_convert(k, key): _convert(v, val) for k, v in value.items()}
+            try:
+                return {_convert(k, key): _convert(v, val) for k, v in value.items()}
+            except TypeError:
+                pass
     elif dataclasses.is_dataclass(tp):
         if isinstance(value, (tp, dict)):  # a mapping is checked by the class when it is made from it
             return value
@@ -95,6 +109,13 @@ def _convert(value: Any, tp: Any) -> Any:
     elif isinstance(value, origin or tp):
         return value
     raise TypeError(f"expected {type_name(tp)}, found {value!r} ({type(value).__name__})")
+
+
+def value_type(tp: Any) -> Any:
+    """The plain type of one value of the annotation `tp`, None left out: float for ``float | None``, tuple
+    for ``tuple[float, ...]``, bool for ``bool | None`` (how a command-line option of that field reads it)."""
+    args = [a for a in get_args(tp) if a is not type(None)] if get_origin(tp) in (Union, types.UnionType) else [tp]
+    return get_origin(args[0]) or args[0]
 
 
 def check_value(value: Any, tp: Any, where: str) -> Any:
