@@ -1,9 +1,8 @@
 """Typed configuration from plain values (YAML, JSON, the command line): one checker for every dataclass.
 
-`check_fields(cls, values, where)` checks a mapping meant for the dataclass `cls` (known keys only, each value
-of its field's type) and returns the values converted; `check_types(obj, where)` does the same for the fields
-of a dataclass instance (its `__post_init__`), and `build(cls, values, where)` makes the instance from a
-mapping. Types are the fields' real annotations (`typing.get_type_hints`): ``X | None``, ``tuple[float, ...]``,
+`check_fields(cls, values, where)` checks a mapping meant for the dataclass `cls` (known keys only,
+`check_keys`; each value of its field's type) and returns the values converted; `check_types(obj, where)` does
+the same for the fields of a dataclass instance (its `__post_init__`). Types are the fields' real annotations (`typing.get_type_hints`): ``X | None``, ``tuple[float, ...]``,
 ``tuple[int, int]``, ``list[int] | None``, ``dict[str, Any]``, ``float | str`` (alternatives in order),
 ``Literal[...]``, `Path` (from a string), any other class by `isinstance`; a field typed as another dataclass
 takes an instance, or a mapping that class checks when it is made from it. Numbers written as strings are read
@@ -20,12 +19,9 @@ import os
 import types
 from dataclasses import fields
 from pathlib import PurePath
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from pkdkit.errors import ConfigError
-
-T = TypeVar("T")
-
 
 @functools.cache
 def field_types(cls: type) -> dict[str, Any]:
@@ -126,16 +122,24 @@ def check_value(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {e}") from None
 
 
-def check_fields(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
-    """Check a dict meant for the dataclass `cls`: a mapping, known keys only, each value of its field's type
-    (converted as `check_value` does). Fields typed as another dataclass take a mapping: that class checks it."""
+def check_keys(cls: type, values: Any, where: str) -> dict[str, Any]:
+    """The one check that `values` is a mapping of fields the dataclass `cls` has (ConfigError naming `where`,
+    the unknown keys and the known ones); returns it."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping, found {values!r} ({type(values).__name__})")
-    types_ = field_types(cls)
-    unknown = sorted(set(values) - set(types_))
+    unknown = sorted(set(values) - set(field_types(cls)))
     if unknown:
-        raise ConfigError(f"{where}: unknown keys {unknown}; known: {sorted(types_)}")
-    return {name: check_value(value, types_[name], f"{where}: {name}") for name, value in values.items()}
+        raise ConfigError(f"{where}: unknown keys {unknown}; known: {sorted(field_types(cls))}")
+    return values
+
+
+def check_fields(cls: type, values: Any, where: str) -> dict[str, Any]:
+    """Check a dict meant for the dataclass `cls`: `check_keys`, then each value of its field's type (converted
+    as `check_value` does); errors read "<where>: <field>: expected ...". Fields typed as another dataclass
+    take a mapping: that class checks it."""
+    types_ = field_types(cls)
+    return {name: check_value(value, types_[name], f"{where}: {name}")
+            for name, value in check_keys(cls, values, where).items()}
 
 
 def check_types(obj: Any, where: str) -> None:
@@ -143,16 +147,6 @@ def check_types(obj: Any, where: str) -> None:
     its `__post_init__`; errors read "<where> <field>: expected ..."."""
     for name, tp in field_types(type(obj)).items():
         object.__setattr__(obj, name, check_value(getattr(obj, name), tp, f"{where} {name}"))
-
-
-def build(cls: type[T], values: Any, where: str) -> T:
-    """The dataclass `cls` made from a plain mapping (`check_fields`), every field without a default given."""
-    values = check_fields(cls, values, where)
-    missing = [f.name for f in fields(cls) if f.init and f.name not in values
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ConfigError(f"{where}: missing {', '.join(repr(m) for m in missing)}")
-    return cls(**values)
 
 
 def check_range(where: str, value: float | int | None, lo: float | None = None, hi: float | None = None, *,

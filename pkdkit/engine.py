@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pkdkit.config import build, check_range, check_types
+from pkdkit.config import check_keys, check_range, check_types
 from pkdkit.data import CocoDetection, make_loader
 from pkdkit.errors import ConfigError, PkdkitError
 from pkdkit.evaluate import evaluate_detector, evaluation_files
@@ -118,7 +118,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        return build(cls, d, "training settings")
+        return cls(**check_keys(cls, d, "training settings"))
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return TrainConfig.from_dict({**self.to_dict(), **changes})

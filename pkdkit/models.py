@@ -30,7 +30,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-from pkdkit.config import build, check_types
+from pkdkit.config import check_keys, check_types
 from pkdkit.data import LabelMap
 from pkdkit.errors import ConfigError, PkdkitError, reason
 from pkdkit.files import atomic_write
@@ -112,7 +112,7 @@ class DetectorSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DetectorSpec":
-        return build(cls, d, "detector")
+        return cls(**check_keys(cls, d, "detector"))
 
     @property
     def name(self) -> str:
