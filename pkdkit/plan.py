@@ -248,7 +248,7 @@ def _check_loss_params(stage: Stage) -> dict[str, Any]:
             raise ConfigError(f"loss_params: {key} must be a finite number, got {params[key]}")
     try:
         build_loss(stage.loss, 256, 256, **params)
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         raise ConfigError(f"loss_params: {e}") from e
     return params
 
