@@ -469,7 +469,7 @@ def train_detector(spec: DetectorSpec, train_ds: CocoDetection, val_ds: CocoDete
     model, full = detector_run(spec, train_ds, val_ds, cfg, config)
     info = init_distributed(cfg.device)
     with run_lock(out_dir) if info.is_main else contextlib.nullcontext():
-        model_file, record_file = detector_files(out_dir)
+        model_file = detector_files(out_dir)[0]
         record = finished_detector(out_dir, full)
         if record is not None:
             if cfg.progress and info.is_main:
