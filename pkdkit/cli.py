@@ -17,6 +17,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from pkdkit.config import field_types, value_type
 from pkdkit.errors import ConfigError, PkdkitError
 
 if TYPE_CHECKING:
@@ -74,13 +75,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         default = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
         text = f.metadata.get("help", "")
-        if isinstance(default, bool):
+        kind = value_type(field_types(TrainConfig)[f.name])
+        if kind is bool:
             g.add_argument(flag, type=strict_bool, default=None, metavar="BOOL",
                            help=f"{text}: true or false (default {str(default).lower()})")
-        elif isinstance(default, tuple):
+        elif kind is tuple:
             g.add_argument(flag, type=float, nargs="+", default=None, help=f"{text} (default {list(default)})")
         else:
-            kind = int if isinstance(default, int) else float if f.type.startswith("float") else str
             g.add_argument(flag, type=kind, default=None, choices=f.metadata.get("choices"),
                            help=f"{text} (default {default})")
 
@@ -118,11 +119,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     spec_fields = {f.name for f in fields(DetectorSpec)}
     spec_args = {k: v for k, v in vars(args).items() if k in spec_fields and v is not None}
     base = preset.student.to_dict() if preset else {}
-    try:
-        spec = DetectorSpec.from_dict({**base, **spec_args,
-                                       "num_classes": args.num_classes or train_ds.label_map.num_classes})
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"detector: {e}") from e
+    spec = DetectorSpec.from_dict({**base, **spec_args, "num_classes": args.num_classes or train_ds.label_map.num_classes})
     record = train_detector(spec, train_ds, val_ds, cfg, args.out)
     if record:
         print(f"\n{spec.name} on {data.val_json}\n{comparison_table({spec.name: record})}")

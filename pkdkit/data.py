@@ -28,7 +28,8 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from pkdkit.errors import PkdkitError, reason
+from pkdkit.config import check_types
+from pkdkit.errors import ConfigError, PkdkitError, reason
 
 
 class DataError(PkdkitError, ValueError):
@@ -71,6 +72,13 @@ class LabelMap:
     def num_classes(self) -> int:
         """Number of model classes including background: `max(labels) + 1`."""
         return max(self.labels, default=0) + 1
+
+    def check_num_classes(self, num_classes: int, model: str, source: str | os.PathLike) -> None:
+        """The one check that a model of `num_classes` (with background) fits this map, the classes of the
+        data at `source`: ConfigError naming `model` (e.g. "student") and both counts."""
+        if num_classes != self.num_classes:
+            raise ConfigError(f"{model} has num_classes={num_classes} but the data {source} has "
+                              f"{len(self.cat_ids)} categories (num_classes={self.num_classes} with background)")
 
     def to_cat_id(self, label: int) -> int:
         try:
@@ -409,8 +417,9 @@ class DataConfig:
     labels: str = "contiguous"
 
     def __post_init__(self) -> None:
+        check_types(self, "data")
         if self.labels not in ("contiguous", "identity"):
-            raise ValueError(f"data.labels must be 'contiguous' or 'identity', not {self.labels!r}")
+            raise ConfigError(f"data.labels must be 'contiguous' or 'identity', not {self.labels!r}")
 
     @classmethod
     def from_root(cls, root: str | os.PathLike, masks: bool = False) -> "DataConfig":

@@ -20,7 +20,7 @@ import os
 import random
 import re
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,14 +29,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pkdkit.config import check_range, check_value, config_diff
+from pkdkit.config import check_keys, check_range, check_types
 from pkdkit.data import CocoDetection, make_loader
-from pkdkit.errors import ConfigError, PkdkitError, RunMismatchError
+from pkdkit.errors import ConfigError, PkdkitError
 from pkdkit.evaluate import EvalRecord, evaluate_detector, evaluation_files
 from pkdkit.files import run_lock, write_json
 from pkdkit.models import (DetectorSpec, atomic_save, build_detector, initial_weights_label, load_checkpoint,
                            model_meta, save_detector, state_fingerprint)
 from pkdkit.progress import bar as progress_bar, step as progress_step
+from pkdkit.runid import check_same_run
 
 
 class NonFiniteLossError(PkdkitError, RuntimeError):
@@ -91,8 +92,7 @@ class TrainConfig:
         """Type and range of every setting (ConfigError naming it): a NaN or infinite learning rate must not
         train for an epoch and leave a checkpoint of NaN weights. Numbers given as strings ("1e-3", as YAML
         reads them) are read as numbers."""
-        for f in fields(self):
-            setattr(self, f.name, check_value(getattr(self, f.name), f.type, f"training setting {f.name}"))
+        check_types(self, "training setting")
         if self.optimizer not in ("sgd", "adamw"):
             raise ConfigError(f"optimizer must be 'sgd' or 'adamw', not {self.optimizer!r}")
         if self.schedule not in ("multistep", "cosine"):
@@ -118,19 +118,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown training settings {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        return cls(**check_keys(cls, d, "training settings"))
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return TrainConfig.from_dict({**self.to_dict(), **changes})
 
-
-# Settings that do not change the result: a resumed run, or a plan run again, may change them.
-RESUME_FREE = {"progress", "num_workers", "device", "pin_memory", "persistent_workers", "prefetch_factor",
-               "channels_last", "checkpoint_every"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -340,7 +332,8 @@ def _resume(ckpt_path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     if not ckpt_path.exists():
         return [], 0
     state = load_checkpoint(ckpt_path, map_location=device)
-    check_same_run(json.loads(state["config"]), full_config, ckpt_path)
+    check_same_run(json.loads(state["config"]), full_config, f"{ckpt_path} was written with different settings",
+                   SAME_SETTINGS)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -433,13 +426,8 @@ def train_step(model: nn.Module, images: list[torch.Tensor], targets: list[dict[
     return {**losses, "loss": loss}
 
 
-def check_same_run(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
-    """Refuse to resume or reuse a run written with other settings (device, progress display and loader
-    workers may change); RunMismatchError names each differing setting."""
-    diff = config_diff(saved, now, ignore=RESUME_FREE)
-    if diff:
-        raise RunMismatchError(f"{path} was written with different settings ({'; '.join(diff)}); run again with the "
-                               f"same settings, or use another output folder (or delete this one) to start over")
+# What to do when an output folder holds a run of other settings (`pkdkit.runid.check_same_run`).
+SAME_SETTINGS = "run again with the same settings, or use another output folder (or delete this one) to start over"
 
 
 class FiniteChecks:
@@ -483,6 +471,35 @@ class FiniteChecks:
 
 
 # ----------------------------------------------------------------------------------------------------
+def detector_run(spec: DetectorSpec, train_ds: CocoDetection, val_ds: CocoDetection, cfg: TrainConfig,
+                 config: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """(the seeded initial model, the settings that identify the run) of `train_detector`: the spec, the
+    training settings, the data (annotation files and their content) and the `budget` (the initialisation,
+    named, with its state fingerprint, and the epochs), with `config` added."""
+    seed_everything(cfg.seed)
+    model = build_detector(spec)
+    budget = {"init": initial_weights_label(spec, cfg.seed), "epochs": cfg.epochs,
+              "init_fingerprint": state_fingerprint(model)}
+    full = {"spec": spec.to_dict(), "train": cfg.to_dict(),
+            "data": {"train": str(train_ds.ann_file.resolve()), "train_sha256": train_ds.fingerprint,
+                     "val": str(val_ds.ann_file.resolve()), "val_sha256": val_ds.fingerprint},
+            "budget": budget, **(config or {})}
+    return model, full
+
+
+def finished_detector(out_dir: str | os.PathLike, full: dict[str, Any]) -> EvalRecord | None:
+    """The evaluation record of a finished `train_detector` run in `out_dir` (its `model.pt` and record are
+    there), None when it has not finished; RunMismatchError (`pkdkit.runid.check_same_run`) when that run was
+    made with settings other than `full` (`detector_run`). Every "already trained" shortcut goes through it."""
+    model_file, record_file = detector_files(out_dir)
+    if not (model_file.exists() and record_file.exists()):
+        return None
+    record = EvalRecord.read(record_file)
+    check_same_run(record.config, full, f"{record_file} was written with different settings", SAME_SETTINGS)
+    model_meta(model_file)  # the saved model is still the detector checkpoint written (digest, weights)
+    return record
+
+
 def train_detector(spec: DetectorSpec, train_ds: CocoDetection, val_ds: CocoDetection, cfg: TrainConfig,
                    out_dir: str | os.PathLike, *, config: dict[str, Any] | None = None) -> EvalRecord:
     """Supervised training of one detector: build from `spec`, train, write `model.pt`, evaluate on `val_ds`.
@@ -497,26 +514,15 @@ def train_detector(spec: DetectorSpec, train_ds: CocoDetection, val_ds: CocoDete
     """
     out_dir = Path(out_dir)
     label_map = train_ds.label_map
-    if spec.num_classes != label_map.num_classes:
-        raise ConfigError(f"spec.num_classes={spec.num_classes} but {train_ds.ann_file} has "
-                          f"{len(label_map.cat_ids)} categories (num_classes={label_map.num_classes} with background)")
+    label_map.check_num_classes(spec.num_classes, "spec", train_ds.ann_file)
     train_ds.check_images()
     val_ds.check_images()
-    seed_everything(cfg.seed)
-    model = build_detector(spec)
-    budget = {"init": initial_weights_label(spec, cfg.seed), "epochs": cfg.epochs,
-              "init_fingerprint": state_fingerprint(model)}
-    full = {"spec": spec.to_dict(), "train": cfg.to_dict(),
-            "data": {"train": str(train_ds.ann_file.resolve()), "train_sha256": train_ds.fingerprint,
-                     "val": str(val_ds.ann_file.resolve()), "val_sha256": val_ds.fingerprint},
-            "budget": budget, **(config or {})}
+    model, full = detector_run(spec, train_ds, val_ds, cfg, config)
     info = init_distributed(cfg.device)
     with run_lock(out_dir) if info.is_main else contextlib.nullcontext():
-        model_file, record_file = detector_files(out_dir)
-        if model_file.exists() and record_file.exists():
-            record = EvalRecord.read(record_file)
-            check_same_run(record.config, full, record_file)
-            model_meta(model_file)  # the saved model is still the detector checkpoint written (digest, weights)
+        model_file = detector_files(out_dir)[0]
+        record = finished_detector(out_dir, full)
+        if record is not None:
             if cfg.progress and info.is_main:
                 progress_step(f"train {spec.name}: trained earlier, AP {record.ap:.3f} ({out_dir.name})")
             return record

@@ -21,7 +21,7 @@ import os
 import pickle
 import zipfile
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -33,6 +33,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
+from pkdkit.config import check_keys, check_types
 from pkdkit.data import LabelMap
 from pkdkit.errors import ConfigError, PkdkitError, reason
 from pkdkit.files import atomic_write
@@ -98,12 +99,13 @@ class DetectorSpec:
     trainable_layers: int | None = None
 
     def __post_init__(self) -> None:
+        """Every field's type (ConfigError naming it; a list of anchor sizes becomes a tuple), then its value."""
+        check_types(self, "detector")
         if self.arch not in ARCHS:
-            raise ValueError(f"unknown arch {self.arch!r}; expected one of {ARCHS}")
+            raise ConfigError(f"unknown arch {self.arch!r}; expected one of {ARCHS}")
         if self.backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone {self.backbone!r}; expected one of {tuple(BACKBONES)}")
+            raise ConfigError(f"unknown backbone {self.backbone!r}; expected one of {tuple(BACKBONES)}")
         if self.anchor_sizes is not None:
-            self.anchor_sizes = tuple(int(s) for s in self.anchor_sizes)
             if len(self.anchor_sizes) != FPN_LEVELS or min(self.anchor_sizes) < 1:
                 raise ConfigError(f"anchor_sizes must be {FPN_LEVELS} sizes >= 1 px, one per FPN level (smallest "
                                   f"first), found {list(self.anchor_sizes)}")
@@ -113,8 +115,8 @@ class DetectorSpec:
                               f"are resized so the short side is min_size and the long side at most max_size), "
                               f"found min_size={self.min_size!r}, max_size={self.max_size!r}")
         if self.arch == "fcos" and self.fpn_channels % 32:
-            raise ValueError(f"FCOS's head uses GroupNorm(32, C): fpn_channels must be a multiple of 32, "
-                             f"not {self.fpn_channels}")
+            raise ConfigError(f"FCOS's head uses GroupNorm(32, C): fpn_channels must be a multiple of 32, "
+                              f"not {self.fpn_channels}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -123,11 +125,7 @@ class DetectorSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DetectorSpec":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown DetectorSpec fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        return cls(**check_keys(cls, d, "detector"))
 
     @property
     def name(self) -> str:

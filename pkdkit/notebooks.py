@@ -21,10 +21,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from pkdkit.config import config_diff
-from pkdkit.errors import PkdkitError, RunMismatchError
+from pkdkit.errors import PkdkitError
 from pkdkit.files import run_lock, write_json
 from pkdkit.progress import MARK
+from pkdkit.runid import check_same_run, identity
 
 NOTEBOOKS = (
     "01_data_and_teachers.ipynb",
@@ -308,7 +308,7 @@ def _reference_timings(preset: str, out: Path, name: str, params: dict[str, Any]
     that did the same work: the copy in `out` if it ran there before, else the committed example of the
     preset, whichever report's `metrics.json` parameters equal `params` (with the notebooks' `defaults` for
     those not given) but for display and path parameters; None if neither fits."""
-    work = {k: v for k, v in {**defaults, **params}.items() if k not in _DISPLAY_PARAMETERS}
+    work = identity({**defaults, **params})
     for folder in (out, example_dir(preset)):
         path, metrics = folder / name, folder / "metrics.json"
         if not (path.exists() and metrics.exists()):
@@ -330,10 +330,6 @@ class NotebookParameterError(PkdkitError, ValueError):
 # Parameters set by run_notebooks' own arguments (--preset, --run-dir, ...), not by -p.
 _SET_BY_OPTIONS = {"preset": "--preset", "run_dir": "--run-dir", "device": "--device",
                    "figures_dir": "--out", "report_metrics": "--out"}
-# Parameters that change how results are shown or where, not what is trained: a run directory may be
-# re-used with other values of these.
-_DISPLAY_PARAMETERS = {"run_dir", "device", "progress", "figures_dir", "report_metrics", "image_index", "mode",
-                       "launch_app", "fiftyone_dataset", "iou"}
 RUN_PARAMETERS = "parameters.json"
 # Parameters that are paths: given to the notebooks relative to the report folder (their working directory).
 PATH_PARAMETERS = {"run_dir", "figures_dir", "report_metrics", "data_root"}
@@ -421,15 +417,13 @@ def check_parameters(names: list[str], parameters: dict[str, Any]) -> dict[str, 
 
 def _check_same_run_parameters(run_dir: Path, params: dict[str, Any]) -> None:
     """A run directory holds one run: refuse parameters that change what its models are (epochs, seed, loss,
-    ...) against those it was made with; record them on its first use."""
+    ...) against those it was made with (how it is computed and what is shown may change: `pkdkit.runid`);
+    record them on its first use."""
     record = run_dir / RUN_PARAMETERS
-    now = {k: v for k, v in params.items() if k not in _DISPLAY_PARAMETERS}
+    now = identity(params)
     if record.exists():
-        saved = json.loads(record.read_text())
-        diff = config_diff(saved, now)
-        if diff:
-            raise RunMismatchError(f"{run_dir} holds a run made with other notebook parameters ({'; '.join(diff)}); "
-                                   f"use another --run-dir, or delete it to start over")
+        check_same_run(json.loads(record.read_text()), now, f"{run_dir} holds a run made with other notebook parameters",
+                       "use another --run-dir, or delete it to start over")
     else:
         write_json(now, record)
 

@@ -47,26 +47,27 @@ import torch
 import yaml
 from torch import nn
 
-from pkdkit.config import check_fields, check_value, config_diff
+from pkdkit.config import check_fields, check_types, check_value
 from pkdkit.data import CocoDetection, DataConfig, LabelMap, make_loader
 from pkdkit.distill import Distiller, build_distiller, calibrate_loss_weight, inherit_teacher_head
-from pkdkit.engine import (RESUME_FREE, DistInfo, TrainConfig, barrier, history_file, init_distributed, resolve_device,
+from pkdkit.engine import (DistInfo, TrainConfig, barrier, history_file, init_distributed, resolve_device,
                            seed_everything, train, training_files)
-from pkdkit.errors import ConfigError, PkdkitError, reason
+from pkdkit.errors import ConfigError, reason
 from pkdkit.evaluate import EvalRecord, budget_of, comparison_table, evaluate_detector, evaluation_files
 from pkdkit.features import common_levels, feature_levels
 from pkdkit.files import check_name, link_files, write_json, write_text
-from pkdkit.losses import LOSSES, build_loss, loss_hparams
+from pkdkit.losses import build_loss, loss_hparams
 from pkdkit.models import (CheckpointError, DetectorSpec, build_detector, initial_weights_label, is_torchvision_weight,
                            load_checkpoint, load_model, model_meta, save_detector, state_fingerprint)
 from pkdkit.ordering import Selection
 from pkdkit.progress import step
+from pkdkit.runid import mismatch, run_diff
 
 
 PLAN_FILE = "plan.yaml"  # in a plan's out_dir: the plan that ran there
 
 
-class PlanError(PkdkitError, ValueError):
+class PlanError(ConfigError):
     """A plan that cannot run; the message names the stage and the field."""
 
 
@@ -95,18 +96,20 @@ class Stage:
     teacher_size: list[int] | None = None  # [min_size, max_size] the teacher runs at; None: its own
 
     def __post_init__(self) -> None:
+        """Every field's type, the loss and its parameters (`_check_loss_params`), the distillation weight:
+        ConfigError naming the field (a plan adds the stage)."""
+        check_types(self, f"stage {self.name!r}")
         check_name(self.name, "stage name")  # the stage's folder is stage_<k>_<name> inside the plan's out_dir
         if self.loss_weight != "auto":
-            try:
-                self.loss_weight = float(self.loss_weight)
-            except (TypeError, ValueError):
-                raise ValueError(f"stage {self.name!r}: loss_weight must be a number >= 0 or 'auto', "
-                                 f"not {self.loss_weight!r}") from None
+            if isinstance(self.loss_weight, str):
+                raise ConfigError(f"stage {self.name!r}: loss_weight must be a number >= 0 or 'auto', "
+                                  f"not {self.loss_weight!r}")
             if not self.loss_weight >= 0 or self.loss_weight == float("inf"):
-                raise ValueError(f"stage {self.name!r}: loss_weight must be a finite number >= 0, not {self.loss_weight}")
-        self.loss_ratio = float(self.loss_ratio)
+                raise ConfigError(f"stage {self.name!r}: loss_weight must be a finite number >= 0, "
+                                  f"not {self.loss_weight}")
         if not 0 < self.loss_ratio < float("inf"):
-            raise ValueError(f"stage {self.name!r}: loss_ratio must be a finite number > 0, not {self.loss_ratio}")
+            raise ConfigError(f"stage {self.name!r}: loss_ratio must be a finite number > 0, not {self.loss_ratio}")
+        self.loss_params = _check_loss_params(self)
 
 
 @dataclass
@@ -120,7 +123,14 @@ class Plan:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        """The plan name (one path component: it names no folder, but a plan file may be named after it) and each
+        stage's training settings over the plan's (PlanError naming the stage)."""
         check_name(self.name, "plan name")
+        for k, stage in enumerate(self.stages):
+            try:
+                self.stage_train(k)
+            except ConfigError as e:
+                raise PlanError(f"stage {k + 1} ({stage.name}): {e}") from None
 
     # The run's layout under out_dir (see the module docstring)
     @property
@@ -181,8 +191,8 @@ class Plan:
         """Build a plan from a dict; relative paths are taken relative to `base_dir`.
 
         Every field is type-checked (PlanError naming the stage and the field), numbers written as strings
-        (YAML reads ``lr: 1e-3`` as a string) are read as numbers, and each stage's training settings and loss
-        parameters are validated here, so a bad plan fails before anything runs or is written."""
+        (YAML reads ``lr: 1e-3`` as a string) are read as numbers, and each stage's loss parameters (`Stage`) and
+        training settings (`Plan`) are checked, so a bad plan fails before anything runs or is written."""
         where = "plan"
         try:
             for key in ("name", "student", "data", "out_dir"):
@@ -208,15 +218,9 @@ class Plan:
                 for key in ("name", "teacher"):
                     if key not in s:
                         raise PlanError(f"{where}: missing {key!r}")
-                stage = Stage(**{**s, "teacher": path(s["teacher"])})
-                stage.loss_params = _check_loss_params(stage, where)
-                try:
-                    tcfg.replace(**stage.train)
-                except ValueError as e:
-                    raise PlanError(f"{where}: {e}") from e
-                stages.append(stage)
+                stages.append(Stage(**{**s, "teacher": path(s["teacher"])}))
             where = "student"
-            student = DetectorSpec.from_dict(_check_fields(DetectorSpec, d["student"], "student"))
+            student = DetectorSpec(**_check_fields(DetectorSpec, d["student"], "student"))
             where = "data"
             data_d = _check_fields(DataConfig, d["data"], "data")
             data = DataConfig(**{k: (path(v) if k not in ("masks", "labels") else v) for k, v in data_d.items()})
@@ -236,29 +240,21 @@ def _check_fields(cls: type, values: Any, where: str) -> dict[str, Any]:
         raise PlanError(str(e)) from None
 
 
-def _check_loss_params(stage: Stage, where: str) -> dict[str, Any]:
-    """The stage's loss parameters, known to its loss, of the type of their defaults, in range (the loss is
-    built once, at a usual FPN width, to run its own checks)."""
-    if stage.loss not in LOSSES:
-        raise PlanError(f"{where}: unknown loss {stage.loss!r}; available: {sorted(LOSSES)}")
+def _check_loss_params(stage: Stage) -> dict[str, Any]:
+    """The stage's loss parameters of the type of their defaults and in range (ConfigError): the loss is built
+    once, at a usual FPN width, to run its own checks (a known loss, known parameters, their ranges)."""
     accepted = loss_hparams(stage.loss)
     params = {}
     for key, value in stage.loss_params.items():
-        if key not in accepted:
-            choices = ", ".join(f"{k}={v!r}" for k, v in accepted.items())
-            raise PlanError(f"{where}: loss_params: {stage.loss} has no parameter {key!r}; accepted: {choices}")
-        default = accepted[key]
-        kind = type(default).__name__ if isinstance(default, (bool, int, float, str)) else None
-        try:
-            params[key] = check_value(value, kind, f"{where}: loss_params: {key}") if kind else value
-        except ConfigError as e:
-            raise PlanError(str(e)) from None
+        default = accepted.get(key)
+        kind = type(default) if isinstance(default, (bool, int, float, str)) else Any
+        params[key] = check_value(value, kind, f"loss_params: {key}")
         if isinstance(params[key], float) and not math.isfinite(params[key]):
-            raise PlanError(f"{where}: loss_params: {key} must be a finite number, got {params[key]}")
+            raise ConfigError(f"loss_params: {key} must be a finite number, got {params[key]}")
     try:
         build_loss(stage.loss, 256, 256, **params)
     except (TypeError, ValueError) as e:
-        raise PlanError(f"{where}: loss_params: {e}") from e
+        raise ConfigError(f"loss_params: {e}") from e
     return params
 
 
@@ -315,13 +311,14 @@ def save_plan(plan: Plan, path: str | os.PathLike) -> Path:
 
 # ----------------------------------------------------------------------------------------------------
 def validate_plan(plan: Plan, dataset_label_map: LabelMap) -> None:
-    """Fail early and clearly: no stages, unknown loss, missing teacher, class mismatch, unmatched levels."""
+    """Fail early and clearly, on what needs the data and the teachers (a plan's own settings are checked when
+    it is made): no stages, missing teacher, class mismatch, unmatched levels."""
     if not plan.stages:
         raise PlanError(f"plan {plan.name!r} has no stages: give at least one teacher")
-    if plan.student.num_classes != dataset_label_map.num_classes:
-        raise PlanError(f"student has num_classes={plan.student.num_classes} but the data "
-                        f"({plan.data.train_json}) has {len(dataset_label_map.cat_ids)} categories "
-                        f"(num_classes={dataset_label_map.num_classes} with background)")
+    try:
+        dataset_label_map.check_num_classes(plan.student.num_classes, "student", plan.data.train_json)
+    except ConfigError as e:
+        raise PlanError(str(e)) from None
     if plan.student_init and not Path(plan.student_init).is_file():
         raise PlanError(f"student_init checkpoint not found: {plan.student_init}")
     student_levels = feature_levels(build_detector(replace(plan.student, weights=None, backbone_weights=None)))
@@ -330,12 +327,6 @@ def validate_plan(plan: Plan, dataset_label_map: LabelMap) -> None:
         raise PlanError(f"stage names must be unique, found {names}")
     for k, stage in enumerate(plan.stages):
         where = f"stage {k + 1} ({stage.name})"
-        if stage.loss not in LOSSES:
-            raise PlanError(f"{where}: unknown loss {stage.loss!r}; available: {sorted(LOSSES)}")
-        try:
-            plan.stage_train(k)
-        except ValueError as e:
-            raise PlanError(f"{where}: {e}") from e
         size = stage.teacher_size
         if size is not None and not (len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
             raise PlanError(f"{where}: teacher_size must be [min_size, max_size] in pixels, found {size!r}")
@@ -358,17 +349,17 @@ def validate_plan(plan: Plan, dataset_label_map: LabelMap) -> None:
 
 def _plan_diff(a: dict[str, Any], b: dict[str, Any], *, besides: frozenset[str] | set[str] = frozenset()
                ) -> tuple[list[str], list[list[str]]]:
-    """How two plans (`Plan.to_dict()`) differ, up to `RESUME_FREE` settings and the plan-level keys `besides`:
-    (the plan-level differences, [the differences of stage k] for each k both plans have)."""
+    """How two plans (`Plan.to_dict()`) differ in what identifies a run (`pkdkit.runid.run_diff`), besides the
+    plan-level keys `besides`: (the plan-level differences, [the differences of stage k] for each k both have)."""
     own = {"stages", *besides}
-    settings = config_diff({k: v for k, v in a.items() if k not in own}, {k: v for k, v in b.items() if k not in own},
-                           ignore=RESUME_FREE)
-    return settings, [config_diff(s, t, ignore=RESUME_FREE) for s, t in zip(a["stages"], b["stages"])]
+    settings = run_diff({k: v for k, v in a.items() if k not in own}, {k: v for k, v in b.items() if k not in own})
+    return settings, [run_diff(s, t) for s, t in zip(a["stages"], b["stages"])]
 
 
 def _check_same_plan(plan: Plan, saved_path: Path) -> None:
     """A run directory belongs to one plan: refuse to mix its finished stages with a changed plan.
-    Appending stages, or changing settings that do not affect the result (`pkdkit.engine.RESUME_FREE`), is allowed."""
+    Appending stages, or changing settings that do not identify a run (`pkdkit.runid`), is allowed;
+    RunMismatchError names each change."""
     if not saved_path.exists():
         return
     saved = load_plan(saved_path).to_dict()
@@ -376,13 +367,13 @@ def _check_same_plan(plan: Plan, saved_path: Path) -> None:
     stages += [["removed"]] * (len(saved["stages"]) - len(stages))
     diff += [f"stage {i + 1} ({s['name']}) {c}" for i, s in enumerate(saved["stages"]) for c in stages[i]]
     if diff:
-        raise PlanError(f"{plan.out_dir} holds a run of a different plan (changed: {'; '.join(diff)}; see "
-                        f"{saved_path}); use another out_dir, or delete it to start over")
+        raise mismatch(diff, f"{plan.out_dir} holds a run of a different plan",
+                       f"see {saved_path}; use another out_dir, or delete it to start over")
 
 
 def shared_stages(plan: Plan, other: Plan) -> int:
     """How many leading stages `plan` and `other` train identically: the same student, initialisation, data and
-    training settings (up to `RESUME_FREE` ones) and the same stages in the same order. Stage k's seed, starting
+    training settings (up to those that do not identify a run, `pkdkit.runid`) and the same stages in the same order. Stage k's seed, starting
     weights and schedule depend on nothing else, so those stages of the two plans are one and the same run."""
     settings, stages = _plan_diff(plan.to_dict(), other.to_dict(), besides={"name", "out_dir"})
     if settings:

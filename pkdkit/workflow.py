@@ -13,19 +13,20 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from pkdkit.config import check_fields, check_range, config_diff
+from pkdkit.config import check_fields, check_range
 from pkdkit.distill import Distiller, build_distiller
 from pkdkit.engine import TrainConfig, resolve_device, train_detector
-from pkdkit.errors import ConfigError, PkdkitError, RunMismatchError
+from pkdkit.errors import ConfigError, PkdkitError
 from pkdkit.evaluate import EvalRecord, evaluate_detector, evaluation_files
 from pkdkit.files import write_json
 from pkdkit.launch import run_plan_distributed, train_detector_distributed
-from pkdkit.models import DetectorSpec, is_torchvision_weight, load_checkpoint, load_model
+from pkdkit.models import DetectorSpec, is_torchvision_weight, load_checkpoint, load_model, model_meta
 from pkdkit.data import CocoDetection, DataConfig
 from pkdkit.plan import PLAN_FILE, Plan, Stage, load_plan, reuse_stages, run_plan
 from pkdkit.ordering import DEFAULT_STRATEGY, CostMatrix, Selection
 from pkdkit.presets import PRESETS, Preset, get_preset
 from pkdkit.progress import step
+from pkdkit.runid import check_same_run, run_diff
 from pkdkit.rundir import RunDir
 from pkdkit.selection import run_selection
 from pkdkit.synthetic import make_synthetic_coco
@@ -46,10 +47,7 @@ class RunSettings:
     distill_epochs: int | None = None  # None: the preset's, per distillation stage
     image_size: int | None = None  # None: the preset's input size
     device: str = "auto"
-    gpus: int = 1
-
-    # How the run is computed, not what it computes: these may change between sessions of one run.
-    HOW = ("device", "gpus")
+    gpus: int = 1  # device and gpus may change between sessions of one run (`pkdkit.runid.HOW_COMPUTED`)
 
     def __post_init__(self) -> None:
         """Each setting of its field's type and in range (ConfigError naming it), so that settings are written
@@ -65,23 +63,23 @@ class RunSettings:
 
 
 class RunNotStartedError(PkdkitError, FileNotFoundError):
-    """A notebook after the first was run on a run directory that notebook 01 has not set up."""
+    """A step needs what an earlier notebook writes into the run directory, and that notebook has not run
+    there (notebook 01's settings, notebook 03's plans and comparison); the message says which to run first."""
 
 
 def save_settings(run_dir: str | os.PathLike, settings: RunSettings) -> RunSettings:
     """Record `settings` in the run directory (notebook 01). A run directory holds one run: settings that
     change what is trained (preset, data, seed, epochs, image size) must equal those it was made with, else
-    RunMismatchError says which differ and what to do; `device` and `gpus` may change. A relative `data_root`
-    is recorded absolute, so that notebooks run from another folder find the same data."""
+    RunMismatchError says which differ and what to do; `device` and `gpus` may change (`pkdkit.runid`). A
+    relative `data_root` is recorded absolute, so that notebooks run from another folder find the same data."""
     if settings.data_root:
         settings = replace(settings, data_root=str(Path(settings.data_root).resolve()))
     path = RunDir(run_dir).settings
     if path.exists():
-        diff = config_diff(json.loads(path.read_text()), asdict(settings), ignore=set(RunSettings.HOW))
-        if diff:
-            raise RunMismatchError(
-                f"{Path(run_dir)} was made with other settings (there -> now: {'; '.join(diff)}); its models would "
-                f"not match them. Set run_dir to a new folder for the new settings, or delete {Path(run_dir)} to start over.")
+        check_same_run(json.loads(path.read_text()), asdict(settings),
+                       f"{Path(run_dir)} was made with other settings",
+                       f"its models would not match them. Set run_dir to a new folder for the new settings, or "
+                       f"delete {Path(run_dir)} to start over.")
     write_json(asdict(settings), path)
     return settings
 
@@ -187,14 +185,25 @@ def train_baseline_long(preset: Preset, data: DataConfig, run_dir: str | os.Path
 
 def _evaluate_reference(weights: str, size: tuple[int, int] | None, val_ds: CocoDetection, out: Path, device: str,
                         progress: bool) -> dict[str, Any]:
+    """A torchvision COCO detector evaluated on `val_ds` (its classes matched to the data's by name). Its record
+    in `out` is reused only when it was made with the same weights, input size and validation data
+    (`pkdkit.runid.run_diff`); else the model is evaluated again: the evaluation depends on nothing else, and
+    costs no training."""
+    spec, label_map = model_meta(weights)  # without building the model: a record made alike is reused
+    spec = replace(spec, min_size=int(size[0]), max_size=int(size[1])) if size is not None else spec
+    matched = label_map.onto(val_ds.label_map)
+    config = {"weights": weights, "spec": spec.to_dict(), "matched_categories": list(matched.names),
+              "data": {"val": str(val_ds.ann_file.resolve()), "val_sha256": val_ds.fingerprint}}
     record_file = evaluation_files(out)[0]
     if record_file.exists():
-        return EvalRecord.read(record_file)
-    model, spec, label_map = load_model(weights, size=size)
-    matched = label_map.onto(val_ds.label_map)
-    return evaluate_detector(model, val_ds, matched, out_dir=out, name="eval", device=resolve_device(device),
-                             config={"weights": weights, "spec": spec.to_dict(), "matched_categories": list(matched.names)},
-                             progress=progress)
+        record = EvalRecord.read(record_file)
+        diff = run_diff(record.config, config)
+        if not diff:
+            return record
+        if progress:
+            step(f"{weights}: evaluated again, {record_file} was made with other settings (changed: {'; '.join(diff)})")
+    return evaluate_detector(load_model(weights, size=size)[0], val_ds, matched, out_dir=out, name="eval",
+                             device=resolve_device(device), config=config, progress=progress)
 
 
 def model_refs(preset: Preset, run_dir: str | os.PathLike) -> dict[str, str]:
@@ -381,7 +390,7 @@ def load_comparison(run_dir: str | os.PathLike) -> dict[str, Any]:
     results file under "results"."""
     rd = RunDir(run_dir)
     if not rd.comparison.exists():
-        raise FileNotFoundError(f"no comparison in {run_dir}: run notebook 03 (staged distillation) first")
+        raise RunNotStartedError(f"no comparison in {run_dir}: run notebook 03 (staged distillation) first")
     comparison = json.loads(rd.comparison.read_text())
     files = {n: evaluation_files((rd.root / r["record"]).parent) for n, r in comparison["runs"].items()}
     comparison["records"] = {n: EvalRecord.read(record) for n, (record, _) in files.items()}
@@ -432,7 +441,7 @@ def load_run_plan(run_dir: str | os.PathLike, name: str) -> Plan:
     """A plan that notebook 03 wrote and ran (its `PLAN_FILE` in `RunDir.plan_dir(name)`)."""
     plan_dir = RunDir(run_dir).plan_dir(name)
     if not plan_dir.is_dir():
-        raise FileNotFoundError(f"no plan {name!r} in {run_dir}: run notebook 03 (staged distillation) first")
+        raise RunNotStartedError(f"no plan {name!r} in {run_dir}: run notebook 03 (staged distillation) first")
     return load_plan(plan_dir / PLAN_FILE)
 
 

@@ -17,6 +17,7 @@ from pkdkit.data import CocoDetection
 from pkdkit.data import make_loader
 from pkdkit.distill import Distiller, build_distiller, calibrate_loss_weight, inherit_teacher_head
 from pkdkit.engine import TrainConfig, seed_everything, train, train_detector
+from pkdkit.errors import RunMismatchError
 from pkdkit.models import (DetectorSpec, build_detector, load_checkpoint, load_detector, save_detector,
                            state_fingerprint)
 from pkdkit.plan import Plan, PlanError, load_plan, reuse_stages, run_plan, shared_stages
@@ -287,7 +288,7 @@ def test_a_run_directory_refuses_a_changed_plan(tiny_coco, label_map, teachers, 
         {"name": "r34", "teacher": teachers["r34"], "loss": "mse"}])
     run_plan(load_plan(_write_plan(tmp_path, d)), progress=False)
     d["stages"][0]["train"] = {"epochs": 2}
-    with pytest.raises(PlanError, match=r"holds a run of a different plan \(changed: stage 1 \(r34\)"):
+    with pytest.raises(RunMismatchError, match=r"holds a run of a different plan \(changed: stage 1 \(r34\)"):
         run_plan(load_plan(_write_plan(tmp_path, d)), progress=False)
     d["stages"][0]["train"] = {}
     d["stages"].append({"name": "fcos50", "teacher": teachers["fcos50"], "loss": "mse"})  # appending is fine

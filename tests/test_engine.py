@@ -122,6 +122,32 @@ def test_resume_with_other_settings_is_refused(tiny_coco, tmp_path):
         train(build_detector(spec), train_ds, CFG.replace(epochs=2, lr=0.1), tmp_path)
 
 
+def test_the_torchrun_path_reuses_a_finished_run_only_with_the_same_settings(tiny_coco, tmp_path):
+    """gpus > 1 (`launch.train_detector_distributed`) refuses a finished run made with other settings, as
+    `train_detector` does, before torchrun starts; with the same settings (the device and loader workers may
+    change) it returns the record without starting torchrun."""
+    from pkdkit.data import DataConfig
+    from pkdkit.errors import RunMismatchError
+    from pkdkit.launch import train_detector_distributed
+
+    train_ds, val_ds = _datasets(tiny_coco)
+    spec = DetectorSpec(num_classes=train_ds.label_map.num_classes, **SPEC)
+    cfg = CFG.replace(epochs=1)
+    record = train_detector(spec, train_ds, val_ds, cfg, tmp_path, config={"role": "student"})
+    data = DataConfig(str(tiny_coco["train_images"]), str(tiny_coco["train_json"]), str(tiny_coco["val_images"]),
+                      str(tiny_coco["val_json"]))
+    for changed in (cfg.replace(lr=0.1), cfg.replace(epochs=2)):
+        with pytest.raises(RunMismatchError, match=r"eval.json was written with different settings \(changed: "):
+            train_detector_distributed(spec, data, changed, tmp_path, 2, config={"role": "student"})
+        with pytest.raises(RunMismatchError):
+            train_detector(spec, train_ds, val_ds, changed, tmp_path, config={"role": "student"})
+    with pytest.raises(RunMismatchError, match=r"role: 'student' -> 'teacher'"):
+        train_detector_distributed(spec, data, cfg, tmp_path, 2, config={"role": "teacher"})
+    same = cfg.replace(num_workers=1, device="auto", progress=True)
+    assert train_detector_distributed(spec, data, same, tmp_path, 2, config={"role": "student"}) == record
+    assert not (tmp_path / "launch.json").exists()  # no torchrun job was written
+
+
 class PoisonedImages(torch.utils.data.Dataset):
     """The real dataset, but every image becomes NaN once `poisoned` is set (a corrupt input stream)."""
 

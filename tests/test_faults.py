@@ -13,7 +13,9 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Optional
 
 import numpy as np
 import pytest
@@ -197,6 +199,55 @@ def test_numeric_settings_are_checked_before_anything_is_written(data, tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+def test_fields_are_checked_against_their_real_types_whatever_their_spelling():
+    """`config` checks the annotations themselves (typing.get_type_hints), not their text: a class spelled
+    with a capital letter, a fixed-length tuple and a Literal are checked too, nested dataclasses by their class."""
+    from pkdkit.config import check_fields
+
+    @dataclass
+    class Settings:
+        folder: Path
+        size: tuple[int, int] = (1, 2)
+        mode: Literal["pca", "mean"] = "pca"
+        scale: Optional[float] = None
+        spec: DetectorSpec | None = None
+
+    out = check_fields(Settings, {"folder": "runs/x", "size": [3, 4], "scale": "1e-3", "spec": {"arch": "fcos"}}, "s")
+    assert out == {"folder": Path("runs/x"), "size": (3, 4), "scale": 0.001, "spec": {"arch": "fcos"}}
+    for values, message in [({"folder": 3}, r"s: folder: expected Path, found 3 \(int\)"),
+                            ({"folder": "x", "size": [3]}, r"s: size: expected tuple\[int, int\] \(2 items\)"),
+                            ({"folder": "x", "size": [3, True]}, r"s: size: expected tuple\[int, int\], found \[3, True\]"),
+                            ({"folder": "x", "mode": "max"}, r"s: mode: expected Literal\['pca', 'mean'\], found 'max'"),
+                            ({"folder": "x", "scale": "big"}, r"s: scale: expected float \| None, found 'big'"),
+                            ({"folder": "x", "spec": 5}, r"s: spec: expected DetectorSpec \| None, found 5"),
+                            ({"folder": "x", "colour": 1}, r"s: unknown keys \['colour'\]")]:
+        with pytest.raises(ConfigError, match=message):
+            check_fields(Settings, values, "s")
+
+
+def test_configuration_errors_are_pkdkit_errors_named_where_they_are_defined(tiny_coco):
+    from pkdkit.data import DataConfig
+    from pkdkit.launch import LaunchError
+    from pkdkit.losses import build_loss
+    from pkdkit.plan import Stage
+
+    paths = [str(tiny_coco[k]) for k in ("train_images", "train_json", "val_images", "val_json")]
+    for make, message in [(lambda: DetectorSpec(arch="yolo"), "unknown arch 'yolo'"),
+                          (lambda: DetectorSpec(min_size="96"), "detector min_size: expected int, found '96'"),
+                          (lambda: DetectorSpec.from_dict({"archh": "fcos"}), r"detector: unknown keys \['archh'\]"),
+                          (lambda: DataConfig(*paths, labels="coco"), "data.labels must be 'contiguous' or 'identity'"),
+                          (lambda: DataConfig(*paths, masks="yes"), "data masks: expected bool, found 'yes'"),
+                          (lambda: Stage(name="a", teacher="t.pt", loss="kld"), r"unknown loss 'kld'; available"),
+                          (lambda: Stage(name="a", teacher="t.pt", loss_params={"tau": 1.0}),
+                           r"loss_params: loss 'mgd' got unknown hyper-parameter\(s\) \['tau'\]"),
+                          (lambda: Stage(name="a", teacher="t.pt", loss_weight="much"), "loss_weight must be a number"),
+                          (lambda: build_loss("kld", 8, 8), "unknown loss 'kld'"),
+                          (lambda: TrainConfig.from_dict({"lr": 0.1, "rate": 1}), r"unknown keys \['rate'\]")]:
+        with pytest.raises(ConfigError, match=message):
+            make()
+    assert issubclass(LaunchError, PkdkitError) and issubclass(PlanError, ConfigError)
+
+
 def test_boolean_flags_take_only_booleans(data, tmp_path, capsys):
     code, err = cli(capsys, "train", "--data", str(data), "--out", str(tmp_path / "run"), *TINY, "--amp", "ture")
     assert code == 2 and "argument --amp: expected true or false, got 'ture'" in err
@@ -334,7 +385,8 @@ def test_plan_numbers_written_as_yaml_strings_are_read_as_numbers(data, tmp_path
     (None, {"inherit_teacher_head": "yes"}, r"stage 1 \(t\): inherit_teacher_head: expected bool \| None, found 'yes'"),
     (None, {"train": {"gamma": 0}}, r"stage 1 \(t\): gamma must be a finite number > 0"),
     (None, {"loss_params": {"alpha_mgd": -1}}, r"stage 1 \(t\): loss_params: .*alpha_mgd must be >= 0"),
-    (None, {"loss_params": {"alpha": 1}}, r"stage 1 \(t\): loss_params: mgd has no parameter 'alpha'"),
+    (None, {"loss_params": {"alpha": 1}}, r"stage 1 \(t\): loss_params: loss 'mgd' got unknown hyper-parameter\(s\) "
+                                         r"\['alpha'\]; accepted: alpha_mgd=2e-05"),
     (None, {"levels": "p3"}, r"stage 1 \(t\): levels: expected list\[str\] \| None, found 'p3'"),
 ])
 def test_plan_fields_are_type_checked_before_anything_is_written(data, tmp_path, capsys, train, stage, message):
