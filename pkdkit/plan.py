@@ -123,7 +123,7 @@ class Plan:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        """The plan name (one path component: it names no folder, but a plan file may be named after it) and each
+        """The plan name (one path component: the notebooks name its folder after it, `RunDir.plan_dir`) and each
         stage's training settings over the plan's (PlanError naming the stage)."""
         check_name(self.name, "plan name")
         for k, stage in enumerate(self.stages):
