@@ -77,7 +77,8 @@ def build_dataset(
         gt_json: COCO instances file; `images[].width/height` give the relative box coordinates.
         image_dir: folder holding `images[].file_name` (stored as absolute paths; the files must exist).
         predictions: model name -> COCO results (list of `{"image_id", "category_id", "bbox": [x, y, w, h],
-            "score"}` or the path of such a JSON file). Each model becomes the field `model_field(name)`.
+            "score"}`, or segmentation results whose box is their mask's, or the path of such a JSON file). Each
+            model becomes the field `model_field(name)`.
         overwrite: replace an existing dataset of that name.
         persistent: keep the dataset after the Python process exits.
         min_confidence: model detections with a lower score are left out. FiftyOne's evaluation saves a
@@ -90,6 +91,8 @@ def build_dataset(
     model (`confidence` = score). Boxes are relative `[x, y, w, h]`, not clipped, so IoUs equal pixel IoUs.
     Labels are category names. `dataset.info["models"]` maps model names to fields.
     """
+    from pkdkit.evaluate import result_box
+
     gt_json, image_dir = Path(gt_json), Path(image_dir).resolve()
     gt = _load_json(gt_json, "ground-truth file")
     names = {c["id"]: c["name"] for c in gt.get("categories", [])}
@@ -116,7 +119,7 @@ def build_dataset(
             if e.get("category_id") not in names:
                 raise ValueError(f"{source}: entry {k} (image {img['id']}) has category_id "
                                 f"{e.get('category_id')!r}, not one of {sorted(names)} in {gt_json}")
-            x, y, w, h = e["bbox"]
+            x, y, w, h = e["bbox"] if is_gt else result_box(e)
             W, H = img["width"], img["height"]
             box = [x / W, y / H, w / W, h / H]
             label = names[e["category_id"]]

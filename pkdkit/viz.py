@@ -31,7 +31,7 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 from torch import Tensor, nn
 
-from pkdkit.evaluate import format_delta, record_budget
+from pkdkit.evaluate import format_delta, record_budget, result_box
 from pkdkit.losses import CWDLoss, FGDLoss, MGDLoss, MSELoss, PKDLoss, check_boxes, fgd_attention, fgd_masks
 
 __all__ = ["feature_summary", "plot_feature_maps", "plot_feature_difference", "plot_loss_masks",
@@ -600,7 +600,8 @@ def plot_detections(dataset: Any, results: Mapping[str, Sequence[Mapping[str, An
     """Ground truth and each model's detections on the same images: rows = images, columns = GT + models.
 
     dataset: a `CocoDetection` (its COCO ground truth and image files); results: {model: COCO results list
-    (image_id, category_id, bbox xywh, score)}; detections below `score_threshold` are not drawn.
+    (image_id, category_id, bbox xywh or an RLE segmentation, score)}; detections below `score_threshold` are not
+    drawn.
     """
     image_ids = list(image_ids)
     if not image_ids:
@@ -623,7 +624,7 @@ def plot_detections(dataset: Any, results: Mapping[str, Sequence[Mapping[str, An
             ax = axes[r, c]
             ax.imshow(image)
             for d in boxes:
-                x, y, w, h = d["bbox"]
+                x, y, w, h = result_box(d)
                 color = f"C{d['category_id'] % 10}"
                 ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor=color, lw=1.3,
                                        ls="--" if d.get("iscrowd") else "-"))

@@ -340,3 +340,23 @@ def test_plot_detections_shows_ground_truth_and_each_model(tiny_coco):
     assert axes[1].get_title() == f"good ({len(gt)})"
     with pytest.raises(ValueError, match="no image ids"):
         plot_detections(ds, results, [])
+
+
+def test_plot_detections_draws_segmentation_results_at_their_mask_box(tiny_coco):
+    """A segmentation result without "bbox" (COCO's segm results format) is drawn at its mask's box."""
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    from pkdkit.data import CocoDetection
+    from pkdkit.viz import plot_detections
+
+    ds = CocoDetection(tiny_coco["val_images"], tiny_coco["val_json"])
+    image = ds.coco.imgs[ds.ids[0]]
+    mask = np.zeros((image["height"], image["width"]), dtype=np.uint8, order="F")
+    mask[5:20, 8:30] = 1  # x 8..29, y 5..19
+    rle = mask_utils.encode(mask)
+    result = {"image_id": ds.ids[0], "category_id": ds.coco.getCatIds()[0], "score": 0.9,
+              "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")}}
+    fig = plot_detections(ds, {"masks": [result]}, [ds.ids[0]])
+    (box,) = fig.axes[1].patches
+    assert (box.get_x(), box.get_y(), box.get_width(), box.get_height()) == (8, 5, 22, 15)
