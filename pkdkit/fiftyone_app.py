@@ -417,7 +417,8 @@ def run_inputs(run_dir: str | os.PathLike) -> dict[str, Any]:
 def inspect_run(run_dir: str | os.PathLike, *, port: int = 5151, iou: float = 0.5, confidence: float = 0.3,
                 wait: bool = True) -> fo.Session:
     """`pkdkit inspect RUN_DIR`: open (or build) the run directory's dataset, open the App on the review view
-    and, with `wait`, keep it open until Ctrl-C."""
+    and, with `wait`, keep it open until KeyboardInterrupt (Ctrl-C; SIGTERM too under `pkdkit`, see
+    `pkdkit.cli.stop_signals`), which stops the App's server (`close_app`) and returns."""
     inputs = run_inputs(run_dir)
     name = dataset_name(run_dir)
     improved = "progressive" if "progressive" in inputs["predictions"] else None
@@ -432,6 +433,33 @@ def inspect_run(run_dir: str | os.PathLike, *, port: int = 5151, iou: float = 0.
         try:
             while True:
                 time.sleep(1)
-        except KeyboardInterrupt:
-            session.close()
+        except KeyboardInterrupt:  # the way to end serving: stop the App, return normally
+            close_app(session)
+            print("FiftyOne App stopped", flush=True)
     return session
+
+
+def close_app(session: fo.Session, timeout: float = 5.0) -> None:
+    """Close `session` and stop the App server this process started for it, at once.
+
+    `session.close()` alone ends FiftyOne's service process, which sends the server SIGTERM and waits, and the
+    server (hypercorn) then takes from 9 s to over a minute to shut down (seen with FiftyOne 1.22); when this
+    process exits first, both are left serving on the port. So the server and its service process (this
+    process's descendants listening on `session.server_port`, and their parent) are killed first; the server
+    holds no state of its own (the datasets are in the database). The database FiftyOne started is left to
+    FiftyOne: its service stops it once no process uses it."""
+    import psutil
+
+    me = psutil.Process()
+    app = []
+    for proc in me.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if any(c.laddr and c.laddr.port == session.server_port and c.status == psutil.CONN_LISTEN
+                   for c in proc.net_connections(kind="tcp")):
+                parent = proc.parent()
+                app += ([parent] if parent is not None and parent.pid != me.pid else []) + [proc]
+    for proc in app:  # the service process first, so that it does not report its server's end as a failure
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(app, timeout=timeout)
+    session.close()
