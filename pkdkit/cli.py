@@ -472,7 +472,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             signum = received[-1] if received else signal.SIGINT
             where = getattr(args, "resumes_from", None)
-            print(f"pkdkit {args.command}: stopped by {signal.Signals(signum).name}"
+            # on a line of its own: a progress bar may have been cut mid-line
+            print(f"\npkdkit {args.command}: stopped by {signal.Signals(signum).name}"
                   + (f"; run the same command again to resume in {where}" if where else ""), file=sys.stderr)
             return 128 + signum
 

@@ -66,33 +66,60 @@ def test_reports_hold_paths_relative_to_the_report_folder(demo_run):
     assert metrics["parameters"]["run_dir"] == "../run" and metrics["parameters"]["figures_dir"] == "figures"
 
 
-def test_inspect_opens_the_app_on_the_dataset_notebook_5_built(demo_run):
-    """`pkdkit inspect RUN_DIR` reloads the run's persistent dataset (same predictions), serves the App, and
-    stops cleanly on Ctrl-C."""
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_inspect_opens_the_app_on_the_dataset_notebook_5_built(demo_run, stop):
+    """`pkdkit inspect RUN_DIR` reloads the run's persistent dataset (same predictions), serves the App, and on
+    Ctrl-C or SIGTERM stops within seconds with everything it started (the App's server and service process, and
+    a database it started). It is started with SIGINT ignored, as a shell starts a background job: the program
+    must install its own handler."""
+    import queue
     import signal
+    import socket
+    import threading
+    import time
     import urllib.request
 
+    import psutil
     from conftest import free_port
 
     port = free_port()
     env = {**os.environ, "FIFTYONE_DATABASE_DIR": str(demo_run / "fiftyone_db")}
     proc = subprocess.Popen([sys.executable, "-m", "pkdkit.cli", "inspect", str(demo_run / "run"), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    seen = []
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    seen: list[str] = []
+
+    def output() -> str:
+        while not lines.empty():
+            seen.append(lines.get())
+        return "".join(seen)
+
     try:
-        for line in proc.stdout:
-            seen.append(line)
-            if "Ctrl-C" in line:
-                break
-        text = "".join(seen)
-        assert "reloaded FiftyOne dataset pkdkit-run-" in text, text
-        assert f"FiftyOne App: http://localhost:{port}/" in text, text
+        deadline = time.monotonic() + 300
+        while "Ctrl-C" not in output():
+            assert proc.poll() is None and time.monotonic() < deadline, f"no App after 300 s:\n{output()}"
+            time.sleep(0.1)
+        assert "reloaded FiftyOne dataset pkdkit-run-" in output(), output()
+        assert f"FiftyOne App: http://localhost:{port}/" in output(), output()
         with urllib.request.urlopen(f"http://localhost:{port}/", timeout=60) as page:
             assert page.status == 200 and b"<html" in page.read().lower()
+        started = psutil.Process(proc.pid).children(recursive=True)
+        assert any(c.laddr.port == port for p in started for c in p.net_connections(kind="tcp")), output()
+        proc.send_signal(getattr(signal, stop))
+        proc.wait(timeout=30)
     finally:
-        proc.send_signal(signal.SIGINT)
-        rest = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0, "".join(seen) + rest
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"pkdkit inspect did not stop on {stop} within 30 s:\n{output()}")
+    assert proc.returncode == 0, output()
+    assert "FiftyOne App stopped" in output(), output()
+    _, alive = psutil.wait_procs(started, timeout=20)  # the database's service stops it once its client is gone
+    assert not alive, [" ".join(p.cmdline()[:4]) for p in alive]
+    with pytest.raises(ConnectionRefusedError):  # nothing serves on the port any more
+        socket.create_connection(("127.0.0.1", port), timeout=5)
 
 
 def test_committed_notebooks_have_no_outputs_and_a_parameters_cell():
