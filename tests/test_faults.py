@@ -437,8 +437,11 @@ def test_subcommand_help_lists_the_choices_and_describes_every_option(capsys):
             parser.parse_args([command, "--help"])
         text = capsys.readouterr().out
         assert all(c in text for c in choices), (command, text)
-        sub = next(a for a in parser._actions if a.dest == "command").choices[command]
-        undescribed = [a.dest for a in sub._actions if not a.help]
+        # argparse writes an option's help after it on the same line, or indented further on the next line
+        lines = text.splitlines()
+        undescribed = [line.strip() for line, after in zip(lines, lines[1:] + [""])
+                       if re.match(r"  -", line) and not re.search(r"\S  +\S", line.strip())
+                       and len(after) - len(after.lstrip()) <= 2]
         assert not undescribed, f"{command}: options without help {undescribed}"
 
 

@@ -111,7 +111,7 @@ def test_feature_difference_is_zero_for_the_same_features_up_to_scale(features):
     assert len(image_axes(other)) == 3 and float(image_axes(other)[0].images[0].get_array().mean()) > 0.1
     # p6 and p7 of a 64 px input are 1x1: no spatial pattern to standardise, so no panel; the title says so
     assert [ax.get_title().split(":")[0] for ax in image_axes(other)] == ["p3", "p4", "p5"]
-    assert other._suptitle.get_text().startswith("after stage 2:") and "p6, p7 left out (1×1)" in other._suptitle.get_text()
+    assert other.get_suptitle().startswith("after stage 2:") and "p6, p7 left out (1×1)" in other.get_suptitle()
     with pytest.raises(ValueError, match="every level .* is 1x1"):
         viz.plot_feature_difference(features["student"], features["teacher"], levels=["p6", "p7"])
 
