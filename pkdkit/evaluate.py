@@ -195,7 +195,8 @@ def _load_results(results: list[dict] | str | os.PathLike) -> tuple[list[dict], 
         with open(results) as f:
             loaded = json.load(f)
         if not isinstance(loaded, list):
-            raise ValueError(f"{results}: expected a JSON list of COCO results, found {type(loaded).__name__}")
+            raise DataError(f"{results}: expected a JSON list of COCO results, found {type(loaded).__name__}; "
+                            "write the results as a list of result dicts")
         return loaded, str(results)
     return list(results), "results"
 

@@ -224,6 +224,13 @@ def test_results_whose_box_cannot_be_read_are_refused_with_their_index(gt_path):
         coco_evaluate(gt_path, [{"image_id": 1, "segmentation": segm_only[0]["segmentation"]}])
 
 
+def test_a_results_file_that_is_not_a_list_is_refused(gt_path, tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"annotations": perfect_results()}))  # a COCO-file layout, not a results list
+    with pytest.raises(DataError, match=r"results.json: expected a JSON list of COCO results, found dict"):
+        coco_evaluate(gt_path, path)
+
+
 def test_evaluation_leaves_results_and_ground_truth_unmodified(gt_path):
     gt = COCO(str(gt_path))
     gt_before = copy.deepcopy(gt.dataset["annotations"])
