@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from matplotlib.container import BarContainer
+from conftest import keeps_forward_outputs
 from matplotlib.figure import Figure
 
 from pkdkit import viz
@@ -320,7 +321,7 @@ def test_explorer_redraws_on_update_caches_features_and_restores_models(detector
     assert student.training and not student.backbone.body.features.conv1.training
     assert student.backbone.body.features.layer1.training and not teacher.training
     for m in detectors.values():
-        assert not m.backbone._forward_hooks and not m.transform._forward_hooks
+        assert not keeps_forward_outputs(m)  # the explorer's feature taps are gone
     assert type(explorer.widget).__name__ == "VBox"
 
 
