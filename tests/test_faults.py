@@ -460,9 +460,8 @@ def test_interrupted_atomic_writes_are_cleaned_up_and_files_get_normal_permissio
     proc.wait()
     (stale,) = tmp_path.glob(".metrics.json.*.tmp")
     assert not target.exists()
-    from pkdkit.files import _HOST
-
-    alive = tmp_path / f".metrics.json.{_HOST}-{os.getpid()}.ffff0000.tmp"  # this process: still writing
+    alive = tmp_path / stale.name.replace(f"-{proc.pid}.", f"-{os.getpid()}.")  # this process: still writing
+    assert alive != stale  # the temporary file's name holds its writer's process id
     alive.write_text("in progress")
     old = os.umask(0o022)
     try:
