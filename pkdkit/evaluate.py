@@ -132,6 +132,14 @@ def _to_coco_results(image_id: int, output: dict[str, torch.Tensor], to_cat: dic
     return results
 
 
+def result_box(result: dict) -> list[float]:
+    """A COCO result's box ``[x, y, w, h]`` in pixels: its ``bbox``, else (a segmentation result) the bounding box
+    of its compressed-RLE mask, as pycocotools' ``loadRes`` derives it."""
+    if "bbox" in result:
+        return list(result["bbox"])
+    return mask_utils.toBbox(result["segmentation"]).tolist()
+
+
 def results_to_json(results: list[dict], path: str | os.PathLike) -> Path:
     """Write COCO results (or any JSON-able object) to `path` atomically: temp file + ``os.replace``."""
     return write_json(results, path, indent=None)
@@ -187,20 +195,39 @@ def _load_results(results: list[dict] | str | os.PathLike) -> tuple[list[dict], 
         with open(results) as f:
             loaded = json.load(f)
         if not isinstance(loaded, list):
-            raise ValueError(f"{results}: expected a JSON list of COCO results, found {type(loaded).__name__}")
+            raise DataError(f"{results}: expected a JSON list of COCO results, found {type(loaded).__name__}; "
+                            "write the results as a list of result dicts")
         return loaded, str(results)
     return list(results), "results"
 
 
 def _check_results(coco_gt: COCO, results: list[dict], iou_type: str, where: str) -> None:
-    """Results pycocotools would mis-evaluate or crash on raise a DataError (a ValueError) naming the first
-    offending index: a missing key, a box or score that is not 4 / 1 finite numbers, an unknown image, or no
-    category in common with the ground truth."""
-    required = {"image_id", "category_id", "score"} | ({"bbox"} if iou_type == "bbox" else set())
+    """Results pycocotools would mis-evaluate or crash on raise a DataError naming the first offending index:
+    a missing key, a box or score that is not 4 / 1 finite numbers, a result without its box, an unknown image,
+    no category in common with the ground truth, or (segm) a result or annotation without a segmentation.
+
+    A result's box is its ``bbox`` or, for segmentation results, the mask's: as in pycocotools' ``loadRes``,
+    result #0 decides. With a ``bbox`` every result needs one; without, every result needs a ``segmentation``
+    as a compressed RLE (``{"size": [h, w], "counts": str}``, what `predict` and ``mask.encode`` give), from
+    which ``loadRes`` derives the box where none is given (cocoapi's own segm example results carry no box)."""
+    required = {"image_id", "category_id", "score"}
     for i, r in enumerate(results):
         if not isinstance(r, dict) or not required <= r.keys():
             found = f"keys {sorted(r)}" if isinstance(r, dict) else type(r).__name__
-            raise DataError(f"{where}: result #{i} needs {sorted(required)}, found {found}")
+            raise DataError(f"{where}: result #{i} needs {sorted(required)} and a 'bbox' or 'segmentation', "
+                            f"found {found}")
+    if results and "bbox" in results[0]:
+        i = next((i for i, r in enumerate(results) if "bbox" not in r), None)
+        if i is not None:
+            raise DataError(f"{where}: result #{i} has no 'bbox' but result #0 has one; pycocotools takes every "
+                            f"result's box from its 'bbox' then: give each result a 'bbox', or none (segmentation "
+                            f"results: the box is derived from the mask)")
+    else:
+        i = next((i for i, r in enumerate(results) if not _is_compressed_rle(r.get("segmentation"))), None)
+        if i is not None:
+            raise DataError(f"{where}: result #{i} needs a 'bbox', or a 'segmentation' as a compressed RLE "
+                            f"{{'size': [h, w], 'counts': str}} to derive it from (result #0 has no 'bbox'), found "
+                            f"{_shorten(results[i].get('segmentation'))}")
     for key, width in (("bbox", 4), ("score", None)):
         rows = [(i, r[key]) for i, r in enumerate(results) if key in r]
         try:
@@ -221,18 +248,32 @@ def _check_results(coco_gt: COCO, results: list[dict], iou_type: str, where: str
                             f"model trained on another dataset, or given another label map?")
     unknown = {r["image_id"] for r in results} - set(coco_gt.getImgIds())
     if unknown:
-        raise ValueError(f"{where}: {len(unknown)} image ids are not in the ground truth, e.g. "
-                         f"{sorted(unknown)[:5]}; was the model run on another dataset or split?")
+        raise DataError(f"{where}: {len(unknown)} image ids are not in the ground truth, e.g. "
+                        f"{sorted(unknown)[:5]}; was the model run on another dataset or split?")
     if iou_type == "segm":
         missing = sum("segmentation" not in r for r in results)
         if missing:
-            raise ValueError(f"{where}: segm evaluation needs a 'segmentation' (RLE) in every result, "
-                             f"{missing} of {len(results)} have none; is this a mask-less detector "
-                             f"(evaluate iou_types=('bbox',) instead)?")
+            raise DataError(f"{where}: segm evaluation needs a 'segmentation' (RLE) in every result, "
+                            f"{missing} of {len(results)} have none; is this a mask-less detector "
+                            f"(evaluate iou_types=('bbox',) instead)?")
         no_gt_seg = [a["id"] for a in coco_gt.dataset["annotations"] if "segmentation" not in a]
         if no_gt_seg:
-            raise ValueError(f"segm evaluation needs ground-truth 'segmentation' on every annotation; "
-                             f"{len(no_gt_seg)} have none, e.g. annotation ids {no_gt_seg[:5]}")
+            raise DataError(f"segm evaluation needs ground-truth 'segmentation' on every annotation; "
+                            f"{len(no_gt_seg)} have none, e.g. annotation ids {no_gt_seg[:5]}")
+
+
+def _is_compressed_rle(segmentation: Any) -> bool:
+    """Whether pycocotools' ``mask.area``/``toBbox`` can read `segmentation`: ``{"size": [h, w], "counts": str|bytes}``."""
+    if not (isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, bytes))):
+        return False
+    size = segmentation.get("size")
+    return (isinstance(size, (list, tuple)) and len(size) == 2 and
+            all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in size))
+
+
+def _shorten(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _finite_numbers(v: Any, width: int | None) -> bool:

@@ -230,6 +230,11 @@ def _final_text(text: str) -> str:
 DEFAULT_THREADS = 2
 
 
+def default_run_dir(preset: str) -> Path:
+    """Where `run_notebooks` keeps a preset's run (data, models, selection, distillation) unless told: `runs/<preset>`."""
+    return Path("runs") / preset
+
+
 def run_notebooks(preset: str, out: str | os.PathLike, *, run_dir: str | os.PathLike | None = None,
                   device: str = "auto", parameters: dict[str, Any] | None = None,
                   only: list[str] | None = None, progress: bool = True,
@@ -255,7 +260,7 @@ def run_notebooks(preset: str, out: str | os.PathLike, *, run_dir: str | os.Path
     did the same work (same parameters but for display and paths); else no estimate is shown.
     """
     out = Path(out).resolve()
-    run_dir = Path(run_dir or Path("runs") / preset).resolve()
+    run_dir = Path(run_dir or default_run_dir(preset)).resolve()
     names = list(NOTEBOOKS)
     if only:
         unknown = sorted(set(only) - set(NOTEBOOKS))

@@ -31,7 +31,7 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 from torch import Tensor, nn
 
-from pkdkit.evaluate import EvalRecord, format_delta
+from pkdkit.evaluate import EvalRecord, format_delta, result_box
 from pkdkit.losses import CWDLoss, FGDLoss, MGDLoss, MSELoss, PKDLoss, check_boxes, fgd_attention, fgd_masks
 
 __all__ = ["feature_summary", "plot_feature_maps", "plot_feature_difference", "plot_loss_masks",
@@ -443,11 +443,11 @@ def _contribution_view(loss: PKDLoss | CWDLoss | MSELoss, s_feat: Tensor, t_feat
 def _epochs(history: Any, name: str) -> list[dict[str, Any]]:
     if isinstance(history, Mapping):
         if "epochs" not in history:
-            raise ValueError(f"plot_loss_curves: {name!r} is a dict without 'epochs' (expected a metrics.json "
+            raise ValueError(f"plot_loss_curves: {name!r} is a dict without 'epochs' (expected a history.json "
                              f"dict {{'config': ..., 'epochs': [...]}}); keys: {sorted(history)}")
         history = history["epochs"]
     if not isinstance(history, Sequence) or not all(isinstance(r, Mapping) for r in history):
-        raise ValueError(f"plot_loss_curves: {name!r} must be a list of per-epoch dicts or a metrics.json dict")
+        raise ValueError(f"plot_loss_curves: {name!r} must be a list of per-epoch dicts or a history.json dict")
     return list(history)
 
 
@@ -467,7 +467,7 @@ def _split_loss(record: Mapping[str, Any]) -> tuple[float, float]:
 def plot_loss_curves(histories: Mapping[str, Any], sequential: bool = True) -> Figure:
     """Detection and distillation loss per epoch, one colour per stage.
 
-    histories: {stage name: per-epoch records (engine's ``metrics.json["epochs"]``) or the metrics.json
+    histories: {stage name: per-epoch records (engine's ``history.json["epochs"]``) or the history.json
     dict itself}. Detection loss = ``loss`` minus the ``distill*`` terms (or, without ``loss``, the sum of
     the other numeric entries except epoch/lr/seconds); distillation loss = sum of the ``distill*`` terms.
     sequential: stages follow each other on one epoch axis (in dict order), separated by dashed lines;
@@ -599,7 +599,8 @@ def plot_detections(dataset: Any, results: Mapping[str, Sequence[Mapping[str, An
     """Ground truth and each model's detections on the same images: rows = images, columns = GT + models.
 
     dataset: a `CocoDetection` (its COCO ground truth and image files); results: {model: COCO results list
-    (image_id, category_id, bbox xywh, score)}; detections below `score_threshold` are not drawn.
+    (image_id, category_id, bbox xywh or an RLE segmentation, score)}; detections below `score_threshold` are not
+    drawn.
     """
     image_ids = list(image_ids)
     if not image_ids:
@@ -622,7 +623,7 @@ def plot_detections(dataset: Any, results: Mapping[str, Sequence[Mapping[str, An
             ax = axes[r, c]
             ax.imshow(image)
             for d in boxes:
-                x, y, w, h = d["bbox"]
+                x, y, w, h = result_box(d)
                 color = f"C{d['category_id'] % 10}"
                 ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor=color, lw=1.3,
                                        ls="--" if d.get("iscrowd") else "-"))

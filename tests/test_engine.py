@@ -6,8 +6,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -64,18 +65,33 @@ def test_short_training_run_loss_falls_and_train_ap_is_above_zero(tiny_coco, tmp
     assert {"model", "optimizer", "scheduler", "scaler", "rng", "epoch"} <= set(state) and state["epoch"] == 6
 
 
+def _start_and_wait_for(cmd: list[str], line: str, log: Path, timeout: float = 300, **popen: Any) -> subprocess.Popen:
+    """Start `cmd` (stderr, its progress bars, into `log`) and read its stdout until a line holding `line`
+    (`pkdkit train` prints "epoch k/n:" once epoch k's checkpoint is written); fails with the output if the
+    command ends or `timeout` passes first."""
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, **popen)
+    seen: list[str] = []
+    timer = threading.Timer(timeout, proc.kill)  # a hung run ends the read below
+    timer.start()
+    try:
+        for out in proc.stdout:
+            seen.append(out)
+            if line in out:
+                return proc
+    finally:
+        timer.cancel()
+    proc.wait()
+    pytest.fail(f"{line!r} never came (exit status {proc.returncode}):\n{''.join(seen)}\n{log.read_text()[-3000:]}")
+
+
 def test_resume_after_kill_matches_uninterrupted_run(tiny_coco, tmp_path):
     """`pkdkit train` killed in its third epoch and run again ends with the uninterrupted run's weights."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(_cli(*_train_args(tiny_coco, straight, 3)), check=True, capture_output=True)
-    proc = subprocess.Popen(_cli(*_train_args(tiny_coco, killed, 3)), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill once epoch 2 is checkpointed, i.e. during epoch 3
-        metrics = killed / "history.json"
-        if metrics.exists() and len(json.loads(metrics.read_text())["epochs"]) >= 2:
-            break
-        time.sleep(0.2)
+    # not --quiet, so that it prints "epoch 2/3:" after epoch 2's checkpoint; epoch 3 then takes seconds
+    proc = _start_and_wait_for([sys.executable, "-m", "pkdkit.cli", *_train_args(tiny_coco, killed, 3)], "epoch 2/3:",
+                               tmp_path / "killed.log")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "model.pt").exists(), "the run finished before it could be killed"
@@ -85,6 +101,32 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_coco, tmp_path):
     a = json.loads((straight / "history.json").read_text())["epochs"]
     b = json.loads((killed / "history.json").read_text())["epochs"]
     assert [e["loss"] for e in a] == [e["loss"] for e in b]
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_train_stopped_by_a_signal_says_where_it_resumes_in_one_line_and_resumes(tiny_coco, tmp_path, stop):
+    """SIGTERM (services, schedulers) and Ctrl-C stop `pkdkit train` the same way: one line naming the run folder
+    to resume, no traceback, exit status 128 + the signal; the same command then resumes from the checkpoint.
+    SIGINT is ignored when the run starts (as in a shell's background job): the program installs its own handler."""
+    out, log = tmp_path / "run", tmp_path / "stderr.txt"
+    cmd = [sys.executable, "-m", "pkdkit.cli", *_train_args(tiny_coco, out, 2)]
+    proc = _start_and_wait_for(cmd, "epoch 1/2:", log, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    proc.send_signal(getattr(signal, stop))  # epoch 1 is checkpointed; epoch 2 and the evaluation take seconds
+    try:
+        rest = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    err = log.read_text()
+    assert proc.returncode == 128 + getattr(signal, stop), err[-3000:]
+    stopped = [line for line in err.splitlines() if "stopped" in line]
+    assert stopped == [f"pkdkit train: stopped by {stop}; run the same command again to resume in {out} (its last "
+                       f"checkpoint, last.pt)"], err[-3000:]
+    assert "Traceback" not in err + rest
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1 and not (out / "model.pt").exists()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "epoch 1/2:" not in again.stdout and "epoch 2/2:" in again.stdout  # resumed at epoch 2
+    assert load_checkpoint(out / "last.pt")["epoch"] == 2 and (out / "model.pt").exists()
 
 
 def test_checkpoint_every_n_epochs_resumes_from_the_last_one_written_and_ends_the_same(tiny_coco, tmp_path):
@@ -250,7 +292,9 @@ def test_history_of_a_run_written_before_history_json_is_still_read(tmp_path):
 
 def test_torchrun_two_cpu_processes_train_with_gloo(tiny_coco, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    from conftest import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "pkdkit.cli", "--quiet", *_train_args(tiny_coco, out, 2)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

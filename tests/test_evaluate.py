@@ -23,6 +23,7 @@ from pkdkit.data import DataError
 from pkdkit.evaluate import (STAT_NAMES, EvalRecord, budget_of, coco_evaluate, comparison_table, distinct_results,
                              evaluate_detector, format_delta, plot_pr_curves, pr_curve, predict, results_to_json,
                              run_cocoeval)
+from pkdkit.fasteval import DEFAULT_COCOEVAL
 
 SIZE = 200
 CATEGORIES = [{"id": 2, "name": "circle"}, {"id": 5, "name": "square"}, {"id": 9, "name": "triangle"},
@@ -161,15 +162,74 @@ def test_empty_results_give_zero_stats_instead_of_crashing(gt_path, iou_type):
 def test_segm_on_results_without_segmentation_raises(gt_path):
     results = [{k: v for k, v in r.items() if k != "segmentation"} for r in perfect_results()]
 
-    with pytest.raises(ValueError, match="segmentation"):
+    with pytest.raises(DataError, match="segmentation"):
         coco_evaluate(gt_path, results, ("bbox", "segm"))
 
 
 def test_results_for_images_outside_the_ground_truth_raise_with_the_image_id(gt_path):
     results = perfect_results() + [{"image_id": 77, "category_id": 2, "bbox": [0, 0, 5, 5], "score": 0.5}]
 
-    with pytest.raises(ValueError, match="77"):
+    with pytest.raises(DataError, match="77"):
         coco_evaluate(gt_path, results)
+
+
+def segmentation_only_results(seed: int = 0) -> list[dict]:
+    """Results as cocoapi's example segm results: a compressed RLE of a real mask (an ellipse inside each
+    jittered box, so its bounding box is not the box it was drawn in), no "bbox"."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    results = []
+    for img, cat, x, y, w, h, crowd in OBJECTS:
+        cx, cy = x + w / 2 + rng.normal(0, 0.05 * w), y + h / 2 + rng.normal(0, 0.05 * h)
+        rx, ry = w / 2 * rng.uniform(0.8, 1.1), h / 2 * rng.uniform(0.8, 1.1)
+        mask = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1.0
+        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        c = cat if rng.random() < 0.8 else int(rng.choice([c["id"] for c in CATEGORIES]))
+        results.append({"image_id": img, "category_id": c, "score": round(float(rng.random()), 6),
+                        "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")}})
+    return results
+
+
+@pytest.mark.parametrize("cocoeval_cls", [COCOeval, DEFAULT_COCOEVAL], ids=["pycocotools", "default"])
+def test_segmentation_results_without_bbox_give_pycocotools_numbers_for_both_iou_types(gt_path, tmp_path,
+                                                                                      cocoeval_cls):
+    """loadRes derives each box from its mask; pkdkit evaluates such a file exactly as plain pycocotools."""
+    path = results_to_json(segmentation_only_results(), tmp_path / "segm_results.json")
+
+    metrics = coco_evaluate(gt_path, path, ("bbox", "segm"), cocoeval_cls=cocoeval_cls)
+
+    for iou_type in ("bbox", "segm"):
+        gt = COCO(str(gt_path))
+        plain = COCOeval(gt, gt.loadRes(str(path)), iou_type)
+        plain.evaluate()
+        plain.accumulate()
+        plain.summarize()
+        assert [metrics[iou_type]["stats"][n] for n in STAT_NAMES] == plain.stats.tolist(), iou_type
+        assert 0.0 < metrics[iou_type]["stats"]["AP"] < 1.0, iou_type
+
+
+def test_results_whose_box_cannot_be_read_are_refused_with_their_index(gt_path):
+    segm_only = segmentation_only_results()
+    boxed = perfect_results()
+    # result #0 has a bbox, so pycocotools reads every result's box from its "bbox"
+    with pytest.raises(DataError, match=r"result #3 has no 'bbox' but result #0 has one"):
+        coco_evaluate(gt_path, boxed[:3] + segm_only[3:])
+    # result #0 has none, so every box comes from a compressed RLE: a polygon cannot give it
+    polygon = {**segm_only[2], "segmentation": [_polygon(10, 10, 20, 20)]}
+    with pytest.raises(DataError, match=r"result #2 needs a 'bbox', or a 'segmentation' as a compressed RLE"):
+        coco_evaluate(gt_path, segm_only[:2] + [polygon] + segm_only[3:], ("segm",))
+    bare = {k: v for k, v in segm_only[1].items() if k != "segmentation"}
+    with pytest.raises(DataError, match=r"result #1 needs a 'bbox', or a 'segmentation'"):
+        coco_evaluate(gt_path, [segm_only[0], bare])
+    with pytest.raises(DataError, match=r"result #0 needs \['category_id', 'image_id', 'score'\]"):
+        coco_evaluate(gt_path, [{"image_id": 1, "segmentation": segm_only[0]["segmentation"]}])
+
+
+def test_a_results_file_that_is_not_a_list_is_refused(gt_path, tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"annotations": perfect_results()}))  # a COCO-file layout, not a results list
+    with pytest.raises(DataError, match=r"results.json: expected a JSON list of COCO results, found dict"):
+        coco_evaluate(gt_path, path)
 
 
 def test_evaluation_leaves_results_and_ground_truth_unmodified(gt_path):

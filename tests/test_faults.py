@@ -489,8 +489,11 @@ def test_subcommand_help_lists_the_choices_and_describes_every_option(capsys):
             parser.parse_args([command, "--help"])
         text = capsys.readouterr().out
         assert all(c in text for c in choices), (command, text)
-        sub = next(a for a in parser._actions if a.dest == "command").choices[command]
-        undescribed = [a.dest for a in sub._actions if not a.help]
+        # argparse writes an option's help after it on the same line, or indented further on the next line
+        lines = text.splitlines()
+        undescribed = [line.strip() for line, after in zip(lines, lines[1:] + [""])
+                       if re.match(r"  -", line) and not re.search(r"\S  +\S", line.strip())
+                       and len(after) - len(after.lstrip()) <= 2]
         assert not undescribed, f"{command}: options without help {undescribed}"
 
 
@@ -509,9 +512,8 @@ def test_interrupted_atomic_writes_are_cleaned_up_and_files_get_normal_permissio
     proc.wait()
     (stale,) = tmp_path.glob(".metrics.json.*.tmp")
     assert not target.exists()
-    from pkdkit.files import _HOST
-
-    alive = tmp_path / f".metrics.json.{_HOST}-{os.getpid()}.ffff0000.tmp"  # this process: still writing
+    alive = tmp_path / stale.name.replace(f"-{proc.pid}.", f"-{os.getpid()}.")  # this process: still writing
+    assert alive != stale  # the temporary file's name holds its writer's process id
     alive.write_text("in progress")
     old = os.umask(0o022)
     try:
