@@ -379,11 +379,13 @@ def select_teachers(matrix: CostMatrix, student: str, teachers: Sequence[str], s
     elif objective != "sum" or max_teachers is not None:
         raise ValueError(f"objective/max_teachers apply to the shortest_path strategy only, not {strategy!r}")
     selection = STRATEGIES[strategy](matrix, student, teachers, **options)
+    by_costs = selection.order
     if near_ties == "direct" and strategy != "by_ap":
         selection = _near_tie_rule(matrix, selection)
     if matrix.resamples:
         orders = [tuple(STRATEGIES[strategy](m, student, teachers, **options).order) for m in matrix.resampled()]
-        selection.order_support = order_support(selection.order, orders)
+        selection.order_support = order_support(selection.order, orders,
+                                                set_aside=by_costs if by_costs != selection.order else None)
         selection.explanation += "\nsupport: " + selection.order_support["sentence"]
     return selection
 
@@ -410,10 +412,12 @@ def _near_tie_rule(matrix: CostMatrix, selection: Selection) -> Selection:
     return _selection(selection.strategy, matrix, selection.student, [final], why)
 
 
-def order_support(order: Sequence[str], resampled_orders: Sequence[Sequence[str]]) -> dict[str, Any]:
+def order_support(order: Sequence[str], resampled_orders: Sequence[Sequence[str]],
+                  set_aside: Sequence[str] | None = None) -> dict[str, Any]:
     """How often `order` is the selection over bootstrap resamples (`resampled_orders`: one order each):
     {"share", "runner_up" (the most frequent other order, None if there is none), "runner_up_share",
-    "resamples", "supported" (share >= `SUPPORTED`), "sentence" (`support_sentence`)}."""
+    "resamples", "supported" (share >= `SUPPORTED`), "sentence" (`support_sentence`)}. `set_aside`: the order
+    the point estimates chose when the near-tie rule replaced it by `order` (then also under "set_aside")."""
     counts = Counter(tuple(o) for o in resampled_orders)
     n = sum(counts.values())
     if not n:
@@ -423,6 +427,8 @@ def order_support(order: Sequence[str], resampled_orders: Sequence[Sequence[str]
     support = {"share": counts[tuple(order)] / n, "runner_up": list(runner[1]) if runner else None,
                "runner_up_share": runner[0] / n if runner else 0.0, "resamples": n}
     support["supported"] = support["share"] >= SUPPORTED
+    if set_aside is not None:
+        support["set_aside"] = list(set_aside)
     support["sentence"] = support_sentence(support)
     return support
 
@@ -431,6 +437,10 @@ def support_sentence(support: dict[str, Any]) -> str:
     """The order support in words: "chosen in 54% of 200 resamples; runner-up a -> b, 46%: the data do not
     decide between them". Supported (share >= `SUPPORTED`): "...: supported"."""
     text = f"chosen in {100 * support['share']:.0f}% of {support['resamples']} resamples"
+    if support.get("set_aside"):  # the near-tie rule chose the direct order over the costs' own choice
+        return text + f" by the costs alone, against {100 * support['runner_up_share']:.0f}% for " \
+                      f"{' -> '.join(support['runner_up'])}; chosen here by the near-tie rule (the longer " \
+                      f"order {' -> '.join(support['set_aside'])} is not cheaper beyond the noise)"
     if support.get("runner_up"):
         text += f"; runner-up {' -> '.join(support['runner_up'])}, {100 * support['runner_up_share']:.0f}%"
     if support["share"] >= SUPPORTED:
@@ -488,7 +498,7 @@ def plot_cost_matrix(matrix: CostMatrix, selection: Selection | None = None, ax:
             text = f"{arr[i, j]:.3f}"
             if matrix.has_intervals and i != j:
                 text += f"\n[{matrix.low[i][j]:.3f}, {matrix.high[i][j]:.3f}]"
-            ax.text(j, i, text, ha="center", va="center", fontsize=8 if i == j or not matrix.has_intervals else 7,
+            ax.text(j, i, text, ha="center", va="center", fontsize=8,
                     color="black" if arr[i, j] > 0.6 * hi else "white")
     title = f"adaptation costs on {matrix.n_images} images, levels {', '.join(matrix.levels)}"
     if matrix.has_intervals:

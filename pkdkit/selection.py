@@ -24,7 +24,7 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -279,50 +279,57 @@ def _pairwise_costs(models: "OrderedDict[str, nn.Module]", images: Sequence[torc
         m.to(device)
     with eval_mode(*models.values()):
         _check_same_transform(models)
-        n = len(models)
-        pairs = pairs if pairs is not None else [(i, j) for i in range(n) for j in range(n) if i != j]
-        moments: dict[str, _Moments] = {}
-        cache: dict[str, list[list[torch.Tensor]]] = {}
-        n_images = 0
-        for n_batch, feats in _feature_batches(models, images, levels, batch_size, device):
-            for lvl, per_model in feats.items():
-                if lvl not in moments:
-                    moments[lvl] = _Moments([f.shape[1] for f in per_model], chunks, device)
-                moments[lvl].add(per_model, n_images, n_batch)
-                if method == "sgd":  # the trained adapters need the features themselves
-                    for k, f in enumerate(per_model):
-                        cache.setdefault(lvl, [[] for _ in models])[k].append(f.float())
-            n_images += n_batch
-        if not n_images:
-            raise ValueError("no calibration images: the image set is empty")
-        sources = sorted({i for i, _ in pairs})
-        used = _levels_with_enough_samples(moments, sources, n_images, explicit=levels is not None)
-        filled = min(chunks, n_images)  # chunks 0 .. filled-1 hold images
-        weights = torch.ones(1, chunks)
-        if method == "closed_form" and resamples > 0 and filled > 1:
-            rng = np.random.default_rng(seed)
-            drawn = rng.multinomial(filled, np.full(filled, 1.0 / filled), size=resamples)
-            weights = torch.cat([weights, torch.zeros(resamples, chunks)])
-            weights[1:, :filled] = torch.from_numpy(drawn).double()
-        costs: dict[tuple[int, int], dict[str, float]] = {p: {} for p in pairs}
-        boot = {p: np.zeros(len(weights) - 1) for p in pairs}
-        targets = {i: [j for a, j in pairs if a == i] for i in sources}
-        for lvl in used:
-            mom = moments[lvl]
-            if method == "closed_form":
-                raw = _resampled_closed_form(mom, weights, targets, ridge)  # {i: ((1 + B, targets), (1 + B,))}
-            else:
-                sgd = {i: _sgd_costs(cache[lvl], mom, i, js, sgd_steps, lr) for i, js in targets.items()}
-                raw = {i: (np.array([[sgd[i][j] for j in js]]), np.array([mom.total_n])) for i, js in targets.items()}
-            for i, (values, n_pixels) in raw.items():
-                c_in = mom.block(i).stop - mom.block(i).start
-                dof = (n_pixels - 1) / np.maximum(n_pixels - c_in - 1, 1e-12)  # resamples hold ~n pixels too
-                for k, j in enumerate(targets[i]):
-                    corrected = np.minimum(values[:, k] * dof, 1.0)
-                    costs[(i, j)][lvl] = float(corrected[0])
-                    boot[(i, j)] += corrected[1:] / len(used)
-        return _Costs(per_level=costs, levels=used, n_images=n_images, chunks=filled,
-                      resamples=boot if len(weights) > 1 else {})
+        return _costs_of_features(_feature_batches(models, images, levels, batch_size, device), len(models),
+                                  explicit=levels is not None, method=method, ridge=ridge, sgd_steps=sgd_steps,
+                                  lr=lr, pairs=pairs, chunks=chunks, resamples=resamples, seed=seed)
+
+
+def _costs_of_features(batches: Iterable[tuple[int, dict[str, list[torch.Tensor]]]], n_models: int, *,
+                       explicit: bool, method: str, ridge: float, sgd_steps: int, lr: float,
+                       pairs: list[tuple[int, int]] | None, chunks: int, resamples: int, seed: int) -> _Costs:
+    """`_pairwise_costs` from the feature batches (`_feature_batches`' form) of `n_models` models."""
+    pairs = pairs if pairs is not None else [(i, j) for i in range(n_models) for j in range(n_models) if i != j]
+    moments: dict[str, _Moments] = {}
+    cache: dict[str, list[list[torch.Tensor]]] = {}
+    n_images = 0
+    for n_batch, feats in batches:
+        for lvl, per_model in feats.items():
+            if lvl not in moments:
+                moments[lvl] = _Moments([f.shape[1] for f in per_model], chunks, per_model[0].device)
+            moments[lvl].add(per_model, n_images, n_batch)
+            if method == "sgd":  # the trained adapters need the features themselves
+                for k, f in enumerate(per_model):
+                    cache.setdefault(lvl, [[] for _ in range(n_models)])[k].append(f.float())
+        n_images += n_batch
+    if not n_images:
+        raise ValueError("no calibration images: the image set is empty")
+    sources = sorted({i for i, _ in pairs})
+    used = _levels_with_enough_samples(moments, sources, n_images, explicit=explicit)
+    filled = min(chunks, n_images)  # chunks 0 .. filled-1 hold images
+    weights = torch.ones(1, chunks, dtype=torch.float64)  # row 0: the whole set; then one row per resample
+    if method == "closed_form" and resamples > 0 and filled > 1:
+        drawn = np.random.default_rng(seed).multinomial(filled, np.full(filled, 1.0 / filled), size=resamples)
+        weights = torch.cat([weights, torch.zeros(resamples, chunks, dtype=torch.float64)])
+        weights[1:, :filled] = torch.from_numpy(drawn).double()
+    costs: dict[tuple[int, int], dict[str, float]] = {p: {} for p in pairs}
+    boot = {p: np.zeros(len(weights) - 1) for p in pairs}
+    targets = {i: [j for a, j in pairs if a == i] for i in sources}
+    for lvl in used:
+        mom = moments[lvl]
+        if method == "closed_form":
+            raw = _resampled_closed_form(mom, weights, targets, ridge)  # {i: ((1 + B, targets), (1 + B,))}
+        else:
+            sgd = {i: _sgd_costs(cache[lvl], mom, i, js, sgd_steps, lr) for i, js in targets.items()}
+            raw = {i: (np.array([[sgd[i][j] for j in js]]), np.array([mom.total_n])) for i, js in targets.items()}
+        for i, (values, n_pixels) in raw.items():
+            c_in = mom.block(i).stop - mom.block(i).start
+            dof = (n_pixels - 1) / np.maximum(n_pixels - c_in - 1, 1e-12)  # resamples hold ~n pixels too
+            for k, j in enumerate(targets[i]):
+                corrected = np.minimum(values[:, k] * dof, 1.0)
+                costs[(i, j)][lvl] = float(corrected[0])
+                boot[(i, j)] += corrected[1:] / len(used)
+    return _Costs(per_level=costs, levels=used, n_images=n_images, chunks=filled,
+                  resamples=boot if len(weights) > 1 else {})
 
 
 def _resampled_closed_form(mom: _Moments, weights: torch.Tensor, targets: dict[int, list[int]], ridge: float,
@@ -431,21 +438,43 @@ def cost_matrix(models: dict[str, nn.Module], images: Sequence[torch.Tensor], *,
     """
     if len(models) < 2:
         raise ValueError(f"a cost matrix needs at least two models, got {list(models)}")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    _check_confidence(confidence)
     named = OrderedDict((str(k), m) for k, m in models.items())
     costs = _pairwise_costs(named, images, levels=levels, method=method, ridge=ridge, batch_size=batch_size,
                             device=device, sgd_steps=sgd_steps, lr=lr, chunks=chunks, resamples=resamples, seed=seed)
-    n, used = len(named), costs.levels
+    return _cost_matrix_of(list(named), costs, method, confidence)
+
+
+def feature_cost_matrix(names: Sequence[str], batches: Iterable[tuple[int, dict[str, list[torch.Tensor]]]], *,
+                        levels_given: bool = False, ridge: float = 1e-5, chunks: int = CHUNKS,
+                        resamples: int = RESAMPLES, confidence: float = CONFIDENCE, seed: int = 0) -> CostMatrix:
+    """`cost_matrix` (closed form) from features already computed: `batches` yields, per batch of N images,
+    (N, {level: [model m's features as (N * H * W, C_m) rows, image by image, for each of `names`]}). For
+    features that do not come from detectors, e.g. constructed ones whose costs are known. `levels_given`:
+    a level with too few pixel samples is an error rather than left out with a warning."""
+    _check_confidence(confidence)
+    costs = _costs_of_features(batches, len(names), explicit=levels_given, method="closed_form", ridge=ridge,
+                               sgd_steps=0, lr=0.0, pairs=None, chunks=chunks, resamples=resamples, seed=seed)
+    return _cost_matrix_of(list(names), costs, "closed_form", confidence)
+
+
+def _check_confidence(confidence: float) -> None:
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+
+
+def _cost_matrix_of(names: list[str], costs: _Costs, method: str, confidence: float) -> CostMatrix:
+    """The CostMatrix of `_pairwise_costs`' result: level means, and the bootstrap's intervals and resamples."""
+    n, used = len(names), costs.levels
     per_level = {lvl: [[costs.per_level[(i, j)][lvl] if i != j else 0.0 for j in range(n)] for i in range(n)]
                  for lvl in used}
     matrix = [[float(np.mean([per_level[lvl][i][j] for lvl in used])) for j in range(n)] for i in range(n)]
-    out = CostMatrix(names=list(named), matrix=matrix, levels=list(used), method=method, n_images=costs.n_images,
+    out = CostMatrix(names=names, matrix=matrix, levels=list(used), method=method, n_images=costs.n_images,
                      per_level=per_level, confidence=confidence, chunks=costs.chunks)
     if costs.resamples:
         # Resampling with replacement repeats images, which flatters an in-sample fit: every resampled cost
         # is shifted by its pair's median offset from the full-set cost, so that the resamples spread around it
-        boot = np.zeros((resamples, n, n))
+        boot = np.zeros((len(next(iter(costs.resamples.values()))), n, n))
         for (i, j), values in costs.resamples.items():
             boot[:, i, j] = values + (matrix[i][j] - np.median(values))
         tail = 100 * (1 - confidence) / 2
