@@ -201,13 +201,17 @@ def candidate_aps(records: dict[str, dict[str, Any]]) -> dict[str, float]:
 def select(preset: Preset, data: DataConfig, run_dir: str | os.PathLike, aps: dict[str, float], *,
            strategy: str = DEFAULT_STRATEGY, method: str = "closed_form", device: str = "auto"
            ) -> tuple[Selection, CostMatrix]:
-    """Adaptation costs between student and teachers and the chosen order, written to `RunDir.selection`."""
+    """Adaptation costs between student and teachers (with their bootstrap intervals) and the chosen order
+    (with its support), written to `RunDir.selection`; on all validation images unless
+    `preset.calibration_images` caps them."""
     refs = model_refs(preset, run_dir)
     teachers = {k: v for k, v in refs.items() if k != STUDENT}
+    val = data.val_dataset()
+    n_images = len(val) if preset.calibration_images is None else min(preset.calibration_images, len(val))
     step(f"teacher selection: adaptation costs between the student and {len(teachers)} teachers "
-         f"on {preset.calibration_images} images")
-    return run_selection(refs[STUDENT], teachers, data.val_dataset(), RunDir(run_dir).selection,
-                         n_images=preset.calibration_images, strategy=strategy, method=method,
+         f"on {n_images} images")
+    return run_selection(refs[STUDENT], teachers, val, RunDir(run_dir).selection,
+                         n_images=n_images, strategy=strategy, method=method,
                          device=str(resolve_device(device)), aps=aps, sizes=_reference_sizes(preset, refs))
 
 
