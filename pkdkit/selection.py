@@ -150,8 +150,8 @@ class _Moments:
         w = weights.to(self.gram)
         n = w @ self.n
         mean = (w @ self.sum) / n[:, None]
-        gram = (w @ self.gram.flatten(1)).view(len(w), *self.gram.shape[1:]) / n[:, None, None]
-        return n, gram - mean[:, :, None] * mean[:, None, :]
+        cov = (w / n[:, None]) @ self.gram.flatten(1)
+        return n, torch.baddbmm(cov.view(len(w), *self.gram.shape[1:]), mean[:, :, None], mean[:, None, :], alpha=-1)
 
     def covariance(self) -> torch.Tensor:
         """(D, D) covariance of all features seen."""
