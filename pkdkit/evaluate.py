@@ -527,12 +527,14 @@ def equal_budget_controls(runs: Sequence[str], epochs: Sequence[Any], controls: 
     """For each run, the index of the control it is compared with: the first of `controls` (names, in that
     order of preference) among `runs` with the same student epochs, itself for a control, None when no control
     has its epochs. Without any of `controls` in `runs`, the first run is the control. `epochs[i]`: run i's
-    total epochs (None for unknown: unknown budgets match each other, as before budgets were recorded)."""
+    total epochs, None for unknown (records from before budgets, torchvision's reference models): such a
+    run is compared with the first control, as every run was before budgets were recorded."""
     control_rows = [runs.index(c) for c in controls if c in runs] or [0]
     control_of: dict[Any, int] = {}
     for k in control_rows:
         control_of.setdefault(epochs[k], k)
-    return [i if i in control_rows else control_of.get(e) for i, e in enumerate(epochs)]
+    return [i if i in control_rows else control_of.get(e, control_rows[0] if e is None else None)
+            for i, e in enumerate(epochs)]
 
 
 def comparison_table(metrics_by_run: Mapping[str, Mapping[str, Any]], iou_type: str = "bbox",
