@@ -438,9 +438,11 @@ def support_sentence(support: dict[str, Any]) -> str:
     decide between them". Supported (share >= `SUPPORTED`): "...: supported"."""
     text = f"chosen in {100 * support['share']:.0f}% of {support['resamples']} resamples"
     if support.get("set_aside"):  # the near-tie rule chose the direct order over the costs' own choice
-        return text + f" by the costs alone, against {100 * support['runner_up_share']:.0f}% for " \
-                      f"{' -> '.join(support['runner_up'])}; chosen here by the near-tie rule (the longer " \
-                      f"order {' -> '.join(support['set_aside'])} is not cheaper beyond the noise)"
+        if support.get("runner_up"):
+            text += f" by the costs alone, against {100 * support['runner_up_share']:.0f}% for " \
+                    f"{' -> '.join(support['runner_up'])}"
+        return text + f"; chosen here by the near-tie rule (the longer order {' -> '.join(support['set_aside'])} " \
+                      "is not cheaper beyond the noise)"
     if support.get("runner_up"):
         text += f"; runner-up {' -> '.join(support['runner_up'])}, {100 * support['runner_up_share']:.0f}%"
     if support["share"] >= SUPPORTED:
@@ -493,11 +495,12 @@ def plot_cost_matrix(matrix: CostMatrix, selection: Selection | None = None, ax:
     ax.set_xlabel("to (teacher)")
     ax.set_ylabel("from (student side)")
     hi = arr.max() if arr.size else 0.0
+    digits = max(3, 2 - int(np.floor(np.log10(hi)))) if hi > 0 else 3  # small costs keep 2 significant digits
     for i in range(n):
         for j in range(n):
-            text = f"{arr[i, j]:.3f}"
+            text = f"{arr[i, j]:.{digits}f}"
             if matrix.has_intervals and i != j:
-                text += f"\n[{matrix.low[i][j]:.3f}, {matrix.high[i][j]:.3f}]"
+                text += f"\n[{matrix.low[i][j]:.{digits}f}, {matrix.high[i][j]:.{digits}f}]"
             ax.text(j, i, text, ha="center", va="center", fontsize=8,
                     color="black" if arr[i, j] > 0.6 * hi else "white")
     title = f"adaptation costs on {matrix.n_images} images, levels {', '.join(matrix.levels)}"

@@ -9,8 +9,18 @@ the released code; this module implements
 - `adaptation_cost(a, b, images)`: how well a 1x1 linear adapter maps a's FPN features onto b's on
   calibration images, as a normalised residual (0: b is a linear function of a; 1: a explains nothing).
   `cost(a -> b)` is how hard it is for student `a` to imitate teacher `b`; it is not symmetric.
-- `cost_matrix(models, images)`: every ordered pair at once, one forward per model per batch.
+- `cost_matrix(models, images)`: every ordered pair at once, one forward per model per batch, each cost with
+  a 90% bootstrap interval (`feature_cost_matrix`: the same from features already computed).
 - `run_selection`: model references in, cost matrix and teacher order (`pkdkit.ordering`) out, and files.
+
+Intervals. The closed-form costs come from running moments of the features; these are kept per chunk of
+images (`CHUNKS` = 16 chunks, image i in chunk i mod 16, so memory is 16 x one set of moments, flat in the
+number of images). A bootstrap over chunks (`RESAMPLES` = 200 resamples with replacement, seeded) sums the
+drawn chunks' moments and recomputes every cost in closed form: no feature is computed again, and on the tiny
+preset (3 models, 64 images, CPU) it adds about 0.6 s to a cost matrix of about 9 s, the same however many
+images. The resampled matrices are kept (`CostMatrix.resamples`) so that `pkdkit.ordering.select_teachers`
+can report how often each order is chosen. The ``sgd`` method has no intervals: its adapters would have to be
+trained again for every resample.
 
 All models see the same transformed batch (the first model's transform makes it), as in distillation;
 a model with another input size sees it rescaled to its own and its maps are resized back, so the cost
