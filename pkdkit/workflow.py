@@ -530,7 +530,8 @@ def _seed_order_checks(reports: list[str | os.PathLike], metrics: list[dict[str,
     lines = ["| seed | selected order | AP | best order run | AP | selected was best | support | verdict |",
              "|---:|---|---:|---|---:|---|---:|---|"]
     lines += [f"| {seed} | {' → '.join(c['selected'])} | {100 * c['selected_ap']:.1f} | {c['best_run']}: "
-              f"{' → '.join(c['best_order'])} | {100 * c['best_ap']:.1f} | {'yes' if c['selected_is_best'] else 'no'} | "
+              f"{' → '.join(c['best_order'])} | {100 * c['best_ap']:.1f} | "
+              f"{'yes' if c['selected_is_best'] else 'no'} | "
               f"{'n/a' if not c['support'] else format(c['support']['share'], '.0%')} | {c['verdict']} |"
               for seed, c in zip(seeds, checks) if c]
     with_support = [c for c in checks if c and c["support"]]
@@ -541,7 +542,8 @@ def _seed_order_checks(reports: list[str | os.PathLike], metrics: list[dict[str,
     summary["text"] = (
         f"Supported choices (chosen in at least {100 * SUPPORTED:.0f}% of resamples): {summary['supported']} of the "
         f"{summary['with_support']} seeds with a recorded support; the best order run in "
-        f"{summary['supported_best']} of them, the best or within the noise of it in {summary['supported_within_noise']}."
+        f"{summary['supported_best']} of them, the best or within the noise of it in "
+        f"{summary['supported_within_noise']}."
         if with_support else "No seed recorded the support of its chosen order (selections made before intervals).")
     noise_text = f"noise: {100 * (AP_NOISE if noise is None else noise):.1f} AP points, {source}"
     return checks, "\n".join(lines) + f"\n\n({noise_text})", summary
