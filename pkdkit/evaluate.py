@@ -561,9 +561,29 @@ def evaluate_detector(model: nn.Module, dataset: CocoDetection, label_map: Label
 
 # ----------------------------------------------------------------------------------------------------
 # Reporting
+CONTROLS = ("baseline", "baseline_long")  # the runs without a teacher, at E and S x E epochs
+
+
+def equal_budget_controls(runs: Sequence[str], epochs: Sequence[Any], controls: Sequence[str] = CONTROLS
+                          ) -> list[int | None]:
+    """For each run, the index of the control it is compared with: the first of `controls` (names, in that
+    order of preference) among `runs` with the same student epochs, itself for a control, None when no control
+    has its epochs. Without any of `controls` in `runs`, the first run is the control. `epochs[i]`: run i's
+    total epochs, None for unknown (records from before budgets, torchvision's reference models): such a
+    run is compared with the first control, as every run was before budgets were recorded."""
+    control_rows = [runs.index(c) for c in controls if c in runs] or [0]
+    control_of: dict[Any, int] = {}
+    for k in control_rows:
+        control_of.setdefault(epochs[k], k)
+    return [i if i in control_rows else control_of.get(e, control_rows[0] if e is None else None)
+            for i, e in enumerate(epochs)]
+
+
 def comparison_table(metrics_by_run: Mapping[str, Mapping[str, Any]], iou_type: str = "bbox",
                      stats: Sequence[str] = ("AP", "AP50", "AP75", "APs", "APm", "APl")) -> str:
-    """A markdown table of COCO stats (in %, one decimal), one row per run, plus AP minus the first row's.
+    """A markdown table of COCO stats (in %, one decimal), one row per run, plus ΔAP: AP minus that of the
+    control with the same student epochs (`equal_budget_controls`: ``baseline`` or ``baseline_long``, else
+    the first row; n/a when no control has the run's epochs).
 
     metrics_by_run: run name -> `coco_evaluate` output or `evaluate_detector` record (`EvalRecord.of`).
     Undefined stats (-1) and runs without `iou_type` show ``n/a``. When records carry a budget
@@ -583,12 +603,12 @@ def comparison_table(metrics_by_run: Mapping[str, Mapping[str, Any]], iou_type: 
     budgets = {run: record.budget for run, record in records.items()}
     with_budget = any(budgets.values())
     rows = []
-    ref_ap = None
+    values_of = {run: record.stats(iou_type) if record.has(iou_type) else None for run, record in records.items()}
+    aps = [v.get("AP") if v else None for v in values_of.values()]
+    control = equal_budget_controls(list(records), [b.get("epochs") for b in budgets.values()])
     for i, (run, record) in enumerate(records.items()):
-        values = record.stats(iou_type) if record.has(iou_type) else None
-        ap = values.get("AP") if values else None
-        if i == 0:
-            ref_ap = ap
+        values, ap = values_of[run], aps[i]
+        ref_ap = aps[control[i]] if control[i] is not None else None
         delta = "n/a" if ap is None or ap < 0 or ref_ap is None or ref_ap < 0 else format_delta(100 * (ap - ref_ap))
         cells = [fmt(values.get(s) if values else None) for s in stats]
         budget = [str(budgets[run].get("epochs", "?")), budgets[run].get("init", "?")] if budgets[run] else ["?", "?"]

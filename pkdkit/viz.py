@@ -31,7 +31,7 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 from torch import Tensor, nn
 
-from pkdkit.evaluate import EvalRecord, format_delta, result_box
+from pkdkit.evaluate import CONTROLS, EvalRecord, equal_budget_controls, format_delta, result_box
 from pkdkit.losses import CWDLoss, FGDLoss, MGDLoss, MSELoss, PKDLoss, check_boxes, fgd_attention, fgd_masks
 
 __all__ = ["feature_summary", "plot_feature_maps", "plot_feature_difference", "plot_loss_masks",
@@ -513,50 +513,63 @@ def _stat(record: Mapping[str, Any], stat: str, iou_type: str, run: str) -> floa
     return None if value < 0 else value  # COCOeval: -1 means undefined
 
 
-def plot_ap_bars(rows: Mapping[str, Any], stat: str = "AP", iou_type: str = "bbox") -> Figure:
+def plot_ap_bars(rows: Mapping[str, Any], stat: str = "AP", iou_type: str = "bbox",
+                 controls: Sequence[str] = CONTROLS) -> Figure:
     """Horizontal bars of one COCO stat (in %) per run, the first run (the baseline) on top.
 
     rows: {run: evaluate record or `coco_evaluate`'s output (`pkdkit.evaluate.EvalRecord.of`)} or
-    {run: [records, one per seed]} for mean ± sample std error bars. Each bar is labelled
-    with its value and its difference to the baseline; undefined stats (-1) show "n/a". Records with a
-    budget (`pkdkit.evaluate.EvalRecord.budget`) show the student's total epochs beside the run name.
+    {run: [records, one per seed]} for mean ± sample std error bars. Each bar is labelled with its value and
+    its difference to the control with the *same* student epochs (`pkdkit.evaluate.equal_budget_controls`):
+    the runs named in `controls` that are in `rows` (default: ``baseline`` and the equal-budget
+    ``baseline_long``), else the first run; with several controls a gain names its control
+    ("+1.6 vs baseline_long"), and a run whose epochs no control
+    has shows no gain (a gain over a shorter-trained control would mix distillation with training longer).
+    Records without a budget all count as one budget. Undefined stats (-1) show "n/a". Records with a budget
+    (`pkdkit.evaluate.EvalRecord.budget`) show the student's total epochs beside the run name; each control
+    is a vertical line.
     """
     if not rows:
         raise ValueError("plot_ap_bars: no runs given")
-    names, means, stds, counts = [], [], [], []
+    names, means, stds, counts, budgets = [], [], [], [], []
     for run, value in rows.items():
         records = list(value) if isinstance(value, Sequence) and not isinstance(value, (str, Mapping)) else [value]
         vals = [v for v in (_stat(r, stat, iou_type, run) for r in records) if v is not None]
         epochs = EvalRecord.of(records[0]).budget.get("epochs") if records else None
         names.append(f"{run} ({epochs} ep)" if epochs is not None else run)
+        budgets.append(epochs)
         means.append(100 * float(np.mean(vals)) if vals else np.nan)
         stds.append(100 * float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0)
         counts.append(len(records))
     means_a, stds_a = np.array(means), np.array(stds)
-    fig = Figure(figsize=(7, 0.55 * len(names) + 1.4), layout="constrained")
+    runs = list(rows)
+    control = equal_budget_controls(runs, budgets, controls)
+    control_rows = [i for i, c in enumerate(control) if c == i]
+    fig = Figure(figsize=(7.5, 0.55 * len(names) + 1.4), layout="constrained")
     ax = fig.add_subplot()
     y = np.arange(len(names))
-    colors = ["0.6"] + ["tab:blue"] * (len(names) - 1)
+    colors = ["0.6" if i in control_rows else "tab:blue" for i in range(len(names))]
     errors = stds_a if any(c > 1 for c in counts) else None
     ax.barh(y, np.nan_to_num(means_a), xerr=errors, color=colors, capsize=4 if errors is not None else 0,
             height=0.6, error_kw={"elinewidth": 1.2})
-    base = means_a[0]
-    if not np.isnan(base):
-        ax.axvline(base, color="0.35", ls="--", lw=1)
+    for k, style in zip(control_rows, ("--", ":", "-.")):
+        if not np.isnan(means_a[k]):
+            ax.axvline(means_a[k], color="0.35", ls=style, lw=1)
     right = float(np.nanmax(means_a + stds_a)) if not np.all(np.isnan(means_a)) else 1.0
     for i, (m, s, k) in enumerate(zip(means_a, stds_a, counts)):
         if np.isnan(m):
             text = "n/a"
         else:
             text = f"{m:.1f}" + (f" ± {s:.1f} (n={k})" if k > 1 else "")
-            if i > 0 and not np.isnan(base):
-                text += f"   {format_delta(m - base)}"
+            c = control[i]
+            if c is not None and c != i and not np.isnan(means_a[c]):
+                text += f"   {format_delta(m - means_a[c])}" + (f" vs {runs[c]}" if len(control_rows) > 1 else "")
         ax.text((0 if np.isnan(m) else m + s) + 0.02 * right, i, text, va="center", fontsize=9)
     ax.set_yticks(y, names)
     ax.invert_yaxis()
-    ax.set_xlim(0, right * 1.35 if right > 0 else 1)
+    ax.set_xlim(0, right * 1.5 if right > 0 else 1)
     ax.set(xlabel=f"{iou_type} {stat} (%)", title=f"{iou_type} {stat}" + (" (mean ± std over seeds)"
-                                                                          if errors is not None else ""))
+                                                                          if errors is not None else "")
+           + "; gains against the control with the same epochs")
     ax.grid(axis="x", alpha=0.3)
     return fig
 

@@ -23,12 +23,13 @@ from pkdkit.launch import run_plan_distributed, train_detector_distributed
 from pkdkit.models import DetectorSpec, is_torchvision_weight, load_checkpoint, load_model, model_meta
 from pkdkit.data import CocoDetection, DataConfig
 from pkdkit.plan import PLAN_FILE, Plan, Stage, load_plan, reuse_stages, run_plan
-from pkdkit.ordering import DEFAULT_STRATEGY, CostMatrix, Selection
+from pkdkit.ordering import DEFAULT_STRATEGY, SUPPORTED, CostMatrix, Selection, load_selection
 from pkdkit.presets import PRESETS, Preset, get_preset
 from pkdkit.progress import step
 from pkdkit.runid import check_same_run, run_diff
 from pkdkit.rundir import RunDir
 from pkdkit.selection import run_selection
+from pkdkit.spread import AP_NOISE, AP_NOISE_SOURCE, judge_order_check, seed_noise
 from pkdkit.synthetic import make_synthetic_coco
 
 STUDENT = "student"
@@ -219,13 +220,17 @@ def candidate_aps(records: dict[str, dict[str, Any]]) -> dict[str, float]:
 def select(preset: Preset, data: DataConfig, run_dir: str | os.PathLike, aps: dict[str, float], *,
            strategy: str = DEFAULT_STRATEGY, method: str = "closed_form", device: str = "auto"
            ) -> tuple[Selection, CostMatrix]:
-    """Adaptation costs between student and teachers and the chosen order, written to `RunDir.selection`."""
+    """Adaptation costs between student and teachers (with their bootstrap intervals) and the chosen order
+    (with its support), written to `RunDir.selection`; on all validation images unless
+    `preset.calibration_images` caps them."""
     refs = model_refs(preset, run_dir)
     teachers = {k: v for k, v in refs.items() if k != STUDENT}
+    val = data.val_dataset()
+    n_images = len(val) if preset.calibration_images is None else min(preset.calibration_images, len(val))
     step(f"teacher selection: adaptation costs between the student and {len(teachers)} teachers "
-         f"on {preset.calibration_images} images")
-    return run_selection(refs[STUDENT], teachers, data.val_dataset(), RunDir(run_dir).selection,
-                         n_images=preset.calibration_images, strategy=strategy, method=method,
+         f"on {n_images} images")
+    return run_selection(refs[STUDENT], teachers, val, RunDir(run_dir).selection,
+                         n_images=n_images, strategy=strategy, method=method,
                          device=str(resolve_device(device)), aps=aps, sizes=_reference_sizes(preset, refs))
 
 
@@ -398,15 +403,20 @@ def load_comparison(run_dir: str | os.PathLike) -> dict[str, Any]:
     return comparison
 
 
-def order_check(records: dict[str, dict[str, Any]], orders: dict[str, dict[str, Any]], stat: str = "AP") -> dict[str, Any]:
-    """Was the selected order (the `progressive` run) the best of the teacher orders that were run?"""
+def order_check(records: dict[str, dict[str, Any]], orders: dict[str, dict[str, Any]], stat: str = "AP",
+                noise: float = AP_NOISE, noise_source: str = AP_NOISE_SOURCE) -> dict[str, Any]:
+    """Was the selected order (the `progressive` run) the best of the teacher orders that were run, beyond the
+    noise? The numbers, plus `pkdkit.spread.judge_order_check`'s "verdict" ("best", "no difference shown",
+    "worse") and "sentence" against `noise` (default: the single-run noise `pkdkit.spread.AP_NOISE`)."""
     aps = {n: EvalRecord(records[n]).stat(stat) for n in orders if n in records}
     if "progressive" not in aps:
         return {}
     best = max(aps, key=aps.get)
-    return {"selected": orders["progressive"]["order"], "selected_ap": aps["progressive"], "best_run": best,
-            "best_order": orders[best]["order"], "best_ap": aps[best],
-            "selected_is_best": aps["progressive"] >= aps[best], "orders_run": {n: orders[n]["order"] for n in aps}}
+    check = {"selected": orders["progressive"]["order"], "selected_ap": aps["progressive"], "best_run": best,
+             "best_order": orders[best]["order"], "best_ap": aps[best],
+             "selected_is_best": aps["progressive"] >= aps[best], "orders_run": {n: orders[n]["order"] for n in aps},
+             "aps": aps, "same_run": [n for n in aps if orders[n].get("same_as") == "progressive"]}
+    return {**check, **judge_order_check(check, noise, noise_source)}
 
 
 def write_report_metrics(path: str | os.PathLike, preset: Preset, run_dir: str | os.PathLike, **sections: Any) -> None:
@@ -472,7 +482,9 @@ def seed_study(reports: list[str | os.PathLike], stats: tuple[str, ...] = ("AP",
 
     Returns {"seeds", "runs": {run: {stat: {"values", "mean", "std"}}}, "budgets": {run: {"init", "epochs"}},
     "records": {run: [record, ...]}, "table": markdown (epochs and initialisation, mean ± sample std in %),
-    "order_checks": [per seed: was the selected order the best of the orders run], "order_table": markdown,
+    "order_checks": [per seed: was the selected order the best of the orders run, its verdict against the
+    seeds' spread (`pkdkit.spread`) and the support of the chosen order], "order_table": markdown,
+    "selection_check": over seeds, how often a supported choice was the best run (`_seed_order_checks`),
     "parameters": each report's parameters}.
     """
     import numpy as np
@@ -501,11 +513,7 @@ def seed_study(reports: list[str | os.PathLike], stats: tuple[str, ...] = ("AP",
              + " | ".join(f"{100 * r[s]['mean']:.1f} ± {100 * r[s]['std']:.1f}" for s in stats) + " |"
              for n, r in runs.items()]
     seeds = [m.get("parameters", {}).get("seed") for m in metrics]
-    checks = [m.get("comparison", {}).get("order_check", {}) for m in metrics]
-    order_lines = ["| seed | selected order | AP | best order run | AP | selected was best |", "|---:|---|---:|---|---:|---|"]
-    order_lines += [f"| {seed} | {' → '.join(c['selected'])} | {100 * c['selected_ap']:.1f} | {c['best_run']}: "
-                    f"{' → '.join(c['best_order'])} | {100 * c['best_ap']:.1f} | {'yes' if c['selected_is_best'] else 'no'} |"
-                    for seed, c in zip(seeds, checks) if c]
+    checks, order_table, selection_check = _seed_order_checks(reports, metrics, runs, seeds)
     return {"seeds": seeds, "runs": runs, "budgets": budgets, "records": records,
             "table": "\n".join([header, *lines]) + f"\n\n(mean ± sample std over {len(metrics)} seeds, AP in %; "
                      "epochs: the student's total training epochs; in each seed every run starts from that seed's initialisation)"
@@ -514,5 +522,58 @@ def seed_study(reports: list[str | os.PathLike], stats: tuple[str, ...] = ("AP",
                                "(the selection chose another number of teachers): do not read its mean as one run."
                                for n, ep in mixed.items()),
             "mixed_budgets": mixed,
-            "order_checks": checks, "order_table": "\n".join(order_lines),
+            "order_checks": checks, "order_table": order_table, "selection_check": selection_check,
             "parameters": [m.get("parameters", {}) for m in metrics]}
+
+
+def _seed_order_checks(reports: list[str | os.PathLike], metrics: list[dict[str, Any]], runs: dict[str, Any],
+                       seeds: list[Any]) -> tuple[list[dict[str, Any]], str, dict[str, Any]]:
+    """Per seed, the order check judged against the spread of these seeds (`pkdkit.spread.seed_noise` over the
+    order runs; the single-run `AP_NOISE` with one seed) and the support of the chosen order (the report's
+    selection section, else the run directory's selection.json; None when neither has one). Returns (checks,
+    markdown table, {"supported", "with_support", "supported_best", "supported_within_noise", "text"}): how
+    often a supported choice (support >= `pkdkit.ordering.SUPPORTED`) was the best order run, or within the
+    noise of it."""
+    checks = [dict(m.get("comparison", {}).get("order_check", {})) for m in metrics]
+    noise = seed_noise(runs, sorted({n for c in checks for n in c.get("orders_run", {})}))
+    source = f"the spread over these {len(metrics)} seeds" if noise is not None else AP_NOISE_SOURCE
+    for report, m, c in zip(reports, metrics, checks):
+        if not c:
+            continue
+        aps = c.setdefault("aps", {n: m["evaluation"][n]["AP"] for n in c["orders_run"] if n in m["evaluation"]})
+        c.setdefault("same_run", [n for n in aps if n != "progressive" and c["orders_run"][n] == c["selected"]
+                                  and aps[n] == c["selected_ap"]])  # reports written before same_run existed
+        c.update(judge_order_check(c, AP_NOISE if noise is None else noise, source))
+        c["support"] = _selection_support(report, m)
+    lines = ["| seed | selected order | AP | best order run | AP | selected was best | support | verdict |",
+             "|---:|---|---:|---|---:|---|---:|---|"]
+    lines += [f"| {seed} | {' → '.join(c['selected'])} | {100 * c['selected_ap']:.1f} | {c['best_run']}: "
+              f"{' → '.join(c['best_order'])} | {100 * c['best_ap']:.1f} | "
+              f"{'yes' if c['selected_is_best'] else 'no'} | "
+              f"{'n/a' if not c['support'] else format(c['support']['share'], '.0%')} | {c['verdict']} |"
+              for seed, c in zip(seeds, checks) if c]
+    with_support = [c for c in checks if c and c["support"]]
+    supported = [c for c in with_support if c["support"]["supported"]]
+    summary = {"with_support": len(with_support), "supported": len(supported),
+               "supported_best": sum(c["selected_is_best"] for c in supported),
+               "supported_within_noise": sum(c["verdict"] != "worse" for c in supported)}
+    summary["text"] = (
+        f"Supported choices (chosen in at least {100 * SUPPORTED:.0f}% of resamples): {summary['supported']} of the "
+        f"{summary['with_support']} seeds with a recorded support; the best order run in "
+        f"{summary['supported_best']} of them, the best or within the noise of it in "
+        f"{summary['supported_within_noise']}."
+        if with_support else "No seed recorded the support of its chosen order (selections made before intervals).")
+    noise_text = f"noise: {100 * (AP_NOISE if noise is None else noise):.1f} AP points, {source}"
+    return checks, "\n".join(lines) + f"\n\n({noise_text})", summary
+
+
+def _selection_support(report: str | os.PathLike, metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The chosen order's support of one report: its selection section's, else that of the run directory's
+    selection.json (the run directory as recorded, or relative to the report folder)."""
+    support = metrics.get("selection", {}).get("order_support")
+    if support or not metrics.get("run_dir"):
+        return support
+    for root in (Path(metrics["run_dir"]), Path(report) / metrics["run_dir"]):
+        if RunDir(root).selection_json.exists():
+            return load_selection(RunDir(root).selection_json)[0].order_support
+    return None

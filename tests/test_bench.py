@@ -119,6 +119,17 @@ def test_selection_point_times_a_cost_matrix_and_its_peak_memory(toy_cfg):
     assert torch.equal(images[2], scaling.RandomImages(3, (8, 8), seed=1)[2]) and len(images) == 3
 
 
+def test_selection_at_its_default_times_the_bootstrap_beside_the_matrix_without_it(toy_cfg):
+    assert run.BenchConfig.make("cpu", "tiny").selection_default_images == get_preset("tiny").synth["n_val"] == 64
+    d = scaling.selection_at_default(run.selection_specs(toy_cfg, 2), 8, (64, 64), 4, torch.device("cpu"),
+                                     repeats=1)
+    assert d["images"] == 8 and d["models"] == 2 and d["chunks"] == 8 and d["resamples"] == 200
+    assert d["seconds"] > 0 and d["seconds_without_intervals"] > 0 and d["order_and_support_seconds"] >= 0
+    assert 0 <= d["support"] <= 1 and d["order"]
+    text = run.table({"selection": {"growth": {}, "images": [8], "points": [], "default": d}})
+    assert "selection at its default (8 images, 1+1 models)" in text and "extra time" in text
+
+
 def test_report_table_lists_every_part_and_marks_gpu_settings_not_measured(evaluation):
     res = {"evaluation": evaluation,
            "settings": {"status": "not measured", "reason": "no GPU", "variants": list(run.SETTINGS)}}

@@ -361,3 +361,23 @@ def test_plot_detections_draws_segmentation_results_at_their_mask_box(tiny_coco)
     fig = plot_detections(ds, {"masks": [result]}, [ds.ids[0]])
     (box,) = fig.axes[1].patches
     assert (box.get_x(), box.get_y(), box.get_width(), box.get_height()) == (8, 5, 22, 15)
+
+
+def _budgeted(ap, epochs):
+    return {"metrics": {"bbox": {"stats": {"AP": ap}}}, "config": {"budget": {"init": "initial", "epochs": epochs}}}
+
+
+def test_ap_bars_gain_is_against_the_control_with_the_same_epochs():
+    rows = {"baseline": _budgeted(.009, 12), "baseline_long": _budgeted(.041, 24), "one_shot": _budgeted(.044, 12),
+            "by_ap": _budgeted(.050, 24), "progressive": _budgeted(.046, 36)}
+    fig = viz.plot_ap_bars(rows)
+    labels = [t.get_text() for t in fig.axes[0].texts]
+    assert labels[0] == "0.9" and labels[1] == "4.1"  # the controls themselves
+    assert labels[2].endswith("+3.5 vs baseline")  # 12 epochs: against baseline
+    assert labels[3].endswith("+0.9 vs baseline_long")  # 24 epochs: against the equal-budget control, not +4.1
+    assert labels[4] == "4.6"  # no control trained 36 epochs: no gain printed
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()][3] == "by_ap (24 ep)"
+    from pkdkit.evaluate import comparison_table
+    table = comparison_table(rows, stats=("AP",)).splitlines()
+    assert table[3].endswith("| 0.0 |") and table[4].endswith("| +3.5 |")
+    assert table[5].endswith("| +0.9 |") and table[6].endswith("| n/a |")
