@@ -32,6 +32,13 @@ def toy_cfg() -> run.BenchConfig:
 
 
 def test_speed_settings_run_amp_channels_last_and_cudnn_autotuning_side_by_side(toy_cfg):
+    # oneDNN's bfloat16 convolution backward returns NaN gradients now and then on this CPU (found once the bench
+    # step ran the engine's finite checks); torch's own kernels do not. The settings bench is for CUDA.
+    with torch.backends.mkldnn.flags(enabled=False):
+        _speed_settings_side_by_side(toy_cfg)
+
+
+def _speed_settings_side_by_side(toy_cfg):
     torch.manual_seed(0)  # the toy models' weights: independent of what other test modules drew at import
     cpu = torch.device("cpu")
     steps = run.settings_fns(toy_cfg, cpu)
