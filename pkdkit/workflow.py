@@ -3,6 +3,12 @@
 Every path comes from `pkdkit.rundir.RunDir` (the layout is described there); the functions take the run
 directory as a path. Every step skips work whose outputs already exist, so re-running a notebook (or the
 whole pipeline) resumes instead of starting over.
+
+Each notebook starts with one set-up call, `start_run` (notebook 01: records the run's settings) or `open_run`
+(02-05), which returns a `Run` (settings, preset, data; `show` a figure, add a `report` section) and sets up
+IPython explicitly (figure display, pkdkit's errors as one line). The notebooks only call the library: the
+readers (`candidate_records`, `load_run_selection`, `load_comparison`) load what an earlier notebook made,
+and the texts they show (`orders_note`, `order_check_text`, `plan_tables`, ...) are made here.
 """
 from __future__ import annotations
 
