@@ -37,7 +37,7 @@ def trial(spec: DetectorSpec, data: DataConfig, cfg: TrainConfig, out: Path) -> 
     tic = time.time()
     train_ds = data.train_dataset()
     record = train_detector(spec, train_ds, data.val_dataset(), cfg, out)
-    ap = 100 * record["metrics"]["bbox"]["stats"]["AP"]
+    ap = 100 * record.ap
     print(f"{out.name}: {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}: AP {ap:.2f} "
           f"({time.time() - tic:.0f} s)", flush=True)
     return ap

@@ -26,6 +26,7 @@ import torch
 
 from pkdkit.data import DataConfig
 from pkdkit.engine import train_detector
+from pkdkit.evaluate import EvalRecord
 from pkdkit.losses import MGDLoss
 from pkdkit.plan import Plan, Stage, run_plan
 from pkdkit.presets import get_preset
@@ -62,7 +63,7 @@ def check_pipeline(work: Path, device: str, epochs: int) -> dict:
         tic = time.time()
         record = train_detector(replace(spec, num_classes=n_classes), data.train_dataset(), data.val_dataset(),
                                 cfg, work / name)
-        out[name] = {"AP": record["metrics"]["bbox"]["stats"]["AP"], "seconds": round(time.time() - tic, 1)}
+        out[name] = {"AP": record.ap, "seconds": round(time.time() - tic, 1)}
         print(f"{name} ({spec.backbone}), {epochs} epochs on {device}: AP {100 * out[name]['AP']:.2f} "
               f"({out[name]['seconds']} s)")
     plan = Plan(name="one_shot", student=replace(tiny.student, num_classes=n_classes), data=data, train=cfg,
@@ -75,10 +76,10 @@ def check_pipeline(work: Path, device: str, epochs: int) -> dict:
     tic = time.time()
     run_plan(plan, progress=False)  # finished: nothing is trained again
     again = round(time.time() - tic, 1)
-    record = json.loads(first)
-    stage = record["config"]["stage"]
-    out["plan"] = {"AP": record["metrics"]["bbox"]["stats"]["AP"], "seconds": seconds, "rerun_seconds": again,
-                   "loss_weight": stage["loss_weight_used"], "budget": record["config"]["budget"],
+    record = EvalRecord.read(plan.stage_record(0))
+    stage = record.config["stage"]
+    out["plan"] = {"AP": record.ap, "seconds": seconds, "rerun_seconds": again,
+                   "loss_weight": stage["loss_weight_used"], "budget": record.budget,
                    "inherited_tensors": len((stage["inherited"] or {}).get("copied", []))}
     print(f"one-stage plan on {device}: AP {100 * out['plan']['AP']:.2f} ({seconds} s), calibrated weight "
           f"{out['plan']['loss_weight']}, inherited {out['plan']['inherited_tensors']} tensors; re-run {again} s")

@@ -8,7 +8,8 @@ measured side by side in one run so that machine noise cancels.
     .venv/bin/python bench/run.py --only evaluation loader   # some parts only
 
 What is measured (timed runs interleave A, B, B, A, ... after warm-up; medians are reported):
-- ``distill``: a `Distiller` step (forward, backward, optimizer step; MGD on every common FPN level) over a
+- ``distill``: a `Distiller` step (the engine's own `train_step`: forward, backward, optimizer and scheduler
+  steps, finite checks; MGD on every common FPN level) over a
   student step plus the teacher's no-grad backbone+FPN forward on the same transformed batch. The target
   is <= 1.05. Two more rows help read it: the same Distiller with a loss that costs nothing (its machinery
   alone: feature tap, level naming, teacher call; the rest of the gap is MGD's generation convolutions) and
@@ -20,7 +21,9 @@ What is measured (timed runs interleave A, B, B, A, ... after warm-up; medians a
 - ``loader``: images/s of `pkdkit.data.make_loader` (decode, targets, masks) with 0, 1 and 2 workers against
   the training step's, on the tiny and small presets' data (bench/loading.py). Target: >= 3x the step.
 - ``selection``: `pkdkit.selection.cost_matrix` time and peak memory for 64, 256 and 1,024 calibration images
-  and 1+2, 1+4 models, each point in its own process (bench/scaling.py): time linear, memory flat.
+  and 1+2, 1+4 models, each point in its own process (bench/scaling.py): time linear, memory flat; and the
+  whole selection (cost matrix with bootstrap intervals, order and support) at the preset's default image
+  count (all 64 validation images of the tiny preset), beside the matrix without intervals.
 - ``memory``: peak memory of a distillation step and of a plain student step: on CPU each in its own process
   (growth of the peak resident set over the steps, from /proc), on CUDA from ``torch.cuda.max_memory_allocated``.
 - ``settings`` (CUDA): the distillation step plain, with AMP (bfloat16 where supported; the teacher's forward
@@ -86,6 +89,7 @@ class BenchConfig:
     eval_repeats: int = 5
     selection_images: tuple[int, ...] = scaling.IMAGES  # calibration images of the cost-matrix points
     selection_models: tuple[int, ...] = (3, 5)  # 1 + 2 and 1 + 4 models
+    selection_default_images: int = 64  # the selection's default image count (the preset's validation set)
     loader_presets: tuple[str, ...] = ("tiny", "small")
     loader_images: dict[str, int] = field(default_factory=lambda: {"tiny": 64, "small": 96})
     loader_passes: int = 3
@@ -115,7 +119,8 @@ class BenchConfig:
             # detection loss there, and bf16 steps can overflow).
             cfg = cls(device=device, student=preset.student, teacher=teachers[-1], train=preset.distill,
                       candidates=_candidates(preset.student, teachers), loss=preset.loss,
-                      loss_params={"alpha_mgd": 1e-6, **preset.loss_params}, image_hw=(preset.student.min_size,) * 2)
+                      loss_params={"alpha_mgd": 1e-6, **preset.loss_params}, image_hw=(preset.student.min_size,) * 2,
+                      selection_default_images=preset.calibration_images or preset.synth["n_val"])
         else:
             raise ValueError(f"sizes must be 'tiny' or 'realistic', not {sizes!r}")
         if quick:
@@ -168,6 +173,20 @@ def build_models(cfg: BenchConfig, device: torch.device) -> tuple[nn.Module, nn.
 
 
 STEPS = ("distill", "student+teacher", "student", "distill_free_loss")
+
+
+class WithTeacher(nn.Module):
+    """The student's forward `(images, targets) -> {name: loss}`, then `teacher_forward()` (not trained): under
+    the engine's step, the teacher runs inside the student's autocast, as a Distiller's teacher does."""
+
+    def __init__(self, student: nn.Module, teacher_forward: Callable[[], None]) -> None:
+        super().__init__()
+        self.student, self.teacher_forward = student, teacher_forward
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
+        losses = self.student(images, targets)
+        self.teacher_forward()
+        return losses
 PARTS = ("distill", "evaluation", "loader", "selection", "memory", "settings")
 
 
@@ -192,8 +211,8 @@ def step_fns(cfg: BenchConfig, device: torch.device, kinds: tuple[str, ...] = ST
         return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 
     make = {"distill": lambda: TrainStep(distiller(cfg.loss, cfg.loss_params), images, targets, cfg.train, device),
-            "student+teacher": lambda: TrainStep(copy.deepcopy(student), images, targets, cfg.train, device,
-                                                 teacher_forward),
+            "student+teacher": lambda: TrainStep(WithTeacher(copy.deepcopy(student), teacher_forward), images,
+                                                 targets, cfg.train, device),
             "student": lambda: TrainStep(copy.deepcopy(student), images, targets, cfg.train, device),
             "distill_free_loss": lambda: TrainStep(distiller("mse", {"loss_weight": 0.0}), images, targets,
                                                    cfg.train, device)}
@@ -308,6 +327,9 @@ def bench_selection(cfg: BenchConfig, args: argparse.Namespace) -> dict[str, Any
                                           cfg.selection_images)
     out["model_names"] = {f"1+{m - 1}": [spec.name for spec in selection_specs(cfg, m).values()]
                           for m in cfg.selection_models}
+    out["default"] = scaling.selection_at_default(selection_specs(cfg, cfg.selection_models[0]),
+                                                  cfg.selection_default_images, cfg.image_hw, cfg.train.batch_size,
+                                                  torch.device(cfg.device), seed=cfg.seed)
     return out
 
 
@@ -466,6 +488,13 @@ def table(res: dict[str, Any]) -> str:
                              ", ".join(f"{r:.2f}" for r in g["cpu_seconds_over_forwards"]), "flat", ""))
                 rows.append(("  peak MiB (largest / smallest)", ", ".join(f"{m:.0f}" for m in g["peak_mib"]) +
                              f" ({g['memory_ratio_largest_vs_smallest']:.2f})", "~1 (flat)", ""))
+        if "default" in sel:
+            d = sel["default"]
+            rows.append((f"selection at its default ({d['images']} images, 1+{d['models'] - 1} models): s",
+                         f"{d['seconds']:.1f} ({d['seconds_without_intervals']:.1f} without intervals)", "", ""))
+            rows.append((f"  bootstrap ({d['resamples']} resamples of {d['chunks']} chunks): extra time",
+                         f"{100 * d['bootstrap_share']:.0f}%", "small", ""))
+            rows.append(("  order + support: s", f"{d['order_and_support_seconds']:.3f}", "", ""))
         if "time_ratio_models" in sel["growth"]:
             g = sel["growth"]["time_ratio_models"]
             rows.append((f"  CPU time 1+{g['models'][1] - 1} / 1+{g['models'][0] - 1} models", f"{g['cpu_ratio']:.2f}",

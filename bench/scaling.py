@@ -10,6 +10,11 @@ forward per model per batch) and in models, memory flat in images (running float
 features, `(sum C)^2` per FPN level, whatever the number of images). The models differ in size (ResNet-18
 to ResNeXt-50), so "linear in models" is read against the CPU time of their forwards alone
 (``cpu_seconds_over_forwards``: flat when the cost matrix adds a constant share on top of the forwards).
+
+Every point computes the cost matrix as the selection does by default: moments per image chunk and the
+bootstrap intervals (`pkdkit.selection.RESAMPLES` resamples). `selection_at_default` times the whole selection
+(cost matrix with intervals, then the order and its support) at the preset's default image count, beside the
+same cost matrix without the bootstrap, interleaved: the bootstrap's extra time.
 """
 from __future__ import annotations
 
@@ -26,11 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timing import peak_growth_mib, sync
+from timing import peak_growth_mib, summary, sync, time_interleaved
 
 from pkdkit.features import backbone_features
 from pkdkit.models import DetectorSpec, build_detector
-from pkdkit.selection import cost_matrix
+from pkdkit.ordering import select_teachers
+from pkdkit.selection import RESAMPLES, cost_matrix
 
 IMAGES = (64, 256, 1024)
 QUICK_IMAGES = (16, 64, 256)
@@ -78,6 +84,34 @@ def selection_point(specs: dict[str, DetectorSpec], n_images: int, hw: tuple[int
             "forward_cpu_seconds": forwards, "cpu_seconds_over_forwards": result["cpu_seconds"] / forwards,
             "peak_mib": peak, "memory_method": method, "levels": result["matrix"].levels,
             "warnings": sorted({str(w.message) for w in caught})}
+
+
+def selection_at_default(specs: dict[str, DetectorSpec], n_images: int, hw: tuple[int, int], batch_size: int,
+                         device: torch.device, repeats: int = 2, seed: int = 0) -> dict[str, Any]:
+    """The selection at its default image count: seconds of the cost matrix with its bootstrap intervals, of
+    the same matrix without them (interleaved, medians of `repeats`), and of ordering the teachers with the
+    order's support (the default strategy on every resample)."""
+    torch.manual_seed(seed)
+    models = {name: build_detector(spec).to(device).eval() for name, spec in specs.items()}
+    images = RandomImages(n_images, hw, seed)
+    made: dict[str, Any] = {}
+
+    def matrix(resamples: int) -> None:
+        made[resamples] = cost_matrix(models, images, batch_size=batch_size, device=device, resamples=resamples)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # levels with too few pixels: reported by selection_point
+        times = time_interleaved({"with_intervals": lambda: matrix(RESAMPLES), "without": lambda: matrix(0)},
+                                 warmup=0, repeats=repeats, device=device)
+    names = list(specs)
+    tic = time.perf_counter()
+    selection = select_teachers(made[RESAMPLES], names[0], names[1:])
+    order_seconds = time.perf_counter() - tic
+    with_s, without_s = (summary(times[k])["median_s"] for k in ("with_intervals", "without"))
+    return {"images": n_images, "models": len(specs), "resamples": RESAMPLES, "chunks": made[RESAMPLES].chunks,
+            "seconds": with_s, "seconds_without_intervals": without_s, "bootstrap_share": with_s / without_s - 1,
+            "order_and_support_seconds": order_seconds, "order": selection.order,
+            "support": selection.order_support["share"]}
 
 
 def _forward_cpu_seconds(models: dict[str, torch.nn.Module], hw: tuple[int, int], batch_size: int,

@@ -1,4 +1,4 @@
-"""What every benchmark part shares: machine facts, interleaved timing, peak memory, one training step."""
+"""What every benchmark part shares: machine facts, interleaved timing, peak memory, the engine's training step."""
 from __future__ import annotations
 
 import contextlib
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pkdkit.engine import TrainConfig, build_optimizer
+from pkdkit.engine import FiniteChecks, StepAt, TrainConfig, build_optimizer, build_scheduler, train_step
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -120,10 +120,10 @@ def amp_dtype_for(device: torch.device) -> torch.dtype:
 
 
 class TrainStep:
-    """One training step of `model` (forward `(images, targets) -> {name: loss}`), as pkdkit.engine runs it:
-    autocast, zero_grad, (scaled) backward, gradient clipping, the configured optimizer's step. `extra()` runs
-    after the model's forward inside the same autocast (e.g. the teacher's forward, for the comparison that
-    has no Distiller).
+    """One training step of `model` (forward `(images, targets) -> {name: loss}`): `pkdkit.engine.train_step`
+    itself, the very step `engine.train` runs (autocast, backward, gradient clipping, optimizer step, the
+    finite checks and the per-iteration scheduler), on a fixed batch, with its own optimizer, scheduler (a run
+    of `total_iters` steps: it sets the learning rate, not the step's cost) and scaler.
 
     amp: None follows the engine (``train.amp`` on CUDA only, float16 with a GradScaler); True/False force it,
     in `amp_dtype` (default: `amp_dtype_for(device)`, bfloat16 where supported); loss scaling is used only
@@ -131,30 +131,23 @@ class TrainStep:
     """
 
     def __init__(self, model: nn.Module, images: list[torch.Tensor], targets: list[dict], train: TrainConfig,
-                 device: torch.device, extra: Callable[[], Any] | None = None, *, amp: bool | None = None,
-                 amp_dtype: torch.dtype | None = None):
-        self.model, self.images, self.targets, self.train, self.device, self.extra = \
-            model, images, targets, train, device, extra
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.params, train)
+                 device: torch.device, *, amp: bool | None = None, amp_dtype: torch.dtype | None = None,
+                 total_iters: int = 1000):
+        self.model, self.images, self.targets, self.train, self.device = model, images, targets, train, device
+        self.checks = FiniteChecks(model)
+        self.optimizer = build_optimizer(self.checks.params, train)
+        self.scheduler = build_scheduler(self.optimizer, total_iters, train)
         if amp is None:
             self.amp, self.amp_dtype = train.amp and device.type == "cuda", amp_dtype or torch.float16
         else:
             self.amp, self.amp_dtype = amp, amp_dtype or amp_dtype_for(device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp and self.amp_dtype == torch.float16)
+        self.steps = 0
         self.last_loss = float("nan")
 
     def __call__(self) -> None:
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
-            losses = self.model(self.images, self.targets)
-            if self.extra is not None:
-                self.extra()
-        loss = sum(losses.values())
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if self.train.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.params, self.train.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.last_loss = loss.item()  # the engine logs every step: a sync, as here
+        losses = train_step(self.model, self.images, self.targets, self.optimizer, self.scheduler, self.scaler,
+                            self.train, self.device, checks=self.checks, at=StepAt(step=self.steps),
+                            amp_dtype=self.amp_dtype if self.amp else None)
+        self.steps += 1
+        self.last_loss = losses["loss"].item()  # the engine reads every step's losses: a sync, as here

@@ -5,18 +5,27 @@ pkdkit's own errors (bad data, a checkpoint, a plan, a setting, a run folder in 
 settings) are printed as one message and exit with status 1; `pkdkit --debug ...` shows the traceback.
 Other exceptions are bugs and keep theirs. Torch is imported only by the subcommand that needs it, so
 `pkdkit --help` answers at once.
+
+Ctrl-C (SIGINT) and SIGTERM stop any command the same way, whatever signal disposition the shell passed on
+(a POSIX shell starts background jobs with SIGINT ignored): one line says it was stopped and, for `train`,
+`distill` and `notebooks run`, where the same command resumes; exit status 128 + the signal's number
+(130 for SIGINT, 143 for SIGTERM), as shells report a process ended by that signal. `inspect` serves the App
+until stopped, so there a stop is its normal end: the App's server is stopped too and the status is 0.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import traceback
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
+from pkdkit.config import field_types, value_type
 from pkdkit.errors import ConfigError, PkdkitError
 
 if TYPE_CHECKING:
@@ -74,13 +83,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         default = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
         text = f.metadata.get("help", "")
-        if isinstance(default, bool):
+        kind = value_type(field_types(TrainConfig)[f.name])
+        if kind is bool:
             g.add_argument(flag, type=strict_bool, default=None, metavar="BOOL",
                            help=f"{text}: true or false (default {str(default).lower()})")
-        elif isinstance(default, tuple):
+        elif kind is tuple:
             g.add_argument(flag, type=float, nargs="+", default=None, help=f"{text} (default {list(default)})")
         else:
-            kind = int if isinstance(default, int) else float if f.type.startswith("float") else str
             g.add_argument(flag, type=kind, default=None, choices=f.metadata.get("choices"),
                            help=f"{text} (default {default})")
 
@@ -118,11 +127,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     spec_fields = {f.name for f in fields(DetectorSpec)}
     spec_args = {k: v for k, v in vars(args).items() if k in spec_fields and v is not None}
     base = preset.student.to_dict() if preset else {}
-    try:
-        spec = DetectorSpec.from_dict({**base, **spec_args,
-                                       "num_classes": args.num_classes or train_ds.label_map.num_classes})
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"detector: {e}") from e
+    spec = DetectorSpec.from_dict({**base, **spec_args, "num_classes": args.num_classes or train_ds.label_map.num_classes})
+    args.resumes_from = f"{args.out} (its last checkpoint, last.pt)"
     record = train_detector(spec, train_ds, val_ds, cfg, args.out)
     if record:
         print(f"\n{spec.name} on {data.val_json}\n{comparison_table({spec.name: record})}")
@@ -165,6 +171,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if args.device:
         plan.train = plan.train.replace(device=args.device)
     info = init_distributed(plan.train.device)
+    args.resumes_from = f"{plan.out_dir} (finished stages are kept, the current one resumes from its last checkpoint)"
     with run_lock(plan.out_dir) if info.is_main else nullcontext():
         run_plan(plan, progress=not args.quiet)
     return 0
@@ -172,9 +179,14 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_select(args: argparse.Namespace) -> int:
     from pkdkit.files import run_lock
-    from pkdkit.selection import run_selection
+    from pkdkit.selection import check_teacher_names, run_selection
 
-    teachers = dict(_name_eq_path(t) for t in args.teachers)
+    pairs = [_name_eq_path(t) for t in args.teachers]
+    try:
+        check_teacher_names([name for name, _ in pairs])
+    except ConfigError as e:
+        raise ConfigError(f"--teachers: {e}") from None
+    teachers = dict(pairs)
     aps = None
     if args.ap:
         try:
@@ -206,7 +218,7 @@ def _name_eq_path(s: str) -> tuple[str, str]:
 def cmd_notebooks(args: argparse.Namespace) -> int:
     import yaml
 
-    from pkdkit.notebooks import run_experiment, run_notebooks
+    from pkdkit.notebooks import default_run_dir, run_experiment, run_notebooks
 
     params = {}
     for p in args.param:
@@ -215,6 +227,7 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
         name, value = p.split("=", 1)
         params[name] = yaml.safe_load(value)
     if args.action == "run":
+        args.resumes_from = f"{args.run_dir or default_run_dir(args.preset)} (what its notebooks trained is reused)"
         summary = run_notebooks(args.preset, args.out, run_dir=args.run_dir, device=args.device,
                                 parameters=params, only=args.only, threads=args.threads,
                                 progress=not getattr(args, "quiet", False))
@@ -229,7 +242,7 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pkdkit.models import export_model
 
-    path = export_model(args.checkpoint, args.format, args.out)
+    path = export_model(args.checkpoint, args.format, args.out, force=args.force)
     print(f"{args.format} export of {args.checkpoint}: {path} (spec, label map"
           f"{' and the torchvision code that builds it' if args.format == 'torchvision' else ''}: {path}.json)")
     return 0
@@ -253,7 +266,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
     _add_data_args(p)
     p.add_argument("--out", required=True,
-                   help="run folder: last.pt, model.pt, metrics.json, eval.json. Re-running resumes with the same "
+                   help="run folder: last.pt, model.pt, history.json, eval.json. Re-running resumes with the same "
                         "settings; other settings are refused")
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from the preset's student and training settings")
     g = p.add_argument_group("detector (default: the preset's student, else the value shown)")
@@ -324,7 +337,10 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["torchvision", "onnx"], default="torchvision",
                    help="torchvision: plain state dict + <out>.json with the code that builds it; onnx: needs "
                         "pip install 'pkdkit[onnx]' (default: %(default)s)")
-    p.add_argument("--out", required=True, help="output file (e.g. student.pth or student.onnx)")
+    p.add_argument("--out", required=True, help="output file (e.g. student.pth or student.onnx); <out>.json is "
+                                                "written beside it. Existing files are refused unless --force")
+    p.add_argument("--force", action="store_true", help="replace existing output files (never a run folder's own "
+                                                       "files, such as its model.pt)")
     p.set_defaults(func=cmd_export)
 
 
@@ -423,20 +439,48 @@ def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentPars
     return parser
 
 
+@contextmanager
+def stop_signals() -> Iterator[list[int]]:
+    """While inside, SIGINT and SIGTERM raise KeyboardInterrupt in the main thread (so both stop a command through
+    the same `except`/`finally` clean-up) and are appended to the yielded list; the previous handlers are restored
+    on exit. Installed explicitly, so an inherited "ignore SIGINT" (background jobs of POSIX shells) does not
+    matter. Outside the main thread, where handlers cannot be set, nothing changes."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser([command] if command in COMMANDS else []).parse_args(argv)
-    try:
-        return args.func(args)
-    except PkdkitError as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"pkdkit {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"pkdkit {args.command}: interrupted", file=sys.stderr)
-        return 130
+    with stop_signals() as received:
+        try:
+            return args.func(args)
+        except PkdkitError as e:
+            if args.debug:
+                traceback.print_exc()
+            print(f"pkdkit {args.command}: error: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            signum = received[-1] if received else signal.SIGINT
+            where = getattr(args, "resumes_from", None)
+            # on a line of its own: a progress bar may have been cut mid-line
+            print(f"\npkdkit {args.command}: stopped by {signal.Signals(signum).name}"
+                  + (f"; run the same command again to resume in {where}" if where else ""), file=sys.stderr)
+            return 128 + signum
 
 
 if __name__ == "__main__":

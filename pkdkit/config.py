@@ -1,86 +1,152 @@
 """Typed configuration from plain values (YAML, JSON, the command line): one checker for every dataclass.
 
-`check_fields(cls, values, where)` checks each value against the type annotation of the dataclass field of
-the same name and returns the values, with numbers written as strings read as numbers: PyYAML follows YAML
-1.1, which reads ``lr: 1e-3`` (no dot) as the string ``"1e-3"``. Errors name `where` and the field.
+`check_fields(cls, values, where)` checks a mapping meant for the dataclass `cls` (known keys only,
+`check_keys`; each value of its field's type) and returns the values converted; `check_types(obj, where)` does
+the same for the fields of a dataclass instance (its `__post_init__`). Types are the fields' real annotations (`typing.get_type_hints`): ``X | None``, ``tuple[float, ...]``,
+``tuple[int, int]``, ``list[int] | None``, ``dict[str, Any]``, ``float | str`` (alternatives in order),
+``Literal[...]``, `Path` (from a string), any other class by `isinstance`; a field typed as another dataclass
+takes an instance, or a mapping that class checks when it is made from it. Numbers written as strings are read
+as numbers for float fields: PyYAML follows YAML 1.1, which reads ``lr: 1e-3`` (no dot) as the string
+``"1e-3"``; a bool is never an int. Errors name `where` and the field.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
+import os
+import types
 from dataclasses import fields
-from typing import Any
+from pathlib import PurePath
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from pkdkit.errors import ConfigError
 
-
-def _split_union(type_str: str) -> list[str]:
-    parts, depth, current = [], 0, ""
-    for ch in type_str:
-        depth += (ch == "[") - (ch == "]")
-        if ch == "|" and depth == 0:
-            parts.append(current.strip())
-            current = ""
-        else:
-            current += ch
-    return parts + [current.strip()]
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
+    """{field name: its type} of the dataclass `cls`, string annotations resolved to real types."""
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
 
 
-def _convert(value: Any, type_str: str) -> Any:
-    """`value` as `type_str` ("int", "float | None", "tuple[int, ...] | None", ...); raises TypeError."""
-    for alt in _split_union(type_str):
-        base, _, inner = alt.partition("[")
-        inner = inner[:-1].replace(", ...", "").strip() if inner else "Any"
-        if base == "None":
-            if value is None:
-                return None
-            continue
-        if base == "Any" or base[:1].isupper():  # another class (DetectorSpec, Stage): checked by itself
+def type_name(tp: Any) -> str:
+    """A type as written in an annotation: "float | None", "tuple[int, ...]", "DetectorSpec"."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
+    if origin is Literal:
+        return f"Literal[{', '.join(repr(a) for a in args)}]"
+    if origin is not None:
+        return f"{type_name(origin)}[{', '.join('...' if a is Ellipsis else type_name(a) for a in args)}]"
+    if tp is type(None):
+        return "None"
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _convert(value: Any, tp: Any) -> Any:
+    """`value` as the type `tp`, converted where a plain value stands for it (a number written as a string
+    for a float, a list for a tuple, a string for a path); raises TypeError."""
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        for alt in args:
+            try:
+                return _convert(value, alt)
+            except TypeError:
+                pass
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif origin is Literal:
+        if any(value == a and type(value) is type(a) for a in args):
             return value
-        if base == "bool" and isinstance(value, bool):
+    elif tp is bool or tp is str:
+        if isinstance(value, tp):
             return value
-        if base == "int" and isinstance(value, int) and not isinstance(value, bool):
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if base == "float" and not isinstance(value, bool):
-            if isinstance(value, (int, float)):
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
                 return float(value)
-            if isinstance(value, str):
-                try:
-                    return float(value)
-                except ValueError:
-                    pass
-        if base == "str" and isinstance(value, str):
+            except ValueError:
+                pass
+    elif origin in (tuple, list) or tp in (tuple, list):
+        if isinstance(value, (list, tuple)):
+            if origin is tuple and args and args[-1] is not Ellipsis:  # tuple[int, int]: one type per item
+                if len(value) != len(args):
+                    raise TypeError(f"expected {type_name(tp)} ({len(args)} items), found {value!r}")
+                item_types = args
+            else:
+                item_types = (args[0] if args else Any,) * len(value)
+            try:
+                items = [_convert(v, a) for v, a in zip(value, item_types)]
+                return tuple(items) if (origin or tp) is tuple else items
+            except TypeError:
+                pass
+    elif origin is dict or tp is dict:
+        if isinstance(value, dict):
+            key, val = args or (Any, Any)
+            try:
+                return {_convert(k, key): _convert(v, val) for k, v in value.items()}
+            except TypeError:
+                pass
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, (tp, dict)):  # a mapping is checked by the class when it is made from it
             return value
-        if base == "dict" and isinstance(value, dict):
-            return value
-        if base in ("tuple", "list") and isinstance(value, (list, tuple)):
-            items = [_convert(v, inner) for v in value]
-            return tuple(items) if base == "tuple" else items
-    raise TypeError(f"expected {type_str}, found {value!r} ({type(value).__name__})")
+    elif isinstance(tp, type) and issubclass(tp, PurePath):
+        if isinstance(value, (str, os.PathLike)):
+            return tp(value)
+    elif isinstance(value, origin or tp):
+        return value
+    raise TypeError(f"expected {type_name(tp)}, found {value!r} ({type(value).__name__})")
 
 
-def check_value(value: Any, type_str: str, where: str) -> Any:
-    """`value` converted to the annotation `type_str`, or ConfigError naming `where`."""
+def value_type(tp: Any) -> Any:
+    """The plain type of one value of the annotation `tp`, None left out: float for ``float | None``, tuple
+    for ``tuple[float, ...]``, bool for ``bool | None`` (how a command-line option of that field reads it)."""
+    args = [a for a in get_args(tp) if a is not type(None)] if get_origin(tp) in (Union, types.UnionType) else [tp]
+    return get_origin(args[0]) or args[0]
+
+
+def check_value(value: Any, tp: Any, where: str) -> Any:
+    """`value` converted to the type `tp`, or ConfigError naming `where`."""
     try:
-        return _convert(value, type_str)
+        return _convert(value, tp)
     except TypeError as e:
         raise ConfigError(f"{where}: {e}") from None
 
 
-def check_fields(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
-    """Check a dict meant for the dataclass `cls`: known keys only, each of its field's annotated type.
-    Fields typed as another class (a nested dataclass) are passed through: that class checks them."""
+def check_keys(cls: type, values: Any, where: str) -> dict[str, Any]:
+    """The one check that `values` is a mapping of fields the dataclass `cls` has (ConfigError naming `where`,
+    the unknown keys and the known ones); returns it."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping, found {values!r} ({type(values).__name__})")
-    types = {f.name: f.type for f in fields(cls)}
-    unknown = sorted(set(values) - set(types))
+    unknown = sorted(set(values) - set(field_types(cls)))
     if unknown:
-        raise ConfigError(f"{where}: unknown keys {unknown}; known: {sorted(types)}")
-    out = dict(values)
-    for name, value in values.items():
-        t = types[name] if isinstance(types[name], str) else getattr(types[name], "__name__", "Any")
-        out[name] = check_value(value, t, f"{where}: {name}")
-    return out
+        raise ConfigError(f"{where}: unknown keys {unknown}; known: {sorted(field_types(cls))}")
+    return values
+
+
+def check_fields(cls: type, values: Any, where: str) -> dict[str, Any]:
+    """Check a dict meant for the dataclass `cls`: `check_keys`, then each value of its field's type (converted
+    as `check_value` does); errors read "<where>: <field>: expected ...". Fields typed as another dataclass
+    take a mapping: that class checks it."""
+    types_ = field_types(cls)
+    return {name: check_value(value, types_[name], f"{where}: {name}")
+            for name, value in check_keys(cls, values, where).items()}
+
+
+def check_types(obj: Any, where: str) -> None:
+    """Check (and convert in place, as `check_value` does) every field of the dataclass instance `obj`, for
+    its `__post_init__`; errors read "<where> <field>: expected ..."."""
+    for name, tp in field_types(type(obj)).items():
+        object.__setattr__(obj, name, check_value(getattr(obj, name), tp, f"{where} {name}"))
 
 
 def check_range(where: str, value: float | int | None, lo: float | None = None, hi: float | None = None, *,

@@ -28,7 +28,8 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from pkdkit.errors import PkdkitError, reason
+from pkdkit.config import check_types
+from pkdkit.errors import ConfigError, PkdkitError, reason
 
 
 class DataError(PkdkitError, ValueError):
@@ -71,6 +72,13 @@ class LabelMap:
     def num_classes(self) -> int:
         """Number of model classes including background: `max(labels) + 1`."""
         return max(self.labels, default=0) + 1
+
+    def check_num_classes(self, num_classes: int, model: str, source: str | os.PathLike) -> None:
+        """The one check that a model of `num_classes` (with background) fits this map, the classes of the
+        data at `source`: ConfigError naming `model` (e.g. "student") and both counts."""
+        if num_classes != self.num_classes:
+            raise ConfigError(f"{model} has num_classes={num_classes} but the data {source} has "
+                              f"{len(self.cat_ids)} categories (num_classes={self.num_classes} with background)")
 
     def to_cat_id(self, label: int) -> int:
         try:
@@ -134,6 +142,8 @@ def load_coco(ann_file) -> COCO:
     Checked before pycocotools sees the data (which would fail with a bare KeyError or silently
     overwrite): readable file and valid JSON, the top-level lists, required keys of every image,
     annotation and category, unique ids, and annotations pointing at known images and categories.
+    Annotations whose bbox holds NaN or infinity are left out, as if absent, with one warning naming them:
+    training never sees them and evaluation (COCOeval reads this object) does not count them.
     """
     ann_file = Path(ann_file)
     try:
@@ -145,6 +155,7 @@ def load_coco(ann_file) -> COCO:
     except json.JSONDecodeError as e:
         raise DataError(f"malformed JSON in {ann_file} at line {e.lineno} column {e.colno}: {e.msg}") from e
     _validate(d, ann_file)
+    _drop_non_finite_boxes(d, ann_file)
     coco = COCO()
     coco.dataset = d
     with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
@@ -218,6 +229,16 @@ def _validate(d, ann_file: Path) -> None:
             raise DataError(f"{ann_file}: annotation id {ann['id']} bbox should be 4 numbers [x, y, w, h], "
                             f"found {bbox!r}")
         _check_polygons(ann, ann_file)
+
+
+def _drop_non_finite_boxes(d: dict, ann_file: Path) -> None:
+    """Remove the annotations whose bbox has a NaN or infinite value from `d`, with one warning naming them."""
+    bad = [a["id"] for a in d["annotations"] if not all(math.isfinite(v) for v in a["bbox"])]
+    if bad:
+        d["annotations"] = [a for a in d["annotations"] if all(math.isfinite(v) for v in a["bbox"])]
+        warnings.warn(f"skipped {len(bad)} annotations with non-finite bbox values (NaN or infinity) in {ann_file}, "
+                      f"annotation ids {bad[:5]}{' ...' if len(bad) > 5 else ''}: left out of training and evaluation",
+                      stacklevel=3)
 
 
 def _is_int(v) -> bool:
@@ -396,8 +417,9 @@ class DataConfig:
     labels: str = "contiguous"
 
     def __post_init__(self) -> None:
+        check_types(self, "data")
         if self.labels not in ("contiguous", "identity"):
-            raise ValueError(f"data.labels must be 'contiguous' or 'identity', not {self.labels!r}")
+            raise ConfigError(f"data.labels must be 'contiguous' or 'identity', not {self.labels!r}")
 
     @classmethod
     def from_root(cls, root: str | os.PathLike, masks: bool = False) -> "DataConfig":

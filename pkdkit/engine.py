@@ -2,9 +2,9 @@
 
 `train(model, dataset, cfg, out_dir)` trains anything whose forward `(images, targets)` returns a dict of
 losses: a torchvision detector in train mode, or a `pkdkit.distill.Distiller`: set-up (loader, optimizer,
-scheduler), resume, then `train_one_epoch` and a checkpoint per epoch (or every `checkpoint_every`
-epochs). It writes an atomic checkpoint (`last.pt`: model, optimizer, scheduler, AMP scaler, RNG states,
-history) and `metrics.json` together, and resumes from `last.pt` when run again with the same config. Each
+scheduler), resume, then `train_one_epoch` (one `train_step` per batch) and a checkpoint per epoch (or every
+`checkpoint_every` epochs). It writes an atomic checkpoint (`last.pt`: model, optimizer, scheduler, AMP scaler, RNG states,
+history) and `history.json` together, and resumes from `last.pt` when run again with the same config. Each
 epoch re-seeds every RNG from (seed, epoch) and the sampler shuffles by (seed, epoch), so a run killed mid-epoch and
 resumed ends with exactly the weights of an uninterrupted run.
 
@@ -20,7 +20,7 @@ import os
 import random
 import re
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,14 +29,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pkdkit.config import check_range, check_value, config_diff
+from pkdkit.config import check_keys, check_range, check_types
 from pkdkit.data import CocoDetection, make_loader
-from pkdkit.errors import ConfigError, PkdkitError, RunMismatchError
-from pkdkit.evaluate import evaluate_detector, evaluation_files
+from pkdkit.errors import ConfigError, PkdkitError
+from pkdkit.evaluate import EvalRecord, evaluate_detector, evaluation_files
 from pkdkit.files import run_lock, write_json
 from pkdkit.models import (DetectorSpec, atomic_save, build_detector, initial_weights_label, load_checkpoint,
-                           save_detector, state_fingerprint)
+                           model_meta, save_detector, state_fingerprint)
 from pkdkit.progress import bar as progress_bar, step as progress_step
+from pkdkit.runid import check_same_run
 
 
 class NonFiniteLossError(PkdkitError, RuntimeError):
@@ -82,7 +83,7 @@ class TrainConfig:
     prefetch_factor: int | None = field(default=None, metadata={"help": "batches loaded ahead per worker; null: "
                                                                         "torch's default (2)"})
     checkpoint_every: int = field(default=1, metadata={
-        "help": "write the resume checkpoint (last.pt, with metrics.json) every this many epochs and after the "
+        "help": "write the resume checkpoint (last.pt, with history.json) every this many epochs and after the "
                 "last; a killed run resumes from it exactly. Raise it where an epoch takes seconds and writing "
                 "the checkpoint a good part of that (the tiny preset)"})
     progress: bool = field(default=True, metadata={"help": "progress bars and per-epoch lines"})
@@ -91,8 +92,7 @@ class TrainConfig:
         """Type and range of every setting (ConfigError naming it): a NaN or infinite learning rate must not
         train for an epoch and leave a checkpoint of NaN weights. Numbers given as strings ("1e-3", as YAML
         reads them) are read as numbers."""
-        for f in fields(self):
-            setattr(self, f.name, check_value(getattr(self, f.name), f.type, f"training setting {f.name}"))
+        check_types(self, "training setting")
         if self.optimizer not in ("sgd", "adamw"):
             raise ConfigError(f"optimizer must be 'sgd' or 'adamw', not {self.optimizer!r}")
         if self.schedule not in ("multistep", "cosine"):
@@ -118,19 +118,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown training settings {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        return cls(**check_keys(cls, d, "training settings"))
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return TrainConfig.from_dict({**self.to_dict(), **changes})
 
-
-# Settings that do not change the result: a resumed run, or a plan run again, may change them.
-RESUME_FREE = {"progress", "num_workers", "device", "pin_memory", "persistent_workers", "prefetch_factor",
-               "channels_last", "checkpoint_every"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -206,7 +198,6 @@ def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim
 
 def lr_factor(it: int, total: int, cfg: TrainConfig) -> float:
     """LR multiplier at iteration `it` of `total`: linear warmup, then multi-step or cosine decay."""
-    factor = 1.0
     if cfg.schedule == "multistep":
         factor = cfg.gamma ** sum(it >= m * total for m in cfg.milestones)
     else:
@@ -216,6 +207,11 @@ def lr_factor(it: int, total: int, cfg: TrainConfig) -> float:
         alpha = it / warm
         factor *= cfg.warmup_factor * (1 - alpha) + alpha
     return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_iters: int, cfg: TrainConfig) -> Any:
+    """The per-iteration learning-rate schedule of a run of `total_iters` steps (`lr_factor`)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, total_iters, cfg))
 
 
 def _rng_state() -> dict[str, Any]:
@@ -242,7 +238,7 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig,
           on_epoch_end: Callable[[int, nn.Module], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Train `model` (forward `(images, targets) -> {name: loss}`) on `dataset`; returns per-epoch metrics.
 
-    Writes `out_dir/last.pt` and `out_dir/metrics.json` (with `config`, which should describe everything
+    Writes `out_dir/last.pt` and `out_dir/history.json` (with `config`, which should describe everything
     that produced the run) after every `cfg.checkpoint_every` epochs and the last; only rank 0 writes.
     Resumes from `last.pt` if present.
     Loss names starting with ``distill`` are shown as the distillation part of the progress bar.
@@ -259,8 +255,19 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig,
 
 
 def training_files(out_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """(checkpoint, history): what `train` writes into `out_dir`, `last.pt` and `metrics.json`."""
-    return Path(out_dir) / "last.pt", Path(out_dir) / "metrics.json"
+    """(checkpoint, history): what `train` writes into `out_dir`, `last.pt` and `history.json`."""
+    return Path(out_dir) / "last.pt", Path(out_dir) / "history.json"
+
+
+LEGACY_HISTORY = "metrics.json"  # the history's name in runs written before it got its own (still read)
+
+
+def history_file(out_dir: str | os.PathLike) -> Path:
+    """The training history in `out_dir`: `history.json`, or the `metrics.json` a run written before the rename
+    left there (when it has no `history.json`)."""
+    history = training_files(out_dir)[1]
+    legacy = history.with_name(LEGACY_HISTORY)
+    return legacy if legacy.exists() and not history.exists() else history
 
 
 def detector_files(out_dir: str | os.PathLike) -> tuple[Path, Path]:
@@ -284,11 +291,11 @@ def _train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig
                          pin_memory=device.type == "cuda" if cfg.pin_memory is None else cfg.pin_memory)
     total_iters = cfg.epochs * len(loader)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, total_iters, cfg))
+    scheduler = build_scheduler(optimizer, total_iters, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
     # the training set's content, not only its path: a resumed run must see the same annotations
     full_config = {"train": cfg.to_dict(), "train_data_sha256": getattr(dataset, "fingerprint", None), **(config or {})}
-    history, start_epoch = _resume(ckpt_path, model, optimizer, scheduler, scaler, cfg, full_config, device)
+    history, start_epoch = _resume(ckpt_path, model, optimizer, scheduler, scaler, full_config, device)
 
     net = model
     if info.enabled:
@@ -306,7 +313,7 @@ def _train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig
         history.append(record)
         if info.is_main:
             if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
-                _save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, epoch + 1, history, cfg, full_config)
+                _save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, epoch + 1, history, full_config)
                 write_json({"config": full_config, "epochs": history}, history_path)
             if cfg.progress:
                 progress_step(f"{desc} epoch {epoch + 1}/{cfg.epochs}: " +
@@ -318,15 +325,15 @@ def _train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig
 
 
 def _resume(ckpt_path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-            scaler: torch.amp.GradScaler, cfg: TrainConfig, full_config: dict[str, Any],
+            scaler: torch.amp.GradScaler, full_config: dict[str, Any],
             device: torch.device) -> tuple[list[dict[str, Any]], int]:
     """(history, first epoch to run): from `ckpt_path` when it exists (model, optimizer, scheduler, AMP scaler
     and every RNG restored, after checking it was written with the same settings), else ([], 0)."""
     if not ckpt_path.exists():
         return [], 0
     state = load_checkpoint(ckpt_path, map_location=device)
-    saved = json.loads(state["config"]) if "config" in state else {"train": state.get("train_config", {})}
-    check_same_run(saved, full_config if "config" in state else {"train": cfg.to_dict()}, ckpt_path)
+    check_same_run(json.loads(state["config"]), full_config, f"{ckpt_path} was written with different settings",
+                   SAME_SETTINGS)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -336,27 +343,22 @@ def _resume(ckpt_path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                     scaler: torch.amp.GradScaler, epochs_done: int, history: list[dict[str, Any]], cfg: TrainConfig,
+                     scaler: torch.amp.GradScaler, epochs_done: int, history: list[dict[str, Any]],
                      full_config: dict[str, Any]) -> None:
     """Everything `_resume` needs to go on exactly, written atomically."""
     atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
-                 "epoch": epochs_done, "history": json.dumps(history), "train_config": cfg.to_dict(),
-                 "config": json.dumps(full_config, default=str)},
+                 "epoch": epochs_done, "history": json.dumps(history), "config": json.dumps(full_config, default=str)},
                 path)
 
 
 def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer,
                     scheduler: Any, scaler: torch.amp.GradScaler, cfg: TrainConfig, device: torch.device,
                     epoch: int, *, info: DistInfo, ckpt_path: Path, desc: str = "train") -> dict[str, float]:
-    """One pass over `loader` as torchvision's reference does it: forward `(images, targets) -> {name: loss}`,
-    sum, backward (AMP-scaled on CUDA), optional gradient clipping, optimizer and per-iteration scheduler
-    step. Returns the epoch's mean of every loss and of their sum ("loss"). A non-finite loss or weight
-    stops training (NonFiniteLossError naming the step; `ckpt_path` is the checkpoint left intact)."""
-    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    named_params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    params = [p for _, p in named_params]
-    use_amp = scaler.is_enabled()
+    """One pass over `loader`, one `train_step` per batch. Returns the epoch's mean of every loss and of their
+    sum ("loss"). A non-finite loss or weight stops training (NonFiniteLossError naming the step; `ckpt_path`
+    is the checkpoint left intact)."""
+    checks = FiniteChecks(model, info, ckpt_path)
     model.train()
     sums: dict[str, float] = {}
     # a bar beside the loader, not around it: a tqdm bar calls iter() on what it wraps once more,
@@ -364,24 +366,9 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
     bar = progress_bar(total=len(loader), desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}",
                        disable=not (cfg.progress and info.is_main), leave=False, dynamic_ncols=True)
     for i, (images, targets) in enumerate(loader):
-        step = epoch * len(loader) + i
-        images = [im.to(device, non_blocking=True) for im in images]
-        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-        with torch.autocast(device.type, enabled=use_amp):
-            losses = model(images, targets)
-        loss = sum(losses.values())
-        _check_finite(loss, losses, info, epoch, i, step, ckpt_path)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        _check_finite_weights(named_params, info, epoch, i, step, ckpt_path)
-        scheduler.step()
+        at = StepAt(epoch, i, epoch * len(loader) + i)
+        losses = train_step(model, images, targets, optimizer, scheduler, scaler, cfg, device, checks=checks, at=at)
         values = {k: v.item() for k, v in losses.items()}
-        values["loss"] = loss.item()
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + v
         kd = sum(v for k, v in values.items() if k.startswith("distill"))
@@ -393,64 +380,102 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
     return {k: v / n for k, v in sums.items()}
 
 
-def check_same_run(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
-    """Refuse to resume or reuse a run written with other settings (device, progress display and loader
-    workers may change); RunMismatchError names each differing setting."""
-    diff = config_diff(saved, now, ignore=RESUME_FREE)
-    if diff:
-        raise RunMismatchError(f"{path} was written with different settings ({'; '.join(diff)}); run again with the "
-                               f"same settings, or use another output folder (or delete this one) to start over")
+@dataclass(frozen=True)
+class StepAt:
+    """Where a training step is, for messages: `epoch` and `index` (the batch in the epoch) count from 0, and
+    `step` is the run's global step."""
+
+    epoch: int = 0
+    index: int = 0
+    step: int = 0
+
+    def __str__(self) -> str:
+        return f"epoch {self.epoch + 1}, step {self.index + 1} (global step {self.step + 1})"
 
 
-def _check_finite(loss: torch.Tensor, losses: dict[str, torch.Tensor], info: DistInfo, epoch: int, i: int,
-                  step: int, ckpt: Path) -> None:
-    bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=loss.device)
-    if info.enabled:
-        dist.all_reduce(bad)
-    if bad.item() > 0:
-        parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-        kept = f"the last good checkpoint {ckpt} is intact" if ckpt.exists() else "no checkpoint was written yet"
-        raise NonFiniteLossError(f"non-finite loss at epoch {epoch + 1}, step {i + 1} (global step {step + 1}): "
-                                 f"{parts}; training stopped, {kept}")
+def train_step(model: nn.Module, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]],
+               optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler, cfg: TrainConfig,
+               device: torch.device, *, checks: "FiniteChecks", at: StepAt = StepAt(),
+               amp_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """One training step as torchvision's reference does it, and the one `train` runs: batch to `device`,
+    forward `(images, targets) -> {name: loss}` under autocast, sum, backward (scaled by `scaler`), optional
+    gradient clipping (`cfg.grad_clip`), optimizer step, `checks` of the loss (before the backward) and of the
+    weights (after the step), and the per-iteration `scheduler` step.
+
+    images: (3, H, W) tensors; targets: torchvision target dicts (boxes (K, 4), labels (K,), ...).
+    amp_dtype: the autocast dtype; None: float16 when `scaler` is enabled (the engine's AMP, CUDA only), else
+        no autocast. A bfloat16 step needs no loss scaling (pass a disabled scaler).
+    Returns the losses and their sum under "loss", as 0-d tensors (reading them is the caller's sync).
+    """
+    images = [im.to(device, non_blocking=True) for im in images]
+    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+    amp_dtype = amp_dtype or (torch.float16 if scaler.is_enabled() else None)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        losses = model(images, targets)
+    loss = sum(losses.values())
+    checks.loss(loss, losses, at)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if cfg.grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(checks.params, cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    checks.weights(at)
+    scheduler.step()
+    return {**losses, "loss": loss}
 
 
-def _check_finite_weights(named_params: list[tuple[str, nn.Parameter]], info: DistInfo, epoch: int, i: int,
-                          step: int, ckpt: Path) -> None:
-    """After the optimizer step: the loss was finite, but a huge learning rate can still push weights to inf.
-    A tensor's sum is finite exactly when its values are (short of an overflow, which only diverged weights
-    reach), and summing costs a tenth of `isfinite(...).all()`: about 10 ms per step for a ResNet-50 on a CPU."""
-    finite = torch.isfinite(torch.stack([p.detach().float().sum() for _, p in named_params]))  # (P,)
-    bad = (~finite).sum().float()
-    if info.enabled:
-        dist.all_reduce(bad)
-    if bad.item() > 0:
-        names = [n for (n, _), ok in zip(named_params, finite.tolist()) if not ok]
-        kept = f"the last good checkpoint {ckpt} is intact" if ckpt.exists() else "no checkpoint was written yet"
-        raise NonFiniteLossError(f"non-finite weights after the optimizer step at epoch {epoch + 1}, step {i + 1} "
-                                 f"(global step {step + 1}): {len(names)} tensors, e.g. {names[:3]} (is the learning "
-                                 f"rate too high?); training stopped, {kept}")
+# What to do when an output folder holds a run of other settings (`pkdkit.runid.check_same_run`).
+SAME_SETTINGS = "run again with the same settings, or use another output folder (or delete this one) to start over"
+
+
+class FiniteChecks:
+    """The finite checks of every training step of `model`'s trainable parameters: a non-finite loss, or a
+    weight a huge learning rate pushed to inf, raises NonFiniteLossError naming the step before it can reach a
+    checkpoint (`ckpt_path`, said to be intact). Under DDP every rank learns of a failure on any rank. Each
+    check reads one number back from the device now."""
+
+    def __init__(self, model: nn.Module, info: DistInfo = DistInfo(), ckpt_path: Path | None = None) -> None:
+        module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        self.named_params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named_params]
+        self.info, self.ckpt_path = info, ckpt_path
+
+    def _failed(self, bad: torch.Tensor) -> bool:
+        if self.info.enabled:
+            dist.all_reduce(bad)
+        return bad.item() > 0
+
+    def _kept(self) -> str:
+        ckpt = self.ckpt_path
+        return (f"the last good checkpoint {ckpt} is intact" if ckpt is not None and ckpt.exists()
+                else "no checkpoint was written yet")
+
+    def loss(self, loss: torch.Tensor, losses: dict[str, torch.Tensor], at: StepAt) -> None:
+        """Before the backward: the summed loss is finite."""
+        if self._failed(torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=loss.device)):
+            parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+            raise NonFiniteLossError(f"non-finite loss at {at}: {parts}; training stopped, {self._kept()}")
+
+    def weights(self, at: StepAt) -> None:
+        """After the optimizer step: the loss was finite, but a huge learning rate can still push weights to inf.
+        A tensor's sum is finite exactly when its values are (short of an overflow, which only diverged weights
+        reach), and summing costs a tenth of `isfinite(...).all()`: about 10 ms per step for a ResNet-50 on a CPU."""
+        finite = torch.isfinite(torch.stack([p.detach().float().sum() for p in self.params]))  # (P,)
+        if self._failed((~finite).sum().float()):
+            names = [n for (n, _), ok in zip(self.named_params, finite.tolist()) if not ok]
+            raise NonFiniteLossError(f"non-finite weights after the optimizer step at {at}: {len(names)} tensors, "
+                                     f"e.g. {names[:3]} (is the learning rate too high?); training stopped, "
+                                     f"{self._kept()}")
 
 
 # ----------------------------------------------------------------------------------------------------
-def train_detector(spec: DetectorSpec, train_ds: CocoDetection, val_ds: CocoDetection, cfg: TrainConfig,
-                   out_dir: str | os.PathLike, *, config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Supervised training of one detector: build from `spec`, train, write `model.pt`, evaluate on `val_ds`.
-    The record's config carries the `budget`: the initialisation (named, with its state fingerprint) and
-    the epochs trained.
-
-    Writes `out_dir/{last.pt, metrics.json, model.pt, eval.json, eval_results.json}` and returns the
-    evaluation record. Running it again resumes an interrupted run, or returns the existing evaluation
-    when `model.pt` and `eval.json` are already there; either way only if the spec, the training settings and
-    the data (annotation files and their content) are those of the saved run, else RunMismatchError names
-    what differs. Cheap checks come first: classes, image files, a writable `out_dir`.
-    """
-    out_dir = Path(out_dir)
-    label_map = train_ds.label_map
-    if spec.num_classes != label_map.num_classes:
-        raise ConfigError(f"spec.num_classes={spec.num_classes} but {train_ds.ann_file} has "
-                          f"{len(label_map.cat_ids)} categories (num_classes={label_map.num_classes} with background)")
-    train_ds.check_images()
-    val_ds.check_images()
+def detector_run(spec: DetectorSpec, train_ds: CocoDetection, val_ds: CocoDetection, cfg: TrainConfig,
+                 config: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """(the seeded initial model, the settings that identify the run) of `train_detector`: the spec, the
+    training settings, the data (annotation files and their content) and the `budget` (the initialisation,
+    named, with its state fingerprint, and the epochs), with `config` added."""
     seed_everything(cfg.seed)
     model = build_detector(spec)
     budget = {"init": initial_weights_label(spec, cfg.seed), "epochs": cfg.epochs,
@@ -459,24 +484,55 @@ def train_detector(spec: DetectorSpec, train_ds: CocoDetection, val_ds: CocoDete
             "data": {"train": str(train_ds.ann_file.resolve()), "train_sha256": train_ds.fingerprint,
                      "val": str(val_ds.ann_file.resolve()), "val_sha256": val_ds.fingerprint},
             "budget": budget, **(config or {})}
+    return model, full
+
+
+def finished_detector(out_dir: str | os.PathLike, full: dict[str, Any]) -> EvalRecord | None:
+    """The evaluation record of a finished `train_detector` run in `out_dir` (its `model.pt` and record are
+    there), None when it has not finished; RunMismatchError (`pkdkit.runid.check_same_run`) when that run was
+    made with settings other than `full` (`detector_run`). Every "already trained" shortcut goes through it."""
+    model_file, record_file = detector_files(out_dir)
+    if not (model_file.exists() and record_file.exists()):
+        return None
+    record = EvalRecord.read(record_file)
+    check_same_run(record.config, full, f"{record_file} was written with different settings", SAME_SETTINGS)
+    model_meta(model_file)  # the saved model is still the detector checkpoint written (digest, weights)
+    return record
+
+
+def train_detector(spec: DetectorSpec, train_ds: CocoDetection, val_ds: CocoDetection, cfg: TrainConfig,
+                   out_dir: str | os.PathLike, *, config: dict[str, Any] | None = None) -> EvalRecord:
+    """Supervised training of one detector: build from `spec`, train, write `model.pt`, evaluate on `val_ds`.
+    The record's config carries the `budget`: the initialisation (named, with its state fingerprint) and
+    the epochs trained.
+
+    Writes `out_dir/{last.pt, history.json, model.pt, eval.json, eval_results.json}` and returns the
+    evaluation record. Running it again resumes an interrupted run, or returns the existing evaluation
+    when `model.pt` and `eval.json` are already there; either way only if the spec, the training settings and
+    the data (annotation files and their content) are those of the saved run, else RunMismatchError names
+    what differs. Cheap checks come first: classes, image files, a writable `out_dir`.
+    """
+    out_dir = Path(out_dir)
+    label_map = train_ds.label_map
+    label_map.check_num_classes(spec.num_classes, "spec", train_ds.ann_file)
+    train_ds.check_images()
+    val_ds.check_images()
+    model, full = detector_run(spec, train_ds, val_ds, cfg, config)
     info = init_distributed(cfg.device)
     with run_lock(out_dir) if info.is_main else contextlib.nullcontext():
-        model_file, record_file = detector_files(out_dir)
-        if model_file.exists() and record_file.exists():
-            record = json.loads(record_file.read_text())
-            check_same_run(record.get("config") or {}, full, record_file)
+        model_file = detector_files(out_dir)[0]
+        record = finished_detector(out_dir, full)
+        if record is not None:
             if cfg.progress and info.is_main:
-                progress_step(f"train {spec.name}: trained earlier, AP "
-                              f"{record['metrics']['bbox']['stats']['AP']:.3f} ({out_dir.name})")
+                progress_step(f"train {spec.name}: trained earlier, AP {record.ap:.3f} ({out_dir.name})")
             return record
         train(model, train_ds, cfg, out_dir, desc=f"train {spec.name}", config=full)
-        record: dict[str, Any] = {}
+        record = EvalRecord()
         if info.is_main:
             save_detector(model_file, model, spec, label_map, config=full)
             record = evaluate_detector(model, val_ds, label_map, out_dir=out_dir, name="eval",
                                        device=_device_for(cfg, info), config=full, progress=cfg.progress)
             if cfg.progress:
-                progress_step(f"train {spec.name}: evaluated, AP {record['metrics']['bbox']['stats']['AP']:.3f} "
-                              f"({out_dir.name})")
+                progress_step(f"train {spec.name}: evaluated, AP {record.ap:.3f} ({out_dir.name})")
         barrier(info)
     return record

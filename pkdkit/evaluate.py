@@ -30,7 +30,7 @@ import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ from torch import nn
 
 from pkdkit.data import CocoDetection, DataError, LabelMap, collate_fn, load_coco
 from pkdkit.fasteval import DEFAULT_COCOEVAL
-from pkdkit.files import write_json
+from pkdkit.files import check_name, write_json
 from pkdkit.models import eval_mode
 from pkdkit.progress import bar as progress_bar
 
@@ -132,6 +132,14 @@ def _to_coco_results(image_id: int, output: dict[str, torch.Tensor], to_cat: dic
     return results
 
 
+def result_box(result: dict) -> list[float]:
+    """A COCO result's box ``[x, y, w, h]`` in pixels: its ``bbox``, else (a segmentation result) the bounding box
+    of its compressed-RLE mask, as pycocotools' ``loadRes`` derives it."""
+    if "bbox" in result:
+        return list(result["bbox"])
+    return mask_utils.toBbox(result["segmentation"]).tolist()
+
+
 def results_to_json(results: list[dict], path: str | os.PathLike) -> Path:
     """Write COCO results (or any JSON-able object) to `path` atomically: temp file + ``os.replace``."""
     return write_json(results, path, indent=None)
@@ -187,20 +195,39 @@ def _load_results(results: list[dict] | str | os.PathLike) -> tuple[list[dict], 
         with open(results) as f:
             loaded = json.load(f)
         if not isinstance(loaded, list):
-            raise ValueError(f"{results}: expected a JSON list of COCO results, found {type(loaded).__name__}")
+            raise DataError(f"{results}: expected a JSON list of COCO results, found {type(loaded).__name__}; "
+                            "write the results as a list of result dicts")
         return loaded, str(results)
     return list(results), "results"
 
 
 def _check_results(coco_gt: COCO, results: list[dict], iou_type: str, where: str) -> None:
-    """Results pycocotools would mis-evaluate or crash on raise a DataError (a ValueError) naming the first
-    offending index: a missing key, a box or score that is not 4 / 1 finite numbers, an unknown image, or no
-    category in common with the ground truth."""
-    required = {"image_id", "category_id", "score"} | ({"bbox"} if iou_type == "bbox" else set())
+    """Results pycocotools would mis-evaluate or crash on raise a DataError naming the first offending index:
+    a missing key, a box or score that is not 4 / 1 finite numbers, a result without its box, an unknown image,
+    no category in common with the ground truth, or (segm) a result or annotation without a segmentation.
+
+    A result's box is its ``bbox`` or, for segmentation results, the mask's: as in pycocotools' ``loadRes``,
+    result #0 decides. With a ``bbox`` every result needs one; without, every result needs a ``segmentation``
+    as a compressed RLE (``{"size": [h, w], "counts": str}``, what `predict` and ``mask.encode`` give), from
+    which ``loadRes`` derives the box where none is given (cocoapi's own segm example results carry no box)."""
+    required = {"image_id", "category_id", "score"}
     for i, r in enumerate(results):
         if not isinstance(r, dict) or not required <= r.keys():
             found = f"keys {sorted(r)}" if isinstance(r, dict) else type(r).__name__
-            raise DataError(f"{where}: result #{i} needs {sorted(required)}, found {found}")
+            raise DataError(f"{where}: result #{i} needs {sorted(required)} and a 'bbox' or 'segmentation', "
+                            f"found {found}")
+    if results and "bbox" in results[0]:
+        i = next((i for i, r in enumerate(results) if "bbox" not in r), None)
+        if i is not None:
+            raise DataError(f"{where}: result #{i} has no 'bbox' but result #0 has one; pycocotools takes every "
+                            f"result's box from its 'bbox' then: give each result a 'bbox', or none (segmentation "
+                            f"results: the box is derived from the mask)")
+    else:
+        i = next((i for i, r in enumerate(results) if not _is_compressed_rle(r.get("segmentation"))), None)
+        if i is not None:
+            raise DataError(f"{where}: result #{i} needs a 'bbox', or a 'segmentation' as a compressed RLE "
+                            f"{{'size': [h, w], 'counts': str}} to derive it from (result #0 has no 'bbox'), found "
+                            f"{_shorten(results[i].get('segmentation'))}")
     for key, width in (("bbox", 4), ("score", None)):
         rows = [(i, r[key]) for i, r in enumerate(results) if key in r]
         try:
@@ -221,18 +248,32 @@ def _check_results(coco_gt: COCO, results: list[dict], iou_type: str, where: str
                             f"model trained on another dataset, or given another label map?")
     unknown = {r["image_id"] for r in results} - set(coco_gt.getImgIds())
     if unknown:
-        raise ValueError(f"{where}: {len(unknown)} image ids are not in the ground truth, e.g. "
-                         f"{sorted(unknown)[:5]}; was the model run on another dataset or split?")
+        raise DataError(f"{where}: {len(unknown)} image ids are not in the ground truth, e.g. "
+                        f"{sorted(unknown)[:5]}; was the model run on another dataset or split?")
     if iou_type == "segm":
         missing = sum("segmentation" not in r for r in results)
         if missing:
-            raise ValueError(f"{where}: segm evaluation needs a 'segmentation' (RLE) in every result, "
-                             f"{missing} of {len(results)} have none; is this a mask-less detector "
-                             f"(evaluate iou_types=('bbox',) instead)?")
+            raise DataError(f"{where}: segm evaluation needs a 'segmentation' (RLE) in every result, "
+                            f"{missing} of {len(results)} have none; is this a mask-less detector "
+                            f"(evaluate iou_types=('bbox',) instead)?")
         no_gt_seg = [a["id"] for a in coco_gt.dataset["annotations"] if "segmentation" not in a]
         if no_gt_seg:
-            raise ValueError(f"segm evaluation needs ground-truth 'segmentation' on every annotation; "
-                             f"{len(no_gt_seg)} have none, e.g. annotation ids {no_gt_seg[:5]}")
+            raise DataError(f"segm evaluation needs ground-truth 'segmentation' on every annotation; "
+                            f"{len(no_gt_seg)} have none, e.g. annotation ids {no_gt_seg[:5]}")
+
+
+def _is_compressed_rle(segmentation: Any) -> bool:
+    """Whether pycocotools' ``mask.area``/``toBbox`` can read `segmentation`: ``{"size": [h, w], "counts": str|bytes}``."""
+    if not (isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, bytes))):
+        return False
+    size = segmentation.get("size")
+    return (isinstance(size, (list, tuple)) and len(size) == 2 and
+            all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in size))
+
+
+def _shorten(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _finite_numbers(v: Any, width: int | None) -> bool:
@@ -416,9 +457,28 @@ class EvalRecord(dict):
         record["path"] = str(path.resolve())
         return record
 
+    @classmethod
+    def of(cls, value: Mapping[str, Any]) -> "EvalRecord":
+        """`value` as a record: an `evaluate_detector` record (a plain dict read from JSON too), or `coco_evaluate`'s
+        output ``{iou_type: {"stats", "per_class_AP"}}`` as the metrics of a record without config."""
+        if isinstance(value, cls):
+            return value
+        return cls(value if "metrics" in value else {"metrics": value})
+
+    @classmethod
+    def of_stats(cls, stats: dict[str, float], config: dict[str, Any] | None = None,
+                 iou_type: str = "bbox") -> "EvalRecord":
+        """A record of `stats` (the 12 COCO stats of `iou_type`, e.g. one seed's from a report) and `config` alone,
+        for what reads records (`comparison_table`, `pkdkit.viz.plot_ap_bars`)."""
+        return cls({"metrics": {iou_type: {"stats": stats}}, "config": config or {}})
+
     def stats(self, iou_type: str = "bbox") -> dict[str, float]:
         """The 12 COCO stats (`STAT_NAMES`, fractions; -1 where undefined) for `iou_type`."""
         return dict(self["metrics"][iou_type]["stats"])
+
+    def has(self, iou_type: str) -> bool:
+        """Whether the record holds `iou_type`'s metrics (a box-only model has no "segm")."""
+        return iou_type in self.get("metrics", {})
 
     def stat(self, name: str, iou_type: str = "bbox") -> float:
         return float(self["metrics"][iou_type]["stats"][name])
@@ -454,7 +514,8 @@ def budget_of(config: dict[str, Any] | None) -> dict[str, Any]:
 # Model -> metrics files
 def evaluation_files(folder: str | os.PathLike, name: str = "eval") -> tuple[Path, Path]:
     """(record, COCO results): the files `evaluate_detector(..., out_dir=folder, name=name)` writes,
-    ``<folder>/<name>.json`` and ``<folder>/<name>_results.json``."""
+    ``<folder>/<name>.json`` and ``<folder>/<name>_results.json`` (`name`: one path component)."""
+    check_name(name, "evaluation name")
     return Path(folder) / f"{name}.json", Path(folder) / f"{name}_results.json"
 
 
@@ -471,7 +532,8 @@ def evaluate_detector(model: nn.Module, dataset: CocoDetection, label_map: Label
     Returns the record ``{"name", "metrics": {iou_type: {...}}, "config", "ann_file", "image_dir",
     "num_images", "num_detections", "iou_types", "seconds": {"predict", "evaluate"}, "timestamp"}``;
     with `out_dir`, it is written to ``<out_dir>/<name>.json`` and the COCO results (dataset category ids)
-    to ``<out_dir>/<name>_results.json``, both atomically (`evaluation_files`).
+    to ``<out_dir>/<name>_results.json``, both atomically (`evaluation_files`), and the record returned has
+    ``"path"``, as one read back with `EvalRecord.read` has.
     """
     tic = time.perf_counter()
     results = predict(model, dataset, label_map, device=device, batch_size=batch_size, progress=progress)
@@ -502,19 +564,40 @@ def evaluate_detector(model: nn.Module, dataset: CocoDetection, label_map: Label
         record_file, results_file = evaluation_files(out_dir, name)
         results_to_json(results, results_file)
         write_json(record, record_file)
+        record["path"] = str(record_file.resolve())
     return record
 
 
 # ----------------------------------------------------------------------------------------------------
 # Reporting
-def comparison_table(metrics_by_run: dict[str, dict], iou_type: str = "bbox",
-                     stats: Sequence[str] = ("AP", "AP50", "AP75", "APs", "APm", "APl")) -> str:
-    """A markdown table of COCO stats (in %, one decimal), one row per run, plus AP minus the first row's.
+CONTROLS = ("baseline", "baseline_long")  # the runs without a teacher, at E and S x E epochs
 
-    metrics_by_run: run name -> `coco_evaluate` output or `evaluate_detector` record (anything with
-    ``[iou_type]["stats"]`` or ``["metrics"][iou_type]["stats"]``). Undefined stats (-1) and runs without
-    `iou_type` show ``n/a``. When records carry a budget (``record["config"]["budget"]``: the initialisation
-    and the student's total epochs), the table shows both, so that extra epochs are never read as a gain.
+
+def equal_budget_controls(runs: Sequence[str], epochs: Sequence[Any], controls: Sequence[str] = CONTROLS
+                          ) -> list[int | None]:
+    """For each run, the index of the control it is compared with: the first of `controls` (names, in that
+    order of preference) among `runs` with the same student epochs, itself for a control, None when no control
+    has its epochs. Without any of `controls` in `runs`, the first run is the control. `epochs[i]`: run i's
+    total epochs, None for unknown (records from before budgets, torchvision's reference models): such a
+    run is compared with the first control, as every run was before budgets were recorded."""
+    control_rows = [runs.index(c) for c in controls if c in runs] or [0]
+    control_of: dict[Any, int] = {}
+    for k in control_rows:
+        control_of.setdefault(epochs[k], k)
+    return [i if i in control_rows else control_of.get(e, control_rows[0] if e is None else None)
+            for i, e in enumerate(epochs)]
+
+
+def comparison_table(metrics_by_run: Mapping[str, Mapping[str, Any]], iou_type: str = "bbox",
+                     stats: Sequence[str] = ("AP", "AP50", "AP75", "APs", "APm", "APl")) -> str:
+    """A markdown table of COCO stats (in %, one decimal), one row per run, plus ΔAP: AP minus that of the
+    control with the same student epochs (`equal_budget_controls`: ``baseline`` or ``baseline_long``, else
+    the first row; n/a when no control has the run's epochs).
+
+    metrics_by_run: run name -> `coco_evaluate` output or `evaluate_detector` record (`EvalRecord.of`).
+    Undefined stats (-1) and runs without `iou_type` show ``n/a``. When records carry a budget
+    (`EvalRecord.budget`: the initialisation and the student's total epochs), the table shows both, so that
+    extra epochs are never read as a gain.
     """
     if not metrics_by_run:
         raise ValueError("comparison_table: no runs given")
@@ -522,22 +605,19 @@ def comparison_table(metrics_by_run: dict[str, dict], iou_type: str = "bbox",
     if unknown:
         raise ValueError(f"comparison_table: unknown stats {unknown}; known: {STAT_NAMES}")
 
-    def stat_values(run: dict) -> dict[str, float] | None:
-        metrics = run.get("metrics", run)
-        return metrics[iou_type]["stats"] if iou_type in metrics else None
-
     def fmt(v: float | None, sign: str = "") -> str:
         return "n/a" if v is None or v < 0 else f"{100 * v:{sign}.1f}"
 
-    budgets = {run: record_budget(m) for run, m in metrics_by_run.items()}
+    records = {run: EvalRecord.of(m) for run, m in metrics_by_run.items()}
+    budgets = {run: record.budget for run, record in records.items()}
     with_budget = any(budgets.values())
     rows = []
-    ref_ap = None
-    for i, (run, metrics) in enumerate(metrics_by_run.items()):
-        values = stat_values(metrics)
-        ap = values.get("AP") if values else None
-        if i == 0:
-            ref_ap = ap
+    values_of = {run: record.stats(iou_type) if record.has(iou_type) else None for run, record in records.items()}
+    aps = [v.get("AP") if v else None for v in values_of.values()]
+    control = equal_budget_controls(list(records), [b.get("epochs") for b in budgets.values()])
+    for i, (run, record) in enumerate(records.items()):
+        values, ap = values_of[run], aps[i]
+        ref_ap = aps[control[i]] if control[i] is not None else None
         delta = "n/a" if ap is None or ap < 0 or ref_ap is None or ref_ap < 0 else format_delta(100 * (ap - ref_ap))
         cells = [fmt(values.get(s) if values else None) for s in stats]
         budget = [str(budgets[run].get("epochs", "?")), budgets[run].get("init", "?")] if budgets[run] else ["?", "?"]
@@ -547,12 +627,6 @@ def comparison_table(metrics_by_run: dict[str, dict], iou_type: str = "bbox",
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def record_budget(record: dict) -> dict:
-    """The budget of an `evaluate_detector` record (``{"init", "epochs"}``), or {} when it has none."""
-    config = record.get("config") if isinstance(record, dict) else None
-    return dict(config.get("budget") or {}) if isinstance(config, dict) else {}
 
 
 def format_delta(points: float) -> str:

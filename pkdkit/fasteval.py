@@ -225,15 +225,17 @@ if COCOeval_faster is not None:
             # Reading a result out of C++ costs microseconds even when it is empty: read only the (image,
             # category) pairs with annotations or detections (the others are None in pycocotools' evalImgs),
             # so this scales with annotations, not with images x categories.
-            used = np.flatnonzero(self._used_pairs())
+            used = np.flatnonzero(self.used_pairs())
             cpp = self._evalImgs_cpp
             with _no_gc():  # many small lists: collecting them costs more than reading them
                 results = [cpp[i].__getstate__() for i in used.tolist()]
                 self.eval = accumulate_evaluations(self._paramsEval, used, results)
                 del results  # freed while the collector is off: it then has nothing new to walk
 
-        def _used_pairs(self) -> np.ndarray:
-            """(K * A * I,) bool in result order: does the result's (image, category) have annotations?"""
+        def used_pairs(self) -> np.ndarray:
+            """(K * A * I,) bool in result order: does the result's (image, category) have annotations or
+            detections? Exactly the entries of pycocotools' ``evalImgs`` that are not None, the only results
+            `accumulate` reads."""
             p = self._paramsEval
             images = {img: i for i, img in enumerate(p.imgIds)}
             cats = {cat: k for k, cat in enumerate(p.catIds)} if p.useCats else None

@@ -78,7 +78,8 @@ def build_dataset(
         gt_json: COCO instances file; `images[].width/height` give the relative box coordinates.
         image_dir: folder holding `images[].file_name` (stored as absolute paths; the files must exist).
         predictions: model name -> COCO results (list of `{"image_id", "category_id", "bbox": [x, y, w, h],
-            "score"}` or the path of such a JSON file). Each model becomes the field `model_field(name)`.
+            "score"}`, or segmentation results whose box is their mask's, or the path of such a JSON file). Each
+            model becomes the field `model_field(name)`.
         overwrite: replace an existing dataset of that name.
         persistent: keep the dataset after the Python process exits.
         min_confidence: model detections with a lower score are left out. FiftyOne's evaluation saves a
@@ -91,6 +92,8 @@ def build_dataset(
     model (`confidence` = score). Boxes are relative `[x, y, w, h]`, not clipped, so IoUs equal pixel IoUs.
     Labels are category names. `dataset.info["models"]` maps model names to fields.
     """
+    from pkdkit.evaluate import result_box
+
     gt_json, image_dir = Path(gt_json), Path(image_dir).resolve()
     gt = _load_json(gt_json, "ground-truth file")
     names = {c["id"]: c["name"] for c in gt.get("categories", [])}
@@ -117,7 +120,7 @@ def build_dataset(
             if e.get("category_id") not in names:
                 raise ValueError(f"{source}: entry {k} (image {img['id']}) has category_id "
                                 f"{e.get('category_id')!r}, not one of {sorted(names)} in {gt_json}")
-            x, y, w, h = e["bbox"]
+            x, y, w, h = e["bbox"] if is_gt else result_box(e)
             W, H = img["width"], img["height"]
             box = [x / W, y / H, w / W, h / H]
             label = names[e["category_id"]]
@@ -430,7 +433,8 @@ def run_inputs(run_dir: str | os.PathLike) -> dict[str, Any]:
 def inspect_run(run_dir: str | os.PathLike, *, port: int = 5151, iou: float = 0.5, confidence: float = 0.3,
                 wait: bool = True) -> fo.Session:
     """`pkdkit inspect RUN_DIR`: open (or build) the run directory's dataset, open the App on the review view
-    and, with `wait`, keep it open until Ctrl-C."""
+    and, with `wait`, keep it open until KeyboardInterrupt (Ctrl-C; SIGTERM too under `pkdkit`, see
+    `pkdkit.cli.stop_signals`), which stops the App's server (`close_app`) and returns."""
     inputs = run_inputs(run_dir)
     name = dataset_name(run_dir)
     improved = "progressive" if "progressive" in inputs["predictions"] else None
@@ -445,6 +449,33 @@ def inspect_run(run_dir: str | os.PathLike, *, port: int = 5151, iou: float = 0.
         try:
             while True:
                 time.sleep(1)
-        except KeyboardInterrupt:
-            session.close()
+        except KeyboardInterrupt:  # the way to end serving: stop the App, return normally
+            close_app(session)
+            print("FiftyOne App stopped", flush=True)
     return session
+
+
+def close_app(session: fo.Session, timeout: float = 5.0) -> None:
+    """Close `session` and stop the App server this process started for it, at once.
+
+    `session.close()` alone ends FiftyOne's service process, which sends the server SIGTERM and waits, and the
+    server (hypercorn) then takes from 9 s to over a minute to shut down (seen with FiftyOne 1.22); when this
+    process exits first, both are left serving on the port. So the server and its service process (this
+    process's descendants listening on `session.server_port`, and their parent) are killed first; the server
+    holds no state of its own (the datasets are in the database). The database FiftyOne started is left to
+    FiftyOne: its service stops it once no process uses it."""
+    import psutil
+
+    me = psutil.Process()
+    app = []
+    for proc in me.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if any(c.laddr and c.laddr.port == session.server_port and c.status == psutil.CONN_LISTEN
+                   for c in proc.net_connections(kind="tcp")):
+                parent = proc.parent()
+                app += ([parent] if parent is not None and parent.pid != me.pid else []) + [proc]
+    for proc in app:  # the service process first, so that it does not report its server's end as a failure
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(app, timeout=timeout)
+    session.close()

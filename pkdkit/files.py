@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
-from pkdkit.errors import PkdkitError
+from pkdkit.errors import ConfigError, PkdkitError
 
 _HOST = socket.gethostname().replace(".", "_")
 
@@ -55,28 +55,84 @@ def _temp_path(path: Path) -> Path:
     return path.parent / f".{path.name}.{_HOST}-{os.getpid()}.{secrets.token_hex(4)}.tmp"
 
 
+class WriteError(PkdkitError, OSError):
+    """A file could not be written (no space left, a read-only folder, ...); the message names the file and the
+    cause, and the file keeps its previous content."""
+
+
+class _RecordingFile:
+    """The temp file as `write` sees it, remembering the first OSError of a write: torch.save reports a failed
+    write (a full disk) as a RuntimeError "unexpected pos" that names neither the file nor the cause."""
+
+    def __init__(self, f: IO[bytes]):
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+def write_failure(path: Path, error: OSError) -> WriteError:
+    """The one-line error of a failed write of `path`: "no space left on device" (ENOSPC, EDQUOT), "file too
+    large" (EFBIG), else the system's own words (a read-only folder: "Permission denied")."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        cause = f"no space left on device in {path.parent}; free some space and run again"
+    elif error.errno in (errno.EEXIST, errno.ENOTDIR):
+        cause = "a part of its folder's path is a file, not a folder"
+    elif error.errno == errno.EFBIG:
+        cause = "file too large (the file system's or the process's file size limit, ulimit -f)"
+    else:
+        cause = error.strerror or str(error)
+    return WriteError(f"cannot write {path}: {cause} (the file keeps its previous content, if it had one)")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Call `write(f)` on a temp file in `path`'s folder, fsync it, then `os.replace` it onto `path`.
 
-    On any error the temp file is removed and `path` keeps its old content; temp files left by writers that
-    were killed (SIGKILL, power loss) are removed by the next write of the same name. The file gets the
-    user's normal permissions (0666 minus the umask), like a file opened with `open(path, "w")`.
+    On any error the temp file is removed and `path` keeps its old content; an error of the file system (no
+    space left, a read-only folder) becomes a `WriteError` naming `path` and the cause. Temp files left by
+    writers that were killed (SIGKILL, power loss) are removed by the next write of the same name. The file
+    gets the user's normal permissions (0666 minus the umask), like a file opened with `open(path, "w")`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(path.parent, path.name)
-    tmp = _temp_path(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    tmp = None
+    recorder = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(path.parent, path.name)
+        tmp = _temp_path(path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            recorder = _RecordingFile(f)
+            write(recorder)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        error = e if isinstance(e, OSError) else recorder.error if recorder is not None else None
+        if error is not None and not isinstance(e, WriteError):
+            raise write_failure(path, error) from e
         raise
     return path
+
+
+def check_name(name: Any, what: str) -> str:
+    """`name` if it can be one file or folder name inside a run folder (a stage, a plan, a teacher, a model):
+    a non-empty string without path separators, not "." or "..", so that nothing is written outside the run
+    folder. Else ConfigError naming `what`."""
+    if not isinstance(name, str) or not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise ConfigError(f"{what} {name!r} is not a valid name: it becomes a folder or file name, so it must be "
+                          f"one non-empty path component (no '/', no '\\', not '.' or '..')")
+    return name
 
 
 def write_json(obj: Any, path: str | os.PathLike, indent: int | None = 2) -> Path:

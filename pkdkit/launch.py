@@ -21,14 +21,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pkdkit.engine import TrainConfig, detector_files, train_detector
+from pkdkit.engine import TrainConfig, detector_files, detector_run, finished_detector, train_detector
+from pkdkit.errors import ConfigError, PkdkitError
+from pkdkit.evaluate import EvalRecord
 from pkdkit.files import write_json
 from pkdkit.models import DetectorSpec
 from pkdkit.data import DataConfig
 from pkdkit.plan import Plan, run_plan
 
 
-class LaunchError(RuntimeError):
+class LaunchError(PkdkitError, RuntimeError):
     """A torchrun subprocess failed; the message holds its command, exit code and last output lines."""
 
 
@@ -39,7 +41,7 @@ def torchrun(job: dict[str, Any], job_file: str | os.PathLike, nproc: int, *, ta
     """Write `job` to `job_file` and run it under ``torchrun --nproc_per_node nproc``, streaming its output
     to this process's stdout. Raises LaunchError with the last `tail` lines when it exits non-zero."""
     if nproc < 1:
-        raise ValueError(f"nproc must be >= 1, got {nproc}")
+        raise ConfigError(f"nproc must be >= 1, got {nproc}")
     job_file = write_json(job, job_file)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "pkdkit.launch", str(job_file)]
@@ -74,15 +76,20 @@ def torchrun(job: dict[str, Any], job_file: str | os.PathLike, nproc: int, *, ta
 
 
 def train_detector_distributed(spec: DetectorSpec, data: DataConfig, cfg: TrainConfig, out_dir: str | os.PathLike,
-                               nproc: int, *, config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """`pkdkit.engine.train_detector` on `nproc` processes; returns the evaluation record (`eval.json`)."""
+                               nproc: int, *, config: dict[str, Any] | None = None) -> EvalRecord:
+    """`pkdkit.engine.train_detector` on `nproc` processes; returns the evaluation record (`eval.json`).
+    A finished run in `out_dir` is returned without starting torchrun only when it was made with these
+    settings, as `train_detector` does (`pkdkit.engine.finished_detector`): else RunMismatchError, before any
+    process starts."""
     out = Path(out_dir).resolve()
     model_file, record_file = detector_files(out)
-    if not (model_file.exists() and record_file.exists()):
-        job = {"step": "train", "spec": spec.to_dict(), "data": asdict(data), "train": cfg.to_dict(),
-               "out": str(out), "config": config or {}}
-        torchrun(job, out / "launch.json", nproc)
-    return json.loads(record_file.read_text())
+    if model_file.exists() and record_file.exists():
+        _, full = detector_run(spec, data.train_dataset(), data.val_dataset(), cfg, config)
+        return finished_detector(out, full)
+    job = {"step": "train", "spec": spec.to_dict(), "data": asdict(data), "train": cfg.to_dict(),
+           "out": str(out), "config": config or {}}
+    torchrun(job, out / "launch.json", nproc)
+    return EvalRecord.read(record_file)
 
 
 def run_plan_distributed(plan: Plan, nproc: int, *, progress: bool = True) -> dict[str, Any]:

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pkdkit.errors import ConfigError
+
 __all__ = ["MGDLoss", "FGDLoss", "PKDLoss", "CWDLoss", "MSELoss", "GcBlock", "fgd_masks", "LOSSES",
            "LOSS_DEFAULTS", "LossDefaults", "loss_defaults", "build_loss"]
 
@@ -519,18 +521,18 @@ def loss_hparams(name: str) -> dict[str, object]:
 def build_loss(name: str, student_channels: int, teacher_channels: int, **hparams: object) -> nn.Module:
     """`LOSSES[name](student_channels, teacher_channels, **hparams)` with errors that list the choices.
 
-    Raises ValueError for an unknown loss name (listing the available ones) or an unknown hyper-parameter
+    Raises ConfigError (a ValueError) for an unknown loss name (listing the available ones) or an unknown hyper-parameter
     (listing the accepted ones with their defaults).
     """
     accepted = loss_hparams(name)
     unknown = sorted(set(hparams) - set(accepted))
     if unknown:
         choices = ", ".join(f"{k}={v!r}" for k, v in accepted.items())
-        raise ValueError(f"loss {name!r} got unknown hyper-parameter(s) {unknown}; accepted: {choices}")
+        raise ConfigError(f"loss {name!r} got unknown hyper-parameter(s) {unknown}; accepted: {choices}")
     return LOSSES[name](student_channels, teacher_channels, **hparams)
 
 
 def _loss_class(name: str) -> type[_FeatureLoss]:
     if name not in LOSSES:
-        raise ValueError(f"unknown distillation loss {name!r}; available: {sorted(LOSSES)}")
+        raise ConfigError(f"unknown loss {name!r}; available: {sorted(LOSSES)}")
     return LOSSES[name]

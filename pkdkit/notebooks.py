@@ -17,13 +17,14 @@ import json
 import os
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from pkdkit.config import config_diff
-from pkdkit.errors import PkdkitError, RunMismatchError
+from pkdkit.errors import PkdkitError
 from pkdkit.files import run_lock, write_json
 from pkdkit.progress import MARK
+from pkdkit.runid import check_same_run, identity
 
 NOTEBOOKS = (
     "01_data_and_teachers.ipynb",
@@ -234,6 +235,11 @@ def _final_text(text: str) -> str:
 DEFAULT_THREADS = 2
 
 
+def default_run_dir(preset: str) -> Path:
+    """Where `run_notebooks` keeps a preset's run (data, models, selection, distillation) unless told: `runs/<preset>`."""
+    return Path("runs") / preset
+
+
 def run_notebooks(preset: str, out: str | os.PathLike, *, run_dir: str | os.PathLike | None = None,
                   device: str = "auto", parameters: dict[str, Any] | None = None,
                   only: list[str] | None = None, progress: bool = True,
@@ -259,7 +265,7 @@ def run_notebooks(preset: str, out: str | os.PathLike, *, run_dir: str | os.Path
     did the same work (same parameters but for display and paths); else no estimate is shown.
     """
     out = Path(out).resolve()
-    run_dir = Path(run_dir or Path("runs") / preset).resolve()
+    run_dir = Path(run_dir or default_run_dir(preset)).resolve()
     names = list(NOTEBOOKS)
     if only:
         unknown = sorted(set(only) - set(NOTEBOOKS))
@@ -303,7 +309,7 @@ def _reference_timings(preset: str, out: Path, name: str, params: dict[str, Any]
     that did the same work: the copy in `out` if it ran there before, else the committed example of the
     preset, whichever report's `metrics.json` parameters equal `params` (with the notebooks' `defaults` for
     those not given) but for display and path parameters; None if neither fits."""
-    work = {k: v for k, v in {**defaults, **params}.items() if k not in _DISPLAY_PARAMETERS}
+    work = identity({**defaults, **params})
     for folder in (out, example_dir(preset)):
         path, metrics = folder / name, folder / "metrics.json"
         if not (path.exists() and metrics.exists()):
@@ -325,10 +331,6 @@ class NotebookParameterError(PkdkitError, ValueError):
 # Parameters set by run_notebooks' own arguments (--preset, --run-dir, ...), not by -p.
 _SET_BY_OPTIONS = {"preset": "--preset", "run_dir": "--run-dir", "device": "--device",
                    "figures_dir": "--out", "report_metrics": "--out"}
-# Parameters that change how results are shown or where, not what is trained: a run directory may be
-# re-used with other values of these.
-_DISPLAY_PARAMETERS = {"run_dir", "device", "progress", "figures_dir", "report_metrics", "image_index", "mode",
-                       "launch_app", "fiftyone_dataset", "iou"}
 RUN_PARAMETERS = "parameters.json"
 # Parameters that are paths: given to the notebooks relative to the report folder (their working directory).
 PATH_PARAMETERS = {"run_dir", "figures_dir", "report_metrics", "data_root"}
@@ -348,39 +350,81 @@ def notebook_parameters(names: list[str] | tuple[str, ...] = NOTEBOOKS) -> dict[
     return found
 
 
+# The declared types of the parameters whose default is None (the default says nothing of the type); notebook
+# 01's run settings are typed, and checked for range, by `pkdkit.workflow.RunSettings`.
+NONE_DEFAULT_TYPES = {"loss": "str | None", "fiftyone_dataset": "str | None"}
+
+
+def parameter_types(defaults: dict[str, Any]) -> dict[str, str]:
+    """{parameter: type annotation} of the notebooks' parameters: RunSettings' field for notebook 01's settings,
+    `NONE_DEFAULT_TYPES`, else the type of the default (a float default also takes an int)."""
+    from pkdkit.workflow import RunSettings
+
+    declared = {**{f.name: f.type for f in fields(RunSettings)}, **NONE_DEFAULT_TYPES}
+    types = {}
+    for key, default in defaults.items():
+        if key in declared:
+            types[key] = declared[key]
+        elif default is not None:
+            types[key] = "float" if isinstance(default, float) else type(default).__name__
+    return types
+
+
+def _matches(value: Any, annotation: str) -> bool:
+    """Whether `value` is of the type `annotation` ("int | None", "float", "list[str]", ...); an int is a float,
+    a bool is only a bool."""
+    kinds = {"int": int, "float": (int, float), "str": str, "list": list, "dict": dict, "None": type(None)}
+    for alt in annotation.split("|"):
+        base = alt.strip().split("[")[0]
+        if base == "bool" or isinstance(value, bool):
+            if base == "bool" and isinstance(value, bool):
+                return True
+        elif isinstance(value, kinds.get(base, ())):
+            return True
+    return False
+
+
 def check_parameters(names: list[str], parameters: dict[str, Any]) -> dict[str, Any]:
-    """Fail before any notebook runs: each parameter must be one of the notebooks' (not one set by an option)
-    and of its default's type (an int where the default is a float is fine; a None default takes any value).
+    """Fail before any notebook runs, and so before anything is written: each parameter must be one of the
+    notebooks' (not one set by an option), of its declared type (`parameter_types`; None only where the type
+    allows it), and notebook 01's run settings in range (`pkdkit.workflow.RunSettings`).
     Returns the notebooks' defaults."""
+    from pkdkit.errors import ConfigError
+    from pkdkit.workflow import RunSettings
+
     defaults = notebook_parameters(names)
+    types = parameter_types(defaults)
     valid = ", ".join(f"{k}={v!r}" for k, v in defaults.items() if k not in _SET_BY_OPTIONS)
     for key, value in parameters.items():
         if key in _SET_BY_OPTIONS:
             raise NotebookParameterError(f"parameter {key!r} is set with {_SET_BY_OPTIONS[key]}, not -p")
         if key not in defaults:
             raise NotebookParameterError(f"unknown notebook parameter {key!r}; the notebooks take: {valid}")
-        default = defaults[key]
-        if default is None or value is None:
-            continue
-        ok = isinstance(value, type(default)) and isinstance(value, bool) == isinstance(default, bool)
-        ok = ok or (isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool))
-        if not ok:
-            raise NotebookParameterError(f"notebook parameter {key!r} should be a {type(default).__name__} like "
-                                         f"its default {default!r}, got {value!r} ({type(value).__name__})")
+        if key not in types:
+            raise NotebookParameterError(f"notebook parameter {key!r} has no declared type (its default is None): "
+                                         f"declare it in pkdkit.notebooks.NONE_DEFAULT_TYPES")
+        if not _matches(value, types[key]):
+            kind = " or ".join(alt.strip() for alt in types[key].split("|"))
+            raise NotebookParameterError(f"notebook parameter {key!r} should be {'an' if kind[0] in 'aeiou' else 'a'} "
+                                         f"{kind} (its default is {defaults[key]!r}), got {value!r} "
+                                         f"({type(value).__name__})")
+    settings = {f.name: parameters[f.name] for f in fields(RunSettings) if f.name in parameters}
+    try:
+        RunSettings(**settings)
+    except ConfigError as e:
+        raise NotebookParameterError(f"notebook parameters: {e}") from None
     return defaults
 
 
 def _check_same_run_parameters(run_dir: Path, params: dict[str, Any]) -> None:
     """A run directory holds one run: refuse parameters that change what its models are (epochs, seed, loss,
-    ...) against those it was made with; record them on its first use."""
+    ...) against those it was made with (how it is computed and what is shown may change: `pkdkit.runid`);
+    record them on its first use."""
     record = run_dir / RUN_PARAMETERS
-    now = {k: v for k, v in params.items() if k not in _DISPLAY_PARAMETERS}
+    now = identity(params)
     if record.exists():
-        saved = json.loads(record.read_text())
-        diff = config_diff(saved, now)
-        if diff:
-            raise RunMismatchError(f"{run_dir} holds a run made with other notebook parameters ({'; '.join(diff)}); "
-                                   f"use another --run-dir, or delete it to start over")
+        check_same_run(json.loads(record.read_text()), now, f"{run_dir} holds a run made with other notebook parameters",
+                       "use another --run-dir, or delete it to start over")
     else:
         write_json(now, record)
 

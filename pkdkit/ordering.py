@@ -2,18 +2,38 @@
 
 Plain numpy over a `CostMatrix` (computing the costs from detectors is `pkdkit.selection`):
 
-- `CostMatrix`: adaptation costs between named models, `cost(a, b)` = how hard it is for a to imitate b.
+- `CostMatrix`: adaptation costs between named models, `cost(a, b)` = how hard it is for a to imitate b,
+  with a bootstrap interval per cost when `pkdkit.selection` computed it from image chunks (`interval`).
 - orders: `order_minimax` (the default: the path of smallest steps, which can be progressive),
   `order_greedy` (the paper's spirit), `order_shortest_path` (sum or bottleneck objective), `order_by_ap`
   (baseline), dispatched by `select_teachers` through `STRATEGIES`; each returns a `Selection`;
   `strategies_table` compares what every strategy chooses.
 - `save_selection` / `load_selection` (selection.json) and `plot_cost_matrix` (heatmap with the chosen path).
+
+How sure a selection is. The costs are estimated on a finite set of calibration images, and two costs a few
+thousandths apart can swap on other images (or on another CPU). `pkdkit.selection.cost_matrix` therefore keeps
+its feature statistics per chunk of images and recomputes the whole matrix on bootstrap resamples of the chunks
+(`CostMatrix.resamples`), which gives every cost a 90% interval (`CostMatrix.low`, `high`). `select_teachers`
+uses them twice:
+
+- **order support** (`Selection.order_support`): the same strategy, with the same APs and options, is run on
+  every resampled matrix; the share of resamples that choose the same order is its support, reported with the
+  runner-up order and its share (`support_sentence`). A support of at least `SUPPORTED` (0.8) is called
+  *supported*; below it, "the data do not decide between them".
+- **near-tie rule** (`near_ties="direct"`, the default; `NEAR_TIES`): a multi-teacher order is kept only when
+  its steps are cheaper than going straight to its final teacher *beyond the noise*: the upper bound of its
+  largest step's interval is below the lower bound of the direct step's. Otherwise the selection is the direct
+  (one-shot) order, and its explanation says so. The rule is conservative (two 90% intervals that do not overlap),
+  on purpose: a curriculum costs S x the training of one stage and should be chosen on evidence. It applies to
+  the cost-based strategies (not `by_ap`) and only when the matrix has intervals (`near_ties="ignore"`: point
+  estimates decide, as before this rule).
 """
 from __future__ import annotations
 
 import itertools
 import json
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -25,12 +45,20 @@ from matplotlib.patches import FancyArrowPatch, Rectangle
 from pkdkit.files import write_json
 
 OBJECTIVES = ("sum", "max")
+NEAR_TIES = ("direct", "ignore")  # see the module docstring
+SUPPORTED = 0.8  # an order chosen in at least this share of bootstrap resamples is "supported"
 
 
 @dataclass
 class CostMatrix:
     """Adaptation costs between named models: `matrix[i][j]` = cost(names[i] -> names[j]) (row: from,
-    column: to), averaged over `levels`; `per_level[level][i][j]` the same for one level. Diagonal 0."""
+    column: to), averaged over `levels`; `per_level[level][i][j]` the same for one level. Diagonal 0.
+
+    With a bootstrap (closed-form costs of `pkdkit.selection.cost_matrix`): `resamples[b]` is the whole matrix
+    recomputed on resample b of the `chunks` image chunks, and `low[i][j]`, `high[i][j]` the central
+    `confidence` interval of cost(i -> j) over the resamples (percentiles). Without one (the ``sgd`` method,
+    selection.json files written before intervals existed) they are None / empty.
+    """
 
     names: list[str]
     matrix: list[list[float]]
@@ -38,10 +66,31 @@ class CostMatrix:
     method: str = "closed_form"
     n_images: int = 0
     per_level: dict[str, list[list[float]]] = field(default_factory=dict)
+    low: list[list[float]] | None = None
+    high: list[list[float]] | None = None
+    confidence: float = 0.9
+    chunks: int = 0
+    resamples: list[list[list[float]]] = field(default_factory=list)
 
     def cost(self, a: str, b: str) -> float:
         """cost(a -> b): how hard it is for `a` to imitate `b`."""
         return self.matrix[self.index(a)][self.index(b)]
+
+    @property
+    def has_intervals(self) -> bool:
+        return self.low is not None and self.high is not None
+
+    def interval(self, a: str, b: str) -> tuple[float, float] | None:
+        """(low, high): the bootstrap interval of cost(a -> b), None without a bootstrap."""
+        if not self.has_intervals:
+            return None
+        i, j = self.index(a), self.index(b)
+        return self.low[i][j], self.high[i][j]
+
+    def resampled(self) -> list["CostMatrix"]:
+        """The bootstrap resamples as cost matrices (without intervals of their own)."""
+        return [CostMatrix(names=self.names, matrix=m, levels=self.levels, method=self.method,
+                           n_images=self.n_images) for m in self.resamples]
 
     def index(self, name: str) -> int:
         if name not in self.names:
@@ -63,7 +112,11 @@ class CostMatrix:
 class Selection:
     """A teacher order: `order` lists teacher names, first distilled first; `costs[k]` is the adaptation
     cost of step k (student -> order[0], order[0] -> order[1], ...); `total` their sum, `max_step` the
-    largest; `explanation` says in words why this order was chosen."""
+    largest; `explanation` says in words why this order was chosen (and how sure it is).
+
+    `order_support` (when the cost matrix has bootstrap resamples, see `select_teachers`): {"share": the share
+    of resamples whose selection is this order, "runner_up": the most frequent other order or None,
+    "runner_up_share", "resamples": their number, "supported": share >= `SUPPORTED`, "sentence": in words}."""
 
     strategy: str
     student: str
@@ -72,6 +125,7 @@ class Selection:
     total: float
     max_step: float
     explanation: str
+    order_support: dict[str, Any] | None = None
 
     @property
     def path(self) -> list[str]:
@@ -307,17 +361,94 @@ DEFAULT_STRATEGY = "minimax"
 
 def select_teachers(matrix: CostMatrix, student: str, teachers: Sequence[str], strategy: str = DEFAULT_STRATEGY,
                     aps: dict[str, float] | None = None, final: str | None = None, objective: str = "sum",
-                    max_teachers: int | None = None) -> Selection:
+                    max_teachers: int | None = None, near_ties: str = "direct") -> Selection:
     """Order `teachers` for `student` with one of `STRATEGIES` ("minimax", "greedy", "shortest_path",
-    "by_ap"). `objective` and `max_teachers` apply to "shortest_path" only."""
+    "by_ap"). `objective` and `max_teachers` apply to "shortest_path" only.
+
+    When `matrix` has intervals, `near_ties` applies the near-tie rule ("direct", the default: a
+    multi-teacher order is kept only when its largest step is cheaper than the direct step beyond the noise,
+    else the direct order; "ignore": the point estimates decide), and with bootstrap resamples the selection
+    gets its `order_support` (the same strategy and options on every resampled matrix; module docstring).
+    """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown teacher-order strategy {strategy!r}; expected one of {list(STRATEGIES)}")
+    if near_ties not in NEAR_TIES:
+        raise ValueError(f"unknown near-tie rule {near_ties!r}; expected one of {NEAR_TIES}")
     options: dict[str, Any] = {"aps": aps, "final": final}
     if strategy == "shortest_path":
         options.update(objective=objective, max_teachers=max_teachers)
     elif objective != "sum" or max_teachers is not None:
         raise ValueError(f"objective/max_teachers apply to the shortest_path strategy only, not {strategy!r}")
-    return STRATEGIES[strategy](matrix, student, teachers, **options)
+    selection = STRATEGIES[strategy](matrix, student, teachers, **options)
+    by_costs = selection.order
+    if near_ties == "direct" and strategy != "by_ap":
+        selection = _near_tie_rule(matrix, selection)
+    if matrix.resamples:
+        orders = [tuple(STRATEGIES[strategy](m, student, teachers, **options).order) for m in matrix.resampled()]
+        selection.order_support = order_support(selection.order, orders,
+                                                set_aside=by_costs if by_costs != selection.order else None)
+        selection.explanation += "\nsupport: " + selection.order_support["sentence"]
+    return selection
+
+
+def _near_tie_rule(matrix: CostMatrix, selection: Selection) -> Selection:
+    """The selection itself when it is one teacher, when `matrix` has no intervals, or when its largest step's
+    upper bound is below the direct step's lower bound; else the direct order (module docstring)."""
+    if len(selection.order) < 2 or not matrix.has_intervals:
+        return selection
+    path, final = selection.path, selection.order[-1]
+    largest = max(zip(path, path[1:]), key=lambda uv: matrix.interval(*uv)[1])
+    hi = matrix.interval(*largest)[1]
+    lo = matrix.interval(selection.student, final)[0]
+    step = f"{largest[0]} -> {largest[1]} at most {hi:.4f}; {selection.student} -> {final} at least {lo:.4f}"
+    pct = f"{100 * matrix.confidence:.0f}%"
+    if hi < lo:
+        selection.explanation += f"\nnear-tie rule: the chain is cheaper than the direct step beyond the noise " \
+                                 f"({pct} intervals: largest step {step})"
+        return selection
+    why = [*selection.explanation.split("\n")[1:],
+           f"near-tie rule: {' -> '.join(path)} is not cheaper than going straight to {final} beyond the noise "
+           f"({pct} intervals overlap: largest step {step}), so the direct (one-shot) order is chosen; "
+           "near_ties='ignore' keeps the point estimates' order"]
+    return _selection(selection.strategy, matrix, selection.student, [final], why)
+
+
+def order_support(order: Sequence[str], resampled_orders: Sequence[Sequence[str]],
+                  set_aside: Sequence[str] | None = None) -> dict[str, Any]:
+    """How often `order` is the selection over bootstrap resamples (`resampled_orders`: one order each):
+    {"share", "runner_up" (the most frequent other order, None if there is none), "runner_up_share",
+    "resamples", "supported" (share >= `SUPPORTED`), "sentence" (`support_sentence`)}. `set_aside`: the order
+    the point estimates chose when the near-tie rule replaced it by `order` (then also under "set_aside")."""
+    counts = Counter(tuple(o) for o in resampled_orders)
+    n = sum(counts.values())
+    if not n:
+        raise ValueError("order_support: no resampled orders")
+    others = [(c, o) for o, c in counts.items() if o != tuple(order)]
+    runner = max(others, key=lambda co: (co[0], -len(co[1])), default=None)  # ties: the shorter order
+    support = {"share": counts[tuple(order)] / n, "runner_up": list(runner[1]) if runner else None,
+               "runner_up_share": runner[0] / n if runner else 0.0, "resamples": n}
+    support["supported"] = support["share"] >= SUPPORTED
+    if set_aside is not None:
+        support["set_aside"] = list(set_aside)
+    support["sentence"] = support_sentence(support)
+    return support
+
+
+def support_sentence(support: dict[str, Any]) -> str:
+    """The order support in words: "chosen in 54% of 200 resamples; runner-up a -> b, 46%: the data do not
+    decide between them". Supported (share >= `SUPPORTED`): "...: supported"."""
+    text = f"chosen in {100 * support['share']:.0f}% of {support['resamples']} resamples"
+    if support.get("set_aside"):  # the near-tie rule chose the direct order over the costs' own choice
+        if support.get("runner_up"):
+            text += f" by the costs alone, against {100 * support['runner_up_share']:.0f}% for " \
+                    f"{' -> '.join(support['runner_up'])}"
+        return text + f"; chosen here by the near-tie rule (the longer order {' -> '.join(support['set_aside'])} " \
+                      "is not cheaper beyond the noise)"
+    if support.get("runner_up"):
+        text += f"; runner-up {' -> '.join(support['runner_up'])}, {100 * support['runner_up_share']:.0f}%"
+    if support["share"] >= SUPPORTED:
+        return text + f": supported (at least {100 * SUPPORTED:.0f}%)"
+    return text + ": the data do not decide between them"
 
 
 def strategies_table(matrix: CostMatrix, student: str, aps: dict[str, float] | None = None) -> str:
@@ -356,40 +487,51 @@ def load_selection(path: str | os.PathLike) -> tuple[Selection, CostMatrix, dict
 
 
 def plot_cost_matrix(matrix: CostMatrix, selection: Selection | None = None, ax: Any = None) -> Figure:
-    """Heatmap of the adaptation costs (rows: from, columns: to), values written in the cells, with the
-    chosen path drawn over it: a box on each step's cell (student -> t1, t1 -> t2, ...) and arrows from
-    one step to the next."""
+    """Heatmap of the adaptation costs (rows: from, columns: to), values written in the cells with their
+    bootstrap interval below when the matrix has one, and the chosen path drawn over it: a box on each
+    step's cell (student -> t1, t1 -> t2, ...) and arrows from one step to the next. The title gives the
+    selection's order support when it has one."""
     own = ax is None
+    n = len(matrix.names)
     if own:
-        fig = Figure(figsize=(1.2 * len(matrix.names) + 2.5, 1.0 * len(matrix.names) + 1.8))
+        scale = 1.5 if matrix.has_intervals else 1.2
+        fig = Figure(figsize=(scale * n + 2.5, 0.85 * scale * n + 1.9))
         ax = fig.add_subplot()
     else:
         fig = ax.figure
     arr = matrix.as_array()
     im = ax.imshow(arr, cmap="viridis")
     fig.colorbar(im, ax=ax, label=f"adaptation cost ({matrix.method})")
-    n = len(matrix.names)
     ax.set_xticks(range(n), matrix.names, rotation=45, ha="right")
     ax.set_yticks(range(n), matrix.names)
     ax.set_xlabel("to (teacher)")
     ax.set_ylabel("from (student side)")
     hi = arr.max() if arr.size else 0.0
+    digits = max(3, 2 - int(np.floor(np.log10(hi)))) if hi > 0 else 3  # small costs keep 2 significant digits
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, f"{arr[i, j]:.3f}", ha="center", va="center", fontsize=8,
+            text = f"{arr[i, j]:.{digits}f}"
+            if matrix.has_intervals and i != j:
+                text += f"\n[{matrix.low[i][j]:.{digits}f}, {matrix.high[i][j]:.{digits}f}]"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8,
                     color="black" if arr[i, j] > 0.6 * hi else "white")
     title = f"adaptation costs on {matrix.n_images} images, levels {', '.join(matrix.levels)}"
+    if matrix.has_intervals:
+        title += f"\n[{100 * matrix.confidence:.0f}% interval: {len(matrix.resamples)} bootstrap resamples " \
+                 f"of {matrix.chunks} image chunks]"
     if selection is not None:
         path = selection.path
         cells = [(matrix.index(u), matrix.index(v)) for u, v in zip(path, path[1:])]
         for k, (r, c) in enumerate(cells):
             ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
-            ax.text(c + 0.42, r - 0.42, str(k + 1), color="red", fontsize=8, ha="right", va="top",
+            ax.text(c + 0.44, r - 0.44, str(k + 1), color="red", fontsize=8, ha="right", va="top",
                     fontweight="bold")
         for (r0, c0), (r1, c1) in zip(cells, cells[1:]):
             ax.add_patch(FancyArrowPatch((c0, r0), (c1, r1), arrowstyle="-|>", mutation_scale=14,
                                          color="red", linewidth=1.5, shrinkA=8, shrinkB=8))
         title += f"\n{selection.strategy}: {' -> '.join(path)}"
+        if selection.order_support:
+            title += f" (chosen in {100 * selection.order_support['share']:.0f}% of resamples)"
     ax.set_title(title, fontsize=9)
     if own:
         fig.tight_layout()

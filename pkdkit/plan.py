@@ -28,7 +28,7 @@ start ratio is recorded for every stage. Loss hyper-parameters and levels defaul
 the student's detector family (`pkdkit.losses.loss_defaults`).
 
 The run directory holds ``plan.yaml``, ``stage_<k>_<name>/{calibration.json, last.pt, student.pt,
-metrics.json, eval.json}``, ``summary.json`` and, when fine-tuning, ``baseline/eval.json`` (the checkpoint
+history.json, eval.json}``, ``summary.json`` and, when fine-tuning, ``baseline/eval.json`` (the checkpoint
 the plan started from). Every record carries its `budget`: the initialisation and the student's total epochs.
 Running a plan again skips finished stages and resumes an interrupted one exactly. Leading stages that an
 earlier plan already trained identically are taken from it rather than trained again (`reuse_stages`).
@@ -43,29 +43,31 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from torch import nn
 
-from pkdkit.config import check_fields, check_value, config_diff
-from pkdkit.data import DataConfig, LabelMap, make_loader
-from pkdkit.distill import build_distiller, calibrate_loss_weight, inherit_teacher_head
-from pkdkit.engine import (RESUME_FREE, TrainConfig, barrier, init_distributed, resolve_device, seed_everything, train,
-                           training_files)
-from pkdkit.errors import ConfigError, PkdkitError, reason
-from pkdkit.evaluate import comparison_table, evaluate_detector, evaluation_files
+from pkdkit.config import check_fields, check_types, check_value
+from pkdkit.data import CocoDetection, DataConfig, LabelMap, make_loader
+from pkdkit.distill import Distiller, build_distiller, calibrate_loss_weight, inherit_teacher_head
+from pkdkit.engine import (DistInfo, TrainConfig, barrier, history_file, init_distributed, resolve_device,
+                           seed_everything, train, training_files)
+from pkdkit.errors import ConfigError, reason
+from pkdkit.evaluate import EvalRecord, budget_of, comparison_table, evaluate_detector, evaluation_files
 from pkdkit.features import common_levels, feature_levels
-from pkdkit.files import link_files, write_json, write_text
-from pkdkit.losses import LOSSES, build_loss, loss_hparams
+from pkdkit.files import check_name, link_files, write_json, write_text
+from pkdkit.losses import build_loss, loss_hparams
 from pkdkit.models import (CheckpointError, DetectorSpec, build_detector, initial_weights_label, is_torchvision_weight,
                            load_checkpoint, load_model, model_meta, save_detector, state_fingerprint)
 from pkdkit.ordering import Selection
 from pkdkit.progress import step
+from pkdkit.runid import mismatch, run_diff
 
 
 PLAN_FILE = "plan.yaml"  # in a plan's out_dir: the plan that ran there
 
 
-class PlanError(PkdkitError, ValueError):
+class PlanError(ConfigError):
     """A plan that cannot run; the message names the stage and the field."""
 
 
@@ -94,17 +96,20 @@ class Stage:
     teacher_size: list[int] | None = None  # [min_size, max_size] the teacher runs at; None: its own
 
     def __post_init__(self) -> None:
+        """Every field's type, the loss and its parameters (`_check_loss_params`), the distillation weight:
+        ConfigError naming the field (a plan adds the stage)."""
+        check_types(self, f"stage {self.name!r}")
+        check_name(self.name, "stage name")  # the stage's folder is stage_<k>_<name> inside the plan's out_dir
         if self.loss_weight != "auto":
-            try:
-                self.loss_weight = float(self.loss_weight)
-            except (TypeError, ValueError):
-                raise ValueError(f"stage {self.name!r}: loss_weight must be a number >= 0 or 'auto', "
-                                 f"not {self.loss_weight!r}") from None
+            if isinstance(self.loss_weight, str):
+                raise ConfigError(f"stage {self.name!r}: loss_weight must be a number >= 0 or 'auto', "
+                                  f"not {self.loss_weight!r}")
             if not self.loss_weight >= 0 or self.loss_weight == float("inf"):
-                raise ValueError(f"stage {self.name!r}: loss_weight must be a finite number >= 0, not {self.loss_weight}")
-        self.loss_ratio = float(self.loss_ratio)
+                raise ConfigError(f"stage {self.name!r}: loss_weight must be a finite number >= 0, "
+                                  f"not {self.loss_weight}")
         if not 0 < self.loss_ratio < float("inf"):
-            raise ValueError(f"stage {self.name!r}: loss_ratio must be a finite number > 0, not {self.loss_ratio}")
+            raise ConfigError(f"stage {self.name!r}: loss_ratio must be a finite number > 0, not {self.loss_ratio}")
+        self.loss_params = _check_loss_params(self)
 
 
 @dataclass
@@ -116,6 +121,16 @@ class Plan:
     out_dir: str
     student_init: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        """The plan name (one path component: the notebooks name its folder after it, `RunDir.plan_dir`) and each
+        stage's training settings over the plan's (PlanError naming the stage)."""
+        check_name(self.name, "plan name")
+        for k, stage in enumerate(self.stages):
+            try:
+                self.stage_train(k)
+            except ConfigError as e:
+                raise PlanError(f"stage {k + 1} ({stage.name}): {e}") from None
 
     # The run's layout under out_dir (see the module docstring)
     @property
@@ -142,8 +157,8 @@ class Plan:
         return training_files(self.stage_dir(k))[0]
 
     def stage_history(self, k: int) -> Path:
-        """Stage k's per-epoch metrics."""
-        return training_files(self.stage_dir(k))[1]
+        """Stage k's per-epoch metrics (`pkdkit.engine.history_file`)."""
+        return history_file(self.stage_dir(k))
 
     def stage_finished(self, k: int) -> bool:
         """Stage k has its student and its evaluation record: a run of the plan skips it."""
@@ -176,8 +191,8 @@ class Plan:
         """Build a plan from a dict; relative paths are taken relative to `base_dir`.
 
         Every field is type-checked (PlanError naming the stage and the field), numbers written as strings
-        (YAML reads ``lr: 1e-3`` as a string) are read as numbers, and each stage's training settings and loss
-        parameters are validated here, so a bad plan fails before anything runs or is written."""
+        (YAML reads ``lr: 1e-3`` as a string) are read as numbers, and each stage's loss parameters (`Stage`) and
+        training settings (`Plan`) are checked, so a bad plan fails before anything runs or is written."""
         where = "plan"
         try:
             for key in ("name", "student", "data", "out_dir"):
@@ -203,24 +218,19 @@ class Plan:
                 for key in ("name", "teacher"):
                     if key not in s:
                         raise PlanError(f"{where}: missing {key!r}")
-                stage = Stage(**{**s, "teacher": path(s["teacher"])})
-                stage.loss_params = _check_loss_params(stage, where)
-                try:
-                    tcfg.replace(**stage.train)
-                except ValueError as e:
-                    raise PlanError(f"{where}: {e}") from e
-                stages.append(stage)
+                stages.append(Stage(**{**s, "teacher": path(s["teacher"])}))
             where = "student"
-            student = DetectorSpec.from_dict(_check_fields(DetectorSpec, d["student"], "student"))
+            student = DetectorSpec(**_check_fields(DetectorSpec, d["student"], "student"))
             where = "data"
             data_d = _check_fields(DataConfig, d["data"], "data")
             data = DataConfig(**{k: (path(v) if k not in ("masks", "labels") else v) for k, v in data_d.items()})
+            where = "plan"
+            return cls(name=d["name"], student=student, data=data, stages=stages, out_dir=path(d["out_dir"]),
+                       student_init=path(d.get("student_init")), train=tcfg)
         except PlanError:
             raise
         except (TypeError, ValueError) as e:
             raise PlanError(f"{where}: {e}") from e
-        return cls(name=d["name"], student=student, data=data, stages=stages, out_dir=path(d["out_dir"]),
-                   student_init=path(d.get("student_init")), train=tcfg)
 
 
 def _check_fields(cls: type, values: Any, where: str) -> dict[str, Any]:
@@ -230,29 +240,21 @@ def _check_fields(cls: type, values: Any, where: str) -> dict[str, Any]:
         raise PlanError(str(e)) from None
 
 
-def _check_loss_params(stage: Stage, where: str) -> dict[str, Any]:
-    """The stage's loss parameters, known to its loss, of the type of their defaults, in range (the loss is
-    built once, at a usual FPN width, to run its own checks)."""
-    if stage.loss not in LOSSES:
-        raise PlanError(f"{where}: unknown loss {stage.loss!r}; available: {sorted(LOSSES)}")
+def _check_loss_params(stage: Stage) -> dict[str, Any]:
+    """The stage's loss parameters of the type of their defaults and in range (ConfigError): the loss is built
+    once, at a usual FPN width, to run its own checks (a known loss, known parameters, their ranges)."""
     accepted = loss_hparams(stage.loss)
     params = {}
     for key, value in stage.loss_params.items():
-        if key not in accepted:
-            choices = ", ".join(f"{k}={v!r}" for k, v in accepted.items())
-            raise PlanError(f"{where}: loss_params: {stage.loss} has no parameter {key!r}; accepted: {choices}")
-        default = accepted[key]
-        kind = type(default).__name__ if isinstance(default, (bool, int, float, str)) else None
-        try:
-            params[key] = check_value(value, kind, f"{where}: loss_params: {key}") if kind else value
-        except ConfigError as e:
-            raise PlanError(str(e)) from None
+        default = accepted.get(key)
+        kind = type(default) if isinstance(default, (bool, int, float, str)) else Any
+        params[key] = check_value(value, kind, f"loss_params: {key}")
         if isinstance(params[key], float) and not math.isfinite(params[key]):
-            raise PlanError(f"{where}: loss_params: {key} must be a finite number, got {params[key]}")
+            raise ConfigError(f"loss_params: {key} must be a finite number, got {params[key]}")
     try:
         build_loss(stage.loss, 256, 256, **params)
     except (TypeError, ValueError) as e:
-        raise PlanError(f"{where}: loss_params: {e}") from e
+        raise ConfigError(f"loss_params: {e}") from e
     return params
 
 
@@ -309,13 +311,14 @@ def save_plan(plan: Plan, path: str | os.PathLike) -> Path:
 
 # ----------------------------------------------------------------------------------------------------
 def validate_plan(plan: Plan, dataset_label_map: LabelMap) -> None:
-    """Fail early and clearly: no stages, unknown loss, missing teacher, class mismatch, unmatched levels."""
+    """Fail early and clearly, on what needs the data and the teachers (a plan's own settings are checked when
+    it is made): no stages, missing teacher, class mismatch, unmatched levels."""
     if not plan.stages:
         raise PlanError(f"plan {plan.name!r} has no stages: give at least one teacher")
-    if plan.student.num_classes != dataset_label_map.num_classes:
-        raise PlanError(f"student has num_classes={plan.student.num_classes} but the data "
-                        f"({plan.data.train_json}) has {len(dataset_label_map.cat_ids)} categories "
-                        f"(num_classes={dataset_label_map.num_classes} with background)")
+    try:
+        dataset_label_map.check_num_classes(plan.student.num_classes, "student", plan.data.train_json)
+    except ConfigError as e:
+        raise PlanError(str(e)) from None
     if plan.student_init and not Path(plan.student_init).is_file():
         raise PlanError(f"student_init checkpoint not found: {plan.student_init}")
     student_levels = feature_levels(build_detector(replace(plan.student, weights=None, backbone_weights=None)))
@@ -324,12 +327,6 @@ def validate_plan(plan: Plan, dataset_label_map: LabelMap) -> None:
         raise PlanError(f"stage names must be unique, found {names}")
     for k, stage in enumerate(plan.stages):
         where = f"stage {k + 1} ({stage.name})"
-        if stage.loss not in LOSSES:
-            raise PlanError(f"{where}: unknown loss {stage.loss!r}; available: {sorted(LOSSES)}")
-        try:
-            plan.stage_train(k)
-        except ValueError as e:
-            raise PlanError(f"{where}: {e}") from e
         size = stage.teacher_size
         if size is not None and not (len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
             raise PlanError(f"{where}: teacher_size must be [min_size, max_size] in pixels, found {size!r}")
@@ -352,17 +349,17 @@ def validate_plan(plan: Plan, dataset_label_map: LabelMap) -> None:
 
 def _plan_diff(a: dict[str, Any], b: dict[str, Any], *, besides: frozenset[str] | set[str] = frozenset()
                ) -> tuple[list[str], list[list[str]]]:
-    """How two plans (`Plan.to_dict()`) differ, up to `RESUME_FREE` settings and the plan-level keys `besides`:
-    (the plan-level differences, [the differences of stage k] for each k both plans have)."""
+    """How two plans (`Plan.to_dict()`) differ in what identifies a run (`pkdkit.runid.run_diff`), besides the
+    plan-level keys `besides`: (the plan-level differences, [the differences of stage k] for each k both have)."""
     own = {"stages", *besides}
-    settings = config_diff({k: v for k, v in a.items() if k not in own}, {k: v for k, v in b.items() if k not in own},
-                           ignore=RESUME_FREE)
-    return settings, [config_diff(s, t, ignore=RESUME_FREE) for s, t in zip(a["stages"], b["stages"])]
+    settings = run_diff({k: v for k, v in a.items() if k not in own}, {k: v for k, v in b.items() if k not in own})
+    return settings, [run_diff(s, t) for s, t in zip(a["stages"], b["stages"])]
 
 
 def _check_same_plan(plan: Plan, saved_path: Path) -> None:
     """A run directory belongs to one plan: refuse to mix its finished stages with a changed plan.
-    Appending stages, or changing settings that do not affect the result (`pkdkit.engine.RESUME_FREE`), is allowed."""
+    Appending stages, or changing settings that do not identify a run (`pkdkit.runid`), is allowed;
+    RunMismatchError names each change."""
     if not saved_path.exists():
         return
     saved = load_plan(saved_path).to_dict()
@@ -370,13 +367,13 @@ def _check_same_plan(plan: Plan, saved_path: Path) -> None:
     stages += [["removed"]] * (len(saved["stages"]) - len(stages))
     diff += [f"stage {i + 1} ({s['name']}) {c}" for i, s in enumerate(saved["stages"]) for c in stages[i]]
     if diff:
-        raise PlanError(f"{plan.out_dir} holds a run of a different plan (changed: {'; '.join(diff)}; see "
-                        f"{saved_path}); use another out_dir, or delete it to start over")
+        raise mismatch(diff, f"{plan.out_dir} holds a run of a different plan",
+                       f"see {saved_path}; use another out_dir, or delete it to start over")
 
 
 def shared_stages(plan: Plan, other: Plan) -> int:
     """How many leading stages `plan` and `other` train identically: the same student, initialisation, data and
-    training settings (up to `RESUME_FREE` ones) and the same stages in the same order. Stage k's seed, starting
+    training settings (up to those that do not identify a run, `pkdkit.runid`) and the same stages in the same order. Stage k's seed, starting
     weights and schedule depend on nothing else, so those stages of the two plans are one and the same run."""
     settings, stages = _plan_diff(plan.to_dict(), other.to_dict(), besides={"name", "out_dir"})
     if settings:
@@ -413,101 +410,159 @@ def run_plan(plan: Plan, *, progress: bool = True) -> dict[str, Any]:
     ...}, "table": markdown}. Each stage's record config holds the stage (teacher, effective loss parameters
     and levels, what the student inherited, the loss-weight calibration) and the run's `budget`.
     """
-    info = init_distributed(plan.train.device)
-    out = Path(plan.out_dir)
-    val_ds = plan.data.val_dataset()
-    label_map = val_ds.label_map
-    validate_plan(plan, label_map)
-    train_ds = plan.data.train_dataset(label_map)
-    device = resolve_device(plan.train.device)
-    _check_same_plan(plan, plan.plan_file)
-    if info.is_main:
-        save_plan(plan, plan.plan_file)
-    config = plan.to_dict()
-
-    def evaluate(model: nn.Module, folder: Path, cfg: dict[str, Any]) -> dict[str, Any]:
-        return evaluate_detector(model, val_ds, label_map, out_dir=folder, name="eval", device=device,
-                                 config=cfg, progress=progress)
-
-    rows: dict[str, Any] = {}
-    seed_everything(plan.train.seed)
-    if plan.fine_tunes:
-        student, _, _ = load_model(plan.student_init, expected=plan.student)
-        init = f"fine-tune of {Path(plan.student_init).parent.name}/{Path(plan.student_init).name}"
-        epochs = int(budget_of(load_checkpoint(plan.student_init).get("config", {}))["epochs"])
-        baseline_json = evaluation_files(out / "baseline")[0]
-        if info.is_main:
-            rows["baseline"] = (json.loads(baseline_json.read_text()) if baseline_json.exists() else evaluate(
-                student, baseline_json.parent, {**config, "budget": {"init": init, "epochs": epochs}}))
-    else:
-        student = build_detector(plan.student)
-        init, epochs = initial_weights_label(plan.student, plan.train.seed), 0
-    init_ref = plan.student_init or "initial"
-
+    run = _PlanRun.open(plan, progress)
+    student = _starting_student(run)
     for k, stage in enumerate(plan.stages):
-        folder = plan.stage_dir(k)
         cfg = plan.stage_train(k)
-        epochs += cfg.epochs
-        done = plan.stage_student(k)
+        student.epochs += cfg.epochs
         if plan.stage_finished(k):
-            record = json.loads(plan.stage_record(k).read_text())
-            if info.is_main:
-                rows[stage.name] = record
-            init = record["config"]["budget"]["init"]
-            init_ref = str(done)
-            continue
-        seed_everything(cfg.seed + 1000 * (k + 1))
-        if k > 0:  # hand-over: the previous stage's student-only weights
-            student, _, _ = load_model(init_ref, expected=plan.student)
-        teacher, t_spec, t_map = load_model(stage.teacher, size=stage.teacher_size)
-        fingerprint = state_fingerprint(student)
-        inherited = inherit_teacher_head(student, teacher, label_map, t_map) if plan.inherits(k) else None
-        if inherited is not None:
-            init += f" + neck/head of {stage.name} ({len(inherited['copied'])} tensors)"
-            if progress and info.is_main:
-                skipped = inherited["skipped_classes"]
-                step(f"stage 1 ({stage.name}): the student inherits {len(inherited['copied'])} neck/head tensors "
-                     f"from the teacher (classifier rows of {len(inherited['matched_classes'])} categories matched "
-                     f"by name); skipped {len(inherited['skipped'])} tensors (absent or another shape)"
-                     + (f" and the categories {skipped[:5]}{'...' if len(skipped) > 5 else ''}" if skipped else ""))
-        distiller = build_distiller(student, teacher, stage.loss, stage.loss_params or None, stage.levels)
-        calibration = _calibrate(distiller, stage, train_ds, cfg, plan.stage_calibration(k), device, info.is_main)
-        distiller.weight = calibration["weight"]
-        if progress and info.is_main:
-            step(f"{plan.name} stage {k + 1}/{len(plan.stages)} ({stage.name}): distillation weight "
-                 f"{distiller.weight:.4g}"
-                 + (f" (auto: distillation starts at {stage.loss_ratio:g}x the detection loss)"
-                    if stage.loss_weight == "auto" else "")
-                 + (f"; at the start distillation / detection = {calibration['start_ratio']:.3g}"
-                    if "start_ratio" in calibration else ""))
-        first = next(iter(distiller.losses.values()))
-        stage_config = {**config, "budget": {"init": init, "epochs": epochs},
-                        "stage": {**asdict(stage), "index": k + 1, "init_from": init_ref, "init_fingerprint": fingerprint,
-                                  "teacher_spec": t_spec.to_dict(), "inherited": inherited,
-                                  "levels_used": list(distiller.losses),
-                                  "loss_params_used": {n: getattr(first, n) for n in loss_hparams(stage.loss)},
-                                  "loss_weight_used": distiller.weight, "calibration": calibration}}
-        train(distiller, train_ds, cfg.replace(progress=progress and cfg.progress), folder,
-              desc=f"{plan.name} stage {k + 1}/{len(plan.stages)} {stage.name}", config=stage_config)
-        if info.is_main:
-            save_detector(done, distiller.student, plan.student, label_map, config=stage_config)
-            rows[stage.name] = evaluate(distiller.student, folder, stage_config)
-            if progress:
-                step(f"{plan.name} stage {k + 1}/{len(plan.stages)} ({stage.name}): evaluated, "
-                     f"AP {rows[stage.name]['metrics']['bbox']['stats']['AP']:.3f}")
-        barrier(info)
-        student = distiller.student
-        init_ref = str(done)
-        del distiller, teacher
+            record = EvalRecord.read(plan.stage_record(k))
+            student.init = record.budget["init"]
+        else:
+            distiller, stage_config = _prepare_stage(run, student, k, cfg)
+            record = _train_stage(run, k, cfg, distiller, stage_config)
+        if run.info.is_main:
+            run.rows[stage.name] = record
+        student.ref = str(plan.stage_student(k))
+    return run.summary()
 
-    summary: dict[str, Any] = {"plan": config}
-    if info.is_main:
-        summary["rows"] = rows
-        summary["table"] = comparison_table(rows)
-        write_json(summary, plan.summary_file)
-        if progress:
-            print(f"\n{plan.name}: student after each stage (val set)\n{summary['table']}")
-    return summary
+
+@dataclass
+class _PlanRun:
+    """What the stages of one `run_plan` call share: the plan, this process, the data, and the rows of the
+    summary (records on the main process only)."""
+
+    plan: Plan
+    progress: bool
+    info: DistInfo
+    val_ds: CocoDetection
+    train_ds: CocoDetection
+    device: torch.device
+    rows: dict[str, EvalRecord] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, plan: Plan, progress: bool) -> "_PlanRun":
+        """Read and check the data and the plan, refuse a run directory of another plan, save the plan there."""
+        info = init_distributed(plan.train.device)
+        val_ds = plan.data.val_dataset()
+        validate_plan(plan, val_ds.label_map)
+        run = cls(plan, progress, info, val_ds, plan.data.train_dataset(val_ds.label_map),
+                  resolve_device(plan.train.device))
+        _check_same_plan(plan, plan.plan_file)
+        if info.is_main:
+            save_plan(plan, plan.plan_file)
+        return run
+
+    @property
+    def label_map(self) -> LabelMap:
+        return self.val_ds.label_map
+
+    def say(self, message: str) -> None:
+        if self.progress and self.info.is_main:
+            step(message)
+
+    def evaluate(self, model: nn.Module, folder: Path, config: dict[str, Any]) -> EvalRecord:
+        """Evaluate `model` on the validation set into `folder` (`eval.json`), its record carrying `config`."""
+        return evaluate_detector(model, self.val_ds, self.label_map, out_dir=folder, name="eval", device=self.device,
+                                 config=config, progress=self.progress)
+
+    def summary(self) -> dict[str, Any]:
+        """{"plan"[, "rows", "table"] (main process)}, written to `Plan.summary_file` and its table printed."""
+        summary: dict[str, Any] = {"plan": self.plan.to_dict()}
+        if self.info.is_main:
+            summary["rows"] = self.rows
+            summary["table"] = comparison_table(self.rows)
+            write_json(summary, self.plan.summary_file)
+            if self.progress:
+                print(f"\n{self.plan.name}: student after each stage (val set)\n{summary['table']}")
+        return summary
+
+
+@dataclass
+class _Student:
+    """The plan's student between stages: where the next stage starts from and the budget so far."""
+
+    model: nn.Module  # what stage 1 starts from; later stages load `ref`
+    init: str  # the budget's initialisation label
+    ref: str  # "initial", the fine-tuned checkpoint, or the last finished stage's student.pt
+    epochs: int  # the student's total epochs so far
+
+
+def _starting_student(run: _PlanRun) -> _Student:
+    """The student before stage 1, seeded by the plan's seed: its initial weights, or the checkpoint a
+    fine-tuning plan starts from (evaluated once, as the summary's "baseline" row)."""
+    plan = run.plan
+    seed_everything(plan.train.seed)
+    if not plan.fine_tunes:
+        return _Student(build_detector(plan.student), initial_weights_label(plan.student, plan.train.seed),
+                        "initial", 0)
+    model, _, _ = load_model(plan.student_init, expected=plan.student)
+    start = Path(plan.student_init)
+    student = _Student(model, f"fine-tune of {start.parent.name}/{start.name}", plan.student_init,
+                       int(budget_of(load_checkpoint(start).get("config")).get("epochs", 0)))
+    baseline = evaluation_files(Path(plan.out_dir) / "baseline")[0]
+    if run.info.is_main:
+        budget = {"init": student.init, "epochs": student.epochs}
+        run.rows["baseline"] = (EvalRecord.read(baseline) if baseline.exists()
+                                else run.evaluate(model, baseline.parent, {**plan.to_dict(), "budget": budget}))
+    return student
+
+
+def _prepare_stage(run: _PlanRun, student: _Student, k: int, cfg: TrainConfig) -> tuple[Distiller, dict[str, Any]]:
+    """Stage k's Distiller, seeded by the stage: the student handed over from stage k-1 (stage 1: `student`,
+    inheriting the teacher's neck and head where the plan says so), the teacher and the calibrated
+    distillation weight; and the config its checkpoints and record carry."""
+    plan, stage = run.plan, run.plan.stages[k]
+    seed_everything(cfg.seed + 1000 * (k + 1))
+    model = student.model if k == 0 else load_model(student.ref, expected=plan.student)[0]
+    teacher, t_spec, t_map = load_model(stage.teacher, size=stage.teacher_size)
+    fingerprint = state_fingerprint(model)
+    inherited = inherit_teacher_head(model, teacher, run.label_map, t_map) if plan.inherits(k) else None
+    if inherited is not None:
+        student.init += f" + neck/head of {stage.name} ({len(inherited['copied'])} tensors)"
+        run.say(_inheritance_message(stage, inherited))
+    distiller = build_distiller(model, teacher, stage.loss, stage.loss_params or None, stage.levels)
+    calibration = _calibrate(distiller, stage, run.train_ds, cfg, plan.stage_calibration(k), run.device,
+                             run.info.is_main)
+    distiller.weight = calibration["weight"]
+    run.say(f"{plan.name} stage {k + 1}/{len(plan.stages)} ({stage.name}): distillation weight {distiller.weight:.4g}"
+            + (f" (auto: distillation starts at {stage.loss_ratio:g}x the detection loss)"
+               if stage.loss_weight == "auto" else "")
+            + (f"; at the start distillation / detection = {calibration['start_ratio']:.3g}"
+               if "start_ratio" in calibration else ""))
+    first = next(iter(distiller.losses.values()))
+    stage_config = {**plan.to_dict(), "budget": {"init": student.init, "epochs": student.epochs},
+                    "stage": {**asdict(stage), "index": k + 1, "init_from": student.ref,
+                              "init_fingerprint": fingerprint, "teacher_spec": t_spec.to_dict(), "inherited": inherited,
+                              "levels_used": list(distiller.losses),
+                              "loss_params_used": {n: getattr(first, n) for n in loss_hparams(stage.loss)},
+                              "loss_weight_used": distiller.weight, "calibration": calibration}}
+    return distiller, stage_config
+
+
+def _inheritance_message(stage: Stage, inherited: dict[str, Any]) -> str:
+    skipped = inherited["skipped_classes"]
+    return (f"stage 1 ({stage.name}): the student inherits {len(inherited['copied'])} neck/head tensors from the "
+            f"teacher (classifier rows of {len(inherited['matched_classes'])} categories matched by name); skipped "
+            f"{len(inherited['skipped'])} tensors (absent or another shape)"
+            + (f" and the categories {skipped[:5]}{'...' if len(skipped) > 5 else ''}" if skipped else ""))
+
+
+def _train_stage(run: _PlanRun, k: int, cfg: TrainConfig, distiller: Distiller,
+                 stage_config: dict[str, Any]) -> EvalRecord | None:
+    """Train stage k, then (main process) save its student (`Plan.stage_student`, the hand-over) and evaluate
+    it; returns the record (None on the other processes)."""
+    plan, stage = run.plan, run.plan.stages[k]
+    where = f"{plan.name} stage {k + 1}/{len(plan.stages)}"
+    train(distiller, run.train_ds, cfg.replace(progress=run.progress and cfg.progress), plan.stage_dir(k),
+          desc=f"{where} {stage.name}", config=stage_config)
+    record = None
+    if run.info.is_main:
+        save_detector(plan.stage_student(k), distiller.student, plan.student, run.label_map, config=stage_config)
+        record = run.evaluate(distiller.student, plan.stage_dir(k), stage_config)
+        run.say(f"{where} ({stage.name}): evaluated, AP {record.ap:.3f}")
+    barrier(run.info)
+    return record
 
 
 CALIBRATION_BATCHES = 4
@@ -531,11 +586,3 @@ def _calibrate(distiller: nn.Module, stage: Stage, train_ds: Any, cfg: TrainConf
     if is_main:
         write_json(result, path)
     return result
-
-
-def budget_of(config: dict[str, Any]) -> dict[str, Any]:
-    """{"init", "epochs"} of a record's or checkpoint's config: the initialisation and the student's total
-    epochs. Older records without a budget count their own training epochs from an unnamed start."""
-    if "budget" in config:
-        return config["budget"]
-    return {"init": "unknown", "epochs": int(config.get("train", {}).get("epochs", 0))}

@@ -3,7 +3,7 @@ in sequence and each picks up what the previous ones wrote. `RunDir` is the only
 
     <root>/data/                      synthetic COCO-format data (tiny/small presets)
     <root>/data_teachers/             the teachers' larger synthetic training set (when the preset has one)
-    <root>/models/<name>/             baseline student and candidate teachers: model.pt, eval.json, metrics.json
+    <root>/models/<name>/             baseline student and candidate teachers: model.pt, eval.json, history.json
     <root>/selection/                 selection.json, selection.png (`pkdkit.selection.run_selection`)
     <root>/distill/<plan name>/       one staged run per plan (`pkdkit.plan`: plan.yaml, stage folders, summary.json)
     <root>/distill/comparison.json    the runs compared, their records and budgets (notebook 03 -> 05)
@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pkdkit.engine import detector_files, training_files
+from pkdkit.engine import detector_files, history_file
 from pkdkit.evaluate import evaluation_files
 from pkdkit.selection import selection_files
 
@@ -57,8 +57,9 @@ class RunDir:
         return evaluation_files(self.model_dir(name))[0]
 
     def history(self, name: str) -> Path:
-        """Per-epoch training metrics of model `name`; absent for torchvision reference models."""
-        return training_files(self.model_dir(name))[1]
+        """Per-epoch training metrics of model `name` (`pkdkit.engine.history_file`: history.json, or metrics.json
+        in runs written before the rename); absent for torchvision reference models."""
+        return history_file(self.model_dir(name))
 
     @property
     def selection(self) -> Path:

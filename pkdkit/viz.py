@@ -31,7 +31,7 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 from torch import Tensor, nn
 
-from pkdkit.evaluate import format_delta, record_budget
+from pkdkit.evaluate import CONTROLS, EvalRecord, equal_budget_controls, format_delta, result_box
 from pkdkit.losses import CWDLoss, FGDLoss, MGDLoss, MSELoss, PKDLoss, check_boxes, fgd_attention, fgd_masks
 
 __all__ = ["feature_summary", "plot_feature_maps", "plot_feature_difference", "plot_loss_masks",
@@ -444,11 +444,11 @@ def _contribution_view(loss: PKDLoss | CWDLoss | MSELoss, s_feat: Tensor, t_feat
 def _epochs(history: Any, name: str) -> list[dict[str, Any]]:
     if isinstance(history, Mapping):
         if "epochs" not in history:
-            raise ValueError(f"plot_loss_curves: {name!r} is a dict without 'epochs' (expected a metrics.json "
+            raise ValueError(f"plot_loss_curves: {name!r} is a dict without 'epochs' (expected a history.json "
                              f"dict {{'config': ..., 'epochs': [...]}}); keys: {sorted(history)}")
         history = history["epochs"]
     if not isinstance(history, Sequence) or not all(isinstance(r, Mapping) for r in history):
-        raise ValueError(f"plot_loss_curves: {name!r} must be a list of per-epoch dicts or a metrics.json dict")
+        raise ValueError(f"plot_loss_curves: {name!r} must be a list of per-epoch dicts or a history.json dict")
     return list(history)
 
 
@@ -468,7 +468,7 @@ def _split_loss(record: Mapping[str, Any]) -> tuple[float, float]:
 def plot_loss_curves(histories: Mapping[str, Any], sequential: bool = True) -> Figure:
     """Detection and distillation loss per epoch, one colour per stage.
 
-    histories: {stage name: per-epoch records (engine's ``metrics.json["epochs"]``) or the metrics.json
+    histories: {stage name: per-epoch records (engine's ``history.json["epochs"]``) or the history.json
     dict itself}. Detection loss = ``loss`` minus the ``distill*`` terms (or, without ``loss``, the sum of
     the other numeric entries except epoch/lr/seconds); distillation loss = sum of the ``distill*`` terms.
     sequential: stages follow each other on one epoch axis (in dict order), separated by dashed lines;
@@ -506,59 +506,71 @@ def plot_loss_curves(histories: Mapping[str, Any], sequential: bool = True) -> F
 
 
 def _stat(record: Mapping[str, Any], stat: str, iou_type: str, run: str) -> float | None:
-    metrics = record.get("metrics", record)
     try:
-        value = float(metrics[iou_type]["stats"][stat])
+        value = EvalRecord.of(record).stat(stat, iou_type)
     except (KeyError, TypeError) as e:
         raise ValueError(f"plot_ap_bars: run {run!r} has no {iou_type} {stat} (expected an evaluate record "
                          f"with ['metrics'][{iou_type!r}]['stats'][{stat!r}]); missing {e}") from e
     return None if value < 0 else value  # COCOeval: -1 means undefined
 
 
-def plot_ap_bars(rows: Mapping[str, Any], stat: str = "AP", iou_type: str = "bbox") -> Figure:
+def plot_ap_bars(rows: Mapping[str, Any], stat: str = "AP", iou_type: str = "bbox",
+                 controls: Sequence[str] = CONTROLS) -> Figure:
     """Horizontal bars of one COCO stat (in %) per run, the first run (the baseline) on top.
 
-    rows: {run: evaluate record (``record["metrics"][iou_type]["stats"][stat]``, or `coco_evaluate`'s
-    output)} or {run: [records, one per seed]} for mean ± sample std error bars. Each bar is labelled
-    with its value and its difference to the baseline; undefined stats (-1) show "n/a". Records with a
-    budget (`pkdkit.evaluate.record_budget`) show the student's total epochs beside the run name.
+    rows: {run: evaluate record or `coco_evaluate`'s output (`pkdkit.evaluate.EvalRecord.of`)} or
+    {run: [records, one per seed]} for mean ± sample std error bars. Each bar is labelled with its value and
+    its difference to the control with the *same* student epochs (`pkdkit.evaluate.equal_budget_controls`):
+    the runs named in `controls` that are in `rows` (default: ``baseline`` and the equal-budget
+    ``baseline_long``), else the first run; with several controls a gain names its control
+    ("+1.6 vs baseline_long"), and a run whose epochs no control
+    has shows no gain (a gain over a shorter-trained control would mix distillation with training longer).
+    Records without a budget all count as one budget. Undefined stats (-1) show "n/a". Records with a budget
+    (`pkdkit.evaluate.EvalRecord.budget`) show the student's total epochs beside the run name; each control
+    is a vertical line.
     """
     if not rows:
         raise ValueError("plot_ap_bars: no runs given")
-    names, means, stds, counts = [], [], [], []
+    names, means, stds, counts, budgets = [], [], [], [], []
     for run, value in rows.items():
         records = list(value) if isinstance(value, Sequence) and not isinstance(value, (str, Mapping)) else [value]
         vals = [v for v in (_stat(r, stat, iou_type, run) for r in records) if v is not None]
-        epochs = record_budget(records[0]).get("epochs") if records else None
+        epochs = EvalRecord.of(records[0]).budget.get("epochs") if records else None
         names.append(f"{run} ({epochs} ep)" if epochs is not None else run)
+        budgets.append(epochs)
         means.append(100 * float(np.mean(vals)) if vals else np.nan)
         stds.append(100 * float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0)
         counts.append(len(records))
     means_a, stds_a = np.array(means), np.array(stds)
-    fig = Figure(figsize=(7, 0.55 * len(names) + 1.4), layout="constrained")
+    runs = list(rows)
+    control = equal_budget_controls(runs, budgets, controls)
+    control_rows = [i for i, c in enumerate(control) if c == i]
+    fig = Figure(figsize=(7.5, 0.55 * len(names) + 1.4), layout="constrained")
     ax = fig.add_subplot()
     y = np.arange(len(names))
-    colors = ["0.6"] + ["tab:blue"] * (len(names) - 1)
+    colors = ["0.6" if i in control_rows else "tab:blue" for i in range(len(names))]
     errors = stds_a if any(c > 1 for c in counts) else None
     ax.barh(y, np.nan_to_num(means_a), xerr=errors, color=colors, capsize=4 if errors is not None else 0,
             height=0.6, error_kw={"elinewidth": 1.2})
-    base = means_a[0]
-    if not np.isnan(base):
-        ax.axvline(base, color="0.35", ls="--", lw=1)
+    for k, style in zip(control_rows, ("--", ":", "-.")):
+        if not np.isnan(means_a[k]):
+            ax.axvline(means_a[k], color="0.35", ls=style, lw=1)
     right = float(np.nanmax(means_a + stds_a)) if not np.all(np.isnan(means_a)) else 1.0
     for i, (m, s, k) in enumerate(zip(means_a, stds_a, counts)):
         if np.isnan(m):
             text = "n/a"
         else:
             text = f"{m:.1f}" + (f" ± {s:.1f} (n={k})" if k > 1 else "")
-            if i > 0 and not np.isnan(base):
-                text += f"   {format_delta(m - base)}"
+            c = control[i]
+            if c is not None and c != i and not np.isnan(means_a[c]):
+                text += f"   {format_delta(m - means_a[c])}" + (f" vs {runs[c]}" if len(control_rows) > 1 else "")
         ax.text((0 if np.isnan(m) else m + s) + 0.02 * right, i, text, va="center", fontsize=9)
     ax.set_yticks(y, names)
     ax.invert_yaxis()
-    ax.set_xlim(0, right * 1.35 if right > 0 else 1)
+    ax.set_xlim(0, right * 1.5 if right > 0 else 1)
     ax.set(xlabel=f"{iou_type} {stat} (%)", title=f"{iou_type} {stat}" + (" (mean ± std over seeds)"
-                                                                          if errors is not None else ""))
+                                                                          if errors is not None else "")
+           + "; gains against the control with the same epochs")
     ax.grid(axis="x", alpha=0.3)
     return fig
 
@@ -601,7 +613,8 @@ def plot_detections(dataset: Any, results: Mapping[str, Sequence[Mapping[str, An
     """Ground truth and each model's detections on the same images: rows = images, columns = GT + models.
 
     dataset: a `CocoDetection` (its COCO ground truth and image files); results: {model: COCO results list
-    (image_id, category_id, bbox xywh, score)}; detections below `score_threshold` are not drawn.
+    (image_id, category_id, bbox xywh or an RLE segmentation, score)}; detections below `score_threshold` are not
+    drawn.
     """
     image_ids = list(image_ids)
     if not image_ids:
@@ -624,7 +637,7 @@ def plot_detections(dataset: Any, results: Mapping[str, Sequence[Mapping[str, An
             ax = axes[r, c]
             ax.imshow(image)
             for d in boxes:
-                x, y, w, h = d["bbox"]
+                x, y, w, h = result_box(d)
                 color = f"C{d['category_id'] % 10}"
                 ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor=color, lw=1.3,
                                        ls="--" if d.get("iscrowd") else "-"))

@@ -21,21 +21,23 @@ from typing import Any, Iterable
 
 from matplotlib.figure import Figure
 
-from pkdkit.config import config_diff
+from pkdkit.config import check_fields, check_range
 from pkdkit.distill import Distiller, build_distiller
 from pkdkit.engine import TrainConfig, resolve_device, train_detector
-from pkdkit.errors import PkdkitError, RunMismatchError
+from pkdkit.errors import ConfigError, PkdkitError
 from pkdkit.evaluate import EvalRecord, evaluate_detector, evaluation_files
 from pkdkit.files import write_json
 from pkdkit.launch import run_plan_distributed, train_detector_distributed
-from pkdkit.models import DetectorSpec, is_torchvision_weight, load_checkpoint, load_model
+from pkdkit.models import DetectorSpec, is_torchvision_weight, load_checkpoint, load_model, model_meta
 from pkdkit.data import CocoDetection, DataConfig
-from pkdkit.plan import PLAN_FILE, Plan, Stage, budget_of, load_plan, reuse_stages, run_plan
-from pkdkit.ordering import DEFAULT_STRATEGY, CostMatrix, Selection, load_selection
-from pkdkit.presets import Preset, get_preset
+from pkdkit.plan import PLAN_FILE, Plan, Stage, load_plan, reuse_stages, run_plan
+from pkdkit.ordering import DEFAULT_STRATEGY, SUPPORTED, CostMatrix, Selection, load_selection
+from pkdkit.presets import PRESETS, Preset, get_preset
 from pkdkit.progress import step
+from pkdkit.runid import check_same_run, run_diff
 from pkdkit.rundir import RunDir
 from pkdkit.selection import run_selection
+from pkdkit.spread import AP_NOISE, AP_NOISE_SOURCE, judge_order_check, seed_noise
 from pkdkit.synthetic import make_synthetic_coco
 from pkdkit import viz
 
@@ -55,33 +57,39 @@ class RunSettings:
     distill_epochs: int | None = None  # None: the preset's, per distillation stage
     image_size: int | None = None  # None: the preset's input size
     device: str = "auto"
-    gpus: int = 1
+    gpus: int = 1  # device and gpus may change between sessions of one run (`pkdkit.runid.HOW_COMPUTED`)
 
-    # How the run is computed, not what it computes: these may change between sessions of one run.
-    HOW = ("device", "gpus")
+    def __post_init__(self) -> None:
+        """Each setting of its field's type and in range (ConfigError naming it), so that settings are written
+        (`save_settings`) and a run started only with valid ones."""
+        check_fields(RunSettings, asdict(self), "run settings")
+        if self.preset not in PRESETS:
+            raise ConfigError(f"run settings: unknown preset {self.preset!r}; available: {sorted(PRESETS)}")
+        for name, low in (("seed", 0), ("epochs", 1), ("distill_epochs", 1), ("image_size", 32), ("gpus", 1)):
+            check_range(f"run settings: {name}", getattr(self, name), low)
 
     def describe(self) -> str:
         return ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
 
 
 class RunNotStartedError(PkdkitError, FileNotFoundError):
-    """A notebook after the first was run on a run directory that notebook 01 has not set up."""
+    """A step needs what an earlier notebook writes into the run directory, and that notebook has not run
+    there (notebook 01's settings, notebook 03's plans and comparison); the message says which to run first."""
 
 
 def save_settings(run_dir: str | os.PathLike, settings: RunSettings) -> RunSettings:
     """Record `settings` in the run directory (notebook 01). A run directory holds one run: settings that
     change what is trained (preset, data, seed, epochs, image size) must equal those it was made with, else
-    RunMismatchError says which differ and what to do; `device` and `gpus` may change. A relative `data_root`
-    is recorded absolute, so that notebooks run from another folder find the same data."""
+    RunMismatchError says which differ and what to do; `device` and `gpus` may change (`pkdkit.runid`). A
+    relative `data_root` is recorded absolute, so that notebooks run from another folder find the same data."""
     if settings.data_root:
         settings = replace(settings, data_root=str(Path(settings.data_root).resolve()))
     path = RunDir(run_dir).settings
     if path.exists():
-        diff = config_diff(json.loads(path.read_text()), asdict(settings), ignore=set(RunSettings.HOW))
-        if diff:
-            raise RunMismatchError(
-                f"{Path(run_dir)} was made with other settings (there -> now: {'; '.join(diff)}); its models would "
-                f"not match them. Set run_dir to a new folder for the new settings, or delete {Path(run_dir)} to start over.")
+        check_same_run(json.loads(path.read_text()), asdict(settings),
+                       f"{Path(run_dir)} was made with other settings",
+                       f"its models would not match them. Set run_dir to a new folder for the new settings, or "
+                       f"delete {Path(run_dir)} to start over.")
     write_json(asdict(settings), path)
     return settings
 
@@ -275,14 +283,25 @@ def train_baseline_long(preset: Preset, data: DataConfig, run_dir: str | os.Path
 
 def _evaluate_reference(weights: str, size: tuple[int, int] | None, val_ds: CocoDetection, out: Path, device: str,
                         progress: bool) -> dict[str, Any]:
+    """A torchvision COCO detector evaluated on `val_ds` (its classes matched to the data's by name). Its record
+    in `out` is reused only when it was made with the same weights, input size and validation data
+    (`pkdkit.runid.run_diff`); else the model is evaluated again: the evaluation depends on nothing else, and
+    costs no training."""
+    spec, label_map = model_meta(weights)  # without building the model: a record made alike is reused
+    spec = replace(spec, min_size=int(size[0]), max_size=int(size[1])) if size is not None else spec
+    matched = label_map.onto(val_ds.label_map)
+    config = {"weights": weights, "spec": spec.to_dict(), "matched_categories": list(matched.names),
+              "data": {"val": str(val_ds.ann_file.resolve()), "val_sha256": val_ds.fingerprint}}
     record_file = evaluation_files(out)[0]
     if record_file.exists():
-        return json.loads(record_file.read_text())
-    model, spec, label_map = load_model(weights, size=size)
-    matched = label_map.onto(val_ds.label_map)
-    return evaluate_detector(model, val_ds, matched, out_dir=out, name="eval", device=resolve_device(device),
-                             config={"weights": weights, "spec": spec.to_dict(), "matched_categories": list(matched.names)},
-                             progress=progress)
+        record = EvalRecord.read(record_file)
+        diff = run_diff(record.config, config)
+        if not diff:
+            return record
+        if progress:
+            step(f"{weights}: evaluated again, {record_file} was made with other settings (changed: {'; '.join(diff)})")
+    return evaluate_detector(load_model(weights, size=size)[0], val_ds, matched, out_dir=out, name="eval",
+                             device=resolve_device(device), config=config, progress=progress)
 
 
 def model_refs(preset: Preset, run_dir: str | os.PathLike) -> dict[str, str]:
@@ -320,19 +339,23 @@ def record_stats(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, floa
 
 
 def candidate_aps(records: dict[str, dict[str, Any]]) -> dict[str, float]:
-    return {name: r["metrics"]["bbox"]["stats"]["AP"] for name, r in records.items() if name != STUDENT}
+    return {name: EvalRecord(r).ap for name, r in records.items() if name != STUDENT}
 
 
 def select(preset: Preset, data: DataConfig, run_dir: str | os.PathLike, aps: dict[str, float], *,
            strategy: str = DEFAULT_STRATEGY, method: str = "closed_form", device: str = "auto"
            ) -> tuple[Selection, CostMatrix]:
-    """Adaptation costs between student and teachers and the chosen order, written to `RunDir.selection`."""
+    """Adaptation costs between student and teachers (with their bootstrap intervals) and the chosen order
+    (with its support), written to `RunDir.selection`; on all validation images unless
+    `preset.calibration_images` caps them."""
     refs = model_refs(preset, run_dir)
     teachers = {k: v for k, v in refs.items() if k != STUDENT}
+    val = data.val_dataset()
+    n_images = len(val) if preset.calibration_images is None else min(preset.calibration_images, len(val))
     step(f"teacher selection: adaptation costs between the student and {len(teachers)} teachers "
-         f"on {preset.calibration_images} images")
-    return run_selection(refs[STUDENT], teachers, data.val_dataset(), RunDir(run_dir).selection,
-                         n_images=preset.calibration_images, strategy=strategy, method=method,
+         f"on {n_images} images")
+    return run_selection(refs[STUDENT], teachers, val, RunDir(run_dir).selection,
+                         n_images=n_images, strategy=strategy, method=method,
                          device=str(resolve_device(device)), aps=aps, sizes=_reference_sizes(preset, refs))
 
 
@@ -476,26 +499,20 @@ def comparison_records(run_dir: str | os.PathLike, plans: list[Plan],
     and the last stage of every finished plan (a run of `orders` marked ``same_as`` a plan takes the record of
     that plan's stage ``same_stage``). Each record's config carries its `budget`."""
     rd = RunDir(run_dir)
-    records = {"baseline": _record(rd.record(STUDENT))}
+    records = {"baseline": EvalRecord.read(rd.record(STUDENT))}
     if rd.record(BASELINE_LONG).exists():
-        records[BASELINE_LONG] = _record(rd.record(BASELINE_LONG))
+        records[BASELINE_LONG] = EvalRecord.read(rd.record(BASELINE_LONG))
     for plan in plans:
         last = plan.stage_record(len(plan.stages) - 1)
         if last.exists():
-            records[plan.name] = _record(last)
+            records[plan.name] = EvalRecord.read(last)
     by_name = {plan.name: plan for plan in plans}
     for name, o in (orders or {}).items():
         if o.get("same_as") in by_name:
             stage = by_name[o["same_as"]].stage_record(o["same_stage"] - 1)
             if stage.exists():
-                records[name] = _record(stage)
+                records[name] = EvalRecord.read(stage)
     return dict(sorted(records.items(), key=lambda kv: RUN_ORDER.index(kv[0]) if kv[0] in RUN_ORDER else len(RUN_ORDER)))
-
-
-def _record(path: Path) -> dict[str, Any]:
-    record = json.loads(path.read_text())
-    record["path"] = str(path.resolve())
-    return record
 
 
 def write_comparison(run_dir: str | os.PathLike, records: dict[str, dict[str, Any]],
@@ -504,7 +521,7 @@ def write_comparison(run_dir: str | os.PathLike, records: dict[str, dict[str, An
     epochs) and teacher order with where it came from, plus `order_check`. Notebook 5 reads it back."""
     rd = RunDir(run_dir)
     runs = {name: {"record": str(Path(r["path"]).relative_to(rd.root)),
-                   "budget": budget_of(r.get("config") or {}),
+                   "budget": EvalRecord(r).budget,
                    "order": orders.get(name, {}).get("order", []),
                    "source": orders.get(name, {}).get("source", "no teacher")} for name, r in records.items()}
     comparison = {"runs": runs, "order_check": order_check(records, orders)}
@@ -517,33 +534,34 @@ def load_comparison(run_dir: str | os.PathLike) -> dict[str, Any]:
     results file under "results"."""
     rd = RunDir(run_dir)
     if not rd.comparison.exists():
-        raise FileNotFoundError(f"no comparison in {run_dir}: run notebook 03 (staged distillation) first")
+        raise RunNotStartedError(f"no comparison in {run_dir}: run notebook 03 (staged distillation) first")
     comparison = json.loads(rd.comparison.read_text())
     files = {n: evaluation_files((rd.root / r["record"]).parent) for n, r in comparison["runs"].items()}
-    comparison["records"] = {n: _record(record) for n, (record, _) in files.items()}
+    comparison["records"] = {n: EvalRecord.read(record) for n, (record, _) in files.items()}
     comparison["results"] = {n: results for n, (_, results) in files.items()}
     return comparison
 
 
-def order_check(records: dict[str, dict[str, Any]], orders: dict[str, dict[str, Any]], stat: str = "AP") -> dict[str, Any]:
-    """Was the selected order (the `progressive` run) the best of the teacher orders that were run?"""
-    aps = {n: records[n]["metrics"]["bbox"]["stats"][stat] for n in orders if n in records}
+def order_check(records: dict[str, dict[str, Any]], orders: dict[str, dict[str, Any]], stat: str = "AP",
+                noise: float = AP_NOISE, noise_source: str = AP_NOISE_SOURCE) -> dict[str, Any]:
+    """Was the selected order (the `progressive` run) the best of the teacher orders that were run, beyond the
+    noise? The numbers, plus `pkdkit.spread.judge_order_check`'s "verdict" ("best", "no difference shown",
+    "worse") and "sentence" against `noise` (default: the single-run noise `pkdkit.spread.AP_NOISE`)."""
+    aps = {n: EvalRecord(records[n]).stat(stat) for n in orders if n in records}
     if "progressive" not in aps:
         return {}
     best = max(aps, key=aps.get)
-    return {"selected": orders["progressive"]["order"], "selected_ap": aps["progressive"], "best_run": best,
-            "best_order": orders[best]["order"], "best_ap": aps[best],
-            "selected_is_best": aps["progressive"] >= aps[best], "orders_run": {n: orders[n]["order"] for n in aps}}
+    check = {"selected": orders["progressive"]["order"], "selected_ap": aps["progressive"], "best_run": best,
+             "best_order": orders[best]["order"], "best_ap": aps[best],
+             "selected_is_best": aps["progressive"] >= aps[best], "orders_run": {n: orders[n]["order"] for n in aps},
+             "aps": aps, "same_run": [n for n in aps if orders[n].get("same_as") == "progressive"]}
+    return {**check, **judge_order_check(check, noise, noise_source)}
 
 
 def order_check_text(check: dict[str, Any]) -> str:
-    """Markdown: the `order_check` in one sentence (empty when no selected order was run)."""
-    if not check:
-        return ""
-    return (f"Selected order {' → '.join(check['selected'])}: AP {100 * check['selected_ap']:.1f}. Best of the "
-            f"orders run: `{check['best_run']}` ({' → '.join(check['best_order'])}), AP {100 * check['best_ap']:.1f}. "
-            f"The selected order {'was' if check['selected_is_best'] else 'was not'} the best one (one seed: "
-            "read the seed study before concluding anything).")
+    """Markdown: the `order_check` in one sentence, judged against the noise (`pkdkit.spread.judge_order_check`);
+    empty when no selected order was run."""
+    return check.get("sentence", "")
 
 
 def plan_tables(summaries: dict[str, dict[str, Any]]) -> str:
@@ -596,7 +614,7 @@ def load_run_plan(run_dir: str | os.PathLike, name: str) -> Plan:
     """A plan that notebook 03 wrote and ran (its `PLAN_FILE` in `RunDir.plan_dir(name)`)."""
     plan_dir = RunDir(run_dir).plan_dir(name)
     if not plan_dir.is_dir():
-        raise FileNotFoundError(f"no plan {name!r} in {run_dir}: run notebook 03 (staged distillation) first")
+        raise RunNotStartedError(f"no plan {name!r} in {run_dir}: run notebook 03 (staged distillation) first")
     return load_plan(plan_dir / PLAN_FILE)
 
 
@@ -638,7 +656,9 @@ def seed_study(reports: list[str | os.PathLike], stats: tuple[str, ...] = ("AP",
 
     Returns {"seeds", "runs": {run: {stat: {"values", "mean", "std"}}}, "budgets": {run: {"init", "epochs"}},
     "records": {run: [record, ...]}, "table": markdown (epochs and initialisation, mean ± sample std in %),
-    "order_checks": [per seed: was the selected order the best of the orders run], "order_table": markdown,
+    "order_checks": [per seed: was the selected order the best of the orders run, its verdict against the
+    seeds' spread (`pkdkit.spread`) and the support of the chosen order], "order_table": markdown,
+    "selection_check": over seeds, how often a supported choice was the best run (`_seed_order_checks`),
     "parameters": each report's parameters}.
     """
     import numpy as np
@@ -661,18 +681,13 @@ def seed_study(reports: list[str | os.PathLike], stats: tuple[str, ...] = ("AP",
         values = {s: [m["evaluation"][name][s] for m in metrics] for s in stats}
         runs[name] = {s: {"values": v, "mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
                       for s, v in values.items()}
-        records[name] = [{"metrics": {"bbox": {"stats": m["evaluation"][name]}}, "config": {"budget": budgets[name]}}
-                         for m in metrics]
+        records[name] = [EvalRecord.of_stats(m["evaluation"][name], {"budget": budgets[name]}) for m in metrics]
     header = "| run | epochs | init | " + " | ".join(stats) + " |\n|---|---:|---|" + "---:|" * len(stats)
     lines = [f"| {n} | {budgets[n].get('epochs', '?')} | {budgets[n].get('init', '?')} | "
              + " | ".join(f"{100 * r[s]['mean']:.1f} ± {100 * r[s]['std']:.1f}" for s in stats) + " |"
              for n, r in runs.items()]
     seeds = [m.get("parameters", {}).get("seed") for m in metrics]
-    checks = [m.get("comparison", {}).get("order_check", {}) for m in metrics]
-    order_lines = ["| seed | selected order | AP | best order run | AP | selected was best |", "|---:|---|---:|---|---:|---|"]
-    order_lines += [f"| {seed} | {' → '.join(c['selected'])} | {100 * c['selected_ap']:.1f} | {c['best_run']}: "
-                    f"{' → '.join(c['best_order'])} | {100 * c['best_ap']:.1f} | {'yes' if c['selected_is_best'] else 'no'} |"
-                    for seed, c in zip(seeds, checks) if c]
+    checks, order_table, selection_check = _seed_order_checks(reports, metrics, runs, seeds)
     return {"seeds": seeds, "runs": runs, "budgets": budgets, "records": records,
             "table": "\n".join([header, *lines]) + f"\n\n(mean ± sample std over {len(metrics)} seeds, AP in %; "
                      "epochs: the student's total training epochs; in each seed every run starts from that seed's initialisation)"
@@ -681,5 +696,58 @@ def seed_study(reports: list[str | os.PathLike], stats: tuple[str, ...] = ("AP",
                                "(the selection chose another number of teachers): do not read its mean as one run."
                                for n, ep in mixed.items()),
             "mixed_budgets": mixed,
-            "order_checks": checks, "order_table": "\n".join(order_lines),
+            "order_checks": checks, "order_table": order_table, "selection_check": selection_check,
             "parameters": [m.get("parameters", {}) for m in metrics]}
+
+
+def _seed_order_checks(reports: list[str | os.PathLike], metrics: list[dict[str, Any]], runs: dict[str, Any],
+                       seeds: list[Any]) -> tuple[list[dict[str, Any]], str, dict[str, Any]]:
+    """Per seed, the order check judged against the spread of these seeds (`pkdkit.spread.seed_noise` over the
+    order runs; the single-run `AP_NOISE` with one seed) and the support of the chosen order (the report's
+    selection section, else the run directory's selection.json; None when neither has one). Returns (checks,
+    markdown table, {"supported", "with_support", "supported_best", "supported_within_noise", "text"}): how
+    often a supported choice (support >= `pkdkit.ordering.SUPPORTED`) was the best order run, or within the
+    noise of it."""
+    checks = [dict(m.get("comparison", {}).get("order_check", {})) for m in metrics]
+    noise = seed_noise(runs, sorted({n for c in checks for n in c.get("orders_run", {})}))
+    source = f"the spread over these {len(metrics)} seeds" if noise is not None else AP_NOISE_SOURCE
+    for report, m, c in zip(reports, metrics, checks):
+        if not c:
+            continue
+        aps = c.setdefault("aps", {n: m["evaluation"][n]["AP"] for n in c["orders_run"] if n in m["evaluation"]})
+        c.setdefault("same_run", [n for n in aps if n != "progressive" and c["orders_run"][n] == c["selected"]
+                                  and aps[n] == c["selected_ap"]])  # reports written before same_run existed
+        c.update(judge_order_check(c, AP_NOISE if noise is None else noise, source))
+        c["support"] = _selection_support(report, m)
+    lines = ["| seed | selected order | AP | best order run | AP | selected was best | support | verdict |",
+             "|---:|---|---:|---|---:|---|---:|---|"]
+    lines += [f"| {seed} | {' → '.join(c['selected'])} | {100 * c['selected_ap']:.1f} | {c['best_run']}: "
+              f"{' → '.join(c['best_order'])} | {100 * c['best_ap']:.1f} | "
+              f"{'yes' if c['selected_is_best'] else 'no'} | "
+              f"{'n/a' if not c['support'] else format(c['support']['share'], '.0%')} | {c['verdict']} |"
+              for seed, c in zip(seeds, checks) if c]
+    with_support = [c for c in checks if c and c["support"]]
+    supported = [c for c in with_support if c["support"]["supported"]]
+    summary = {"with_support": len(with_support), "supported": len(supported),
+               "supported_best": sum(c["selected_is_best"] for c in supported),
+               "supported_within_noise": sum(c["verdict"] != "worse" for c in supported)}
+    summary["text"] = (
+        f"Supported choices (chosen in at least {100 * SUPPORTED:.0f}% of resamples): {summary['supported']} of the "
+        f"{summary['with_support']} seeds with a recorded support; the best order run in "
+        f"{summary['supported_best']} of them, the best or within the noise of it in "
+        f"{summary['supported_within_noise']}."
+        if with_support else "No seed recorded the support of its chosen order (selections made before intervals).")
+    noise_text = f"noise: {100 * (AP_NOISE if noise is None else noise):.1f} AP points, {source}"
+    return checks, "\n".join(lines) + f"\n\n({noise_text})", summary
+
+
+def _selection_support(report: str | os.PathLike, metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The chosen order's support of one report: its selection section's, else that of the run directory's
+    selection.json (the run directory as recorded, or relative to the report folder)."""
+    support = metrics.get("selection", {}).get("order_support")
+    if support or not metrics.get("run_dir"):
+        return support
+    for root in (Path(metrics["run_dir"]), Path(report) / metrics["run_dir"]):
+        if RunDir(root).selection_json.exists():
+            return load_selection(RunDir(root).selection_json)[0].order_support
+    return None

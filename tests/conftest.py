@@ -141,6 +141,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def keeps_forward_outputs(model) -> bool:
+    """Whether something keeps a detector's transformed batch or FPN features alive after its transform and
+    backbone ran on an image, as a forward hook left behind by a `pkdkit.features.FeatureTap` does (torch lists
+    no hooks publicly: this checks what a left-over tap would do). Runs in eval mode; each module's mode is put
+    back."""
+    import gc
+    import weakref
+
+    import torch
+
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            images = model.transform([torch.rand(3, 64, 64)])[0]
+            outputs = [weakref.ref(images), weakref.ref(model.backbone(images.tensors))]
+            del images
+    finally:
+        for m, training in modes:
+            m.training = training
+    gc.collect()
+    return any(ref() is not None for ref in outputs)
+
+
 def screenshot_dir():
     """Where browser tests leave their screenshots for a person to look at: $PKDKIT_SCREENSHOTS, else not kept."""
     from pathlib import Path

@@ -16,6 +16,7 @@ import loading  # noqa: E402
 import run  # noqa: E402
 import scaling  # noqa: E402
 
+from pkdkit.evaluate import STAT_NAMES  # noqa: E402
 from pkdkit.models import DetectorSpec  # noqa: E402
 from pkdkit.presets import get_preset  # noqa: E402
 
@@ -65,27 +66,40 @@ def test_speed_settings_run_amp_channels_last_and_cudnn_autotuning_side_by_side(
 
 
 @pytest.fixture(scope="module")
-def evaluation(toy_cfg) -> dict:
-    return run.bench_evaluation(toy_cfg)
+def evaluation_config(toy_cfg) -> run.BenchConfig:
+    return replace(toy_cfg, eval_repeats=2)
 
 
-def test_evaluation_benchmark_uses_coco_categories_crowd_and_masks_and_finds_identical_stats(evaluation):
-    out = evaluation
+@pytest.fixture(scope="module")
+def evaluation(evaluation_config) -> dict:
+    return run.bench_evaluation(evaluation_config)
+
+
+def test_evaluation_benchmark_uses_coco_categories_crowd_and_masks_and_finds_identical_stats(evaluation,
+                                                                                              evaluation_config):
+    out, repeats = evaluation, evaluation_config.eval_repeats
+    assert out["images"] == evaluation_config.eval_images
     assert out["categories"] == 80 and out["categories_with_ground_truth"] < 80
-    assert out["crowd"] > 0 and out["detections_with_masks"] == out["detections"] > 300
+    assert 0 < out["crowd"] < out["ground_truth"] and out["detections_with_masks"] == out["detections"] > 300
     for iou_type in ("bbox", "segm"):
-        assert out[iou_type]["stats_identical"] and out[iou_type]["per_class_identical"]
-        assert out[iou_type]["ratio"] > 0 and out[iou_type]["cpu_ratio"] > 0
+        row = out[iou_type]
+        assert row["stats_identical"] and row["per_class_identical"] and row["stats_max_abs_diff"] == 0.0
+        assert row["AP"] == row["stats"]["AP"] and list(row["stats"]) == list(STAT_NAMES)
+        assert row["plain"]["n"] == row["pkdkit"]["n"] == repeats  # one time per repeat, the warm-up round apart
+        assert all(row[name]["min_s"] <= row[name]["median_s"] for name in ("plain", "pkdkit"))
+        assert math.isclose(row["ratio"], row["pkdkit"]["median_s"] / row["plain"]["median_s"])
+        assert math.isfinite(row["cpu_ratio"]), row
     assert out["target"] == {"bbox": 0.35, "segm": 0.5}
 
 
 def test_loader_benchmark_compares_the_loader_with_the_training_step(tmp_path):
     out = loading.bench_loading("tiny", torch.device("cpu"), n_images=8, passes=1, steps=1, workers=(0, 1),
                                 root=tmp_path)
-    assert [row["num_workers"] for row in out["loader"]] == [0, 1]
-    assert all(row["images_per_s"] > 0 and row["ratio_to_step"] > 0 for row in out["loader"])
-    assert out["step"]["images_per_s"] > 0 and [row["num_workers"] for row in out["fed"]] == [0, 1]
-    assert all(row["ratio_to_step"] > 0 for row in out["fed"])
+    assert [row["num_workers"] for row in out["loader"]] == [0, 1] == [row["num_workers"] for row in out["fed"]]
+    assert all(row["passes"] == 1 and row["images_per_pass"] == out["images"] == 8 for row in out["loader"])
+    assert out["step"]["steps"] == 1 and all(row["steps"] == 1 for row in out["fed"])
+    step_rate = out["step"]["images_per_s"]
+    assert all(math.isclose(row["ratio_to_step"], row["images_per_s"] / step_rate) for row in out["loader"] + out["fed"])
     tiny = get_preset("tiny")
     assert out["masks"] and out["batch_size"] == tiny.train.batch_size and out["image_size"] == tiny.student.min_size
 
@@ -94,10 +108,26 @@ def test_selection_point_times_a_cost_matrix_and_its_peak_memory(toy_cfg):
     specs = run.selection_specs(toy_cfg, 2)
     assert list(specs) == ["student", "fcos_resnet18"]
     point = scaling.selection_point(specs, 8, (64, 64), 4, torch.device("cpu"))
-    assert point["images"] == 8 and point["models"] == 2 and point["seconds"] > 0
-    assert point["forward_cpu_seconds"] > 0 and point["peak_mib"] >= 0 and point["levels"]
+    assert point["images"] == 8 and point["models"] == 2 and point["peak_mib"] >= 0
+    assert math.isclose(point["images_per_s"], 8 / point["seconds"])
+    assert math.isclose(point["cpu_seconds_over_forwards"], point["cpu_seconds"] / point["forward_cpu_seconds"])
+    # the levels measured: the FPN's from p3 on, less those too small on 8 images of 64 px, each named in a warning
+    levels = ["p3", "p4", "p5", "p6", "p7"]
+    assert point["levels"] and point["levels"] == levels[:len(point["levels"])]
+    assert all(any(level in w for w in point["warnings"]) for level in levels[len(point["levels"]):]), point
     images = scaling.RandomImages(3, (8, 8), seed=1)
     assert torch.equal(images[2], scaling.RandomImages(3, (8, 8), seed=1)[2]) and len(images) == 3
+
+
+def test_selection_at_its_default_times_the_bootstrap_beside_the_matrix_without_it(toy_cfg):
+    assert run.BenchConfig.make("cpu", "tiny").selection_default_images == get_preset("tiny").synth["n_val"] == 64
+    d = scaling.selection_at_default(run.selection_specs(toy_cfg, 2), 8, (64, 64), 4, torch.device("cpu"),
+                                     repeats=1)
+    assert d["images"] == 8 and d["models"] == 2 and d["chunks"] == 8 and d["resamples"] == 200
+    assert d["seconds"] > 0 and d["seconds_without_intervals"] > 0 and d["order_and_support_seconds"] >= 0
+    assert 0 <= d["support"] <= 1 and d["order"]
+    text = run.table({"selection": {"growth": {}, "images": [8], "points": [], "default": d}})
+    assert "selection at its default (8 images, 1+1 models)" in text and "extra time" in text
 
 
 def test_report_table_lists_every_part_and_marks_gpu_settings_not_measured(evaluation):

@@ -60,3 +60,19 @@ def test_select_writes_selection_json_and_heatmap(tiny_coco, tmp_path, capsys):
     assert [s.name for s in plan.stages] == saved["order"] and plan.stages[-1].teacher == ckpts["t50"]
     assert plan.student_init is None and plan.student.arch == "retinanet"  # the paper's protocol
     assert plan.inherits(0) and not any(plan.inherits(k) for k in range(1, len(plan.stages)))
+
+
+def test_inspect_before_notebook_3_says_what_to_run_first_in_one_line(tiny_coco, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from pkdkit import workflow
+
+    workflow.save_settings(tmp_path / "run", workflow.RunSettings(data_root=str(tiny_coco["root"])))
+    proc = subprocess.run([sys.executable, "-m", "pkdkit.cli", "inspect", str(tmp_path / "run")], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
+    assert lines[0] == (f"pkdkit inspect: error: no comparison in {tmp_path / 'run'}: run notebook 03 "
+                        "(staged distillation) first")

@@ -62,6 +62,23 @@ def test_coco_preset_runs_every_notebook_with_torchvision_teachers(coco_run):
     assert "counts" in metrics["fiftyone"]
 
 
+def test_a_reference_models_record_is_reused_only_for_the_same_weights_size_and_data(use_torch_home, coco_root, tmp_path):
+    """A torchvision teacher's evaluation depends on its weights, input size and the validation data only: a
+    record made with the same is returned as it is, one made at another size is evaluated again (not stale)."""
+    from pkdkit.data import CocoDetection
+    from pkdkit.workflow import _evaluate_reference
+
+    val = CocoDetection(coco_root / "val2017", coco_root / "annotations" / "instances_val2017.json")
+    record_file = tmp_path / "eval.json"
+    first = _evaluate_reference(TEACHERS["retinanet_r50"], (64, 64), val, tmp_path, "cpu", False)
+    stamp = record_file.stat().st_mtime_ns
+    assert _evaluate_reference(TEACHERS["retinanet_r50"], (64, 64), val, tmp_path, "cpu", False) == first
+    assert record_file.stat().st_mtime_ns == stamp
+    other = _evaluate_reference(TEACHERS["retinanet_r50"], (96, 96), val, tmp_path, "cpu", False)
+    assert first["config"]["spec"]["min_size"] == 64 and other["config"]["spec"]["min_size"] == 96
+    assert json.loads(record_file.read_text())["config"]["spec"]["min_size"] == 96
+
+
 # ----------------------------------------------------------------------------------------------------
 # One loader for model references
 def test_one_loader_reads_torchvision_weight_names_and_checkpoints(use_torch_home, tmp_path):
@@ -353,7 +370,7 @@ def test_gpus_2_distils_under_torchrun_streaming_its_output_and_a_failing_step_r
     out = capfd.readouterr().out
     assert "--nproc_per_node 2 -m pkdkit.launch" in out and "stage 1/1 t" in out  # the subprocess's progress
     # a training step (teachers, baseline) that fails on a rank fails here with the rank's error
-    with pytest.raises(LaunchError, match=r"failed with exit code 1: ConfigError: spec.num_classes=3 but .*instances_train"
+    with pytest.raises(LaunchError, match=r"failed with exit code 1: ConfigError: spec has num_classes=3 but the data .*instances_train"
                                           r".json has 5 categories(.|\n)*last lines of its output(.|\n)*Traceback"):
         train_detector_distributed(DetectorSpec(**{**spec.to_dict(), "num_classes": 3}), data, cfg, tmp_path / "bad", 2)
 

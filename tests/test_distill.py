@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import free_port, keeps_forward_outputs
 
 from pkdkit.data import CocoDetection
 from pkdkit.data import make_loader
 from pkdkit.distill import Distiller, build_distiller, calibrate_loss_weight, inherit_teacher_head
 from pkdkit.engine import TrainConfig, seed_everything, train, train_detector
+from pkdkit.errors import RunMismatchError
 from pkdkit.models import (DetectorSpec, build_detector, load_checkpoint, load_detector, save_detector,
                            state_fingerprint)
 from pkdkit.plan import Plan, PlanError, load_plan, reuse_stages, run_plan, shared_stages
@@ -100,7 +102,7 @@ def test_distiller_adds_one_loss_per_common_level_and_never_trains_the_teacher(t
     train(distiller, train_ds, CFG, tmp_path)
     _assert_same_state(before, teacher.state_dict())
     assert not teacher.training and all(p.grad is None for p in teacher.parameters())
-    assert not student.backbone._forward_hooks and not student.transform._forward_hooks
+    assert not keeps_forward_outputs(student)  # the distiller's feature taps are gone
 
 
 def test_distiller_forward_returns_detection_and_distillation_losses(tiny_coco, label_map, teachers):
@@ -141,7 +143,7 @@ def test_two_stage_plan_hands_the_student_over_and_reruns_skip(tiny_coco, label_
     run = tmp_path / "run"
     s1, s2 = run / "stage_1_r34", run / "stage_2_fcos50"
     for d in (s1, s2):
-        assert {"last.pt", "student.pt", "metrics.json", "eval.json", "eval_results.json"} <= {p.name for p in d.iterdir()}
+        assert {"last.pt", "student.pt", "history.json", "eval.json", "eval_results.json"} <= {p.name for p in d.iterdir()}
     assert list(summary["rows"]) == ["r34", "fcos50"]  # the paper's protocol: no trained baseline to start from
     assert "| r34 | 1 | initial (random, seed 0) + neck/head of r34" in summary["table"] and "| fcos50 | 3 |" in summary["table"]
     # stage 2 provably starts from stage 1's student
@@ -162,7 +164,7 @@ def test_two_stage_plan_hands_the_student_over_and_reruns_skip(tiny_coco, label_
     assert json.loads((s2 / "eval.json").read_text())["config"]["budget"]["epochs"] == 3
     # student-only hand-over: no distillation adapters in student.pt
     assert not any(k.startswith("losses.") for k in load_checkpoint(s2 / "student.pt")["model"])
-    assert json.loads((s2 / "metrics.json").read_text())["epochs"][-1]["epoch"] == 2
+    assert json.loads((s2 / "history.json").read_text())["epochs"][-1]["epoch"] == 2
     assert (run / "plan.yaml").exists() and json.loads((run / "summary.json").read_text())["table"] == summary["table"]
     mtimes = {p: p.stat().st_mtime for p in (s1 / "student.pt", s2 / "student.pt")}
     again = run_plan(load_plan(plan_path), progress=False)
@@ -181,7 +183,7 @@ def test_kill_in_stage_two_and_resume_matches_uninterrupted_run(tiny_coco, label
     straight, killed = plan_file("straight"), plan_file("killed")
     subprocess.run([*cmd, str(straight)], check=True, capture_output=True)
     proc = subprocess.Popen([*cmd, str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "killed" / "stage_2_fcos50" / "metrics.json"
+    metrics = tmp_path / "killed" / "stage_2_fcos50" / "history.json"
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.exists() and len(json.loads(metrics.read_text())["epochs"]) >= 1):
         time.sleep(0.2)
@@ -213,7 +215,7 @@ def test_a_stage_another_plan_trained_identically_is_linked_not_trained_again_an
     assert reuse_stages(two, [one], progress=False) == 0  # nothing finished yet: nothing to take
 
     run_plans([one, two], progress=False)
-    for name in ("student.pt", "last.pt", "eval.json", "metrics.json", "calibration.json"):
+    for name in ("student.pt", "last.pt", "eval.json", "history.json", "calibration.json"):
         assert (two.stage_dir(0) / name).samefile(one.stage_dir(0) / name)
     handed = json.loads(two.stage_record(1).read_text())["config"]["stage"]
     assert handed["init_from"] == str(two.stage_student(0))
@@ -273,7 +275,7 @@ def test_torchrun_two_cpu_processes_run_a_plan(tiny_coco, label_map, teachers, t
 
     d = _plan_dict(tiny_coco, label_map, teachers, tmp_path / "run", stages=[
         {"name": "r34", "teacher": teachers["r34"], "loss": "mgd"}])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "pkdkit.cli", "--quiet", "distill", str(_write_plan(tmp_path, d))]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -287,7 +289,7 @@ def test_a_run_directory_refuses_a_changed_plan(tiny_coco, label_map, teachers, 
         {"name": "r34", "teacher": teachers["r34"], "loss": "mse"}])
     run_plan(load_plan(_write_plan(tmp_path, d)), progress=False)
     d["stages"][0]["train"] = {"epochs": 2}
-    with pytest.raises(PlanError, match=r"holds a run of a different plan \(changed: stage 1 \(r34\)"):
+    with pytest.raises(RunMismatchError, match=r"holds a run of a different plan \(changed: stage 1 \(r34\)"):
         run_plan(load_plan(_write_plan(tmp_path, d)), progress=False)
     d["stages"][0]["train"] = {}
     d["stages"].append({"name": "fcos50", "teacher": teachers["fcos50"], "loss": "mse"})  # appending is fine

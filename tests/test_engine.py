@@ -6,14 +6,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from pkdkit.data import CocoDetection
-from pkdkit.engine import NonFiniteLossError, TrainConfig, lr_factor, train, train_detector
+from pkdkit.data import CocoDetection, make_loader
+from pkdkit.engine import (FiniteChecks, NonFiniteLossError, StepAt, TrainConfig, build_optimizer, build_scheduler,
+                           epoch_seed, lr_factor, seed_everything, train, train_detector, train_step)
 from pkdkit.evaluate import evaluate_detector
 from pkdkit.models import DetectorSpec, build_detector, load_checkpoint, load_detector
 
@@ -56,39 +58,80 @@ def test_short_training_run_loss_falls_and_train_ap_is_above_zero(tiny_coco, tmp
     model.score_thresh = 0.01
     record = evaluate_detector(model, train_eval, train_ds.label_map, progress=False)
     assert record["metrics"]["bbox"]["stats"]["AP50"] > 0
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "history.json").read_text())
     assert metrics["config"]["spec"]["backbone"] == "resnet18" and metrics["config"]["train"]["lr"] == 1e-3
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3, 4, 5, 6]
     state = load_checkpoint(tmp_path / "last.pt")
     assert {"model", "optimizer", "scheduler", "scaler", "rng", "epoch"} <= set(state) and state["epoch"] == 6
 
 
+def _start_and_wait_for(cmd: list[str], line: str, log: Path, timeout: float = 300, **popen: Any) -> subprocess.Popen:
+    """Start `cmd` (stderr, its progress bars, into `log`) and read its stdout until a line holding `line`
+    (`pkdkit train` prints "epoch k/n:" once epoch k's checkpoint is written); fails with the output if the
+    command ends or `timeout` passes first."""
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, **popen)
+    seen: list[str] = []
+    timer = threading.Timer(timeout, proc.kill)  # a hung run ends the read below
+    timer.start()
+    try:
+        for out in proc.stdout:
+            seen.append(out)
+            if line in out:
+                return proc
+    finally:
+        timer.cancel()
+    proc.wait()
+    pytest.fail(f"{line!r} never came (exit status {proc.returncode}):\n{''.join(seen)}\n{log.read_text()[-3000:]}")
+
+
 def test_resume_after_kill_matches_uninterrupted_run(tiny_coco, tmp_path):
     """`pkdkit train` killed in its third epoch and run again ends with the uninterrupted run's weights."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(_cli(*_train_args(tiny_coco, straight, 3)), check=True, capture_output=True)
-    proc = subprocess.Popen(_cli(*_train_args(tiny_coco, killed, 3)), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill once epoch 2 is checkpointed, i.e. during epoch 3
-        metrics = killed / "metrics.json"
-        if metrics.exists() and len(json.loads(metrics.read_text())["epochs"]) >= 2:
-            break
-        time.sleep(0.2)
+    # not --quiet, so that it prints "epoch 2/3:" after epoch 2's checkpoint; epoch 3 then takes seconds
+    proc = _start_and_wait_for([sys.executable, "-m", "pkdkit.cli", *_train_args(tiny_coco, killed, 3)], "epoch 2/3:",
+                               tmp_path / "killed.log")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "model.pt").exists(), "the run finished before it could be killed"
     assert load_checkpoint(killed / "last.pt")["epoch"] == 2
     subprocess.run(_cli(*_train_args(tiny_coco, killed, 3)), check=True, capture_output=True)
     _assert_same_weights(load_checkpoint(straight / "model.pt")["model"], load_checkpoint(killed / "model.pt")["model"])
-    a = json.loads((straight / "metrics.json").read_text())["epochs"]
-    b = json.loads((killed / "metrics.json").read_text())["epochs"]
+    a = json.loads((straight / "history.json").read_text())["epochs"]
+    b = json.loads((killed / "history.json").read_text())["epochs"]
     assert [e["loss"] for e in a] == [e["loss"] for e in b]
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_train_stopped_by_a_signal_says_where_it_resumes_in_one_line_and_resumes(tiny_coco, tmp_path, stop):
+    """SIGTERM (services, schedulers) and Ctrl-C stop `pkdkit train` the same way: one line naming the run folder
+    to resume, no traceback, exit status 128 + the signal; the same command then resumes from the checkpoint.
+    SIGINT is ignored when the run starts (as in a shell's background job): the program installs its own handler."""
+    out, log = tmp_path / "run", tmp_path / "stderr.txt"
+    cmd = [sys.executable, "-m", "pkdkit.cli", *_train_args(tiny_coco, out, 2)]
+    proc = _start_and_wait_for(cmd, "epoch 1/2:", log, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    proc.send_signal(getattr(signal, stop))  # epoch 1 is checkpointed; epoch 2 and the evaluation take seconds
+    try:
+        rest = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    err = log.read_text()
+    assert proc.returncode == 128 + getattr(signal, stop), err[-3000:]
+    stopped = [line for line in err.splitlines() if "stopped" in line]
+    assert stopped == [f"pkdkit train: stopped by {stop}; run the same command again to resume in {out} (its last "
+                       f"checkpoint, last.pt)"], err[-3000:]
+    assert "Traceback" not in err + rest
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1 and not (out / "model.pt").exists()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "epoch 1/2:" not in again.stdout and "epoch 2/2:" in again.stdout  # resumed at epoch 2
+    assert load_checkpoint(out / "last.pt")["epoch"] == 2 and (out / "model.pt").exists()
 
 
 def test_checkpoint_every_n_epochs_resumes_from_the_last_one_written_and_ends_the_same(tiny_coco, tmp_path):
     """With `checkpoint_every=2` a run stopped at the end of epoch 3 keeps the epoch-2 checkpoint (and
-    metrics.json to match); run again it trains epochs 3-4 and ends with the uninterrupted run's weights."""
+    history.json to match); run again it trains epochs 3-4 and ends with the uninterrupted run's weights."""
     train_ds, _ = _datasets(tiny_coco)
     spec = DetectorSpec(num_classes=train_ds.label_map.num_classes, **SPEC)
     cfg = CFG.replace(epochs=4, checkpoint_every=2)
@@ -106,7 +149,7 @@ def test_checkpoint_every_n_epochs_resumes_from_the_last_one_written_and_ends_th
     with pytest.raises(KeyboardInterrupt):
         run(stopped, stop_in_epoch=3)
     assert load_checkpoint(stopped / "last.pt")["epoch"] == 2
-    assert [e["epoch"] for e in json.loads((stopped / "metrics.json").read_text())["epochs"]] == [1, 2]
+    assert [e["epoch"] for e in json.loads((stopped / "history.json").read_text())["epochs"]] == [1, 2]
     resumed = run(stopped)
     assert [e["loss"] for e in resumed] == [e["loss"] for e in history]
     _assert_same_weights(load_checkpoint(straight / "last.pt")["model"], load_checkpoint(stopped / "last.pt")["model"])
@@ -119,6 +162,32 @@ def test_resume_with_other_settings_is_refused(tiny_coco, tmp_path):
     train(build_detector(spec), train_ds, CFG.replace(epochs=1), tmp_path)
     with pytest.raises(RuntimeError, match=r"lr: 0.001 -> 0.1"):
         train(build_detector(spec), train_ds, CFG.replace(epochs=2, lr=0.1), tmp_path)
+
+
+def test_the_torchrun_path_reuses_a_finished_run_only_with_the_same_settings(tiny_coco, tmp_path):
+    """gpus > 1 (`launch.train_detector_distributed`) refuses a finished run made with other settings, as
+    `train_detector` does, before torchrun starts; with the same settings (the device and loader workers may
+    change) it returns the record without starting torchrun."""
+    from pkdkit.data import DataConfig
+    from pkdkit.errors import RunMismatchError
+    from pkdkit.launch import train_detector_distributed
+
+    train_ds, val_ds = _datasets(tiny_coco)
+    spec = DetectorSpec(num_classes=train_ds.label_map.num_classes, **SPEC)
+    cfg = CFG.replace(epochs=1)
+    record = train_detector(spec, train_ds, val_ds, cfg, tmp_path, config={"role": "student"})
+    data = DataConfig(str(tiny_coco["train_images"]), str(tiny_coco["train_json"]), str(tiny_coco["val_images"]),
+                      str(tiny_coco["val_json"]))
+    for changed in (cfg.replace(lr=0.1), cfg.replace(epochs=2)):
+        with pytest.raises(RunMismatchError, match=r"eval.json was written with different settings \(changed: "):
+            train_detector_distributed(spec, data, changed, tmp_path, 2, config={"role": "student"})
+        with pytest.raises(RunMismatchError):
+            train_detector(spec, train_ds, val_ds, changed, tmp_path, config={"role": "student"})
+    with pytest.raises(RunMismatchError, match=r"role: 'student' -> 'teacher'"):
+        train_detector_distributed(spec, data, cfg, tmp_path, 2, config={"role": "teacher"})
+    same = cfg.replace(num_workers=1, device="auto", progress=True)
+    assert train_detector_distributed(spec, data, same, tmp_path, 2, config={"role": "student"}) == record
+    assert not (tmp_path / "launch.json").exists()  # no torchrun job was written
 
 
 class PoisonedImages(torch.utils.data.Dataset):
@@ -148,7 +217,7 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(tiny_coco,
         train(build_detector(spec), data, CFG.replace(epochs=2), tmp_path, on_epoch_end=poison_after_first_epoch)
     state = load_checkpoint(tmp_path / "last.pt")
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "metrics.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.json", "last.pt"]
 
 
 def test_lr_schedule_warms_up_then_steps_or_decays():
@@ -166,7 +235,7 @@ def test_train_detector_writes_model_eval_and_config_and_skips_when_done(tiny_co
     train_ds, val_ds = _datasets(tiny_coco)
     spec = DetectorSpec(num_classes=train_ds.label_map.num_classes, **SPEC)
     record = train_detector(spec, train_ds, val_ds, CFG.replace(epochs=1), tmp_path)
-    assert {"model.pt", "eval.json", "eval_results.json", "last.pt", "metrics.json"} <= {p.name for p in tmp_path.iterdir()}
+    assert {"model.pt", "eval.json", "eval_results.json", "last.pt", "history.json"} <= {p.name for p in tmp_path.iterdir()}
     assert record["config"]["spec"] == spec.to_dict() and set(record["metrics"]["bbox"]["stats"]) >= {"AP", "AR100"}
     _, spec2, label_map, _ = load_detector(tmp_path / "model.pt")
     assert spec2 == spec and label_map == train_ds.label_map
@@ -177,15 +246,61 @@ def test_train_detector_writes_model_eval_and_config_and_skips_when_done(tiny_co
         train_detector(DetectorSpec(num_classes=3, **SPEC), train_ds, val_ds, CFG, tmp_path / "other")
 
 
+def test_train_step_is_the_step_train_runs(tiny_coco, tmp_path):
+    """One epoch of `train` ends with exactly the weights of the same batches through `train_step` (the function
+    bench/timing.py times), with the engine's optimizer, schedule, seeds and loader order."""
+    train_ds, _ = _datasets(tiny_coco)
+    spec = DetectorSpec(num_classes=train_ds.label_map.num_classes, **SPEC)
+    cfg = CFG.replace(epochs=1)
+    torch.manual_seed(0)
+    trained = build_detector(spec)
+    train(trained, train_ds, cfg, tmp_path / "train")
+
+    torch.manual_seed(0)
+    model = build_detector(spec).train()
+    loader = make_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    scheduler = build_scheduler(optimizer, len(loader), cfg)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    checks = FiniteChecks(model)
+    seed_everything(epoch_seed(cfg.seed, 0))
+    loader.sampler.set_epoch(0)
+    for i, (images, targets) in enumerate(loader):
+        losses = train_step(model, images, targets, optimizer, scheduler, scaler, cfg, torch.device("cpu"),
+                            checks=checks, at=StepAt(0, i, i))
+        assert torch.equal(losses["loss"], sum(v for k, v in losses.items() if k != "loss"))
+    assert len(loader) == 2 and scheduler.last_epoch == 2
+    for (name, a), b in zip(trained.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_history_of_a_run_written_before_history_json_is_still_read(tmp_path):
+    """Runs written before the training history got its own name keep it in metrics.json: still read (and a
+    newer history.json, written when such a run is resumed, wins)."""
+    from pkdkit.rundir import RunDir
+    from pkdkit.workflow import training_history
+
+    folder = RunDir(tmp_path).model_dir("student")
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"config": {}, "epochs": [{"epoch": 1}]}))
+    assert RunDir(tmp_path).history("student") == folder / "metrics.json"
+    assert training_history(tmp_path, "student") == [{"epoch": 1}]
+    (folder / "history.json").write_text(json.dumps({"config": {}, "epochs": [{"epoch": 1}, {"epoch": 2}]}))
+    assert [e["epoch"] for e in training_history(tmp_path, "student")] == [1, 2]
+    assert training_history(tmp_path, "teacher") == []
+
+
 def test_torchrun_two_cpu_processes_train_with_gloo(tiny_coco, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    from conftest import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "pkdkit.cli", "--quiet", *_train_args(tiny_coco, out, 2)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "eval_results.json", "last.pt", "metrics.json", "model.pt"]
-    metrics = json.loads((out / "metrics.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "eval_results.json", "history.json", "last.pt", "model.pt"]
+    metrics = json.loads((out / "history.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
     # 16 training images over 2 ranks at batch 8: one step per rank per epoch
     assert load_checkpoint(out / "last.pt")["scheduler"]["last_epoch"] == 2

@@ -19,8 +19,11 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 
-from pkdkit.evaluate import (STAT_NAMES, coco_evaluate, comparison_table, distinct_results, evaluate_detector,
-                             format_delta, plot_pr_curves, pr_curve, predict, results_to_json, run_cocoeval)
+from pkdkit.data import DataError
+from pkdkit.evaluate import (STAT_NAMES, EvalRecord, budget_of, coco_evaluate, comparison_table, distinct_results,
+                             evaluate_detector, format_delta, plot_pr_curves, pr_curve, predict, results_to_json,
+                             run_cocoeval)
+from pkdkit.fasteval import DEFAULT_COCOEVAL
 
 SIZE = 200
 CATEGORIES = [{"id": 2, "name": "circle"}, {"id": 5, "name": "square"}, {"id": 9, "name": "triangle"},
@@ -159,15 +162,74 @@ def test_empty_results_give_zero_stats_instead_of_crashing(gt_path, iou_type):
 def test_segm_on_results_without_segmentation_raises(gt_path):
     results = [{k: v for k, v in r.items() if k != "segmentation"} for r in perfect_results()]
 
-    with pytest.raises(ValueError, match="segmentation"):
+    with pytest.raises(DataError, match="segmentation"):
         coco_evaluate(gt_path, results, ("bbox", "segm"))
 
 
 def test_results_for_images_outside_the_ground_truth_raise_with_the_image_id(gt_path):
     results = perfect_results() + [{"image_id": 77, "category_id": 2, "bbox": [0, 0, 5, 5], "score": 0.5}]
 
-    with pytest.raises(ValueError, match="77"):
+    with pytest.raises(DataError, match="77"):
         coco_evaluate(gt_path, results)
+
+
+def segmentation_only_results(seed: int = 0) -> list[dict]:
+    """Results as cocoapi's example segm results: a compressed RLE of a real mask (an ellipse inside each
+    jittered box, so its bounding box is not the box it was drawn in), no "bbox"."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    results = []
+    for img, cat, x, y, w, h, crowd in OBJECTS:
+        cx, cy = x + w / 2 + rng.normal(0, 0.05 * w), y + h / 2 + rng.normal(0, 0.05 * h)
+        rx, ry = w / 2 * rng.uniform(0.8, 1.1), h / 2 * rng.uniform(0.8, 1.1)
+        mask = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1.0
+        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        c = cat if rng.random() < 0.8 else int(rng.choice([c["id"] for c in CATEGORIES]))
+        results.append({"image_id": img, "category_id": c, "score": round(float(rng.random()), 6),
+                        "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")}})
+    return results
+
+
+@pytest.mark.parametrize("cocoeval_cls", [COCOeval, DEFAULT_COCOEVAL], ids=["pycocotools", "default"])
+def test_segmentation_results_without_bbox_give_pycocotools_numbers_for_both_iou_types(gt_path, tmp_path,
+                                                                                      cocoeval_cls):
+    """loadRes derives each box from its mask; pkdkit evaluates such a file exactly as plain pycocotools."""
+    path = results_to_json(segmentation_only_results(), tmp_path / "segm_results.json")
+
+    metrics = coco_evaluate(gt_path, path, ("bbox", "segm"), cocoeval_cls=cocoeval_cls)
+
+    for iou_type in ("bbox", "segm"):
+        gt = COCO(str(gt_path))
+        plain = COCOeval(gt, gt.loadRes(str(path)), iou_type)
+        plain.evaluate()
+        plain.accumulate()
+        plain.summarize()
+        assert [metrics[iou_type]["stats"][n] for n in STAT_NAMES] == plain.stats.tolist(), iou_type
+        assert 0.0 < metrics[iou_type]["stats"]["AP"] < 1.0, iou_type
+
+
+def test_results_whose_box_cannot_be_read_are_refused_with_their_index(gt_path):
+    segm_only = segmentation_only_results()
+    boxed = perfect_results()
+    # result #0 has a bbox, so pycocotools reads every result's box from its "bbox"
+    with pytest.raises(DataError, match=r"result #3 has no 'bbox' but result #0 has one"):
+        coco_evaluate(gt_path, boxed[:3] + segm_only[3:])
+    # result #0 has none, so every box comes from a compressed RLE: a polygon cannot give it
+    polygon = {**segm_only[2], "segmentation": [_polygon(10, 10, 20, 20)]}
+    with pytest.raises(DataError, match=r"result #2 needs a 'bbox', or a 'segmentation' as a compressed RLE"):
+        coco_evaluate(gt_path, segm_only[:2] + [polygon] + segm_only[3:], ("segm",))
+    bare = {k: v for k, v in segm_only[1].items() if k != "segmentation"}
+    with pytest.raises(DataError, match=r"result #1 needs a 'bbox', or a 'segmentation'"):
+        coco_evaluate(gt_path, [segm_only[0], bare])
+    with pytest.raises(DataError, match=r"result #0 needs \['category_id', 'image_id', 'score'\]"):
+        coco_evaluate(gt_path, [{"image_id": 1, "segmentation": segm_only[0]["segmentation"]}])
+
+
+def test_a_results_file_that_is_not_a_list_is_refused(gt_path, tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"annotations": perfect_results()}))  # a COCO-file layout, not a results list
+    with pytest.raises(DataError, match=r"results.json: expected a JSON list of COCO results, found dict"):
+        coco_evaluate(gt_path, path)
 
 
 def test_evaluation_leaves_results_and_ground_truth_unmodified(gt_path):
@@ -238,6 +300,32 @@ def test_comparison_table_has_one_row_per_run_and_ap_delta_to_the_first():
     assert lines[4].endswith("| -15.0 |")
     segm = comparison_table({"a": _metrics(0.3, 0.5)}, iou_type="segm", stats=("AP",))
     assert segm.splitlines()[-1] == "| a | n/a | n/a |"
+
+
+def test_eval_record_names_its_stats_and_budget_and_reads_what_evaluate_writes(tmp_path):
+    record = EvalRecord({"metrics": _metrics(0.25, 0.5), "config": {"budget": {"init": "initial", "epochs": 12}}})
+    assert record.ap == 0.25 and record.stat("AP50") == 0.5 and record.stats()["APs"] == -1.0
+    assert record.has("bbox") and not record.has("segm")
+    assert record.budget == {"init": "initial", "epochs": 12}
+    assert EvalRecord.of(_metrics(0.1, 0.2)).ap == 0.1 and EvalRecord.of(record) is record  # coco_evaluate's output
+    assert EvalRecord.of_stats(record.stats(), record.config) == {"metrics": {"bbox": {"stats": record.stats()}},
+                                                                  "config": record.config}
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(record))
+    assert EvalRecord.read(path) == {**record, "path": str(path.resolve())}
+    with pytest.raises(DataError, match="cannot read the evaluation record"):
+        EvalRecord.read(tmp_path / "missing.json")
+
+
+def test_budget_of_reads_the_budget_or_counts_the_epochs_of_configs_written_before_budgets():
+    assert budget_of({"budget": {"init": "x", "epochs": 3}, "train": {"epochs": 9}}) == {"init": "x", "epochs": 3}
+    assert budget_of({"train": {"epochs": 9}}) == {"init": "unknown", "epochs": 9}
+    assert budget_of({"weights": "FCOS_ResNet50_FPN_Weights.COCO_V1"}) == {} == budget_of(None)
+    # a table shows budgets only when a record has one: a torchvision reference beside a trained student
+    student = {"metrics": _metrics(0.2, 0.4), "config": {"budget": {"init": "i", "epochs": 2}}}
+    reference = {"metrics": _metrics(0.3, 0.5), "config": {"weights": "W"}}
+    table = comparison_table({"student": student, "reference": reference}, stats=("AP",))
+    assert table.splitlines()[2:] == ["| student | 2 | i | 20.0 | 0.0 |", "| reference | ? | ? | 30.0 | +10.0 |"]
 
 
 def test_plot_pr_curves_returns_a_figure_with_one_curve_per_run(gt_path, tmp_path):
@@ -366,7 +454,8 @@ def test_evaluate_detector_writes_results_and_metrics_with_their_config(tiny_coc
     assert record["iou_types"] == ["bbox"]
     assert set(record["metrics"]["bbox"]["stats"]) == set(STAT_NAMES)
     saved = json.loads((tmp_path / "eval" / "student.json").read_text())
-    assert saved == record
+    assert EvalRecord.read(tmp_path / "eval" / "student.json") == record  # the record returned is the one written
+    assert record["path"] == str((tmp_path / "eval" / "student.json").resolve()) and "path" not in saved
     assert saved["config"] == config
     assert saved["ann_file"] == str(tiny_coco["val_json"])
     assert saved["timestamp"] and saved["num_images"] == len(ds)

@@ -231,12 +231,13 @@ def test_max_dets_caps_below_the_detections_per_image_match_pycocotools(many_cat
     assert_same_evaluation(fast, slow)
 
 
-def test_accumulation_reads_only_the_image_category_pairs_that_have_annotations(many_categories):
+@pytest.mark.parametrize("use_cats", [1, 0])
+def test_accumulation_reads_only_the_image_category_pairs_that_have_annotations(many_categories, use_cats):
+    """`used_pairs` marks exactly the results pycocotools computes (its evalImgs entries that are not None)."""
     gt, results = many_categories
-    fast, _ = evaluate_with(FastCOCOeval, gt, results, "bbox")
-    used = fast._used_pairs()
-    p = fast.params
-    assert used.shape == (len(p.catIds) * len(p.areaRng) * len(p.imgIds),)
-    pairs = {(a["category_id"], a["image_id"]) for a in gt["annotations"]} | \
-        {(r["category_id"], r["image_id"]) for r in results}
-    assert used.sum() == len(pairs) * len(p.areaRng) < used.size / 3  # not every (image, category) pair
+    fast, _ = evaluate_with(FastCOCOeval, gt, results, "bbox", use_cats=use_cats)
+    slow, _ = evaluate_with(COCOeval, gt, results, "bbox", use_cats=use_cats)
+    used = fast.used_pairs()
+    assert used.tolist() == [e is not None for e in slow.evalImgs]
+    if use_cats:  # per category, most (image, category) pairs have neither annotations nor detections
+        assert used.sum() < used.size / 3

@@ -13,7 +13,9 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Optional
 
 import numpy as np
 import pytest
@@ -169,7 +171,7 @@ def test_rerunning_with_the_same_settings_returns_the_saved_result(finished_run,
 def test_resuming_checks_the_dataset_and_the_spec(finished_run, data, tmp_path, capsys):
     partial = tmp_path / "partial"
     partial.mkdir()
-    for name in ("last.pt", "metrics.json"):  # a run killed after its last epoch's checkpoint
+    for name in ("last.pt", "history.json"):  # a run killed after its last epoch's checkpoint
         shutil.copy(finished_run / name, partial / name)
     before = snapshot(partial)
     other = tmp_path / "other_data"
@@ -195,6 +197,55 @@ def test_numeric_settings_are_checked_before_anything_is_written(data, tmp_path,
     code, err = cli(capsys, "train", "--data", str(data), "--out", str(tmp_path / "run"), *TINY, flag, value)
     assert code == 1 and message in one_line_error(err, "train")
     assert not (tmp_path / "run").exists()
+
+
+def test_fields_are_checked_against_their_real_types_whatever_their_spelling():
+    """`config` checks the annotations themselves (typing.get_type_hints), not their text: a class spelled
+    with a capital letter, a fixed-length tuple and a Literal are checked too, nested dataclasses by their class."""
+    from pkdkit.config import check_fields
+
+    @dataclass
+    class Settings:
+        folder: Path
+        size: tuple[int, int] = (1, 2)
+        mode: Literal["pca", "mean"] = "pca"
+        scale: Optional[float] = None
+        spec: DetectorSpec | None = None
+
+    out = check_fields(Settings, {"folder": "runs/x", "size": [3, 4], "scale": "1e-3", "spec": {"arch": "fcos"}}, "s")
+    assert out == {"folder": Path("runs/x"), "size": (3, 4), "scale": 0.001, "spec": {"arch": "fcos"}}
+    for values, message in [({"folder": 3}, r"s: folder: expected Path, found 3 \(int\)"),
+                            ({"folder": "x", "size": [3]}, r"s: size: expected tuple\[int, int\] \(2 items\)"),
+                            ({"folder": "x", "size": [3, True]}, r"s: size: expected tuple\[int, int\], found \[3, True\]"),
+                            ({"folder": "x", "mode": "max"}, r"s: mode: expected Literal\['pca', 'mean'\], found 'max'"),
+                            ({"folder": "x", "scale": "big"}, r"s: scale: expected float \| None, found 'big'"),
+                            ({"folder": "x", "spec": 5}, r"s: spec: expected DetectorSpec \| None, found 5"),
+                            ({"folder": "x", "colour": 1}, r"s: unknown keys \['colour'\]")]:
+        with pytest.raises(ConfigError, match=message):
+            check_fields(Settings, values, "s")
+
+
+def test_configuration_errors_are_pkdkit_errors_named_where_they_are_defined(tiny_coco):
+    from pkdkit.data import DataConfig
+    from pkdkit.launch import LaunchError
+    from pkdkit.losses import build_loss
+    from pkdkit.plan import Stage
+
+    paths = [str(tiny_coco[k]) for k in ("train_images", "train_json", "val_images", "val_json")]
+    for make, message in [(lambda: DetectorSpec(arch="yolo"), "unknown arch 'yolo'"),
+                          (lambda: DetectorSpec(min_size="96"), "detector min_size: expected int, found '96'"),
+                          (lambda: DetectorSpec.from_dict({"archh": "fcos"}), r"detector: unknown keys \['archh'\]"),
+                          (lambda: DataConfig(*paths, labels="coco"), "data.labels must be 'contiguous' or 'identity'"),
+                          (lambda: DataConfig(*paths, masks="yes"), "data masks: expected bool, found 'yes'"),
+                          (lambda: Stage(name="a", teacher="t.pt", loss="kld"), r"unknown loss 'kld'; available"),
+                          (lambda: Stage(name="a", teacher="t.pt", loss_params={"tau": 1.0}),
+                           r"loss_params: loss 'mgd' got unknown hyper-parameter\(s\) \['tau'\]"),
+                          (lambda: Stage(name="a", teacher="t.pt", loss_weight="much"), "loss_weight must be a number"),
+                          (lambda: build_loss("kld", 8, 8), "unknown loss 'kld'"),
+                          (lambda: TrainConfig.from_dict({"lr": 0.1, "rate": 1}), r"unknown keys \['rate'\]")]:
+        with pytest.raises(ConfigError, match=message):
+            make()
+    assert issubclass(LaunchError, PkdkitError) and issubclass(PlanError, ConfigError)
 
 
 def test_boolean_flags_take_only_booleans(data, tmp_path, capsys):
@@ -334,7 +385,8 @@ def test_plan_numbers_written_as_yaml_strings_are_read_as_numbers(data, tmp_path
     (None, {"inherit_teacher_head": "yes"}, r"stage 1 \(t\): inherit_teacher_head: expected bool \| None, found 'yes'"),
     (None, {"train": {"gamma": 0}}, r"stage 1 \(t\): gamma must be a finite number > 0"),
     (None, {"loss_params": {"alpha_mgd": -1}}, r"stage 1 \(t\): loss_params: .*alpha_mgd must be >= 0"),
-    (None, {"loss_params": {"alpha": 1}}, r"stage 1 \(t\): loss_params: mgd has no parameter 'alpha'"),
+    (None, {"loss_params": {"alpha": 1}}, r"stage 1 \(t\): loss_params: loss 'mgd' got unknown hyper-parameter\(s\) "
+                                         r"\['alpha'\]; accepted: alpha_mgd=2e-05"),
     (None, {"levels": "p3"}, r"stage 1 \(t\): levels: expected list\[str\] \| None, found 'p3'"),
 ])
 def test_plan_fields_are_type_checked_before_anything_is_written(data, tmp_path, capsys, train, stage, message):
@@ -437,8 +489,11 @@ def test_subcommand_help_lists_the_choices_and_describes_every_option(capsys):
             parser.parse_args([command, "--help"])
         text = capsys.readouterr().out
         assert all(c in text for c in choices), (command, text)
-        sub = next(a for a in parser._actions if a.dest == "command").choices[command]
-        undescribed = [a.dest for a in sub._actions if not a.help]
+        # argparse writes an option's help after it on the same line, or indented further on the next line
+        lines = text.splitlines()
+        undescribed = [line.strip() for line, after in zip(lines, lines[1:] + [""])
+                       if re.match(r"  -", line) and not re.search(r"\S  +\S", line.strip())
+                       and len(after) - len(after.lstrip()) <= 2]
         assert not undescribed, f"{command}: options without help {undescribed}"
 
 
@@ -457,9 +512,8 @@ def test_interrupted_atomic_writes_are_cleaned_up_and_files_get_normal_permissio
     proc.wait()
     (stale,) = tmp_path.glob(".metrics.json.*.tmp")
     assert not target.exists()
-    from pkdkit.files import _HOST
-
-    alive = tmp_path / f".metrics.json.{_HOST}-{os.getpid()}.ffff0000.tmp"  # this process: still writing
+    alive = tmp_path / stale.name.replace(f"-{proc.pid}.", f"-{os.getpid()}.")  # this process: still writing
+    assert alive != stale  # the temporary file's name holds its writer's process id
     alive.write_text("in progress")
     old = os.umask(0o022)
     try:
@@ -480,3 +534,204 @@ def test_pkdkit_errors_share_one_base():
     for cls in (DataError, PlanError, ConfigError, CheckpointError, NonFiniteLossError, NotebookRunError,
                 RunLockedError):
         assert issubclass(cls, PkdkitError)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Second pass (issue 23): exports, damaged checkpoints, non-finite boxes, names, notebook parameters,
+# one-image batches, failed writes
+def test_export_never_overwrites_and_never_writes_into_a_run_folder(finished_run, tmp_path, capsys):
+    model = finished_run / "model.pt"
+    existing = tmp_path / "student.pth"
+    existing.write_bytes(b"the user's file")
+    (tmp_path / "folder").mkdir()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    before, mine = snapshot(finished_run), snapshot(tmp_path)
+    for out, force, message in (
+            (model, False, f"{model} is a file of the run folder {finished_run}; an export never replaces"),
+            (model, True, f"{model} is a file of the run folder {finished_run}; an export never replaces"),
+            (finished_run / "eval", True, f"{finished_run / 'eval.json'} is a file of the run folder"),
+            (existing, False, f"{existing} already exists; give another --out, or --force to replace it"),
+            (tmp_path / "folder", True, f"--out {tmp_path / 'folder'} is a folder"),
+            (blocker / "student.pth", False, f"cannot write {blocker / 'student.pth'}: a part of its folder's path "
+                                             f"is a file")):
+        code, err = cli(capsys, "export", str(model), "--out", str(out), *(["--force"] if force else []))
+        assert code == 1 and message in one_line_error(err, "export"), (out, err)
+        assert snapshot(finished_run) == before and snapshot(tmp_path) == mine
+    code, err = cli(capsys, "export", str(existing), "--out", str(existing))
+    assert code == 1 and "(it is the checkpoint being exported)" in one_line_error(err, "export")
+    assert main(["export", str(model), "--out", str(existing), "--force"]) == 0  # --force: an ordinary file
+    assert len(torch.load(existing, weights_only=True)) == len(torch.load(model, weights_only=True)["model"])
+
+
+def _damage(path: Path) -> None:
+    """4 KiB of random bytes written into the middle of `path`."""
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        f.write(np.random.default_rng(0).bytes(4096))
+
+
+def test_a_damaged_checkpoint_is_refused_by_every_command(finished_run, data, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    _damage(run / "model.pt")
+    before = snapshot(tmp_path)
+    message = f"checkpoint {run / 'model.pt'} has changed since it was written"
+    for args in (["train", "--data", str(data), "--out", str(run), "--epochs", "1", *TINY],
+                 ["evaluate", "--data", str(data), str(run / "model.pt"), "--device", "cpu"],
+                 ["export", str(run / "model.pt"), "--out", str(tmp_path / "student.pth")],
+                 ["select", "--data", str(data), "--student", str(run / "model.pt"), "--teachers",
+                  f"t={finished_run / 'model.pt'}", "--out", str(tmp_path / "selection"), "--images", "2"]):
+        code, err = cli(capsys, *args)
+        assert code == 1 and message in one_line_error(err, args[0]), args
+    shutil.rmtree(tmp_path / "selection")  # the selection's (empty) output folder
+    assert snapshot(tmp_path) == before
+
+
+def test_checkpoints_without_a_digest_still_load_after_the_finite_check(finished_run, data, tmp_path, capsys):
+    from pkdkit.models import DIGEST_KEY, load_checkpoint, model_meta
+
+    payload = torch.load(finished_run / "model.pt", weights_only=True)
+    assert DIGEST_KEY in payload
+    del payload[DIGEST_KEY]
+    torch.save(payload, tmp_path / "old.pt")  # as pkdkit wrote checkpoints before digests
+    assert model_meta(tmp_path / "old.pt")[0].arch == "fcos"
+    name = next(k for k, v in payload["model"].items() if v.is_floating_point())
+    payload["model"][name] = payload["model"][name].clone().fill_(float("nan"))
+    torch.save(payload, tmp_path / "nan.pt")
+    code, err = cli(capsys, "evaluate", "--data", str(data), str(tmp_path / "nan.pt"), "--device", "cpu")
+    assert code == 1 and f"checkpoint {tmp_path / 'nan.pt'} has non-finite weights (NaN or inf) in 1 tensors, e.g. " \
+                         f"['{name}']" in one_line_error(err, "evaluate")
+    (tmp_path / "notes.txt").write_text("model: not a checkpoint\n")
+    code, err = cli(capsys, "evaluate", "--data", str(data), str(tmp_path / "notes.txt"), "--device", "cpu")
+    line = one_line_error(err, "evaluate")
+    assert code == 1 and "it is not a checkpoint written by torch.save (the file is not a zip archive)" in line
+    assert "weights_only" not in line
+    shutil.copy(finished_run / "model.pt", tmp_path / "copy.pt")
+    _damage(tmp_path / "copy.pt")
+    with pytest.raises(PkdkitError, match=f"checkpoint {re.escape(str(tmp_path / 'copy.pt'))} has changed"):
+        load_checkpoint(tmp_path / "copy.pt")
+
+
+def test_non_finite_boxes_are_left_out_of_training_and_evaluation(own_data):
+    from pkdkit.evaluate import coco_evaluate
+
+    val = own_data / "annotations" / "instances_val.json"
+    d = json.loads(val.read_text())
+    d["annotations"][0]["bbox"] = [1.0, float("nan"), 10.0, 10.0]
+    d["annotations"][1]["bbox"] = [1.0, 2.0, float("inf"), 4.0]
+    bad = [d["annotations"][0]["id"], d["annotations"][1]["id"]]
+    val.write_text(json.dumps(d))  # Python writes NaN and Infinity, which json.loads reads back
+    with pytest.warns(UserWarning) as warned:
+        ds = CocoDetection(own_data / "val", val)
+    assert [str(w.message) for w in warned] == [
+        f"skipped 2 annotations with non-finite bbox values (NaN or infinity) in {val}, annotation ids {bad}: left "
+        f"out of training and evaluation"]
+    kept = ds.coco.dataset["annotations"]
+    assert not {a["id"] for a in kept} & set(bad) and len(kept) == len(d["annotations"]) - 2
+    assert all(len(ds[i][1]["boxes"]) == len(ds.coco.getAnnIds(imgIds=[ds.ids[i]])) for i in range(len(ds)))
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+               for a in kept]
+    assert coco_evaluate(ds.coco, perfect)["bbox"]["stats"]["AP"] == 1.0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--min-size", "0"], "min_size and max_size must be whole pixels with 1 <= min_size <= max_size"),
+    (["--min-size", "128", "--max-size", "32"], "found min_size=128, max_size=32"),
+    (["--anchor-sizes", "8", "16"], "anchor_sizes must be 5 sizes >= 1 px, one per FPN level"),
+])
+def test_contradictory_sizes_are_refused(data, tmp_path, capsys, flags, message):
+    code, err = cli(capsys, "train", "--data", str(data), "--out", str(tmp_path / "run"), *TINY, *flags)
+    assert code == 1 and message in one_line_error(err, "train")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("field, name", [("stage", "../../escaped_outside"), ("stage", "a/b"), ("stage", ".."),
+                                         ("stage", ""), ("plan", "../p")])
+def test_names_that_become_paths_are_one_path_component(data, tmp_path, capsys, field, name):
+    path = _plan(data, tmp_path, stage={"name": name} if field == "stage" else None)
+    if field == "plan":
+        path.write_text(path.read_text().replace("name: p\n", f"name: {name}\n"))
+    before = snapshot(tmp_path)
+    code, err = cli(capsys, "distill", str(path))
+    line = one_line_error(err, "distill")
+    assert code == 1 and f"{field} name {name!r} is not a valid name" in line and str(path) in line
+    assert snapshot(tmp_path) == before and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("teachers, message", [
+    (["a=X.pt", "a=Y.pt"], "--teachers: teacher names must be unique; ['a'] given more than once"),
+    (["student=X.pt"], "--teachers: a teacher may not be named 'student'"),
+    (["../t=X.pt"], "--teachers: teacher name '../t' is not a valid name"),
+])
+def test_select_refuses_repeated_or_reserved_teacher_names(finished_run, data, tmp_path, capsys, teachers, message):
+    code, err = cli(capsys, "select", "--data", str(data), "--student", str(finished_run / "model.pt"),
+                    "--teachers", *teachers, "--out", str(tmp_path / "selection"))
+    assert code == 1 and message in one_line_error(err, "select")
+    assert not (tmp_path / "selection").exists()
+
+
+@pytest.mark.parametrize("param, message", [
+    ("epochs=abc", "notebook parameter 'epochs' should be an int or None (its default is None), got 'abc' (str)"),
+    ("epochs=-1", "run settings: epochs must be a finite number >= 1, got -1"),
+    ("image_size=1.5", "notebook parameter 'image_size' should be an int or None (its default is None), got 1.5"),
+    ("loss=3", "notebook parameter 'loss' should be a str or None"),
+])
+def test_notebook_parameters_with_a_none_default_are_typed_before_anything_runs(tmp_path, capsys, param, message):
+    """Nothing is written, so the corrected value is not refused afterwards as another run's."""
+    report, run = tmp_path / "report", tmp_path / "run"
+    code, err = cli(capsys, "notebooks", "run", "--out", str(report), "--run-dir", str(run), "-p", param)
+    assert code == 1 and message in one_line_error(err, "notebooks")
+    assert not report.exists() and not run.exists()
+
+
+def test_one_image_batches_train_evaluate_and_export(tmp_path, capsys):
+    """The tiny preset's FCOS head (GroupNorm(32, 32)) on P7 of 1 x 1: 17 training images at batch 8 leave a
+    last batch of one, the validation set is one image, and ONNX export traces one image."""
+    from pkdkit.models import GroupNorm
+    from pkdkit.presets import get_preset
+
+    make_synthetic_coco(tmp_path / "data", n_train=17, n_val=1, size=96, seed=0)
+    run = tmp_path / "run"
+    assert main(["--quiet", "train", "--data", str(tmp_path / "data"), "--out", str(run), "--preset", "tiny",
+                 "--epochs", "1", "--device", "cpu"]) == 0
+    assert json.loads((run / "eval.json").read_text())["num_images"] == 1
+    assert main(["export", str(run / "model.pt"), "--out", str(tmp_path / "student.onnx"), "--format", "onnx"]) == 0
+    assert (tmp_path / "student.onnx").stat().st_size > 0
+    # same weights and outputs as torch's own GroupNorm wherever that one runs
+    model = build_detector(get_preset("tiny").student).eval()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(type(m) is GroupNorm for m in norms)
+    x = torch.randn(2, 32, 3, 3)
+    assert torch.equal(norms[0](x), torch.nn.functional.group_norm(x, 32, norms[0].weight, norms[0].bias))
+
+
+def test_a_write_that_fails_for_lack_of_space_names_the_file_and_the_cause(data, tmp_path):
+    """/dev/full fails every write with ENOSPC: torch.save then says only "unexpected pos"; the file it wrote
+    through remembers the cause. A checkpoint write over the file size limit (EFBIG) runs through the CLI."""
+    import errno
+    import resource
+    import signal
+
+    from pkdkit.files import _RecordingFile, write_failure
+
+    with open("/dev/full", "wb", buffering=0) as full:
+        recorder = _RecordingFile(full)
+        with pytest.raises((RuntimeError, OSError)):
+            torch.save({"w": torch.zeros(10_000)}, recorder)
+    assert recorder.error.errno == errno.ENOSPC
+    assert str(write_failure(tmp_path / "last.pt", recorder.error)) == (
+        f"cannot write {tmp_path / 'last.pt'}: no space left on device in {tmp_path}; free some space and run again "
+        f"(the file keeps its previous content, if it had one)")
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "pkdkit.cli", "--quiet", "train", "--data", str(data), "--out",
+                           str(run), "--epochs", "1", *TINY], capture_output=True, text=True, preexec_fn=limit_file_size,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == 1 and f"cannot write {run / 'last.pt'}: file too large" in one_line_error(proc.stderr,
+                                                                                                        "train")
+    assert not list(run.glob("*.pt")) and not list(run.glob(".*.tmp"))

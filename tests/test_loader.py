@@ -2,6 +2,8 @@
 the batches or the trained weights."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -10,12 +12,17 @@ from pkdkit.engine import TrainConfig, train
 from pkdkit.models import DetectorSpec, build_detector
 
 
-def _epochs(loader, epochs: int) -> list[tuple[list[torch.Tensor], list[dict]]]:
-    batches = []
+def _epoch_batches(loader, epochs: int) -> list[list[tuple[list, list[dict]]]]:
+    """Each epoch's batches, the sampler's epoch set before each."""
+    out = []
     for epoch in range(epochs):
         loader.sampler.set_epoch(epoch)
-        batches += list(loader)
-    return batches
+        out.append(list(loader))
+    return out
+
+
+def _epochs(loader, epochs: int) -> list[tuple[list[torch.Tensor], list[dict]]]:
+    return [batch for batches in _epoch_batches(loader, epochs) for batch in batches]
 
 
 def _assert_same_batches(a, b) -> None:
@@ -33,7 +40,24 @@ def test_persistent_workers_flip_the_same_images_as_fresh_workers_in_every_epoch
     persistent = _epochs(kept, epochs=3)
 
     _assert_same_batches(persistent, fresh)  # fresh workers are seeded anew every epoch: so were the kept ones
-    assert kept._iterator is not None and kept._iterator._persistent_workers  # the same workers all along
+
+
+class _WorkerPids(torch.utils.data.Dataset):
+    """Item i is (the process id of the worker that loaded it, {}): which processes loaded an epoch."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> tuple[int, dict]:
+        return os.getpid(), {}
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_persistent_workers_load_every_epoch_in_the_same_processes(persistent):
+    loader = make_loader(_WorkerPids(), 2, shuffle=True, num_workers=2, persistent_workers=persistent)
+    pids = [{pid for images, _ in batches for pid in images} for batches in _epoch_batches(loader, epochs=2)]
+    assert all(len(p) == 2 and os.getpid() not in p for p in pids), pids  # two worker processes each epoch
+    assert pids[1] == pids[0] if persistent else pids[1].isdisjoint(pids[0]), pids  # kept, or started anew
 
 
 def test_worker_settings_without_workers_say_what_is_wrong(tiny_coco):

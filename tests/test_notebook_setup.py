@@ -132,13 +132,16 @@ def test_the_orders_note_explains_a_single_teacher_selection_only():
 
 
 def test_the_order_check_in_one_sentence():
+    """The sentence judges the difference against the single-run noise (`pkdkit.spread.AP_NOISE`)."""
     orders = workflow.comparison_orders(_selection(["t1", "t2"]), {"t1": .2, "t2": .3})
     records = {"progressive": _record(.30), "reversed": _record(.35), "one_shot": _record(.25)}
     text = workflow.order_check_text(workflow.order_check(records, orders))
-    assert text.startswith("Selected order t1 → t2: AP 30.0. Best of the orders run: `reversed` (t2 → t1), AP 35.0.")
-    assert "The selected order was not the best one" in text
+    assert text.startswith("Selected order t1 → t2: AP 30.0. Best of the orders run: `reversed` (t2 → t1), AP 35.0")
+    assert "the selected order was not the best one" in text
     records["progressive"] = _record(.40)
-    assert "The selected order was the best one" in workflow.order_check_text(workflow.order_check(records, orders))
+    assert "It is the best of the orders run" in workflow.order_check_text(workflow.order_check(records, orders))
+    records["progressive"] = _record(.352)
+    assert "no difference shown" in workflow.order_check_text(workflow.order_check(records, orders))
     assert workflow.order_check_text({}) == ""
 
 

@@ -8,7 +8,7 @@ import json
 
 import nbformat
 
-from pkdkit.notebooks import ProgressPrinter, _final_text, tidy_executed
+from pkdkit.notebooks import ProgressPrinter, tidy_executed
 from pkdkit.progress import MARK, bar, step
 
 
@@ -64,7 +64,8 @@ def test_executed_notebooks_keep_the_final_state_of_text_bars_and_relative_paths
                     nbformat.v4.new_output("stream", name="stdout", text="\rtrain: 100%|##########| 8/8\n"),
                     nbformat.v4.new_output("stream", name="stdout", text=MARK + "train epoch 1/1: loss=0.5\n"),
                     nbformat.v4.new_output("display_data", data={"text/plain": "<Figure>"}),
-                    nbformat.v4.new_output("stream", name="stdout", text=f"data: {tmp_path}/run/data/val.json\n")]
+                    nbformat.v4.new_output("stream", name="stdout", text=f"data: {tmp_path}/run/data/val.json\n"),
+                    nbformat.v4.new_output("stream", name="stderr", text="a\rb\r\nc")]
     nb.cells = [cell]
     nb.metadata["papermill"] = {"input_path": str(tmp_path / "notebooks" / "01.ipynb"),
                                 "output_path": str(tmp_path / "report" / "01.ipynb")}
@@ -74,11 +75,11 @@ def test_executed_notebooks_keep_the_final_state_of_text_bars_and_relative_paths
     tidy_executed(path, tmp_path / "report", roots=[tmp_path / "run"])
     tidy = nbformat.read(path, as_version=4)
     outputs = tidy.cells[0].outputs
-    assert [o.output_type for o in outputs] == ["stream", "display_data", "stream"]  # order kept
+    assert [o.output_type for o in outputs] == ["stream", "display_data", "stream", "stream"]  # order kept
     assert outputs[0].text == "train: 100%|##########| 8/8\n" + MARK + "train epoch 1/1: loss=0.5\n"
     assert outputs[2].text == "data: ../run/data/val.json\n"
     assert tidy.metadata.papermill == {"input_path": "../notebooks/01.ipynb", "output_path": "01.ipynb"}
-    assert _final_text("a\rb\r\nc") == "b\nc"
+    assert outputs[3].text == "b\nc"  # each line as a terminal shows it: after its last carriage return
 
 
 def test_the_time_left_comes_from_an_earlier_executed_copy_that_did_the_same_work(tmp_path):

@@ -102,3 +102,61 @@ def test_each_stage_trains_the_baselines_schedule(name):
     preset = get_preset(name)
     assert preset.distill.epochs == preset.train.epochs  # equal budgets: S stages of E epochs vs E and S x E
     assert preset.loss_weight == ("auto" if preset.synth else 1.0)  # from-scratch features are calibrated
+
+
+def test_order_check_says_no_difference_shown_inside_the_noise():
+    from pkdkit.spread import AP_NOISE
+
+    orders = comparison_orders(selection(["t1", "t2"]), {"t1": .2, "t2": .3})
+    base = {"baseline": record(.1, 12), "one_shot": record(.2, 12), "one_shot_long": record(.21, 24)}
+    close = order_check({**base, "progressive": record(.205, 24), "reversed": record(.212, 24)}, orders)
+    assert close["verdict"] == "no difference shown" and close["noise"] == AP_NOISE == 0.0113
+    assert "within the noise of 1.1 AP points" in close["sentence"] and "no difference shown" in close["sentence"]
+    worse = order_check({**base, "progressive": record(.18, 24), "reversed": record(.212, 24)}, orders)
+    assert worse["verdict"] == "worse" and "3.2 points higher, beyond the noise" in worse["sentence"]
+    best = order_check({**base, "progressive": record(.25, 24), "reversed": record(.212, 24)}, orders)
+    assert best["verdict"] == "best" and "3.8 points above the next (`reversed`)" in best["sentence"]
+    assert order_check({**base, "progressive": record(.205, 24), "reversed": record(.212, 24)}, orders,
+                       noise=0.005)["verdict"] == "worse"
+    # the selected single teacher is the one-shot run itself: not a competitor of its own
+    alone = comparison_orders(selection(["t2"]), {"t2": .3})
+    assert order_check({"progressive": record(.2, 12), "one_shot": record(.2, 12)}, alone)["verdict"] == "best"
+
+
+def test_seed_study_reports_the_support_of_each_choice_and_how_often_a_supported_choice_was_best(tmp_path):
+    from pkdkit.files import write_json
+
+    orders = comparison_orders(selection(["t1", "t2"]), {"t1": .2, "t2": .3})
+    reports = []
+    # seed 0: supported and clearly best; seed 1: supported but beaten beyond the noise; seed 2: a coin toss
+    for seed, (ap, support) in enumerate([(.30, .9), (.20, .85), (.24, .55)]):
+        records = {"baseline": record(.1, 12), "progressive": record(ap, 24), "one_shot": record(.22, 12),
+                   "one_shot_long": record(.25 + .001 * seed, 24), "reversed": record(.24 - .001 * seed, 24)}
+        check = order_check(records, orders)
+        share = {"share": support, "supported": support >= .8, "runner_up": ["t2"], "runner_up_share": 1 - support,
+                 "resamples": 200}
+        metrics = {"parameters": {"seed": seed}, "run_dir": str(tmp_path / f"run{seed}"),
+                   "evaluation": {n: r["metrics"]["bbox"]["stats"] for n, r in records.items()},
+                   "comparison": {"runs": {n: {"budget": r["config"]["budget"]} for n, r in records.items()},
+                                  "order_check": check}}
+        if seed < 2:
+            metrics["selection"] = {"order": ["t1", "t2"], "order_support": share}
+        else:  # the support only in the run directory's selection.json
+            sel = selection(["t1", "t2"])
+            sel.order_support = share
+            from pkdkit.ordering import CostMatrix, save_selection
+            save_selection(sel, CostMatrix(["student", "t1", "t2"], [[0.0] * 3] * 3, ["p3"]),
+                           tmp_path / f"run{seed}" / "selection" / "selection.json")
+        write_json(metrics, tmp_path / f"s{seed}" / "metrics.json")
+        reports.append(tmp_path / f"s{seed}")
+    study = seed_study(reports)
+    checks = study["order_checks"]
+    assert [c["support"]["share"] for c in checks] == [.9, .85, .55]
+    assert [c["verdict"] for c in checks] == ["best", "worse", "no difference shown"]
+    assert checks[0]["noise_source"] == "the spread over these 3 seeds" and checks[0]["noise"] > 0.01
+    assert "| 0 | t1 → t2 | 30.0 |" in study["order_table"] and "| 90% | best |" in study["order_table"]
+    assert "| 55% | no difference shown |" in study["order_table"]
+    summary = study["selection_check"]
+    assert (summary["with_support"], summary["supported"], summary["supported_best"],
+            summary["supported_within_noise"]) == (3, 2, 1, 1)
+    assert "2 of the 3 seeds with a recorded support; the best order run in 1 of them" in summary["text"]

@@ -340,3 +340,139 @@ def test_run_selection_writes_json_and_figure(tmp_path, tiny_coco, chain):
     assert matrix.names == ["student", "t1", "t2", "t3"] and matrix.n_images == 6
     assert config["strategy"] == "greedy" and config["teachers"]["t1"] == str(ckpts["t1"])
     assert (tmp_path / "out" / "selection.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# intervals, order support and the near-tie rule
+def test_chain_costs_have_intervals_around_them_and_the_chain_is_supported(chain_matrix):
+    m = chain_matrix
+    assert m.has_intervals and m.chunks == 8 and len(m.resamples) == 200 and m.confidence == 0.9
+    for i, a in enumerate(m.names):
+        for j, b in enumerate(m.names):
+            low, high = m.interval(a, b)
+            assert low <= m.matrix[i][j] <= high and (high > low) == (i != j)
+    sel = select_teachers(m, "student", ["t3", "t1", "t2"])
+    assert sel.order == ["t1", "t2", "t3"]  # each step is far below the jumps over it: the rule keeps the chain
+    assert sel.order_support["share"] >= 0.9 and sel.order_support["supported"]
+    assert "near-tie rule: the chain is cheaper than the direct step beyond the noise" in sel.explanation
+    assert "support: chosen in" in sel.explanation and ": supported" in sel.explanation
+
+
+def swapped_teachers(n_base: int = 8, pixels: int = 64, channels: int = 6, seed: int = 0):
+    """Feature batches (one image each) of a student S and two teachers A, B with exactly the same costs on
+    the whole set: images i and i + n_base show S the same features X_i; A sees X_i M + E_i on image i and
+    X_i M + F_i on its twin, B the other way round. Only a resample that draws twins unequally tells them
+    apart, and then as often one way as the other."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(channels, channels, generator=g)
+    xs = [torch.randn(pixels, channels, generator=g) for _ in range(n_base)]
+    es = [torch.randn(pixels, channels, generator=g) for _ in range(n_base)]
+    fs = [torch.randn(pixels, channels, generator=g) for _ in range(n_base)]
+    first = [(x, x @ mix + e, x @ mix + f) for x, e, f in zip(xs, es, fs)]
+    twins = [(x, x @ mix + f, x @ mix + e) for x, e, f in zip(xs, es, fs)]
+    return [(1, {"p3": list(feats)}) for feats in first + twins]
+
+
+def test_two_interchangeable_teachers_get_support_near_one_half():
+    from pkdkit.selection import feature_cost_matrix
+
+    m = feature_cost_matrix(["S", "A", "B"], swapped_teachers())
+    assert m.cost("S", "A") == pytest.approx(m.cost("S", "B"), rel=1e-9) and m.chunks == 16
+    sel = select_teachers(m, "S", ["A", "B"])  # no APs: the final teacher is the farther one, A or B
+    support = sel.order_support
+    assert len(sel.order) == 1 and 0.3 <= support["share"] <= 0.7 and not support["supported"]
+    assert {tuple(sel.order), tuple(support["runner_up"])} == {("A",), ("B",)}
+    assert support["share"] + support["runner_up_share"] > 0.95
+    assert "the data do not decide between them" in sel.explanation
+
+
+def test_moments_memory_is_flat_in_the_number_of_images():
+    from pkdkit.selection import _Moments
+
+    def size(n_images: int) -> int:
+        mom = _Moments([8, 8], chunks=16, device=torch.device("cpu"))
+        for k in range(0, n_images, 4):
+            mom.add([torch.randn(4 * 10, 8), torch.randn(4 * 10, 8)], first_image=k, n_images=4)
+        assert mom.total_n == 10 * n_images
+        return sum(t.numel() * t.element_size() for t in (mom.n, mom.sum, mom.gram))
+
+    assert size(8) == size(400) == 8 * (16 + 16 * 16 + 16 * 16 * 16)
+
+
+def test_cost_matrix_without_a_bootstrap_has_no_intervals(chain, images):
+    m = cost_matrix(chain, images, levels=LEVELS, batch_size=4, resamples=0)
+    assert not m.has_intervals and m.resamples == [] and m.interval("student", "t1") is None
+    sel = select_teachers(m, "student", ["t1", "t2", "t3"])
+    assert sel.order_support is None and "support" not in sel.explanation
+    sgd = cost_matrix(chain, images[:4], levels=LEVELS, batch_size=4, method="sgd", sgd_steps=5)
+    assert not sgd.has_intervals  # intervals are closed-form only
+    with pytest.raises(ValueError, match="confidence must be in"):
+        cost_matrix(chain, images, levels=LEVELS, confidence=90)
+
+
+def with_intervals(m: CostMatrix, half: dict[tuple[str, str], float]) -> CostMatrix:
+    """`m` with interval cost +- half[(u, v)] on the listed pairs (0 elsewhere)."""
+    idx = {n: k for k, n in enumerate(m.names)}
+    width = np.zeros((len(m.names),) * 2)
+    for (u, v), h in half.items():
+        width[idx[u], idx[v]] = h
+    arr = m.as_array()
+    m.low, m.high = (arr - width).tolist(), (arr + width).tolist()
+    return m
+
+
+def test_near_tie_rule_keeps_a_chain_only_when_it_is_cheaper_beyond_the_noise():
+    costs = {("S", "A"): .3, ("A", "T"): .35, ("S", "T"): .45}
+    aps = {"A": .2, "T": .4}
+    clear = with_intervals(matrix_of(costs, ["S", "A", "T"]), {("S", "A"): .02, ("A", "T"): .02, ("S", "T"): .03})
+    sel = select_teachers(clear, "S", ["A", "T"], aps=aps)  # largest step at most .37 < direct at least .42
+    assert sel.order == ["A", "T"] and "beyond the noise" in sel.explanation
+    noisy = with_intervals(matrix_of(costs, ["S", "A", "T"]), {("S", "A"): .02, ("A", "T"): .06, ("S", "T"): .06})
+    sel = select_teachers(noisy, "S", ["A", "T"], aps=aps)  # .41 is not below .39: the direct order
+    assert sel.order == ["T"] and sel.costs == [.45] and sel.strategy == "minimax"
+    assert "near-tie rule: S -> A -> T is not cheaper than going straight to T" in sel.explanation
+    assert select_teachers(noisy, "S", ["A", "T"], aps=aps, near_ties="ignore").order == ["A", "T"]
+    assert select_teachers(noisy, "S", ["A", "T"], aps=aps, strategy="greedy").order == ["T"]
+    assert select_teachers(noisy, "S", ["A", "T"], aps=aps, strategy="by_ap").order == ["A", "T"]  # not cost-based
+    # without intervals the point estimates decide, as before
+    assert select_teachers(matrix_of(costs, ["S", "A", "T"]), "S", ["A", "T"], aps=aps).order == ["A", "T"]
+    with pytest.raises(ValueError, match="unknown near-tie rule"):
+        select_teachers(noisy, "S", ["A", "T"], near_ties="sometimes")
+
+
+def test_order_support_counts_resampled_orders_and_says_how_sure_it_is():
+    from pkdkit.ordering import SUPPORTED, order_support, support_sentence
+
+    s = order_support(["r50"], [("r50",)] * 54 + [("r34", "r50")] * 46)
+    assert s["share"] == .54 and s["runner_up"] == ["r34", "r50"] and s["runner_up_share"] == .46
+    assert not s["supported"] and s["resamples"] == 100
+    assert s["sentence"] == ("chosen in 54% of 100 resamples; runner-up r34 -> r50, 46%: the data do not decide "
+                             "between them")
+    sure = order_support(["a", "b"], [("a", "b")] * 9 + [("b",)])
+    assert sure["supported"] and SUPPORTED == 0.8 and support_sentence(sure).endswith("supported (at least 80%)")
+    assert order_support(["a"], [("a",)] * 3)["runner_up"] is None
+
+
+def test_near_tie_fallback_says_what_the_costs_alone_chose(chain_matrix):
+    m = copy.deepcopy(chain_matrix)
+    m.low = [[0.0] * 4 for _ in range(4)]  # intervals as wide as the costs: nothing is beyond the noise
+    m.high = [[1.0] * 4 for _ in range(4)]
+    sel = select_teachers(m, "student", ["t1", "t2", "t3"])
+    assert sel.order == ["t3"] and sel.order_support["set_aside"] == ["t1", "t2", "t3"]
+    assert "by the costs alone" in sel.order_support["sentence"] and "near-tie rule" in sel.order_support["sentence"]
+
+
+def test_old_selection_json_without_intervals_still_loads(tmp_path, chain_matrix):
+    sel = select_teachers(chain_matrix, "student", ["t1", "t2", "t3"])
+    path = save_selection(sel, chain_matrix, tmp_path / "selection.json")
+    raw = json.loads(path.read_text())
+    assert raw["order_support"]["share"] == sel.order_support["share"]
+    assert raw["cost_matrix"]["low"] == chain_matrix.low and len(raw["cost_matrix"]["resamples"]) == 200
+    for key in ("low", "high", "confidence", "chunks", "resamples"):
+        del raw["cost_matrix"][key]
+    del raw["order_support"]
+    path.write_text(json.dumps(raw))
+    loaded, matrix, _ = load_selection(path)
+    assert loaded.order == sel.order and loaded.order_support is None
+    assert not matrix.has_intervals and matrix.matrix == chain_matrix.matrix
+    plot_cost_matrix(matrix, loaded)  # an old matrix still plots

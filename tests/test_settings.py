@@ -45,3 +45,20 @@ def test_open_run_applies_the_image_size_and_makes_the_data_once(tmp_path):
     stamp = RunDir(tmp_path).data.joinpath("annotations", "instances_val.json").stat().st_mtime_ns
     assert workflow.open_run(tmp_path).settings == run.settings
     assert RunDir(tmp_path).data.joinpath("annotations", "instances_val.json").stat().st_mtime_ns == stamp
+
+
+def test_one_rule_says_what_identifies_a_run_for_every_record():
+    """`pkdkit.runid`: how a run is computed and what is shown may change at any depth of a record; anything
+    else is refused with each change, saved -> now, and what to do."""
+    from pkdkit.runid import DISPLAY, HOW_COMPUTED, check_same_run, identity
+
+    saved = {"train": {"lr": 0.01, "epochs": 2, "device": "cpu", "num_workers": 0, "progress": True},
+             "preset": "tiny", "gpus": 1, "figures_dir": "a"}
+    check_same_run(saved, {"train": {"lr": 0.01, "epochs": 2, "device": "cuda", "num_workers": 4, "progress": False},
+                           "preset": "tiny", "gpus": 8, "figures_dir": "b"}, "x", "y")
+    with pytest.raises(RunMismatchError, match=r"^run holds another \(changed: preset: 'tiny' -> 'small'; "
+                                               r"train\.epochs: 2 -> 3\); use another folder$"):
+        check_same_run(saved, {**saved, "preset": "small", "train": {**saved["train"], "epochs": 3}}, "run holds another",
+                       "use another folder")
+    assert {"device", "gpus", "num_workers"} <= HOW_COMPUTED and {"progress", "figures_dir"} <= DISPLAY
+    assert identity(saved) == {"train": saved["train"], "preset": "tiny"}

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from matplotlib.container import BarContainer
+from conftest import keeps_forward_outputs
 from matplotlib.figure import Figure
 
 from pkdkit import viz
@@ -111,7 +112,7 @@ def test_feature_difference_is_zero_for_the_same_features_up_to_scale(features):
     assert len(image_axes(other)) == 3 and float(image_axes(other)[0].images[0].get_array().mean()) > 0.1
     # p6 and p7 of a 64 px input are 1x1: no spatial pattern to standardise, so no panel; the title says so
     assert [ax.get_title().split(":")[0] for ax in image_axes(other)] == ["p3", "p4", "p5"]
-    assert other._suptitle.get_text().startswith("after stage 2:") and "p6, p7 left out (1×1)" in other._suptitle.get_text()
+    assert other.get_suptitle().startswith("after stage 2:") and "p6, p7 left out (1×1)" in other.get_suptitle()
     with pytest.raises(ValueError, match="every level .* is 1x1"):
         viz.plot_feature_difference(features["student"], features["teacher"], levels=["p6", "p7"])
 
@@ -320,7 +321,7 @@ def test_explorer_redraws_on_update_caches_features_and_restores_models(detector
     assert student.training and not student.backbone.body.features.conv1.training
     assert student.backbone.body.features.layer1.training and not teacher.training
     for m in detectors.values():
-        assert not m.backbone._forward_hooks and not m.transform._forward_hooks
+        assert not keeps_forward_outputs(m)  # the explorer's feature taps are gone
     assert type(explorer.widget).__name__ == "VBox"
 
 
@@ -340,3 +341,43 @@ def test_plot_detections_shows_ground_truth_and_each_model(tiny_coco):
     assert axes[1].get_title() == f"good ({len(gt)})"
     with pytest.raises(ValueError, match="no image ids"):
         plot_detections(ds, results, [])
+
+
+def test_plot_detections_draws_segmentation_results_at_their_mask_box(tiny_coco):
+    """A segmentation result without "bbox" (COCO's segm results format) is drawn at its mask's box."""
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    from pkdkit.data import CocoDetection
+    from pkdkit.viz import plot_detections
+
+    ds = CocoDetection(tiny_coco["val_images"], tiny_coco["val_json"])
+    image = ds.coco.imgs[ds.ids[0]]
+    mask = np.zeros((image["height"], image["width"]), dtype=np.uint8, order="F")
+    mask[5:20, 8:30] = 1  # x 8..29, y 5..19
+    rle = mask_utils.encode(mask)
+    result = {"image_id": ds.ids[0], "category_id": ds.coco.getCatIds()[0], "score": 0.9,
+              "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")}}
+    fig = plot_detections(ds, {"masks": [result]}, [ds.ids[0]])
+    (box,) = fig.axes[1].patches
+    assert (box.get_x(), box.get_y(), box.get_width(), box.get_height()) == (8, 5, 22, 15)
+
+
+def _budgeted(ap, epochs):
+    return {"metrics": {"bbox": {"stats": {"AP": ap}}}, "config": {"budget": {"init": "initial", "epochs": epochs}}}
+
+
+def test_ap_bars_gain_is_against_the_control_with_the_same_epochs():
+    rows = {"baseline": _budgeted(.009, 12), "baseline_long": _budgeted(.041, 24), "one_shot": _budgeted(.044, 12),
+            "by_ap": _budgeted(.050, 24), "progressive": _budgeted(.046, 36)}
+    fig = viz.plot_ap_bars(rows)
+    labels = [t.get_text() for t in fig.axes[0].texts]
+    assert labels[0] == "0.9" and labels[1] == "4.1"  # the controls themselves
+    assert labels[2].endswith("+3.5 vs baseline")  # 12 epochs: against baseline
+    assert labels[3].endswith("+0.9 vs baseline_long")  # 24 epochs: against the equal-budget control, not +4.1
+    assert labels[4] == "4.6"  # no control trained 36 epochs: no gain printed
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()][3] == "by_ap (24 ep)"
+    from pkdkit.evaluate import comparison_table
+    table = comparison_table(rows, stats=("AP",)).splitlines()
+    assert table[3].endswith("| 0.0 |") and table[4].endswith("| +3.5 |")
+    assert table[5].endswith("| +0.9 |") and table[6].endswith("| n/a |")
