@@ -397,6 +397,15 @@ def match_counts(cocoeval: COCOeval, iou: float = 0.5, min_score: float = 0.0) -
     return {"tp": tp, "fp": fp, "fn": fn}
 
 
+def match_counts_by_run(coco_gt: COCO | str | os.PathLike, results: dict[str, list[dict] | str | os.PathLike],
+                        iou: float = 0.5, min_score: float = 0.0) -> dict[str, dict[str, int]]:
+    """{run: `match_counts`} of each run's COCO results (list or JSON path), evaluated with pycocotools' own
+    COCOeval (the per-image matches `match_counts` reads)."""
+    coco_gt = _load_gt(coco_gt)
+    return {name: match_counts(run_cocoeval(coco_gt, r, cocoeval_cls=COCOeval), iou=iou, min_score=min_score)
+            for name, r in results.items()}
+
+
 def pr_curve(cocoeval: COCOeval, iou: float = 0.5, area: str = "all",
              cat_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Precision-recall curve of an accumulated COCOeval at one IoU threshold and the last maxDets.

@@ -5,7 +5,8 @@ evaluation writes) into one FiftyOne dataset; `evaluate_models` runs FiftyOne's 
 model; `fixed_by` is the view of images where the distilled student makes fewer mistakes than its baseline.
 `open_dataset` does all three for a run directory's dataset (persistent, named by `dataset_name`, rebuilt only
 when its inputs change) and saves the view to start from (`save_review_view`); `launch_app` opens the App on it
-in a notebook or a browser tab, and `pkdkit inspect RUN_DIR` from a shell (`inspect_run`).
+in a notebook or a browser tab, and `pkdkit inspect RUN_DIR` from a shell (`inspect_run`). `notebook_settings`
+sets (and restores) FiftyOne's settings for a notebook.
 
 Counts follow pycocotools. Over the detections in the dataset (`open_dataset` loads those with a score of at
 least its `confidence`, 0.3 by default), at one IoU threshold, over all areas, with at most 100 detections per image and
@@ -225,6 +226,21 @@ def _quiet_fiftyone():
         logger.setLevel(level)
 
 
+@contextlib.contextmanager
+def notebook_settings():
+    """FiftyOne's settings for a notebook, for the block, restored after: no progress bars (each update would
+    print a line into the saved notebook) and no check of the MongoDB version (pkdkit's offline setup ships
+    MongoDB 6.0, which FiftyOne warns about; the check runs when the block first connects to the database)."""
+    saved = {key: getattr(fo.config, key) for key in ("show_progress_bars", "database_validation")}
+    fo.config.show_progress_bars = False
+    fo.config.database_validation = False
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(fo.config, key, value)
+
+
 def fixed_by(dataset: fo.Dataset, baseline_field: str, improved_field: str) -> fo.DatasetView:
     """Images where `improved_field` makes fewer errors (FP + FN) than `baseline_field`, most improved first.
 
@@ -409,7 +425,7 @@ def run_inputs(run_dir: str | os.PathLike) -> dict[str, Any]:
     (`distill/comparison.json`)."""
     from pkdkit import workflow
 
-    _, data = workflow.open_run(run_dir, workflow.load_settings(run_dir))
+    data = workflow.open_run(run_dir).data
     results = workflow.load_comparison(run_dir)["results"]
     return {"gt_json": data.val_json, "image_dir": data.val_images, "predictions": results}
 

@@ -2,7 +2,8 @@
 
 Every checkpoint, metrics JSON and plan goes through `atomic_write`, so a crash or a kill never leaves a
 half-written file in place of a good one; the temp file a killed write leaves behind is removed by the next
-write of the same file. `run_lock(folder)` keeps two runs from writing into one folder at the same time.
+write of the same file. `run_lock(folder)` keeps two runs from writing into one folder at the same time (the
+locks a process holds are in one `FolderLocks`, `LOCKS`).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import shutil
 import socket
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
@@ -171,11 +172,54 @@ class RunLockedError(PkdkitError):
     """Another process is writing into the run folder."""
 
 
-_held: dict[Path, tuple[int, int]] = {}  # folder -> (file descriptor, depth): the lock is re-entrant per process
+class FolderLocks:
+    """The run-folder locks one process holds: {folder: (file descriptor, depth)}. A lock is re-entrant
+    within its process (a training inside a locked run); `run_lock` uses the process's one table, `LOCKS`."""
+
+    def __init__(self) -> None:
+        self._held: dict[Path, tuple[int, int]] = {}
+
+    def held(self) -> list[Path]:
+        """The folders whose lock is held now."""
+        return list(self._held)
+
+    @contextmanager
+    def hold(self, folder: str | os.PathLike) -> Iterator[Path]:
+        """`run_lock`: hold `folder`'s lock for the block (taken once, counted when asked again)."""
+        folder = Path(folder).resolve()
+        if folder in self._held:
+            fd, depth = self._held[folder]
+            self._held[folder] = (fd, depth + 1)
+            try:
+                yield folder
+            finally:
+                fd, depth = self._held[folder]
+                self._held[folder] = (fd, depth - 1)
+            return
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = _lock_file(folder / LOCK_NAME)
+        except OSError as e:
+            raise PkdkitError(f"cannot write to the run folder {folder}: {e.strerror or e}") from e
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)[:300]}\n".encode(), 0)
+        self._held[folder] = (fd, 1)
+        try:
+            yield folder
+        finally:
+            fd, depth = self._held[folder]
+            if depth > 1:
+                self._held[folder] = (fd, depth - 1)
+            else:
+                del self._held[folder]
+                (folder / LOCK_NAME).unlink(missing_ok=True)  # before closing: whoever opened it will retry
+                os.close(fd)
 
 
-@contextmanager
-def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
+LOCKS = FolderLocks()
+
+
+def run_lock(folder: str | os.PathLike) -> AbstractContextManager[Path]:
     """Hold `folder`'s lock for the block: a second process that asks for it fails at once with
     `RunLockedError` naming the folder and the process that holds it.
 
@@ -183,34 +227,7 @@ def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
     kernel when the holder exits, so a killed run never leaves a folder locked. Re-entrant within one process (a training inside a locked run).
     Checks first that the folder can be created and written to, so an unwritable output fails before any work.
     """
-    folder = Path(folder).resolve()
-    if folder in _held:
-        fd, depth = _held[folder]
-        _held[folder] = (fd, depth + 1)
-        try:
-            yield folder
-        finally:
-            fd, depth = _held[folder]
-            _held[folder] = (fd, depth - 1)
-        return
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = _lock_file(folder / LOCK_NAME)
-    except OSError as e:
-        raise PkdkitError(f"cannot write to the run folder {folder}: {e.strerror or e}") from e
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started "
-                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)[:300]}\n".encode(), 0)
-    _held[folder] = (fd, 1)
-    try:
-        yield folder
-    finally:
-        fd, depth = _held[folder]
-        if depth > 1:
-            _held[folder] = (fd, depth - 1)
-        else:
-            del _held[folder]
-            (folder / LOCK_NAME).unlink(missing_ok=True)  # before closing: whoever opened it will retry
-            os.close(fd)
+    return LOCKS.hold(folder)
 
 
 def _lock_file(path: Path) -> int:

@@ -48,20 +48,21 @@ def notebooks_dir() -> Path:
 
 
 def execute(name: str, out: Path, parameters: dict[str, Any], *, reference: list[float] | None = None,
-            stream: TextIO | None = None) -> float:
+            stream: TextIO | None = None, env: dict[str, str] | None = None) -> float:
     """Execute `notebooks/<name>` with papermill into `out/<name>`; returns the seconds it took.
 
     The kernel runs in `out` (so the executed notebook's relative paths work where it lies), on the "python3"
     kernel of this interpreter, over IPC sockets (a TCP kernel logs a warning about unencrypted transport to
-    the terminal), and shut down without an interrupt (`_quiet_kernel_manager`). The notebook's progress
+    the terminal), and shut down without an interrupt (`_kernel_manager`). Its environment is this process's
+    with `env` added and this interpreter's folder first on PATH (so the programs it starts, such as torchrun,
+    are this environment's); this process's own environment is left as it is. The notebook's progress
     lines (`pkdkit.progress.step`) are streamed to `stream` (default stdout) while it runs, with the elapsed
     time and an estimate of the time left from `reference` (the seconds of each cell in an earlier run; see
     `ProgressPrinter`). The executed copy is tidied by `tidy_executed`."""
     import papermill as pm
     from traitlets.config import Config
 
-    env_path = os.environ.get("PATH", "")
-    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env_path])
+    kernel_env = {**(env or {}), "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     stream = stream or sys.stdout
     n_cells = len(json.loads((notebooks_dir() / name).read_text())["cells"]) + 1  # + papermill's injected cell
     printer = ProgressPrinter(name, n_cells, reference=reference, out=stream)
@@ -70,12 +71,11 @@ def execute(name: str, out: Path, parameters: dict[str, Any], *, reference: list
         pm.execute_notebook(str(notebooks_dir() / name), str(out / name), parameters=parameters,
                             kernel_name="python3", language="python", cwd=str(out), progress_bar=False,
                             stdout_file=printer, config=Config({"KernelManager": {"transport": "ipc"}}),
-                            kernel_manager_class=_quiet_kernel_manager(), on_cell_start=printer.cell_started)
+                            kernel_manager_class=_kernel_manager(kernel_env), on_cell_start=printer.cell_started)
     except pm.PapermillExecutionError as e:
         raise NotebookRunError(f"{name} failed in cell {e.exec_count} (executed copy: {out / name}): "
                                f"{e.ename}: {e.evalue}") from None
     finally:
-        os.environ["PATH"] = env_path
         if (out / name).exists():
             roots = [notebooks_dir().parent] + [out / v for k, v in parameters.items()
                                                 if k in PATH_PARAMETERS and isinstance(v, str)]
@@ -85,8 +85,9 @@ def execute(name: str, out: Path, parameters: dict[str, Any], *, reference: list
     return seconds
 
 
-def _quiet_kernel_manager() -> type:
-    """jupyter_client's kernel manager without the interrupt it sends before every shutdown.
+def _kernel_manager(env: dict[str, str]) -> type:
+    """jupyter_client's kernel manager that starts the kernel with `env` added to this process's environment,
+    and shuts it down without the interrupt it sends before every shutdown.
 
     `KernelManager.shutdown_kernel` first interrupts the kernel (SIGINT) to stop code that may still run; a
     papermill kernel has finished its last cell by then, and ipykernel logs the interrupt to the terminal as
@@ -95,6 +96,10 @@ def _quiet_kernel_manager() -> type:
     from jupyter_client.manager import AsyncKernelManager
 
     class QuietShutdownKernelManager(AsyncKernelManager):
+        async def _async_pre_start_kernel(self, **kw: Any) -> tuple[list[str], dict[str, Any]]:
+            kw["env"] = {**kw.get("env", os.environ), **env}
+            return await super()._async_pre_start_kernel(**kw)
+
         async def _async_interrupt_kernel(self) -> None:
             if not self.shutting_down:
                 await super()._async_interrupt_kernel()
@@ -248,8 +253,8 @@ def run_notebooks(preset: str, out: str | os.PathLike, *, run_dir: str | os.Path
     (NotebookParameterError lists the valid ones), and a `run_dir` that holds a run made with other settings
     (`epochs`, `seed`, ...; recorded in `run_dir/parameters.json`) is refused with the settings that differ.
     The run and report folders are locked while the notebooks run (`pkdkit.files.run_lock`).
-    threads: CPU threads of each kernel (OMP_NUM_THREADS), for numbers that repeat exactly; 0 leaves torch's
-    default.
+    threads: CPU threads of each kernel (OMP_NUM_THREADS in the kernel's environment), for numbers that repeat
+    exactly; 0 leaves torch's default.
     progress: text progress bars in the notebooks and progress lines streamed to stdout (see `execute`).
 
     The notebooks get the run directory, the figures folder, the metrics file and a relative `data_root`
@@ -276,24 +281,15 @@ def run_notebooks(preset: str, out: str | os.PathLike, *, run_dir: str | os.Path
               "figures_dir": str(out / "figures"), "report_metrics": str(out / "metrics.json"), **parameters}
     relative = {k: os.path.relpath(v, out) if k in PATH_PARAMETERS and isinstance(v, str) else v
                 for k, v in params.items()}
-    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
     with run_lock(run_dir), run_lock(out):
         _check_same_run_parameters(run_dir, {**defaults, **params})
-        if threads:
-            os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         timings = {}
-        try:
-            for name in names:
-                own = notebook_parameters([name])  # each notebook gets only what its parameters cell declares
-                reference = _reference_timings(preset, out, name, relative, defaults)
-                timings[name] = execute(name, out, {k: v for k, v in relative.items() if k in own},
-                                        reference=reference, stream=None if progress else io.StringIO())
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+        for name in names:
+            own = notebook_parameters([name])  # each notebook gets only what its parameters cell declares
+            reference = _reference_timings(preset, out, name, relative, defaults)
+            timings[name] = execute(name, out, {k: v for k, v in relative.items() if k in own},
+                                    reference=reference, stream=None if progress else io.StringIO(), env=env)
         metrics = out / "metrics.json"
         summary = json.loads(metrics.read_text()) if metrics.exists() else {}
         summary.update({"parameters": {**relative, "threads": threads or None}})

@@ -6,7 +6,8 @@ Plain numpy over a `CostMatrix` (computing the costs from detectors is `pkdkit.s
   with a bootstrap interval per cost when `pkdkit.selection` computed it from image chunks (`interval`).
 - orders: `order_minimax` (the default: the path of smallest steps, which can be progressive),
   `order_greedy` (the paper's spirit), `order_shortest_path` (sum or bottleneck objective), `order_by_ap`
-  (baseline), dispatched by `select_teachers` through `STRATEGIES`; each returns a `Selection`.
+  (baseline), dispatched by `select_teachers` through `STRATEGIES`; each returns a `Selection`;
+  `strategies_table` compares what every strategy chooses.
 - `save_selection` / `load_selection` (selection.json) and `plot_cost_matrix` (heatmap with the chosen path).
 
 How sure a selection is. The costs are estimated on a finite set of calibration images, and two costs a few
@@ -448,6 +449,17 @@ def support_sentence(support: dict[str, Any]) -> str:
     if support["share"] >= SUPPORTED:
         return text + f": supported (at least {100 * SUPPORTED:.0f}%)"
     return text + ": the data do not decide between them"
+
+
+def strategies_table(matrix: CostMatrix, student: str, aps: dict[str, float] | None = None) -> str:
+    """Markdown: the order each of `STRATEGIES` chooses from `student` over every other model of `matrix`,
+    with its total cost and largest step (`aps`: the teachers' AP, for "by_ap" and the final teacher)."""
+    teachers = [n for n in matrix.names if n != student]
+    rows = ["| strategy | order | total cost | largest step |", "|---|---|---:|---:|"]
+    for name in STRATEGIES:
+        s = select_teachers(matrix, student, teachers, strategy=name, aps=aps)
+        rows.append(f"| {name} | {' → '.join(s.order)} | {s.total:.3f} | {s.max_step:.3f} |")
+    return "\n".join(rows)
 
 
 # ----------------------------------------------------------------------------------------------------

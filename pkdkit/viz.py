@@ -2,8 +2,8 @@
 
 Every plotting function returns a `matplotlib.figure.Figure` made without pyplot, so nothing is left in
 pyplot's figure list: under Agg (tests, papermill) nothing leaks, and in a notebook a returned figure is
-shown once (by the inline backend's formatter, active after ``%matplotlib inline``). `show(fig, path)`
-saves and displays in one call, `save_figure(fig, path)` only saves.
+shown once (by the Figure formatter that `enable_notebook_display` registers, or the inline backend's after
+``%matplotlib inline``). `show(fig, path)` saves and displays in one call, `save_figure(fig, path)` only saves.
 
 - `feature_summary`: one (C, H, W) map -> (H, W) image (mean / max |activation|, one channel) or
   (H, W, 3) (first three principal components over channels).
@@ -35,7 +35,8 @@ from pkdkit.evaluate import CONTROLS, EvalRecord, equal_budget_controls, format_
 from pkdkit.losses import CWDLoss, FGDLoss, MGDLoss, MSELoss, PKDLoss, check_boxes, fgd_attention, fgd_masks
 
 __all__ = ["feature_summary", "plot_feature_maps", "plot_feature_difference", "plot_loss_masks",
-           "plot_loss_curves", "plot_ap_bars", "plot_samples", "plot_detections", "save_figure", "show"]
+           "plot_loss_curves", "plot_ap_bars", "plot_samples", "plot_detections", "save_figure", "show",
+           "enable_notebook_display"]
 
 MODES = ("mean", "pca", "max")
 DPI = 110
@@ -76,24 +77,24 @@ def png_bytes(fig: Figure, dpi: int = DPI) -> bytes:
     return buf.getvalue()
 
 
-def _register_notebook_display() -> None:
-    """Let a returned Figure show as a PNG in a notebook even without ``%matplotlib inline`` (a figure made
-    without pyplot otherwise shows as text). An existing Figure formatter (the inline backend's) wins."""
+def enable_notebook_display() -> bool:
+    """In IPython, let a returned Figure show as a PNG (a figure made without pyplot otherwise shows as text);
+    returns whether a formatter was registered. An existing Figure formatter (the inline backend's) wins.
+    Called explicitly by the notebooks' set-up (`pkdkit.workflow.open_run`), never at import."""
     try:
         from IPython import get_ipython
     except ImportError:
-        return
+        return False
     shell = get_ipython()
     png = shell.display_formatter.formatters.get("image/png") if shell is not None else None
     if png is None:
-        return
+        return False
     try:
         png.lookup_by_type(Figure)
+        return False
     except KeyError:
         png.for_type(Figure, png_bytes)
-
-
-_register_notebook_display()
+        return True
 
 
 # ----------------------------------------------------------------------------------------------------

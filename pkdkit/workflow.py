@@ -3,6 +3,12 @@
 Every path comes from `pkdkit.rundir.RunDir` (the layout is described there); the functions take the run
 directory as a path. Every step skips work whose outputs already exist, so re-running a notebook (or the
 whole pipeline) resumes instead of starting over.
+
+Each notebook starts with one set-up call, `start_run` (notebook 01: records the run's settings) or `open_run`
+(02-05), which returns a `Run` (settings, preset, data; `show` a figure, add a `report` section) and sets up
+IPython explicitly (figure display, pkdkit's errors as one line). The notebooks only call the library: the
+readers (`candidate_records`, `load_run_selection`, `load_comparison`) load what an earlier notebook made,
+and the texts they show (`orders_note`, `order_check_text`, `plan_tables`, ...) are made here.
 """
 from __future__ import annotations
 
@@ -11,7 +17,9 @@ import os
 import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
+
+from matplotlib.figure import Figure
 
 from pkdkit.config import check_fields, check_range
 from pkdkit.distill import Distiller, build_distiller
@@ -31,6 +39,7 @@ from pkdkit.rundir import RunDir
 from pkdkit.selection import run_selection
 from pkdkit.spread import AP_NOISE, AP_NOISE_SOURCE, judge_order_check, seed_noise
 from pkdkit.synthetic import make_synthetic_coco
+from pkdkit import viz
 
 STUDENT = "student"
 BASELINE_LONG = "baseline_long"
@@ -94,10 +103,79 @@ def load_settings(run_dir: str | os.PathLike) -> RunSettings:
     return RunSettings(**json.loads(path.read_text()))
 
 
-def open_run(run_dir: str | os.PathLike, settings: RunSettings) -> tuple[Preset, DataConfig]:
-    """The preset (at the settings' image size) and the data of a run; synthetic data is generated once."""
+@dataclass(frozen=True)
+class Run:
+    """What a notebook works on, from its one set-up call (`start_run` in notebook 01, `open_run` in 02-05): the
+    run directory (as given, so that reports keep relative paths), its settings, the preset (at the settings'
+    image size), the data, the folder figures are saved in and the report's metrics file (None: not saved)."""
+
+    run_dir: str | os.PathLike
+    settings: RunSettings
+    preset: Preset
+    data: DataConfig
+    figures_dir: str | os.PathLike | None = None
+    report_metrics: str | os.PathLike | None = None
+
+    def __str__(self) -> str:
+        return f"run {self.run_dir}: {self.settings.describe()}\npreset {self.preset.name}: {self.preset.notes}"
+
+    @property
+    def distill_epochs(self) -> int:
+        """E: the student's epochs per distillation stage (the settings', else the preset's)."""
+        return self.settings.distill_epochs or self.preset.distill.epochs
+
+    def show(self, fig: Figure, name: str) -> None:
+        """Display `fig` once (in a notebook) and save it as `figures_dir/name` (`viz.show`)."""
+        viz.show(fig, None if self.figures_dir is None else Path(self.figures_dir) / name)
+
+    def report(self, **sections: Any) -> None:
+        """Add `sections` to the report's metrics file (`write_report_metrics`); nothing without one."""
+        if self.report_metrics is not None:
+            write_report_metrics(self.report_metrics, self.preset, self.run_dir, **sections)
+
+
+def start_run(run_dir: str | os.PathLike, settings: RunSettings, *, figures_dir: str | os.PathLike | None = None,
+              report_metrics: str | os.PathLike | None = None) -> Run:
+    """Notebook 01's set-up: record `settings` in the run directory (`save_settings`: a run directory holds one
+    run) and open it (`open_run`)."""
+    _notebook_setup()
+    return _open(run_dir, save_settings(run_dir, settings), figures_dir, report_metrics)
+
+
+def open_run(run_dir: str | os.PathLike, *, figures_dir: str | os.PathLike | None = None,
+             report_metrics: str | os.PathLike | None = None) -> Run:
+    """The set-up of notebooks 02-05: the run notebook 01 made in `run_dir` (its settings, `load_settings`), its
+    preset and data (synthetic data is generated once). In IPython it also shows returned figures
+    (`viz.enable_notebook_display`) and pkdkit's own errors as one line instead of a traceback (the cell still
+    fails, so a papermill run stops there)."""
+    _notebook_setup()
+    return _open(run_dir, load_settings(run_dir), figures_dir, report_metrics)
+
+
+def _open(run_dir: str | os.PathLike, settings: RunSettings, figures_dir: str | os.PathLike | None,
+          report_metrics: str | os.PathLike | None) -> Run:
     preset = get_preset(settings.preset, image_size=settings.image_size)
-    return preset, prepare_data(preset, run_dir, settings.data_root)
+    return Run(run_dir, settings, preset, prepare_data(preset, run_dir, settings.data_root), figures_dir,
+               report_metrics)
+
+
+def _notebook_setup() -> None:
+    """In IPython (a notebook, papermill): figures display (`viz.enable_notebook_display`), and a `PkdkitError`
+    (bad input, a missing step: the message says what to do) shows as its one-line message, not a traceback
+    into pkdkit. IPython still marks the cell as failed, so a papermill run stops at it."""
+    viz.enable_notebook_display()
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None:
+        shell.set_custom_exc((PkdkitError,), _show_one_line)
+
+
+def _show_one_line(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: int | None = None) -> None:
+    """IPython's handler of a `PkdkitError`: show the error's type and message alone (`%tb` shows the rest)."""
+    shell.showtraceback((etype, value, tb), exception_only=True)
 
 
 def prepare_data(preset: Preset, run_dir: str | os.PathLike, data_root: str | None = None) -> DataConfig:
@@ -120,6 +198,14 @@ def _synthetic_data(root: Path, **synth: Any) -> DataConfig:
     if not (root / "annotations" / "instances_val.json").exists():
         make_synthetic_coco(root, **synth, overwrite=True)
     return DataConfig.from_root(root)
+
+
+def data_summary(data: DataConfig) -> str:
+    """The data in words: its annotation files (relative to the working folder), the number of validation
+    images and the categories ({COCO id: name})."""
+    val = data.val_dataset()
+    return (f"train: {os.path.relpath(data.train_json)}\nval:   {os.path.relpath(data.val_json)} ({len(val)} images)\n"
+            f"categories: {dict(zip(val.label_map.cat_ids, val.label_map.names))}")
 
 
 def teacher_data(preset: Preset, run_dir: str | os.PathLike, data: DataConfig) -> DataConfig:
@@ -172,6 +258,17 @@ def train_candidates(preset: Preset, data: DataConfig, run_dir: str | os.PathLik
     return records
 
 
+def train_equal_budget_control(preset: Preset, data: DataConfig, run_dir: str | os.PathLike,
+                               orders: dict[str, dict[str, Any]], epochs: int, *, device: str = "auto", seed: int = 0,
+                               progress: bool = True) -> dict[str, Any] | None:
+    """`train_baseline_long` for S x `epochs` epochs, S the most stages of any order (`stage_count`); None when
+    every order has one stage (the baseline is then its own equal-budget control)."""
+    stages = stage_count(orders)
+    if stages < 2:
+        return None
+    return train_baseline_long(preset, data, run_dir, stages * epochs, device=device, seed=seed, progress=progress)
+
+
 def train_baseline_long(preset: Preset, data: DataConfig, run_dir: str | os.PathLike, epochs: int, *,
                         device: str = "auto", seed: int = 0, progress: bool = True, gpus: int = 1) -> dict[str, Any]:
     """The equal-budget control: the baseline student trained `epochs` epochs (S x E, as long as an S-stage
@@ -211,6 +308,34 @@ def model_refs(preset: Preset, run_dir: str | os.PathLike) -> dict[str, str]:
     """{name: checkpoint path or torchvision weight name} of the student and every candidate teacher."""
     return {name: spec if isinstance(spec, str) else str(RunDir(run_dir).checkpoint(name))
             for name, spec in {STUDENT: preset.student, **preset.teachers}.items()}
+
+
+def candidate_records(run_dir: str | os.PathLike) -> dict[str, EvalRecord]:
+    """{name: evaluation record} of the baseline student and every candidate teacher that notebook 01 trained
+    (or evaluated), read without training anything; RunNotStartedError when one is missing."""
+    settings = load_settings(run_dir)
+    preset = get_preset(settings.preset, image_size=settings.image_size)
+    rd, records = RunDir(run_dir), {}
+    for name in {STUDENT: preset.student, **preset.teachers}:
+        if not rd.record(name).exists():
+            raise RunNotStartedError(f"{name!r} has no evaluation record in {rd.root} ({rd.record(name)} is "
+                                     "missing): run notebook 01 with this run_dir first; it trains the candidates")
+        records[name] = EvalRecord.read(rd.record(name))
+    return records
+
+
+def load_run_selection(run_dir: str | os.PathLike) -> Selection:
+    """The teacher order notebook 02 selected (`RunDir.selection_json`); RunNotStartedError when it has not run."""
+    path = RunDir(run_dir).selection_json
+    if not path.exists():
+        raise RunNotStartedError(f"no teacher selection in {Path(run_dir).resolve()} ({path} is missing): run "
+                                 "notebook 02 with this run_dir first")
+    return load_selection(path)[0]
+
+
+def record_stats(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """{name: the 12 COCO box stats} of evaluation records (what the report's sections hold)."""
+    return {name: EvalRecord(r).stats() for name, r in records.items()}
 
 
 def candidate_aps(records: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -306,6 +431,20 @@ def comparison_orders(selection: Selection, aps: dict[str, float], *, run_revers
         runs["one_shot_long"] = {"order": [final], "source": f"the final teacher alone for {longest} x the stage "
                                                              "epochs (equal budget)", "stages_x_epochs": longest}
     return {name: runs[name] for name in RUN_ORDER if name in runs}
+
+
+def orders_note(selection: Selection, orders: dict[str, dict[str, Any]]) -> str:
+    """Markdown: what `comparison_orders` did because the selection chose a single teacher (the selected order
+    is then one-shot distillation; which extra orders are run and which stage is shared); empty otherwise."""
+    if len(selection.order) != 1:
+        return ""
+    return (f"**The selection chose a single teacher, `{selection.order[0]}`**: the direct step is cheaper than "
+            "every path through another teacher, so the selected order is one-shot distillation and `progressive` "
+            "is the same run as `one_shot`."
+            + (" The chain by ascending AP is run as `by_ap`: an extra order, *not* the one the selection chose."
+               if "by_ap" in orders else "")
+            + (" `reversed` starts with the same stage as `progressive` and takes it from there rather than "
+               "training it again." if "reversed" in orders else ""))
 
 
 def comparison_plans(preset: Preset, data: DataConfig, run_dir: str | os.PathLike,
@@ -419,6 +558,24 @@ def order_check(records: dict[str, dict[str, Any]], orders: dict[str, dict[str, 
     return {**check, **judge_order_check(check, noise, noise_source)}
 
 
+def order_check_text(check: dict[str, Any]) -> str:
+    """Markdown: the `order_check` in one sentence, judged against the noise (`pkdkit.spread.judge_order_check`);
+    empty when no selected order was run."""
+    return check.get("sentence", "")
+
+
+def plan_tables(summaries: dict[str, dict[str, Any]]) -> str:
+    """Markdown: each plan's per-stage table (`run_plans`' summaries), under its name."""
+    return "\n\n".join(f"**{name}**\n\n{summary['table']}" for name, summary in summaries.items())
+
+
+def comparison_sections(summaries: dict[str, dict[str, Any]], comparison: dict[str, Any]) -> dict[str, Any]:
+    """Notebook 03's report sections: "distillation" ({plan: {stage: the 12 stats}}) and "comparison" (each
+    run's record, budget and order, and the `order_check`)."""
+    return {"distillation": {name: record_stats(s["rows"]) for name, s in summaries.items()},
+            "comparison": {"runs": comparison["runs"], "order_check": comparison["order_check"]}}
+
+
 def write_report_metrics(path: str | os.PathLike, preset: Preset, run_dir: str | os.PathLike, **sections: Any) -> None:
     """Merge `sections` into the report's metrics.json (each notebook adds its own section)."""
     path = Path(path)
@@ -447,6 +604,12 @@ def training_history(run_dir: str | os.PathLike, name: str) -> list[dict[str, An
     return json.loads(path.read_text())["epochs"] if path.exists() else []
 
 
+def training_histories(run_dir: str | os.PathLike, names: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+    """{name: per-epoch metrics} of the named candidates trained here (torchvision reference models are left out)."""
+    histories = {name: training_history(run_dir, name) for name in names}
+    return {name: epochs for name, epochs in histories.items() if epochs}
+
+
 def load_run_plan(run_dir: str | os.PathLike, name: str) -> Plan:
     """A plan that notebook 03 wrote and ran (its `PLAN_FILE` in `RunDir.plan_dir(name)`)."""
     plan_dir = RunDir(run_dir).plan_dir(name)
@@ -465,6 +628,17 @@ def stage_models(plan: Plan, run_dir: str | os.PathLike) -> dict[str, Any]:
     for k, stage in enumerate(plan.stages):
         models[f"student after {stage.name}"] = load_model(plan.stage_student(k))[0].eval()
     return models
+
+
+def model_features(models: dict[str, Any], image: Any) -> dict[str, dict[str, Any]]:
+    """{model name: {FPN level: (1, C, H, W) features}} of one image (3, H, W) through each model's transform,
+    backbone and FPN (`pkdkit.features.extract_features`), without gradients."""
+    import torch
+
+    from pkdkit.features import extract_features
+
+    with torch.no_grad():
+        return {name: extract_features(m, [image])[0] for name, m in models.items()}
 
 
 def _common_init(labels: list[str | None]) -> str | None:

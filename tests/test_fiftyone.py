@@ -40,9 +40,9 @@ from PIL import Image  # noqa: E402
 
 from pycocotools.cocoeval import COCOeval  # noqa: E402
 
-from pkdkit.evaluate import cocoeval_metrics, match_counts, run_cocoeval  # noqa: E402
+from pkdkit.evaluate import cocoeval_metrics, match_counts, match_counts_by_run, run_cocoeval  # noqa: E402
 from pkdkit.fiftyone_app import (  # noqa: E402
-    build_dataset, evaluate_models, fixed_by, launch_app, model_field, summary_table)
+    build_dataset, evaluate_models, fixed_by, launch_app, model_field, notebook_settings, summary_table)
 
 fo.config.database_validation = False
 fo.config.show_progress_bars = False
@@ -177,6 +177,23 @@ def test_counts_equal_pycocotools_including_crowds_duplicates_and_wrong_classes(
     assert table.splitlines()[2].split()[:4] == ["baseline", "3", "5", "2"]
     without_map = summary_table({k: {n: c[n] for n in ("tp", "fp", "fn")} for k, c in counts.items()})
     assert without_map.splitlines()[0].split() == ["model", "TP", "FP", "FN", "precision", "recall"]
+
+
+def test_match_counts_by_run_are_pycocotools_counts_of_each_run(coco_files):
+    counts = match_counts_by_run(coco_files / "gt.json", {"baseline": BASELINE, "student_kd": coco_files / "student.json"})
+    assert counts == EXPECTED
+    above = match_counts_by_run(coco_files / "gt.json", {"baseline": BASELINE}, iou=0.75, min_score=0.5)["baseline"]
+    assert above == match_counts(run_cocoeval(coco_files / "gt.json", BASELINE, cocoeval_cls=COCOeval), 0.75, 0.5)
+
+
+def test_notebook_settings_are_set_for_the_block_and_restored(monkeypatch):
+    monkeypatch.setattr(fo.config, "show_progress_bars", True)
+    monkeypatch.setattr(fo.config, "database_validation", True)
+    with pytest.raises(RuntimeError):
+        with notebook_settings():
+            assert fo.config.show_progress_bars is False and fo.config.database_validation is False
+            raise RuntimeError("stop")
+    assert fo.config.show_progress_bars is True and fo.config.database_validation is True
 
 
 def test_fixed_by_lists_images_the_student_improved_most_first(dataset):

@@ -39,11 +39,11 @@ def test_a_later_notebook_on_an_empty_run_directory_says_to_run_notebook_01(tmp_
 
 
 def test_open_run_applies_the_image_size_and_makes_the_data_once(tmp_path):
-    preset, data = workflow.open_run(tmp_path, workflow.RunSettings(image_size=64))
-    assert preset.student.min_size == preset.student.max_size == 64
-    assert data.val_dataset().coco.getImgIds()
+    run = workflow.start_run(tmp_path, workflow.RunSettings(image_size=64))
+    assert run.preset.student.min_size == run.preset.student.max_size == 64
+    assert run.data.val_dataset().coco.getImgIds()
     stamp = RunDir(tmp_path).data.joinpath("annotations", "instances_val.json").stat().st_mtime_ns
-    workflow.open_run(tmp_path, workflow.RunSettings(image_size=64))
+    assert workflow.open_run(tmp_path).settings == run.settings
     assert RunDir(tmp_path).data.joinpath("annotations", "instances_val.json").stat().st_mtime_ns == stamp
 
 
