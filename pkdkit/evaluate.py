@@ -645,6 +645,12 @@ def distinct_results(results: dict[str, str | os.PathLike]) -> dict[str, Path]:
     return {" = ".join(runs): path for path, runs in names.items()}
 
 
+def cocoevals_by_run(coco_gt: COCO | str | os.PathLike, results: dict[str, str | os.PathLike]) -> dict[str, COCOeval]:
+    """{run label: accumulated COCOeval (`run_cocoeval`, bbox)} for each distinct results file (`distinct_results`:
+    runs that share one file are evaluated once, under a joint label): what `plot_pr_curves` draws."""
+    return {name: run_cocoeval(coco_gt, str(path)) for name, path in distinct_results(results).items()}
+
+
 def plot_pr_curves(cocoevals: dict[str, COCOeval], iou: float = 0.5, ax: Any = None) -> "Figure":
     """Mean precision-recall curves (all areas, all classes with ground truth) of several runs at one IoU.
 

