@@ -533,9 +533,9 @@ def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int = 0, num_w
     GPU) and `prefetch_factor` (batches loaded ahead per worker; torch's default 2) are DataLoader's.
     """
     if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
     if num_workers == 0 and (persistent_workers or prefetch_factor is not None):
-        raise ValueError("persistent_workers and prefetch_factor need loader worker processes (num_workers > 0); "
+        raise ConfigError("persistent_workers and prefetch_factor need loader worker processes (num_workers > 0); "
                          f"got num_workers=0, persistent_workers={persistent_workers}, "
                          f"prefetch_factor={prefetch_factor}")
     if distributed and dist.is_available() and dist.is_initialized():

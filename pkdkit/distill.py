@@ -23,6 +23,7 @@ from pkdkit.data import LabelMap
 from pkdkit.features import FeatureTap, common_levels, feature_levels, features_at, input_scale
 from pkdkit.losses import build_loss, loss_defaults
 from pkdkit.models import detector_arch
+from pkdkit.errors import ConfigError
 
 
 class Distiller(nn.Module):
@@ -70,7 +71,7 @@ class Distiller(nn.Module):
 def _check_same_input(student: nn.Module, teacher: nn.Module) -> None:
     s, t = student.transform, teacher.transform
     if list(s.image_mean) != list(t.image_mean) or list(s.image_std) != list(t.image_std):
-        raise ValueError(f"teacher normalises images with mean {t.image_mean}, std {t.image_std} but the student "
+        raise ConfigError(f"teacher normalises images with mean {t.image_mean}, std {t.image_std} but the student "
                          f"with mean {s.image_mean}, std {s.image_std}; the teacher must see the student's batch")
 
 
@@ -86,7 +87,7 @@ def distill_levels(student: nn.Module, teacher: nn.Module, loss: str = "mgd",
     wanted = loss_defaults(loss, detector_arch(student)).levels
     chosen = [lvl for lvl in common if wanted is None or lvl in wanted]
     if not chosen:
-        raise ValueError(f"the models share none of the levels {list(wanted)} that {loss} uses for a "
+        raise ConfigError(f"the models share none of the levels {list(wanted)} that {loss} uses for a "
                          f"{detector_arch(student)} (common levels: {common}); give `levels` explicitly")
     return chosen
 
@@ -144,7 +145,7 @@ def calibrate_loss_weight(distiller: Distiller, batches: Iterable[tuple[list[tor
         if not ratio > 0:
             raise ValueError(f"loss ratio must be > 0, got {ratio}")
         if not (kd > 0 and det > 0):
-            raise ValueError(f"cannot calibrate the distillation weight: at the start the detection loss is {det:.4g} "
+            raise ConfigError(f"cannot calibrate the distillation weight: at the start the detection loss is {det:.4g} "
                              f"and the distillation loss {kd:.4g}; give a numeric loss_weight instead")
         out.update(ratio=float(ratio), weight=ratio * det / kd)
     return out

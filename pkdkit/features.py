@@ -22,6 +22,7 @@ from torch import nn
 from torchvision.models.detection.image_list import ImageList
 
 from pkdkit.models import eval_mode
+from pkdkit.errors import ConfigError
 
 
 def name_levels(feats: "OrderedDict[str, torch.Tensor]", input_hw: tuple[int, int]) -> "OrderedDict[str, torch.Tensor]":
@@ -106,11 +107,11 @@ def common_levels(found: dict[str, dict[str, int]], wanted: list[str] | None = N
     have = ", ".join(f"{n}: {list(f)}" for n, f in found.items())
     if wanted is None:
         if not common:
-            raise ValueError(f"the models share no FPN level ({have})")
+            raise ConfigError(f"the models share no FPN level ({have})")
         return common
     missing = [lvl for lvl in wanted if lvl not in common]
     if missing:
-        raise ValueError(f"levels {missing} are not in every model ({have})")
+        raise ConfigError(f"levels {missing} are not in every model ({have})")
     return list(wanted)
 
 

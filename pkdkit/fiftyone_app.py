@@ -39,6 +39,8 @@ except ImportError as e:  # optional dependency
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+from pkdkit.data import DataError  # noqa: E402  (after the FiftyOne check above)
+
 GT_FIELD = "ground_truth"
 # Sample fields of a built dataset that a model name must not map onto.
 _RESERVED = {"id", "filepath", "tags", "metadata", "media_type", "created_at", "last_modified_at", "coco_id",
@@ -61,7 +63,7 @@ def _load_json(path: str | Path, what: str):
         with open(path) as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"could not read {what} {path}: {e}") from e
+        raise DataError(f"could not read {what} {path}: {e}") from e
 
 
 def build_dataset(
@@ -101,7 +103,7 @@ def build_dataset(
     gt = _load_json(gt_json, "ground-truth file")
     names = {c["id"]: c["name"] for c in gt.get("categories", [])}
     if len(set(names.values())) != len(names):
-        raise ValueError(f"{gt_json}: category names must be unique (they are FiftyOne labels), found "
+        raise DataError(f"{gt_json}: category names must be unique (they are FiftyOne labels), found "
                         f"{sorted(names.values())}")
     images = {img["id"]: img for img in gt.get("images", [])}
 
@@ -109,7 +111,7 @@ def build_dataset(
     for model in predictions:
         field = model_field(model)
         if field in _RESERVED or field in fields.values():
-            raise ValueError(f"model name {model!r} maps to field {field!r}, which is reserved or taken by "
+            raise DataError(f"model name {model!r} maps to field {field!r}, which is reserved or taken by "
                              f"another model ({fields}); rename the model")
         fields[model] = field
 
@@ -118,10 +120,10 @@ def build_dataset(
         for k, e in enumerate(entries):
             img = images.get(e.get("image_id"))
             if img is None:
-                raise ValueError(f"{source}: entry {k} has image_id {e.get('image_id')!r}, which is not an "
+                raise DataError(f"{source}: entry {k} has image_id {e.get('image_id')!r}, which is not an "
                                 f"image of {gt_json}")
             if e.get("category_id") not in names:
-                raise ValueError(f"{source}: entry {k} (image {img['id']}) has category_id "
+                raise DataError(f"{source}: entry {k} (image {img['id']}) has category_id "
                                 f"{e.get('category_id')!r}, not one of {sorted(names)} in {gt_json}")
             x, y, w, h = e["bbox"] if is_gt else result_box(e)
             W, H = img["width"], img["height"]
@@ -150,7 +152,7 @@ def build_dataset(
     for image_id, img in sorted(images.items()):
         path = image_dir / img["file_name"]
         if not path.is_file():
-            raise FileNotFoundError(f"image {image_id} of {gt_json}: file {path} does not exist")
+            raise DataError(f"image {image_id} of {gt_json}: file {path} does not exist")
         sample = fo.Sample(filepath=str(path), coco_id=image_id,
                            metadata=fo.ImageMetadata(width=img["width"], height=img["height"]))
         sample[GT_FIELD] = fo.Detections(detections=gt_dets[image_id])

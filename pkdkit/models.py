@@ -177,7 +177,7 @@ def _get_weights(name: str | None) -> Any:
     try:
         return torchvision.models.get_weight(name)
     except (ValueError, KeyError, AttributeError) as e:
-        raise ValueError(f"unknown torchvision weights {name!r}: {e}") from e
+        raise ConfigError(f"unknown torchvision weights {name!r}: {e}") from e
 
 
 def cached_weight_file(weights: Any) -> Path:
@@ -351,7 +351,7 @@ def _build_torchvision_detector(spec: DetectorSpec) -> nn.Module:
     n_cats = len(weights.meta["categories"])
     expected = replace(spec, arch=arch, backbone=backbone, num_classes=n_cats, fpn_channels=256)
     if (spec.arch, spec.backbone, spec.num_classes, spec.fpn_channels) != (arch, backbone, n_cats, 256):
-        raise ValueError(
+        raise ConfigError(
             f"{spec.weights} is a {arch} on {backbone} with {n_cats} classes and 256 FPN channels; the spec says "
             f"{spec.arch} on {spec.backbone} with {spec.num_classes} classes and {spec.fpn_channels} channels. "
             f"Use {expected.to_dict()}")

@@ -264,7 +264,7 @@ def selection_to_stages(selection: Selection, teacher_checkpoints: dict[str, str
     teacher=its checkpoint, **stage_fields)`` (e.g. loss="mgd")."""
     missing = [t for t in selection.order if t not in teacher_checkpoints]
     if missing:
-        raise ValueError(f"no checkpoint given for selected teachers {missing} "
+        raise PlanError(f"no checkpoint given for selected teachers {missing} "
                          f"(checkpoints given for {sorted(teacher_checkpoints)})")
     return [Stage(name=t, teacher=str(teacher_checkpoints[t]), **stage_fields) for t in selection.order]
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from pkdkit.engine import TrainConfig
 from pkdkit.models import DetectorSpec
+from pkdkit.errors import ConfigError
 
 
 @dataclass
@@ -111,7 +112,7 @@ def get_preset(name: str, image_size: int | None = None, **overrides: Any) -> Pr
     max_size of the student and of every teacher (trained or torchvision's), e.g. small images for a quick
     run of the `coco` preset."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
     preset = replace(PRESETS[name](), **overrides)
     if image_size is None:
         return preset

@@ -88,7 +88,7 @@ def _check_same_transform(models: "OrderedDict[str, nn.Module]") -> None:
         diff = {f: (ref[f], k[f]) for f in ref if ref[f] != k[f]}
         if diff:
             detail = "; ".join(f"{f}: {names[0]}={a} vs {name}={b}" for f, (a, b) in diff.items())
-            raise ValueError(f"models {names[0]!r} and {name!r} transform images differently ({detail}); "
+            raise ConfigError(f"models {names[0]!r} and {name!r} transform images differently ({detail}); "
                              "adaptation costs need every model to see the same transformed batch")
 
 
@@ -281,7 +281,7 @@ def _pairwise_costs(models: "OrderedDict[str, nn.Module]", images: Sequence[torc
     summed moments: a small linear solve per source model, level and resample.
     """
     if method not in METHODS:
-        raise ValueError(f"unknown adaptation-cost method {method!r}; expected one of {METHODS}")
+        raise ConfigError(f"unknown adaptation-cost method {method!r}; expected one of {METHODS}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if chunks < 1:
@@ -314,7 +314,7 @@ def _costs_of_features(batches: Iterable[tuple[int, dict[str, list[torch.Tensor]
                     cache.setdefault(lvl, [[] for _ in range(n_models)])[k].append(f.float())
         n_images += n_batch
     if not n_images:
-        raise ValueError("no calibration images: the image set is empty")
+        raise ConfigError("no calibration images: the image set is empty")
     sources = sorted({i for i, _ in pairs})
     used = _levels_with_enough_samples(moments, sources, n_images, explicit=explicit)
     filled = min(chunks, n_images)  # chunks 0 .. filled-1 hold images
@@ -374,7 +374,7 @@ def _levels_with_enough_samples(moments: dict[str, _Moments], sources: list[int]
         msg = (f"too few pixel samples on {n_images} calibration images to fit a 1x1 adapter at levels "
                f"{short} ({detail}); use more or larger images")
         if explicit or not used:
-            raise ValueError(msg)
+            raise ConfigError(msg)
         warnings.warn(msg + f"; using levels {used}", stacklevel=4)
     return used
 
@@ -528,7 +528,7 @@ def run_selection(student_ckpt: str | os.PathLike, teacher_ckpts: dict[str, str 
     `sizes`: {name: (min_size, max_size)} input sizes that override a model's own."""
     check_teacher_names(list(teacher_ckpts))
     if n_images is not None and n_images < 1:
-        raise ValueError(f"n_images must be >= 1 (or None: all images), got {n_images}")
+        raise ConfigError(f"n_images must be >= 1 (or None: all images), got {n_images}")
     sizes = sizes or {}
     models = OrderedDict(student=load_model(student_ckpt, size=sizes.get("student"))[0])
     for name, ckpt in teacher_ckpts.items():

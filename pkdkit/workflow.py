@@ -193,7 +193,7 @@ def prepare_data(preset: Preset, run_dir: str | os.PathLike, data_root: str | No
     if data_root:
         cfg = DataConfig.from_root(Path(data_root).resolve())
     elif preset.synth is None:
-        raise ValueError(f"preset {preset.name!r} has no synthetic data: give data_root (e.g. the COCO 2017 folder)")
+        raise ConfigError(f"preset {preset.name!r} has no synthetic data: give data_root (e.g. the COCO 2017 folder)")
     else:
         cfg = _synthetic_data(RunDir(run_dir).data, **preset.synth)
     return cfg
@@ -691,11 +691,11 @@ def seed_study(reports: list[str | os.PathLike], stats: tuple[str, ...] = ("AP",
     import numpy as np
 
     if not reports:
-        raise ValueError("seed_study: no report folders given")
+        raise ConfigError("seed_study: no report folders given")
     metrics = [json.loads((Path(r) / "metrics.json").read_text()) for r in reports]
     missing = [str(r) for r, m in zip(reports, metrics) if "evaluation" not in m]
     if missing:
-        raise ValueError(f"reports without an evaluation section (did notebook 05 run?): {missing}")
+        raise ConfigError(f"reports without an evaluation section (did notebook 05 run?): {missing}")
     names = [n for n in metrics[0]["evaluation"] if all(n in m["evaluation"] for m in metrics)]
     per_seed = {n: [m.get("comparison", {}).get("runs", {}).get(n, {}).get("budget", {}) for m in metrics] for n in names}
     budgets = {n: {**b[0], "init": _common_init([x.get("init") for x in b])} for n, b in per_seed.items()}

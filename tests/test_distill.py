@@ -185,7 +185,10 @@ def test_kill_in_stage_two_and_resume_matches_uninterrupted_run(tiny_coco, label
     proc = subprocess.Popen([*cmd, str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = tmp_path / "killed" / "stage_2_fcos50" / "history.json"
     deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.exists() and len(json.loads(metrics.read_text())["epochs"]) >= 1):
+    while not (metrics.exists() and len(json.loads(metrics.read_text())["epochs"]) >= 1):  # stage 2's epoch 1 saved
+        if time.time() > deadline or proc.poll() is not None:
+            proc.kill()
+            pytest.fail(f"stage 2 never saved its first epoch (exit status {proc.poll()}, {metrics} missing)")
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -40,6 +40,7 @@ from PIL import Image  # noqa: E402
 
 from pycocotools.cocoeval import COCOeval  # noqa: E402
 
+from pkdkit.data import DataError  # noqa: E402
 from pkdkit.evaluate import cocoeval_metrics, match_counts, match_counts_by_run, run_cocoeval  # noqa: E402
 from pkdkit.fiftyone_app import (  # noqa: E402
     build_dataset, evaluate_models, fixed_by, launch_app, model_field, notebook_settings, summary_table)
@@ -252,7 +253,7 @@ def test_unknown_image_id_names_file_entry_and_id(coco_files):
 
 
 def test_missing_image_file_names_path_and_id(coco_files, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"image 11 of .*gt\.json: file .*a\.png does not exist"):
+    with pytest.raises(DataError, match=r"image 11 of .*gt\.json: file .*a\.png does not exist"):
         build_dataset("pkdkit_test_missing", coco_files / "gt.json", tmp_path, {})
 
 
