@@ -267,13 +267,15 @@ def train_candidates(preset: Preset, data: DataConfig, run_dir: str | os.PathLik
 
 def train_equal_budget_control(preset: Preset, data: DataConfig, run_dir: str | os.PathLike,
                                orders: dict[str, dict[str, Any]], epochs: int, *, device: str = "auto", seed: int = 0,
-                               progress: bool = True) -> dict[str, Any] | None:
-    """`train_baseline_long` for S x `epochs` epochs, S the most stages of any order (`stage_count`); None when
-    every order has one stage (the baseline is then its own equal-budget control)."""
+                               progress: bool = True, gpus: int = 1) -> dict[str, Any] | None:
+    """`train_baseline_long` for S x `epochs` epochs, S the most stages of any order (`stage_count`), on `gpus`
+    processes as the plans are; None when every order has one stage (the baseline is then its own equal-budget
+    control)."""
     stages = stage_count(orders)
     if stages < 2:
         return None
-    return train_baseline_long(preset, data, run_dir, stages * epochs, device=device, seed=seed, progress=progress)
+    return train_baseline_long(preset, data, run_dir, stages * epochs, device=device, seed=seed, progress=progress,
+                               gpus=gpus)
 
 
 def train_baseline_long(preset: Preset, data: DataConfig, run_dir: str | os.PathLike, epochs: int, *,
