@@ -9,7 +9,7 @@ a difference of two APs is judged against:
 - else `AP_NOISE`, the same quantity measured once in the 3-seed study of the tiny preset as it was committed
   before this module (reports/experiment-tiny: pooled sample std of AP over its 6 runs and 3 seeds 0.80 AP
   points, so 1.13 points for a difference), used as the single-run noise. The study regenerated since (7 runs,
-  every shared run bit-identical) gives 1.2 points; the constant is kept so that committed verdicts stay
+  every shared run bit-identical) gives 1.08 points; the constant is kept so that committed verdicts stay
   reproducible.
 
 `judge_order_check` turns `pkdkit.workflow.order_check`'s numbers into a verdict and a sentence.
