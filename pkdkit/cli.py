@@ -233,8 +233,15 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
                                 progress=not getattr(args, "quiet", False))
         print(f"executed notebooks, figures and metrics.json are in {summary['out']}")
     else:
+        from pkdkit.jobs import Slurm
+
+        if args.jobs < 1:
+            raise ConfigError(f"--jobs should be at least 1, got {args.jobs}")
+        slurm = Slurm(partition=args.slurm_partition, gpus=args.slurm_gpus, time_min=args.slurm_time,
+                      account=args.slurm_account)
         summary = run_experiment(args.preset, args.seeds, args.out, run_root=args.run_root, device=args.device,
-                                 parameters=params, threads=args.threads)
+                                 parameters=params, threads=args.threads, jobs=args.jobs, launcher=args.launcher,
+                                 slurm=slurm)
         print(f"per-seed reports and the seed study (experiment.json, figures/) are in {summary['out']}")
     return 0
 
@@ -363,6 +370,7 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
 
 
 def _notebooks_args(p: argparse.ArgumentParser) -> None:
+    from pkdkit.jobs import LAUNCHERS
     from pkdkit.notebooks import DEFAULT_THREADS, NOTEBOOKS
     from pkdkit.presets import PRESETS
 
@@ -395,7 +403,24 @@ def _notebooks_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
                    help="a value for every notebook's parameters cell (as for `run`)")
     e.add_argument("--threads", type=int, default=DEFAULT_THREADS,
-                   help="CPU threads of each notebook kernel (0: torch's default) (default: %(default)s)")
+                   help="CPU threads of each notebook kernel (0: torch's default); on CPU with --jobs N each job "
+                        "gets max(1, threads // N) (default: %(default)s)")
+    g = e.add_argument_group("seeds at once (each seed's output in seed_<k>/run.log; the study when all finished)")
+    g.add_argument("--jobs", type=int, default=1,
+                   help="seeds run at once on this machine, each in its own process: on CUDA one visible GPU per "
+                        "job (CUDA_VISIBLE_DEVICES), on CPU the threads divided (default: %(default)s, one after "
+                        "another in this process)")
+    g.add_argument("--launcher", default="pool", choices=LAUNCHERS,
+                   help="pool: --jobs at once on this machine; slurm: one SLURM job per seed through submitit "
+                        "(requeued on preemption or time-out, resuming from its checkpoints); local: the same "
+                        "submission with submitit's local executor, every seed at once on this machine "
+                        "(default: %(default)s)")
+    g.add_argument("--slurm-partition", help="SLURM partition (default: the cluster's)")
+    g.add_argument("--slurm-gpus", type=int, default=1, help="GPUs per SLURM job (default: %(default)s)")
+    g.add_argument("--slurm-time", type=int, default=240, metavar="MINUTES",
+                   help="time limit of each job (slurm and local); a job that reaches it is requeued and resumes, "
+                        "up to 3 times (default: %(default)s)")
+    g.add_argument("--slurm-account", help="SLURM account to charge (default: yours)")
     e.set_defaults(func=cmd_notebooks)
 
 

@@ -17,11 +17,12 @@ import json
 import os
 import sys
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from pkdkit.errors import PkdkitError
+from pkdkit.errors import ConfigError, PkdkitError
+from pkdkit.jobs import Job, Slurm, run_jobs
 from pkdkit.files import run_lock, write_json
 from pkdkit.progress import MARK
 from pkdkit.runid import check_same_run, identity
@@ -434,22 +435,68 @@ EXPERIMENT_NOTEBOOK = "06_seed_study.ipynb"
 
 def run_experiment(preset: str, seeds: list[int], out: str | os.PathLike, *, run_root: str | os.PathLike | None = None,
                    device: str = "auto", parameters: dict[str, Any] | None = None,
-                   threads: int = DEFAULT_THREADS) -> dict[str, Any]:
+                   threads: int = DEFAULT_THREADS, jobs: int = 1, launcher: str = "pool",
+                   slurm: Slurm | None = None) -> dict[str, Any]:
     """The progressive-vs-one-shot experiment: the whole walk-through once per seed (teachers, baseline,
     selection, distillation all re-trained with that seed) into `out/seed_<k>`, then
-    `06_seed_study.ipynb` aggregates them into `out` (mean and spread of AP per run type)."""
+    `06_seed_study.ipynb` aggregates them into `out` (mean and spread of AP per run type).
+
+    With the default `jobs=1, launcher="pool"` the seeds run one after another in this process. Otherwise each
+    seed is the command `pkdkit notebooks run` of its report and run folders (`seed_job`), run by
+    `pkdkit.jobs.run_jobs`: `jobs` seeds at once here ("pool"; on CUDA one visible GPU per job, on CPU the
+    `threads` divided among the jobs: max(1, threads // jobs) each), or one SLURM job per seed ("slurm", `slurm`
+    its resources; "local": submitit's local executor), its output in `out/seed_<k>/run.log`, submitit's files
+    in `out/submitit/`. The study starts when every seed has finished; a failed seed makes `JobsFailed` name it
+    and its log once the others are done, and no study is written."""
     out = Path(out).resolve()
     run_root = Path(run_root or Path("runs") / f"{preset}_experiment").resolve()
     if "seed" in (parameters or {}):
         raise NotebookParameterError("parameter 'seed' is set with --seeds, not -p")
     check_parameters(list(NOTEBOOKS), parameters or {})
-    seed_dirs = []
+    seed_dirs = [out / f"seed_{seed}" for seed in seeds]
     with run_lock(out):
-        for seed in seeds:
-            report = out / f"seed_{seed}"
-            run_notebooks(preset, report, run_dir=run_root / f"seed_{seed}", device=device,
-                          parameters={**(parameters or {}), "seed": seed}, threads=threads)
-            seed_dirs.append(str(report))
+        if jobs == 1 and launcher == "pool":
+            for seed, report in zip(seeds, seed_dirs):
+                run_notebooks(preset, report, run_dir=run_root / f"seed_{seed}", device=device,
+                              parameters={**(parameters or {}), "seed": seed}, threads=threads)
+        else:
+            gpus = visible_gpus(device, jobs if launcher == "pool" else 1) if launcher != "slurm" else []
+            at_once = min(jobs, len(seeds)) if launcher == "pool" else len(seeds)
+            if not gpus and launcher != "slurm":  # CPU: the threads shared by the jobs that run at once
+                threads = max(1, (threads or len(os.sched_getaffinity(0))) // at_once)
+            run_jobs([seed_job(preset, seed, report, run_root / f"seed_{seed}", device, parameters or {}, threads)
+                      for seed, report in zip(seeds, seed_dirs)],
+                     launcher=launcher, at_once=at_once, gpus=gpus, folder=out / "submitit",
+                     slurm=replace(slurm or Slurm(), cpus=threads or None))
         execute(EXPERIMENT_NOTEBOOK, out, {"reports": [os.path.relpath(d, out) for d in seed_dirs],
                                            "figures_dir": "figures", "summary_path": "experiment.json"})
-    return {"out": str(out), "seeds": seed_dirs}
+    return {"out": str(out), "seeds": [str(d) for d in seed_dirs]}
+
+
+def seed_job(preset: str, seed: int, report: Path, run_dir: Path, device: str, parameters: dict[str, Any],
+             threads: int) -> Job:
+    """One seed of the experiment as a command: `python -m pkdkit.cli notebooks run` into `report` with
+    `run_dir`, the parameters (paths made absolute) and `seed`; its output goes to `report/run.log`."""
+    argv = [sys.executable, "-m", "pkdkit.cli", "notebooks", "run", "--preset", preset, "--out", str(report),
+            "--run-dir", str(run_dir), "--device", device, "--threads", str(threads)]
+    for key, value in {**parameters, "seed": seed}.items():
+        if key in PATH_PARAMETERS and isinstance(value, str):
+            value = str(Path(value).resolve())
+        argv += ["-p", f"{key}={json.dumps(value)}"]  # JSON is YAML, as -p reads it
+    return Job(f"seed {seed}", argv, report / "run.log")
+
+
+def visible_gpus(device: str, jobs: int) -> list[str]:
+    """The GPUs jobs on `device` are spread over: those in CUDA_VISIBLE_DEVICES (else every GPU) on CUDA, none on
+    CPU. A `cuda:<index>` device names one GPU, which several jobs would share: refused for more than one job."""
+    from pkdkit.engine import resolve_device
+
+    if resolve_device(device).type != "cuda":
+        return []
+    if device.startswith("cuda:") and jobs > 1:
+        raise ConfigError(f"--device {device} with {jobs} jobs: give --device cuda (or auto) and choose the GPUs "
+                          f"with CUDA_VISIBLE_DEVICES")
+    import torch
+
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return [g.strip() for g in listed.split(",") if g.strip()] if listed else [str(k) for k in range(torch.cuda.device_count())]
