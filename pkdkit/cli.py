@@ -237,6 +237,7 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
 
         if args.jobs < 1:
             raise ConfigError(f"--jobs should be at least 1, got {args.jobs}")
+        args.resumes_from = f"{args.out} (what its seeds trained is reused)"
         slurm = Slurm(partition=args.slurm_partition, gpus=args.slurm_gpus, time_min=args.slurm_time,
                       account=args.slurm_account)
         summary = run_experiment(args.preset, args.seeds, args.out, run_root=args.run_root, device=args.device,

@@ -482,8 +482,15 @@ def seed_job(preset: str, seed: int, report: Path, run_dir: Path, device: str, p
     for key, value in {**parameters, "seed": seed}.items():
         if key in PATH_PARAMETERS and isinstance(value, str):
             value = str(Path(value).resolve())
-        argv += ["-p", f"{key}={json.dumps(value)}"]  # JSON is YAML, as -p reads it
+        argv += ["-p", f"{key}={_yaml_value(value)}"]
     return Job(f"seed {seed}", argv, report / "run.log")
+
+
+def _yaml_value(value: Any) -> str:
+    """`value` as `-p NAME=VALUE` takes it (YAML, one line): 1e-05 is written 1.0e-05, which YAML reads as a float."""
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True, width=float("inf")).removesuffix("\n...\n").strip()
 
 
 def visible_gpus(device: str, jobs: int) -> list[str]:

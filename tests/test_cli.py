@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import torch
+import yaml
 
 from pkdkit.cli import main
 from pkdkit.data import CocoDetection
@@ -172,11 +173,14 @@ def test_experiment_jobs_2_runs_each_seed_as_notebooks_run_with_its_share_of_the
         log = (out / f"seed_{seed}" / "run.log").read_text()
         assert f"--threads 1 -p epochs=1 -p seed={seed}" in log.splitlines()[0], log
         assert f"{root / f'seed_{seed}'} is in use by another run" in log
-    argv = seed_job("tiny", 1, out / "seed_1", root / "seed_1", "cuda", {"data_root": "data", "lr": 0.5}, 2).argv
+    params = {"data_root": "data", "loss_ratio": 1e-05, "teachers": ["a b", "true"], "fiftyone_dataset": None}
+    argv = seed_job("tiny", 1, out / "seed_1", root / "seed_1", "cuda", params, 2).argv
     args = build_parser(["notebooks"]).parse_args(argv[3:])
     assert (args.action, args.out, args.run_dir, args.device, args.threads) == ("run", str(out / "seed_1"),
                                                                                 str(root / "seed_1"), "cuda", 2)
-    assert args.param == [f"data_root={json.dumps(str(Path('data').resolve()))}", "lr=0.5", "seed=1"]
+    assert dict(p.split("=", 1) for p in args.param)["loss_ratio"] == "1.0e-05"  # YAML reads 1e-05 as text
+    assert {k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in args.param)} == \
+        {**params, "data_root": str(Path("data").resolve()), "seed": 1}  # as `notebooks run` reads -p
     args = build_parser(["notebooks"]).parse_args(
         ["notebooks", "experiment", "--out", "o", "--launcher", "slurm", "--slurm-partition", "gpu",
          "--slurm-gpus", "2", "--slurm-time", "600", "--slurm-account", "lab"])
