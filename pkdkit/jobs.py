@@ -132,7 +132,7 @@ def run_jobs(jobs: Sequence[Job], *, launcher: str = "pool", at_once: int = 1, g
     else:
         raise ValueError(f"launcher {launcher!r}: one of {LAUNCHERS}")
     if failed:
-        raise JobsFailed(f"{len(failed)} of {len(jobs)} jobs failed: " + "; ".join(failed))
+        raise JobsFailed(f"{len(failed)} of {len(jobs)} jobs failed: " + "; ".join(m for _, m in sorted(failed)))
 
 
 def _job_error(text: str) -> str:
@@ -159,7 +159,8 @@ def _ended(job: Job, t0: float, done: int, total: int, error: str | None = None)
     step(f"{what} [{done}/{total}, {_clock(time.monotonic() - t0)}]")
 
 
-def _run_pool(jobs: Sequence[Job], at_once: int, gpus: Sequence[str], t0: float) -> list[str]:
+def _run_pool(jobs: Sequence[Job], at_once: int, gpus: Sequence[str], t0: float) -> list[tuple[int, str]]:
+    """Up to `at_once` jobs at a time, each in a thread waiting on its command; the failed ones as (index, error)."""
     slots: Queue[int] = Queue()  # a job takes a free slot, and that slot's GPU
     for k in range(max(1, at_once)):
         slots.put(k)
@@ -174,12 +175,13 @@ def _run_pool(jobs: Sequence[Job], at_once: int, gpus: Sequence[str], t0: float)
 
     failed = []
     with ThreadPoolExecutor(max_workers=max(1, at_once)) as pool:
-        futures = {pool.submit(one, job): job for job in jobs}
+        futures = {pool.submit(one, job): k for k, job in enumerate(jobs)}
         try:
             for n, future in enumerate(as_completed(futures), 1):
-                job, error = futures[future], future.exception()
+                k, error = futures[future], future.exception()
+                job = jobs[k]
                 if error is not None:
-                    failed.append(str(error))
+                    failed.append((k, str(error)))
                 _ended(job, t0, n, len(jobs), str(error) if error else None)
         except BaseException:  # stopped: cancel what has not started, stop what runs
             for future in futures:
@@ -207,16 +209,18 @@ def make_executor(cluster: str, folder: Path, slurm: Slurm) -> submitit.AutoExec
 
 
 def _run_submitit(jobs: Sequence[Job], cluster: str, folder: Path, slurm: Slurm, gpus: Sequence[str],
-                  t0: float) -> list[str]:
+                  t0: float) -> list[tuple[int, str]]:
+    """Every job submitted at once with submitit; the failed ones as (index, error)."""
     executor = make_executor(cluster, folder, slurm)
     submitted = {}
     try:
         for k, job in enumerate(jobs):
-            submitted[executor.submit(SubmittedJob(_on_gpu(job, gpus, k) if cluster == "local" else job))] = job
+            submitted[executor.submit(SubmittedJob(_on_gpu(job, gpus, k) if cluster == "local" else job))] = k
         failed = []
         poll = 0.5 if cluster == "local" else 30.0
         for n, sjob in enumerate(submitit.helpers.as_completed(list(submitted), poll_frequency=poll), 1):
-            job = submitted[sjob]
+            k = submitted[sjob]
+            job = jobs[k]
             try:
                 sjob.result()
                 error = None
@@ -224,7 +228,7 @@ def _run_submitit(jobs: Sequence[Job], cluster: str, folder: Path, slurm: Slurm,
                 error = _job_error(str(e))
                 error += ("" if str(job.log) in error else f"; its log: {job.log}") + \
                     f" (submitit's log: {sjob.paths.stderr})"
-                failed.append(error if error.startswith(job.name) else f"{job.name}: {error}")
+                failed.append((k, error if error.startswith(job.name) else f"{job.name}: {error}"))
             _ended(job, t0, n, len(jobs), error)
     except BaseException:
         for sjob in submitted:

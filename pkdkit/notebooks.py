@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from pkdkit.errors import ConfigError, PkdkitError
-from pkdkit.jobs import Job, Slurm, run_jobs
 from pkdkit.files import run_lock, write_json
+from pkdkit.jobs import Job, Slurm, run_jobs
 from pkdkit.progress import MARK
 from pkdkit.runid import check_same_run, identity
 
