@@ -48,17 +48,22 @@ def test_open_run_applies_the_image_size_and_makes_the_data_once(tmp_path):
 
 
 def test_one_rule_says_what_identifies_a_run_for_every_record():
-    """`pkdkit.runid`: how a run is computed and what is shown may change at any depth of a record; anything
-    else is refused with each change, saved -> now, and what to do."""
-    from pkdkit.runid import DISPLAY, HOW_COMPUTED, check_same_run, identity
+    """`pkdkit.runid`: settings that do not change the weights, settings that may change the numerics (and the
+    record of where a run was trained) and what is shown may change at any depth of a record; anything else is
+    refused with each change, saved -> now, and what to do."""
+    from pkdkit.runid import DISPLAY, HOW_COMPUTED, MAY_CHANGE_NUMERICS, RAN_ON, SAME_WEIGHTS, check_same_run, identity
 
-    saved = {"train": {"lr": 0.01, "epochs": 2, "device": "cpu", "num_workers": 0, "progress": True},
-             "preset": "tiny", "gpus": 1, "figures_dir": "a"}
-    check_same_run(saved, {"train": {"lr": 0.01, "epochs": 2, "device": "cuda", "num_workers": 4, "progress": False},
+    saved = {"train": {"lr": 0.01, "epochs": 2, "device": "cpu", "num_workers": 0, "amp": True, "progress": True},
+             "preset": "tiny", "gpus": 1, "figures_dir": "a",
+             RAN_ON: {"device": "cpu", "torch": "2.0", "threads": 2, "world_size": 1}}
+    check_same_run(saved, {"train": {"lr": 0.01, "epochs": 2, "device": "cuda", "num_workers": "auto", "amp": False,
+                                     "progress": False},
                            "preset": "tiny", "gpus": 8, "figures_dir": "b"}, "x", "y")
     with pytest.raises(RunMismatchError, match=r"^run holds another \(changed: preset: 'tiny' -> 'small'; "
                                                r"train\.epochs: 2 -> 3\); use another folder$"):
         check_same_run(saved, {**saved, "preset": "small", "train": {**saved["train"], "epochs": 3}}, "run holds another",
                        "use another folder")
-    assert {"device", "gpus", "num_workers"} <= HOW_COMPUTED and {"progress", "figures_dir"} <= DISPLAY
+    assert {"num_workers", "pin_memory", "persistent_workers", "prefetch_factor", "checkpoint_every"} == SAME_WEIGHTS
+    assert {"device", "amp", "channels_last", "gpus"} == MAY_CHANGE_NUMERICS
+    assert SAME_WEIGHTS | MAY_CHANGE_NUMERICS | {RAN_ON} == HOW_COMPUTED and {"progress", "figures_dir"} <= DISPLAY
     assert identity(saved) == {"train": saved["train"], "preset": "tiny"}
