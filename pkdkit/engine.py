@@ -178,7 +178,7 @@ def ran_on(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     is (`pkdkit.runid.MAY_CHANGE_NUMERICS`)."""
     device = _device_for(cfg, info)
     cuda = device.type == "cuda"
-    return {"device": torch.cuda.get_device_name(device) if cuda else device.type, "torch": torch.__version__,
+    return {"device": torch.cuda.get_device_name(device) if cuda else device.type, "torch": str(torch.__version__),
             "threads": torch.get_num_threads(), "amp": cfg.amp and cuda, "channels_last": cfg.channels_last and cuda,
             "world_size": info.world_size}
 

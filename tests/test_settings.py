@@ -67,3 +67,27 @@ def test_one_rule_says_what_identifies_a_run_for_every_record():
     assert {"device", "amp", "channels_last", "gpus"} == MAY_CHANGE_NUMERICS
     assert SAME_WEIGHTS | MAY_CHANGE_NUMERICS | {RAN_ON} == HOW_COMPUTED and {"progress", "figures_dir"} <= DISPLAY
     assert identity(saved) == {"train": saved["train"], "preset": "tiny"}
+
+
+def test_num_workers_auto_is_the_cpus_per_local_process_on_cuda_and_0_on_a_cpu(monkeypatch):
+    """`engine.loader_workers`: on CUDA, the CPUs this process may use over the processes on this machine, less
+    the training process, at most 8, at least 1; on a CPU none (the training threads use the cores)."""
+    import os
+
+    import torch
+
+    from pkdkit.cli import int_or_auto
+    from pkdkit.engine import MAX_AUTO_WORKERS, TrainConfig, loader_workers
+    from pkdkit.errors import ConfigError
+
+    cuda = torch.device("cuda")
+    assert TrainConfig().num_workers == "auto" and loader_workers("auto", torch.device("cpu")) == 0
+    assert loader_workers(3, torch.device("cpu")) == 3 == loader_workers(3, cuda)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    for local_ranks, workers in (("1", MAX_AUTO_WORKERS), ("4", 7), ("16", 1), ("64", 1)):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_ranks)
+        assert loader_workers("auto", cuda) == workers, local_ranks
+    assert int_or_auto("auto") == "auto" and int_or_auto("4") == 4
+    for bad in ("many", -1):
+        with pytest.raises(ConfigError, match="num_workers"):
+            TrainConfig(num_workers=bad)
