@@ -152,7 +152,7 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
     return mixed_seed(seed, step, rank)
 
 
-MAX_AUTO_WORKERS = 8  # beyond this, more workers mostly add memory: one CUDA step rarely eats more images
+MAX_AUTO_WORKERS = 8  # a cap: each worker holds a copy of the dataset and its prefetched batches in memory
 
 
 def loader_workers(num_workers: int | str, device: torch.device) -> int:
@@ -287,6 +287,8 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig,
     that produced the run) after every `cfg.checkpoint_every` epochs and the last; only rank 0 writes.
     Resumes from `last.pt` if present.
     Loss names starting with ``distill`` are shown as the distillation part of the progress bar.
+    A model with a `seed_step(seed)` method (a `pkdkit.distill.Distiller`, for MGD's masks) gets
+    `step_seed(cfg.seed, step, rank)` before each step's forward.
     `on_epoch_end(epoch, model)` may return extra metrics (for example an evaluation) for that epoch.
     `out_dir` is locked for the run (`pkdkit.files.run_lock`): a second run on it fails at once.
     A resumed run must have the same `config`, training settings and training-set annotations (RunMismatchError
