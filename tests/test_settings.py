@@ -76,7 +76,7 @@ def test_num_workers_auto_is_the_cpus_per_local_process_on_cuda_and_0_on_a_cpu(m
 
     import torch
 
-    from pkdkit.cli import int_or_auto
+    from pkdkit.cli import build_parser
     from pkdkit.engine import MAX_AUTO_WORKERS, TrainConfig, loader_workers
     from pkdkit.errors import ConfigError
 
@@ -87,7 +87,8 @@ def test_num_workers_auto_is_the_cpus_per_local_process_on_cuda_and_0_on_a_cpu(m
     for local_ranks, workers in (("1", MAX_AUTO_WORKERS), ("4", 7), ("16", 1), ("64", 1)):
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local_ranks)
         assert loader_workers("auto", cuda) == workers, local_ranks
-    assert int_or_auto("auto") == "auto" and int_or_auto("4") == 4
+    for flag, value in (("auto", "auto"), ("4", 4)):  # the command line reads auto or a number
+        assert build_parser().parse_args(["train", "--data", "d", "--out", "o", "--num-workers", flag]).num_workers == value
     for bad in ("many", -1):
         with pytest.raises(ConfigError, match="num_workers"):
             TrainConfig(num_workers=bad)
