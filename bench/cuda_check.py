@@ -3,8 +3,8 @@
     PYTHONUNBUFFERED=1 python bench/cuda_check.py --out reports/cuda_check.json
 
 Checks, each printed with its numbers and written to `--out` with the machine's description:
-- MGD's random mask: the same seed gives the same mask for features on the CPU and on CUDA (`MGDLoss.keep_mask`
-  draws on the CPU), and the loss of the same weights on both devices agrees (float32, TF32 off).
+- MGD's random mask: the same step seed gives the same mask for features on the CPU and on CUDA
+  (`MGDLoss.keep_mask` draws on the CPU, from the generator a Distiller seeds per step), and the loss of the same weights on both devices agrees (float32, TF32 off).
 - The pipeline on CUDA with mixed precision: synthetic data at the tiny preset's size, a teacher and the baseline
   trained with `train_detector`, then a one-stage plan (paper protocol: initial weights + the teacher's
   neck/head, loss weight calibrated) with `run_plan`; each reports COCO box AP from pycocotools.
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from pkdkit.data import DataConfig
-from pkdkit.engine import train_detector
+from pkdkit.engine import step_seed, train_detector
 from pkdkit.evaluate import EvalRecord
 from pkdkit.losses import MGDLoss
 from pkdkit.plan import Plan, Stage, run_plan
@@ -35,12 +35,13 @@ from pkdkit.synthetic import make_synthetic_coco
 
 def check_mgd(device: torch.device) -> dict:
     loss = MGDLoss(32, 32, alpha_mgd=1e-3)
+    loss.generator = torch.Generator()  # as in training: a Distiller's generator, seeded per step
     feats = torch.randn(2, 32, 10, 10), torch.randn(2, 32, 10, 10)
-    torch.manual_seed(0)
+    loss.generator.manual_seed(step_seed(0, 0))
     mask_cpu = loss.keep_mask(feats[0])
     value_cpu = loss(*feats).item()
     loss.to(device)
-    torch.manual_seed(0)
+    loss.generator.manual_seed(step_seed(0, 0))
     mask_dev = loss.keep_mask(feats[0].to(device))
     value_dev = loss(feats[0].to(device), feats[1].to(device)).item()
     same = torch.equal(mask_cpu, mask_dev.cpu())

@@ -42,6 +42,16 @@ def strict_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
+def int_or_auto(s: str) -> int | str:
+    """A number, or the word auto (`TrainConfig.num_workers`)."""
+    if s.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {s!r}") from None
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data (give --data, or the four files)")
     g.add_argument("--data", metavar="ROOT",
@@ -90,8 +100,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         elif kind is tuple:
             g.add_argument(flag, type=float, nargs="+", default=None, help=f"{text} (default {list(default)})")
         else:
-            g.add_argument(flag, type=kind, default=None, choices=f.metadata.get("choices"),
-                           help=f"{text} (default {default})")
+            g.add_argument(flag, type=int_or_auto if f.name == "num_workers" else kind, default=None,
+                           choices=f.metadata.get("choices"), help=f"{text} (default {default})")
 
 
 def _train_config(args: argparse.Namespace, base: Any = None) -> Any:

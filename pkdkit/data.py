@@ -279,7 +279,9 @@ class CocoDetection(Dataset):
     uint8 `(K, H, W)`. Crowd annotations are left out (COCOeval reads them from the JSON) and so are boxes
     with no extent inside the image (one warning per dataset with the count). Images without annotations
     are kept, with empty `(0, 4)` boxes. `train=True` flips image, boxes and masks horizontally with
-    probability `hflip_prob` (torch's global RNG).
+    probability `hflip_prob`, drawn from the item's own generator (`item_generator`: seeded by the seed, epoch and
+    index an `ItemKey` carries, as `make_loader` asks for items), never from torch's global RNG: the same
+    epoch flips the same images in the training process and in any number of loader workers.
     """
 
     def __init__(self, image_dir, ann_file, *, train: bool = False, masks: bool = False,
@@ -347,6 +349,7 @@ class CocoDetection(Dataset):
         return len(self.ids)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        """Item `index`: an int, or the `ItemKey` a loader's sampler yields (its seed and epoch pick the flip)."""
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
         image = self._load_image(info)
@@ -362,7 +365,7 @@ class CocoDetection(Dataset):
         }
         if self.masks:
             target["masks"] = self._load_masks(info, [a for a, _ in anns])
-        if self.train and torch.rand(1).item() < self.hflip_prob:
+        if self.train and torch.rand(1, generator=item_generator(index)).item() < self.hflip_prob:
             image, target = hflip(image, target)
         return image, target
 
@@ -484,40 +487,45 @@ def collate_fn(batch) -> tuple[list[torch.Tensor], list[dict]]:
     return list(images), list(targets)
 
 
-class _EpochSampler(DistributedSampler):
-    """A `DistributedSampler` whose indices carry their epoch and pass, ``(epoch, pass, index)``, so that loader
-    workers re-seed at the start of every pass over the data, also persistent ones (started once, where
-    ``worker_init_fn`` runs only once)."""
+class ItemKey(int):
+    """A dataset index that carries the `seed` and `epoch` of the pass asking for it: `make_loader`'s sampler
+    yields these, so an item's random augmentation (`item_generator`) depends on (seed, epoch, index) alone, not
+    on which process loads it. It is an int, so any dataset indexes with it as with its index; with the index,
+    the epoch also reaches persistent workers, whose copy of the dataset the training process cannot update."""
 
-    passes = 0
+    seed: int
+    epoch: int
+
+    def __new__(cls, index: int, seed: int = 0, epoch: int = 0) -> "ItemKey":
+        key = super().__new__(cls, index)
+        key.seed, key.epoch = int(seed), int(epoch)
+        return key
+
+    def __reduce__(self):  # to loader workers and back: the seed and epoch travel with the index
+        return ItemKey, (int(self), self.seed, self.epoch)
+
+    def __repr__(self) -> str:
+        return f"ItemKey({int(self)}, seed={self.seed}, epoch={self.epoch})"
+
+
+def mixed_seed(*keys: int) -> int:
+    """A 64-bit seed from non-negative ints (numpy's `SeedSequence`): nearby keys, e.g. consecutive steps or
+    images, give unrelated streams."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0])
+
+
+def item_generator(index: int) -> torch.Generator:
+    """The CPU generator of item `index`'s random draws, seeded by (seed, epoch, index) of an `ItemKey`; a plain
+    int index draws as in epoch 0 of seed 0. The same item of the same epoch draws the same numbers in the
+    training process and in any loader worker."""
+    return torch.Generator().manual_seed(mixed_seed(getattr(index, "seed", 0), getattr(index, "epoch", 0), index))
+
+
+class _SeededSampler(DistributedSampler):
+    """A `DistributedSampler` yielding `ItemKey`s: each index carries the sampler's seed and epoch."""
 
     def __iter__(self):
-        self.passes += 1
-        return ((self.epoch, self.passes, i) for i in super().__iter__())
-
-
-class _EpochSeeded(Dataset):
-    """Reads ``(epoch, pass, index)`` keys: in a loader worker, the first item of each pass seeds torch and
-    numpy from (seed, epoch, rank, worker id), so augmentation is reproducible per epoch whatever the worker
-    settings (fresh or persistent workers draw the same numbers, also when a pass is started twice)."""
-
-    def __init__(self, dataset: Dataset, seed: int, rank: int):
-        self.dataset, self.seed, self.rank = dataset, seed, rank
-        self._pass: int | None = None  # the pass this copy (one per worker) last seeded for
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int, int]):
-        epoch, pass_id, index = key
-        worker = torch.utils.data.get_worker_info()
-        if worker is not None and pass_id != self._pass:
-            s = np.random.SeedSequence([self.seed, epoch, self.rank, worker.id])
-            worker_seed = int(s.generate_state(1, dtype=np.uint64)[0] >> 1)
-            torch.manual_seed(worker_seed)
-            np.random.seed(worker_seed % 2**32)
-            self._pass = pass_id
-        return self.dataset[index]
+        return (ItemKey(i, self.seed, self.epoch) for i in super().__iter__())
 
 
 def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int = 0, num_workers: int = 0,
@@ -526,11 +534,12 @@ def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int = 0, num_w
     """A DataLoader over a `DistributedSampler` (1 replica unless `distributed` and torch.distributed is up).
 
     Shuffling depends only on `(seed, epoch)`: call `loader.sampler.set_epoch(epoch)` before each epoch.
-    The loader has its own generator, so iterating it does not consume torch's global RNG. With
-    `num_workers` > 0 each worker seeds its RNGs from (seed, epoch, rank, worker id) at its first item of an
-    epoch, so random augmentation is the same for fresh and `persistent_workers` (kept between epochs:
-    no start-up cost per epoch). `pin_memory` (page-locked batches, for fast and asynchronous copies to a
-    GPU) and `prefetch_factor` (batches loaded ahead per worker; torch's default 2) are DataLoader's.
+    The loader has its own generator, so iterating it does not consume torch's global RNG. The sampler asks for
+    `ItemKey`s, indices carrying (seed, epoch), from which `CocoDetection` seeds each item's augmentation
+    (`item_generator`): the batches are the same with any `num_workers`, fresh or `persistent_workers` (kept
+    between epochs: no start-up cost per epoch), and on any rank. `pin_memory` (page-locked batches, for fast
+    and asynchronous copies to a GPU) and `prefetch_factor` (batches loaded ahead per worker; torch's default 2)
+    are DataLoader's.
     """
     if num_workers < 0:
         raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
@@ -542,13 +551,8 @@ def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int = 0, num_w
         num_replicas, rank = dist.get_world_size(), dist.get_rank()
     else:
         num_replicas, rank = 1, 0
-    if num_workers == 0:
-        sampler = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
-                                     drop_last=drop_last)
-    else:
-        sampler = _EpochSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
-                                drop_last=drop_last)
-        dataset = _EpochSeeded(dataset, seed, rank)
+    sampler = _SeededSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                             drop_last=drop_last)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       collate_fn=collate_fn, drop_last=drop_last, pin_memory=pin_memory,
                       persistent_workers=persistent_workers, prefetch_factor=prefetch_factor,

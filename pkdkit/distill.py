@@ -33,6 +33,11 @@ class Distiller(nn.Module):
     `parameters()` or `state_dict()`, and stays in eval mode. Loss modules (1x1 adapters, MGD's
     generation block) are trained together with the student. `weight` multiplies every level's loss
     (on top of the loss's own weights, e.g. MGD's alpha): 0 turns distillation off.
+
+    Random draws of the losses (MGD's masks: the losses with a `generator` attribute) come from the distiller's
+    own CPU generator, in level order, which `seed_step` re-seeds before each training step: the masks depend on
+    the run's seed and the step alone, not on what else draws from torch's global RNG (the data loader, the
+    detector's samplers), so they are the same with any loader and when a run resumes.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, losses: dict[str, nn.Module], weight: float = 1.0):
@@ -41,6 +46,10 @@ class Distiller(nn.Module):
         self.student = student
         self.losses = nn.ModuleDict(losses)
         self.weight = float(weight)
+        self.generator = torch.Generator()
+        for loss in self.losses.values():
+            if hasattr(loss, "generator"):
+                loss.generator = self.generator
         teacher.eval().requires_grad_(False)
         self._teacher = (teacher,)  # a tuple keeps nn.Module from registering it
         # A teacher with another input size sees the batch at its own size; its maps come back at the student's.
@@ -49,6 +58,11 @@ class Distiller(nn.Module):
     @property
     def teacher(self) -> nn.Module:
         return self._teacher[0]
+
+    def seed_step(self, seed: int) -> None:
+        """Seed the draws of the next forward (MGD's masks) with `seed`; `pkdkit.engine` calls it before each
+        training step with `pkdkit.engine.step_seed` (the run's seed, the global step and the rank)."""
+        self.generator.manual_seed(seed)
 
     def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         with FeatureTap(self.student) as tap:

@@ -6,7 +6,10 @@ scheduler), resume, then `train_one_epoch` (one `train_step` per batch) and a ch
 `checkpoint_every` epochs). It writes an atomic checkpoint (`last.pt`: model, optimizer, scheduler, AMP scaler, RNG states,
 history) and `history.json` together, and resumes from `last.pt` when run again with the same config. Each
 epoch re-seeds every RNG from (seed, epoch) and the sampler shuffles by (seed, epoch), so a run killed mid-epoch and
-resumed ends with exactly the weights of an uninterrupted run.
+resumed ends with exactly the weights of an uninterrupted run. Nothing random depends on the loader's processes:
+each image's augmentation draws from a generator seeded by (seed, epoch, index) (`pkdkit.data.ItemKey`) and a
+model's own draws (MGD's masks) from one seeded by (seed, step) (`step_seed`), so the weights are the same with
+any `num_workers`.
 
 `train_detector(...)` is the supervised entry point the CLI and notebooks call: build, train, save
 `model.pt`, evaluate.
@@ -22,7 +25,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -30,14 +33,14 @@ import torch.distributed as dist
 from torch import nn
 
 from pkdkit.config import check_keys, check_range, check_types
-from pkdkit.data import CocoDetection, make_loader
+from pkdkit.data import CocoDetection, make_loader, mixed_seed
 from pkdkit.errors import ConfigError, PkdkitError
 from pkdkit.evaluate import EvalRecord, evaluate_detector, evaluation_files
 from pkdkit.files import run_lock, write_json
 from pkdkit.models import (DetectorSpec, atomic_save, build_detector, initial_weights_label, load_checkpoint,
                            model_meta, save_detector, state_fingerprint)
 from pkdkit.progress import bar as progress_bar, step as progress_step
-from pkdkit.runid import check_same_run
+from pkdkit.runid import RAN_ON, check_same_run
 
 
 class NonFiniteLossError(PkdkitError, RuntimeError):
@@ -74,12 +77,14 @@ class TrainConfig:
                 "an H200, bench/run.py --device cuda)"})
     seed: int = field(default=0, metadata={"help": "seed of every RNG (weights, shuffling, flips)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:<index> or mps"})
-    num_workers: int = field(default=0, metadata={"help": "data-loader worker processes (decode, targets, masks "
-                                                            "off the training process)"})
+    num_workers: int | Literal["auto"] = field(default="auto", metadata={
+        "help": "data-loader worker processes (decode, targets, masks off the training process); auto: on CUDA "
+                "the CPUs of this process divided by the processes on this machine, at most 8 (`loader_workers`), "
+                "on a CPU 0"})
     pin_memory: bool | None = field(default=None, metadata={"help": "page-locked batches for asynchronous copies; "
                                                                     "null: on when training on CUDA"})
-    persistent_workers: bool = field(default=False, metadata={"help": "keep the loader workers between epochs "
-                                                                      "(needs num_workers > 0)"})
+    persistent_workers: bool | None = field(default=None, metadata={
+        "help": "keep the loader workers between epochs (needs num_workers > 0); null: on when there are workers"})
     prefetch_factor: int | None = field(default=None, metadata={"help": "batches loaded ahead per worker; null: "
                                                                         "torch's default (2)"})
     checkpoint_every: int = field(default=1, metadata={
@@ -101,8 +106,10 @@ class TrainConfig:
             raise ConfigError(f"device must be auto, cpu, cuda, cuda:<index> or mps, not {self.device!r}")
         for name in ("epochs", "batch_size", "checkpoint_every"):
             check_range(name, getattr(self, name), 1)
-        for name in ("warmup_iters", "seed", "num_workers", "weight_decay"):
+        for name in ("warmup_iters", "seed", "weight_decay"):
             check_range(name, getattr(self, name), 0)
+        if self.num_workers != "auto":
+            check_range("num_workers", self.num_workers, 0)
         check_range("lr", self.lr, 0, lo_open=True)
         check_range("momentum", self.momentum, 0, 1, hi_open=True)
         check_range("gamma", self.gamma, 0, lo_open=True)
@@ -136,6 +143,44 @@ def seed_everything(seed: int) -> None:
 
 def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The seed of the random draws a model makes in training step `step` (global, from 0) on process `rank`
+    (MGD's masks, `pkdkit.distill.Distiller.seed_step`): a function of these alone, so the draws are the same
+    whatever the loader does and when a run resumes."""
+    return mixed_seed(seed, step, rank)
+
+
+MAX_AUTO_WORKERS = 8  # a cap: each worker holds a copy of the dataset and its prefetched batches in memory
+
+
+def loader_workers(num_workers: int | str, device: torch.device) -> int:
+    """The loader worker processes `num_workers` stands for: a number as it is; "auto" on CUDA is the CPUs this
+    process may run on (`os.sched_getaffinity`) divided by the training processes on this machine
+    (`LOCAL_WORLD_SIZE`, set by torchrun), less one for the training process itself, at most
+    `MAX_AUTO_WORKERS`, at least 1: decoding and transforming images in other processes keeps the GPU busy;
+    on a CPU (or MPS) "auto" is 0, since the training process's threads already use every core, and workers
+    would only take cores from them. The weights do not depend on it (`pkdkit.data.ItemKey`)."""
+    if num_workers != "auto":
+        return int(num_workers)
+    if device.type != "cuda":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = cpus // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    return max(1, min(MAX_AUTO_WORKERS, per_process - 1))
+
+
+def ran_on(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
+    """Where a run of `cfg` on this process group trains, as its records keep it (`pkdkit.runid.RAN_ON`): the
+    device's name ("cpu", or e.g. "NVIDIA H200"), torch's version, CPU threads, whether AMP and channels-last
+    are in effect (on CUDA only) and the number of processes: what may change the numerics but not what the run
+    is (`pkdkit.runid.MAY_CHANGE_NUMERICS`)."""
+    device = _device_for(cfg, info)
+    cuda = device.type == "cuda"
+    return {"device": torch.cuda.get_device_name(device) if cuda else device.type, "torch": str(torch.__version__),
+            "threads": torch.get_num_threads(), "amp": cfg.amp and cuda, "channels_last": cfg.channels_last and cuda,
+            "world_size": info.world_size}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -242,6 +287,8 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig,
     that produced the run) after every `cfg.checkpoint_every` epochs and the last; only rank 0 writes.
     Resumes from `last.pt` if present.
     Loss names starting with ``distill`` are shown as the distillation part of the progress bar.
+    A model with a `seed_step(seed)` method (a `pkdkit.distill.Distiller`, for MGD's masks) gets
+    `step_seed(cfg.seed, step, rank)` before each step's forward.
     `on_epoch_end(epoch, model)` may return extra metrics (for example an evaluation) for that epoch.
     `out_dir` is locked for the run (`pkdkit.files.run_lock`): a second run on it fails at once.
     A resumed run must have the same `config`, training settings and training-set annotations (RunMismatchError
@@ -285,9 +332,13 @@ def _train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig
     model.to(device)
     if cfg.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)  # 4-D weights only; convolutions then run channels-last
-    loader = make_loader(dataset, cfg.batch_size, shuffle=True, seed=cfg.seed, num_workers=cfg.num_workers,
-                         distributed=info.enabled, persistent_workers=cfg.persistent_workers,
-                         prefetch_factor=cfg.prefetch_factor,
+    workers = loader_workers(cfg.num_workers, device)
+    persistent = workers > 0 if cfg.persistent_workers is None else cfg.persistent_workers
+    prefetch = cfg.prefetch_factor
+    if workers == 0 and cfg.num_workers == "auto":  # auto chose no workers: their settings apply to nothing
+        persistent, prefetch = False, None
+    loader = make_loader(dataset, cfg.batch_size, shuffle=True, seed=cfg.seed, num_workers=workers,
+                         distributed=info.enabled, persistent_workers=persistent, prefetch_factor=prefetch,
                          pin_memory=device.type == "cuda" if cfg.pin_memory is None else cfg.pin_memory)
     total_iters = cfg.epochs * len(loader)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
@@ -359,6 +410,8 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
     sum ("loss"). A non-finite loss or weight stops training (NonFiniteLossError naming the step; `ckpt_path`
     is the checkpoint left intact)."""
     checks = FiniteChecks(model, info, ckpt_path)
+    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    seed_step = getattr(module, "seed_step", None)  # a model with random draws of its own (a Distiller's masks)
     model.train()
     sums: dict[str, float] = {}
     # a bar beside the loader, not around it: a tqdm bar calls iter() on what it wraps once more,
@@ -367,6 +420,8 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optim
                        disable=not (cfg.progress and info.is_main), leave=False, dynamic_ncols=True)
     for i, (images, targets) in enumerate(loader):
         at = StepAt(epoch, i, epoch * len(loader) + i)
+        if seed_step is not None:
+            seed_step(step_seed(cfg.seed, at.step, info.rank))
         losses = train_step(model, images, targets, optimizer, scheduler, scaler, cfg, device, checks=checks, at=at)
         values = {k: v.item() for k, v in losses.items()}
         for k, v in values.items():
@@ -529,9 +584,10 @@ def train_detector(spec: DetectorSpec, train_ds: CocoDetection, val_ds: CocoDete
         train(model, train_ds, cfg, out_dir, desc=f"train {spec.name}", config=full)
         record = EvalRecord()
         if info.is_main:
-            save_detector(model_file, model, spec, label_map, config=full)
+            done = {**full, RAN_ON: ran_on(cfg, info)}  # where it was trained: in its model and record
+            save_detector(model_file, model, spec, label_map, config=done)
             record = evaluate_detector(model, val_ds, label_map, out_dir=out_dir, name="eval",
-                                       device=_device_for(cfg, info), config=full, progress=cfg.progress)
+                                       device=_device_for(cfg, info), config=done, progress=cfg.progress)
             if cfg.progress:
                 progress_step(f"train {spec.name}: evaluated, AP {record.ap:.3f} ({out_dir.name})")
         barrier(info)

@@ -117,9 +117,10 @@ class MGDLoss(_FeatureLoss):
         G(x) = conv3x3(ReLU(conv3x3(x)))                                            (C -> C -> C)
         loss = alpha_mgd * sum((G(S * M) - T) ** 2) / N
 
-    The mask is drawn on the CPU with one `torch.rand((N, 1, H, W))` call from torch's global CPU RNG (or
-    from the CPU `torch.Generator` set as the attribute `generator`) and then moved to the features'
-    device, as the authors' code does: the same seed gives the same mask on CPU and on CUDA. The authors
+    The mask is drawn on the CPU with one `torch.rand((N, 1, H, W))` call from the CPU `torch.Generator` set
+    as the attribute `generator` (in training, the `pkdkit.distill.Distiller`'s, seeded at every step from the
+    run's seed and the step; None: torch's global CPU RNG) and then moved to the features' device, as the
+    authors' code does: the same seed gives the same mask on CPU and on CUDA. The authors
     zero positions where u > 1 - lambda (the brief's "u < lambda" has the same law); we keep their
     comparison so the same seed gives the same mask as their code.
 

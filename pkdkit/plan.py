@@ -50,7 +50,7 @@ from torch import nn
 from pkdkit.config import check_fields, check_types, check_value
 from pkdkit.data import CocoDetection, DataConfig, LabelMap, make_loader
 from pkdkit.distill import Distiller, build_distiller, calibrate_loss_weight, inherit_teacher_head
-from pkdkit.engine import (DistInfo, TrainConfig, barrier, history_file, init_distributed, resolve_device,
+from pkdkit.engine import (DistInfo, TrainConfig, barrier, history_file, init_distributed, ran_on, resolve_device,
                            seed_everything, train, training_files)
 from pkdkit.errors import ConfigError, reason
 from pkdkit.evaluate import EvalRecord, budget_of, comparison_table, evaluate_detector, evaluation_files
@@ -61,7 +61,7 @@ from pkdkit.models import (CheckpointError, DetectorSpec, build_detector, initia
                            load_checkpoint, load_model, model_meta, save_detector, state_fingerprint)
 from pkdkit.ordering import Selection
 from pkdkit.progress import step
-from pkdkit.runid import mismatch, run_diff
+from pkdkit.runid import RAN_ON, mismatch, run_diff
 
 
 PLAN_FILE = "plan.yaml"  # in a plan's out_dir: the plan that ran there
@@ -558,8 +558,9 @@ def _train_stage(run: _PlanRun, k: int, cfg: TrainConfig, distiller: Distiller,
           desc=f"{where} {stage.name}", config=stage_config)
     record = None
     if run.info.is_main:
-        save_detector(plan.stage_student(k), distiller.student, plan.student, run.label_map, config=stage_config)
-        record = run.evaluate(distiller.student, plan.stage_dir(k), stage_config)
+        done = {**stage_config, RAN_ON: ran_on(cfg, run.info)}  # where it was trained: in its student and record
+        save_detector(plan.stage_student(k), distiller.student, plan.student, run.label_map, config=done)
+        record = run.evaluate(distiller.student, plan.stage_dir(k), done)
         run.say(f"{where} ({stage.name}): evaluated, AP {record.ap:.3f}")
     barrier(run.info)
     return record

@@ -2,10 +2,23 @@
 
 A run is identified by everything in its recorded settings (the detector spec, the training settings, the
 data and its content fingerprints, the initialisation, a plan's stages, the notebooks' parameters) except
-the settings named here, in two categories:
+the settings named here, in three categories:
 
-- `HOW_COMPUTED`: how a run is computed, not what it computes (device, GPUs, loader workers, memory layout,
-  checkpoint interval): a resumed run, or a finished run reused, may change them;
+- `SAME_WEIGHTS`: how fast a run goes and when it saves, never what it computes: loader worker processes
+  (`num_workers`, also "auto"), pinned memory, persistent workers, prefetch, the checkpoint interval. Every
+  random draw of loading and augmentation comes from a generator seeded by (seed, epoch, image index)
+  (`pkdkit.data.ItemKey`) and a model's own draws from one seeded by (seed, step) (`pkdkit.engine.step_seed`),
+  so the weights are bit-identical whatever these are (tests/test_loader.py);
+- `MAY_CHANGE_NUMERICS`: where a run is computed, which may change its numbers but not what it is: the device
+  (another kernel, another summation order), AMP (float16 autocast on CUDA), channels-last (other convolution
+  kernels on CUDA) and `gpus`, the number of training processes. `gpus` changes more than round-off: under DDP
+  each process trains `batch_size` images per step, so the world size multiplies the effective batch and divides
+  the steps per epoch; it is here rather than in what identifies a run because it is a property of the
+  machine a session gets (the notebooks move a run between a laptop and a GPU server, `workflow.RunSettings`),
+  and a longer run resumed on more GPUs is still that run. A resume and a stage reuse (`plan.reuse_stages`,
+  `engine.finished_detector`) accept a change of these, and each record keeps where its run was trained under
+  `RAN_ON` (`engine.ran_on`: device name, torch version, threads, AMP, channels-last, world size), so a reader
+  can tell runs computed elsewhere apart;
 - `DISPLAY`: what is shown, or where it is written (progress, figure and report paths, the image looked at).
 
 `check_same_run(saved, now, ...)` compares two recorded settings (nested dicts, compared as JSON by
@@ -16,8 +29,7 @@ to change in all of them or in none.
 
 This is its own small module rather than part of `pkdkit.config`: `config` checks values against types
 (a mechanism every configuration dataclass uses), while this is a policy on which settings matter, one
-level above it, with its own categories to grow (e.g. settings that may change the numerics but not the
-weights' meaning).
+level above it.
 """
 from __future__ import annotations
 
@@ -26,9 +38,14 @@ from typing import Any
 from pkdkit.config import config_diff
 from pkdkit.errors import RunMismatchError
 
+# How fast a run goes and when it saves: the weights are bit-identical whatever these are.
+SAME_WEIGHTS = frozenset({"num_workers", "pin_memory", "persistent_workers", "prefetch_factor", "checkpoint_every"})
+# Where a run is computed: may change its numbers, not what it is; recorded under RAN_ON.
+MAY_CHANGE_NUMERICS = frozenset({"device", "amp", "channels_last", "gpus"})
+# The record of where a run was trained (`pkdkit.engine.ran_on`): a top-level key of each detector and stage record.
+RAN_ON = "ran_on"
 # How a run is computed: may change when a run is resumed or reused.
-HOW_COMPUTED = frozenset({"device", "gpus", "num_workers", "pin_memory", "persistent_workers", "prefetch_factor",
-                          "channels_last", "checkpoint_every"})
+HOW_COMPUTED = SAME_WEIGHTS | MAY_CHANGE_NUMERICS | {RAN_ON}
 # What is shown or where it goes: never part of what a run is.
 DISPLAY = frozenset({"progress", "run_dir", "figures_dir", "report_metrics", "image_index", "mode", "launch_app",
                      "fiftyone_dataset", "iou"})
@@ -42,8 +59,9 @@ def identity(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_diff(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """The settings identifying a run that differ between `saved` and `now`, as ``"train.lr: 0.001 -> 0.1"``."""
-    return config_diff(saved, now, ignore=NOT_IDENTITY)
+    """The settings identifying a run that differ between `saved` and `now`, as ``"train.lr: 0.001 -> 0.1"``
+    (the `RAN_ON` record, a dict at the top level, left out whole)."""
+    return config_diff(*({k: v for k, v in d.items() if k != RAN_ON} for d in (saved, now)), ignore=NOT_IDENTITY)
 
 
 def mismatch(diff: list[str], what: str, todo: str) -> RunMismatchError:

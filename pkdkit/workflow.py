@@ -57,7 +57,7 @@ class RunSettings:
     distill_epochs: int | None = None  # None: the preset's, per distillation stage
     image_size: int | None = None  # None: the preset's input size
     device: str = "auto"
-    gpus: int = 1  # device and gpus may change between sessions of one run (`pkdkit.runid.HOW_COMPUTED`)
+    gpus: int = 1  # device and gpus may change between sessions of one run (`pkdkit.runid.MAY_CHANGE_NUMERICS`)
 
     def __post_init__(self) -> None:
         """Each setting of its field's type and in range (ConfigError naming it), so that settings are written

@@ -11,7 +11,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import DistributedSampler
 
-from pkdkit.data import CocoDetection, DataError, LabelMap, collate_fn, hflip, make_loader
+from pkdkit.data import CocoDetection, DataError, LabelMap, collate_fn, hflip, item_generator, make_loader
 
 # ---------------------------------------------------------------------------------------------------------
 # A hand-made two-image dataset whose masks are known pixel by pixel.
@@ -425,24 +425,26 @@ def test_make_loader_does_not_consume_global_rng():
 
 
 class _RandomDraws(torch.utils.data.Dataset):
-    """Each item is a draw from torch's global RNG, like a random flip in a worker."""
+    """Each item is a draw from its own generator (`item_generator`), like a random flip."""
 
     def __len__(self):
         return 6
 
     def __getitem__(self, i):
-        return torch.rand(1), {"i": i}
+        return torch.rand(1, generator=item_generator(i)), {"i": i}
 
 
-def test_worker_randomness_depends_on_seed_and_epoch_only():
-    def draws(seed, epoch):
-        loader = make_loader(_RandomDraws(), batch_size=2, shuffle=False, seed=seed, num_workers=1)
+def test_item_randomness_depends_on_seed_epoch_and_index_only_not_on_the_workers():
+    def draws(seed, epoch, num_workers=1):
+        loader = make_loader(_RandomDraws(), batch_size=2, shuffle=False, seed=seed, num_workers=num_workers)
         loader.sampler.set_epoch(epoch)
         return torch.cat([img for images, _ in loader for img in images])
 
     assert torch.equal(draws(0, 1), draws(0, 1))
+    assert torch.equal(draws(0, 1, num_workers=0), draws(0, 1, num_workers=2))  # the process does not matter
     assert not torch.equal(draws(0, 1), draws(0, 2))
     assert not torch.equal(draws(0, 1), draws(1, 1))
+    assert len(set(draws(0, 1).tolist())) == 6  # each image its own stream
 
 
 def test_loader_over_coco_detection_yields_batches(tiny_coco):

@@ -215,12 +215,15 @@ def test_a_stage_another_plan_trained_identically_is_linked_not_trained_again_an
     assert shared_stages(two, plan("other_ratio", loss_ratio=1.0)) == 0
     assert shared_stages(two, replace(one, train=replace(one.train, epochs=2))) == 0  # another schedule
     assert shared_stages(two, replace(one, train=replace(one.train, num_workers=1))) == 1  # resume-free setting
+    numerics = dict(device="cuda", amp=False, channels_last=False)  # may change the numbers: recorded, not refused
+    assert shared_stages(two, replace(one, train=replace(one.train, **numerics))) == 1
     assert reuse_stages(two, [one], progress=False) == 0  # nothing finished yet: nothing to take
 
     run_plans([one, two], progress=False)
     for name in ("student.pt", "last.pt", "eval.json", "history.json", "calibration.json"):
         assert (two.stage_dir(0) / name).samefile(one.stage_dir(0) / name)
     handed = json.loads(two.stage_record(1).read_text())["config"]["stage"]
+    assert json.loads(two.stage_record(0).read_text())["config"]["ran_on"]["device"] == "cpu"  # where it was trained
     assert handed["init_from"] == str(two.stage_student(0))
     # the same final student as a plan that trained both of its stages itself
     alone = plan("alone")

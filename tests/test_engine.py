@@ -237,6 +237,8 @@ def test_train_detector_writes_model_eval_and_config_and_skips_when_done(tiny_co
     record = train_detector(spec, train_ds, val_ds, CFG.replace(epochs=1), tmp_path)
     assert {"model.pt", "eval.json", "eval_results.json", "last.pt", "history.json"} <= {p.name for p in tmp_path.iterdir()}
     assert record["config"]["spec"] == spec.to_dict() and set(record["metrics"]["bbox"]["stats"]) >= {"AP", "AR100"}
+    assert record["config"]["ran_on"] == {"device": "cpu", "torch": torch.__version__, "threads": torch.get_num_threads(),
+                                          "amp": False, "channels_last": False, "world_size": 1}  # where it trained
     _, spec2, label_map, _ = load_detector(tmp_path / "model.pt")
     assert spec2 == spec and label_map == train_ds.label_map
     mtime = (tmp_path / "model.pt").stat().st_mtime

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pkdkit.data import CocoDetection, make_loader
+from pkdkit.distill import build_distiller
 from pkdkit.engine import TrainConfig, train
 from pkdkit.models import DetectorSpec, build_detector
 
@@ -69,17 +70,41 @@ def test_worker_settings_without_workers_say_what_is_wrong(tiny_coco):
     assert make_loader(ds, 4, shuffle=False, num_workers=1, pin_memory=True).pin_memory
 
 
-def test_training_with_persistent_prefetching_workers_gives_the_same_weights(tiny_coco, tmp_path):
+SPEC = dict(arch="fcos", backbone="resnet18", fpn_channels=32, min_size=64, max_size=64,
+            anchor_sizes=(8, 16, 32, 64, 128))
+CFG = TrainConfig(epochs=2, batch_size=8, optimizer="adamw", lr=1e-3, warmup_iters=1, device="cpu", progress=False)
+
+
+def _trained(model, ds, cfg: TrainConfig, out) -> dict[str, torch.Tensor]:
+    train(model, ds, cfg, out)
+    return model.state_dict()
+
+
+def _assert_same_weights(weights: list[dict[str, torch.Tensor]]) -> None:
+    assert all(torch.equal(w[k], weights[0][k]) for w in weights[1:] for k in weights[0])
+
+
+def test_training_with_0_1_or_2_workers_fresh_or_persistent_gives_bit_identical_weights(tiny_coco, tmp_path):
+    """Flips come from (seed, epoch, image index) (`pkdkit.data.ItemKey`), whichever process loads the image."""
     ds = CocoDetection(tiny_coco["train_images"], tiny_coco["train_json"], train=True)
-    spec = DetectorSpec(arch="fcos", backbone="resnet18", num_classes=ds.label_map.num_classes, fpn_channels=32,
-                        min_size=64, max_size=64, anchor_sizes=(8, 16, 32, 64, 128))
-    cfg = TrainConfig(epochs=2, batch_size=8, optimizer="adamw", lr=1e-3, warmup_iters=1, device="cpu",
-                      progress=False, num_workers=1)
+    spec = DetectorSpec(num_classes=ds.label_map.num_classes, **SPEC)
     weights = []
-    for name, settings in (("fresh", {}), ("persistent", dict(persistent_workers=True, prefetch_factor=1,
-                                                                pin_memory=False))):
+    for name, settings in (("0", dict(num_workers=0)), ("1", dict(num_workers=1, persistent_workers=False)),
+                           ("2", dict(num_workers=2, persistent_workers=True, prefetch_factor=1, pin_memory=False))):
         torch.manual_seed(0)
-        model = build_detector(spec)
-        train(model, ds, cfg.replace(**settings), tmp_path / name)
-        weights.append(model.state_dict())
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+        weights.append(_trained(build_detector(spec), ds, CFG.replace(**settings), tmp_path / name))
+    _assert_same_weights(weights)
+
+
+def test_distilling_with_mgd_gives_the_same_weights_with_0_or_2_workers(tiny_coco, tmp_path):
+    """MGD's masks come from the distiller's generator, seeded per step (`engine.step_seed`), not from the global
+    RNG the loader's flips used to share."""
+    ds = CocoDetection(tiny_coco["train_images"], tiny_coco["train_json"], train=True)
+    spec = DetectorSpec(num_classes=ds.label_map.num_classes, **SPEC)
+    weights = []
+    for workers in (0, 2):
+        torch.manual_seed(0)
+        distiller = build_distiller(build_detector(spec), build_detector(spec), "mgd", levels=["p3", "p4"])
+        assert all(loss.generator is distiller.generator for loss in distiller.losses.values())
+        weights.append(_trained(distiller, ds, CFG.replace(epochs=1, num_workers=workers), tmp_path / str(workers)))
+    _assert_same_weights(weights)
