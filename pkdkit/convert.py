@@ -190,7 +190,8 @@ def _yolo_problem(txt: Path, n_classes: int) -> str | None:
         except ValueError:
             return f"line {n} is not an integer class id and four numbers: {line.strip()!r}"
         if not 0 <= cls < n_classes:
-            return f"line {n} has class id {cls}, out of range for the {n_classes} names of data.yaml (0..{n_classes - 1})"
+            return (f"line {n} has class id {cls}, out of range for the {n_classes} names of data.yaml "
+                    f"(0..{n_classes - 1})")
         if not all(abs(v) < float("inf") for v in coords):
             return f"line {n} has a non-finite coordinate"
     return None
@@ -213,7 +214,8 @@ def _yolo_classes(d: dict, yaml_path: Path) -> list[str]:
     names = d["names"]
     if isinstance(names, dict):
         if sorted(names) != list(range(len(names))):
-            raise DataError(f"{yaml_path}: `names` as a mapping needs the ids 0..{len(names) - 1}, found {sorted(names)}")
+            raise DataError(f"{yaml_path}: `names` as a mapping needs the ids 0..{len(names) - 1}, found "
+                            f"{sorted(names)}")
         names = [names[i] for i in range(len(names))]
     return [str(n) for n in names]
 
@@ -373,15 +375,20 @@ def _coco_files(dataset: Any, items: list[_Item], classes: list[str],
             clipped += (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1)
             bbox = [round(cx0, 2), round(cy0, 2), round(cx1 - cx0, 2), round(cy1 - cy0, 2)]
             crowd = int(bool(det.get_field("difficult"))) if det.has_field("difficult") else 0
-            files[it.split]["annotations"].append({"id": next_id, "image_id": it.image_id, "category_id": cat_id[det.label],
-                                                   "bbox": bbox, "area": round(bbox[2] * bbox[3], 2), "iscrowd": crowd})
+            files[it.split]["annotations"].append({"id": next_id, "image_id": it.image_id,
+                                                   "category_id": cat_id[det.label], "bbox": bbox,
+                                                   "area": round(bbox[2] * bbox[3], 2), "iscrowd": crowd})
             next_id += 1
-        notes = ([f"{clipped} boxes reaching past the image ({W}x{H}) clipped to it"] if clipped else []) + \
-                ([f"{dropped} boxes with no extent inside the image ({W}x{H}) dropped"] if dropped else []) + \
+        notes = ([f"{_boxes(clipped)} reaching past the image ({W}x{H}) clipped to it"] if clipped else []) + \
+                ([f"{_boxes(dropped)} with no extent inside the image ({W}x{H}) dropped"] if dropped else []) + \
                 ([f"objects of classes not in the class list left out: {sorted(unknown)}"] if unknown else [])
         if notes:
             say(f"{it.label}: {'; '.join(notes)}")
     return files
+
+
+def _boxes(n: int) -> str:
+    return f"{n} box{'es' if n != 1 else ''}"
 
 
 def convert(fmt: str, src: str | os.PathLike, out: str | os.PathLike, *, val_fraction: float = 0.2, seed: int = 0,
@@ -398,8 +405,6 @@ def convert(fmt: str, src: str | os.PathLike, out: str | os.PathLike, *, val_fra
     if fmt not in FORMATS:
         raise ConfigError(f"unknown source format {fmt!r}; expected one of {list(FORMATS)}")
     try:
-        import fiftyone  # noqa: F401
-
         from pkdkit.fiftyone_app import _quiet_fiftyone, notebook_settings
     except ImportError as e:
         raise ConfigError(f"pkdkit convert reads the source through FiftyOne: {e}") from None
@@ -438,7 +443,8 @@ def convert(fmt: str, src: str | os.PathLike, out: str | os.PathLike, *, val_fra
     if fmt == "voc":
         class_list = [str(c) for c in classes] if classes is not None else sorted(names)
     if len(set(class_list)) != len(class_list) or not class_list:
-        raise DataError(f"the class list of {yaml_path or src} must be non-empty and without duplicates, found {class_list}")
+        raise DataError(f"the class list of {yaml_path or src} must be non-empty and without duplicates, found "
+                        f"{class_list}")
     for split, folder in SPLITS.items():
         if not any(it.split == split for it in checked):
             raise DataError(f"no usable image left for {folder} from {src} ({len(items)} found, problems above); "
@@ -447,7 +453,7 @@ def convert(fmt: str, src: str | os.PathLike, out: str | os.PathLike, *, val_fra
         it.image_id = k
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.converting-{os.getpid()}"
+    tmp = out.parent.absolute() / f".{out.name}.converting-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with notebook_settings(), _quiet_fiftyone():

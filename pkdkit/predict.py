@@ -85,11 +85,12 @@ def load_exported(path: str | os.PathLike) -> tuple[nn.Module, DetectorSpec, Lab
         raise CheckpointError(f"cannot read the exported state dict {path}: {reason(e).splitlines()[0]}") from e
     model = build_detector(replace(spec, weights=None, backbone_weights=None))
     own = set(model.state_dict())
-    renamed = {k if k in own else k.replace("backbone.body.", "backbone.body.features.", 1): v for k, v in state.items()}
+    renamed = {k if k in own else k.replace("backbone.body.", "backbone.body.features.", 1): v
+               for k, v in state.items()}
     try:
         model.load_state_dict(renamed)
     except RuntimeError as e:
-        raise CheckpointError(f"the weights of {path} do not fit the {spec.name} its {meta_path.name} describes: "
+        raise CheckpointError(f"the weights of {path} do not fit the {spec.name} its {path.name}.json describes: "
                               f"{reason(e).splitlines()[0]}") from e
     return model, spec, label_map
 

@@ -148,3 +148,10 @@ def test_fatal_source_problems_write_nothing(tmp_path):
         (voc / "ImageSets" / "Main" / "train.txt").unlink()
         convert("voc", voc, tmp_path / "out", val_fraction=1.5, progress=False)
     assert not (tmp_path / "out").exists()
+
+    # without split files: the seeded split (4 usable images, half of them in val2017)
+    result = convert("voc", voc, tmp_path / "out", val_fraction=0.5, seed=3, progress=False)
+    cfg = DataConfig.from_root(result.out)
+    names = [sorted(p.name for p in Path(d).iterdir()) for d in (cfg.train_images, cfg.val_images)]
+    assert result.images == {"train": 2, "val": 2} and sorted(names[0] + names[1]) == ["a.jpg", "b.jpg", "v1.jpg",
+                                                                                        "v2.jpg"]

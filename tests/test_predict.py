@@ -27,7 +27,8 @@ def tiny_model(tiny_coco, tmp_path_factory):
     return save_detector(tmp_path_factory.mktemp("predict") / "model.pt", model, spec, label_map)
 
 
-def test_predict_a_folder_writes_results_pycocotools_loads_and_the_drawn_images(tiny_model, tiny_coco, tmp_path, capsys):
+def test_predict_a_folder_writes_results_pycocotools_loads_and_the_drawn_images(tiny_model, tiny_coco, tmp_path,
+                                                                              capsys):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
     out = tmp_path / "pred"
@@ -36,7 +37,7 @@ def test_predict_a_folder_writes_results_pycocotools_loads_and_the_drawn_images(
     assert main(["--quiet", *args]) == 0
     assert capsys.readouterr().err.count(f"skipped {bad}") == 1
 
-    gt = COCO(str(tiny_coco["val_json"]))  # image ids 1..8 are the folder's files in sorted order, as predict numbers them
+    gt = COCO(str(tiny_coco["val_json"]))  # ids 1..8: the folder's files in sorted order, as predict numbers them
     results = json.loads((out / "results.json").read_text())
     dt = gt.loadRes(str(out / "results.json"))
     assert len(dt.anns) == len(results) > 0 and {r["image_id"] for r in results} <= set(gt.imgs)
@@ -72,6 +73,6 @@ def test_predict_in_python_returns_the_detections_and_the_export_gives_the_same(
 def test_a_torchvision_weight_name_offline_says_where_to_put_the_file(tiny_coco, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # the download fails at once, with or without a network
-    with pytest.raises(CheckpointError, match=r"could not get weights .*\(offline\?\)\. Download https://.* and put it at"):
+    with pytest.raises(CheckpointError, match=r"could not get weights .*\(offline\?\)\. Download https://.* put it at"):
         predict("FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1", tiny_coco["val_images"], device="cpu",
                 progress=False)
