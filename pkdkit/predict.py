@@ -58,6 +58,11 @@ class Predictions:
     results_file: Path | None
     drawn_dir: Path | None
 
+    def __repr__(self) -> str:  # a notebook cell ending in predict(...) shows this, not every detection
+        where = f", written to {self.results_file.parent}" if self.results_file is not None else ""
+        return (f"Predictions({len(self.results)} detections on {len(self.images)} images"
+                f"{f', {len(self.skipped)} skipped' if self.skipped else ''}{where})")
+
 
 def _export_meta(path: Path) -> dict:
     meta_path = Path(str(path) + ".json")

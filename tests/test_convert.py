@@ -91,9 +91,13 @@ def _gt_as_results_ap(cfg: DataConfig) -> float:
 
 
 def test_voc_to_coco_reports_each_malformed_file_and_the_result_loads_and_scores_ap_1(tmp_path, capsys):
+    import fiftyone as fo  # here, not at the top: see the module's docstring
+
     src = make_voc(tmp_path / "VOCdevkit")
+    before = set(fo.list_datasets())
     result = convert("voc", src, tmp_path / "coco", progress=False)
     err = capsys.readouterr().err
+    assert set(fo.list_datasets()) == before  # its temporary FiftyOne dataset is deleted
     for stem in ("broken", "wrongsize", "noimage", "b"):  # b: its box was clipped
         lines = [line for line in result.problems if f"{stem}.xml" in line]
         assert len(lines) == 1 and lines[0] in err, (stem, result.problems)
