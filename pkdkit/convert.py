@@ -411,6 +411,8 @@ def convert(fmt: str, src: str | os.PathLike, out: str | os.PathLike, *, val_fra
     src, out = Path(src), Path(out)
     if not src.exists():
         raise DataError(f"source {src} does not exist")
+    if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
+        raise ConfigError(f"--out {out} holds the source {src}; write the converted data elsewhere")
     _check_out(out, force)
     problems: list[str] = []
 

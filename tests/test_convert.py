@@ -137,6 +137,8 @@ def test_yolo_to_coco_through_the_cli_names_bad_label_files_and_refuses_a_used_f
 
     assert main(["convert", "--from", "yolo", str(src), "--out", str(out)]) == 1  # nothing replaced silently
     assert "not empty" in capsys.readouterr().err and (out / "val2017" / "v1.png").is_file()
+    assert main(["convert", "--from", "yolo", str(src / "data.yaml"), "--out", str(tmp_path), "--force"]) == 1
+    assert "holds the source" in capsys.readouterr().err and (src / "data.yaml").is_file()
 
 
 def test_fatal_source_problems_write_nothing(tmp_path):
