@@ -128,8 +128,10 @@ def find_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
             found.append(p)
         else:
             raise DataError(f"image or folder not found: {p}")
-    seen: set[Path] = set()
-    return [p for p in found if not (p.resolve() in seen or seen.add(p.resolve()))]
+    unique: dict[Path, Path] = {}
+    for p in found:
+        unique.setdefault(p.resolve(), p)
+    return list(unique.values())
 
 
 def _drawn_names(images: list[Path]) -> list[str]:
