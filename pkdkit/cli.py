@@ -266,6 +266,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from pkdkit.convert import convert
+
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    result = convert(args.source_format, args.src, args.out, val_fraction=args.val_fraction, seed=args.seed,
+                     classes=classes, copy=args.copy, force=args.force, progress=not args.quiet)
+    categories = ", ".join(f"{c['id']}={c['name']}" for c in result.categories)
+    print(f"COCO 2017-layout data in {result.out}: train2017 {result.images['train']} images, "
+          f"{result.annotations['train']} boxes; val2017 {result.images['val']} images, {result.annotations['val']} "
+          f"boxes; categories {categories}"
+          + (f"; {len(result.problems)} files reported above" if result.problems else ""))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pkdkit.predict import predict
+
+    result = predict(args.model, args.images, out=args.out, score_threshold=args.score_threshold,
+                     batch_size=args.batch_size, device=args.device, force=args.force, show=False,
+                     progress=not args.quiet)
+    print(f"{len(result.results)} detections on {len(result.images)} images: {result.results_file} (COCO results); "
+          f"drawn images in {result.drawn_dir}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------
 # Parsers: each subcommand's options are added only when that subcommand runs (they import torch).
 def _synth_args(p: argparse.ArgumentParser) -> None:
@@ -362,6 +387,40 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="source_format", required=True, choices=["voc", "yolo"],
+                   help="voc: a VOCdevkit folder (JPEGImages/, Annotations/, ImageSets/Main/{train,val}.txt); yolo: "
+                        "a folder with data.yaml (names, train, val), images/ and labels/")
+    p.add_argument("src", help="the source folder (yolo: or its data.yaml)")
+    p.add_argument("--out", required=True, help="dataset root to write: train2017/, val2017/, "
+                                                "annotations/instances_{train,val}2017.json (use it as --data)")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="share of the images in val2017 where the source has no split (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of that split (default: %(default)s)")
+    p.add_argument("--classes", help="voc: comma-separated class names, category ids 1..K in this order (default: "
+                                     "the names found, sorted); other objects are left out")
+    p.add_argument("--copy", action="store_true", help="copy the images (default: hard links, copies only where "
+                                                       "the file system cannot link)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=cmd_convert)
+
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a pkdkit checkpoint (model.pt, student.pt), a `pkdkit export --format torchvision` "
+                                 "state dict (its .json beside it), or a torchvision weight name "
+                                 "(FCOS_ResNet50_FPN_Weights.COCO_V1: from the torch hub cache, downloaded if missing)")
+    p.add_argument("images", nargs="+", help="image files or folders (searched recursively for image files)")
+    p.add_argument("--out", required=True, help="folder for results.json (COCO results) and drawn/ (each image "
+                                                "with its boxes)")
+    p.add_argument("--score-threshold", type=float, default=0.3,
+                   help="boxes drawn: score >= this; results.json keeps every detection (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:<index> (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out (its results.json and drawn/ "
+                                                       "are replaced)")
+    p.set_defaults(func=cmd_predict)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     try:
         from pkdkit.fiftyone_app import inspect_run
@@ -452,6 +511,10 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] 
                 "RUN_DIR [--port PORT]", _inspect_args),
     "export": ("a deployable student: a torchvision state dict or an ONNX file",
                "CHECKPOINT --out FILE [--format torchvision|onnx]", _export_args),
+    "convert": ("Pascal VOC or YOLO data -> COCO 2017-layout data (through FiftyOne's importers)",
+                "--from voc|yolo SRC --out DIR [options]", _convert_args),
+    "predict": ("run a model on image files or folders: COCO results JSON and the images with their boxes",
+                "MODEL IMAGE_OR_FOLDER [...] --out DIR [options]", _predict_args),
 }
 
 
