@@ -17,7 +17,9 @@ What is measured (timed runs interleave A, B, B, A, ... after warm-up; medians a
 - ``evaluation``: `pkdkit.evaluate.coco_evaluate` over plain pycocotools (``COCO.loadRes`` + ``COCOeval``
   evaluate/accumulate/summarize) on the same generated set with COCO's 80 categories, crowd regions and
   masks on every detection (bench/cocodata.py), bbox and segm; all 12 stats and per-class AP compared bit
-  for bit. Targets: bbox <= 0.35, segm <= 0.5 (wall time; the CPU-time ratio is reported beside it).
+  for bit. Targets: bbox <= 0.35, segm <= 0.5 (wall time; the CPU-time ratio is reported beside it); and
+  ``segm_real``, segm on real-shaped masks (COCO-sized images, many-vertex polygons, uncompressed crowd RLE:
+  ``make_eval_set(real_shaped=True)``), where mask work weighs most: target <= 0.35.
 - ``loader``: images/s of `pkdkit.data.make_loader` (decode, targets, masks) with 0, 1 and 2 workers against
   the training step's, on the tiny and small presets' data (bench/loading.py). Target: >= 3x the step.
 - ``selection``: `pkdkit.selection.cost_matrix` time and peak memory for 64, 256 and 1,024 calibration images
@@ -245,13 +247,10 @@ def _fresh_gt(gt: dict) -> Any:
     return coco
 
 
-EVAL_TARGETS = {"bbox": 0.35, "segm": 0.5}  # pkdkit's time / pycocotools' time
+EVAL_TARGETS = {"bbox": 0.35, "segm": 0.5, "segm_real": 0.35}  # pkdkit's time / pycocotools' time
 
 
 def bench_evaluation(cfg: BenchConfig) -> dict[str, Any]:
-    from pycocotools.cocoeval import COCOeval
-
-    from pkdkit.evaluate import STAT_NAMES, coco_evaluate, cocoeval_metrics
     from pkdkit.fasteval import DEFAULT_COCOEVAL
 
     gt, results = make_eval_set(cfg.eval_images, seed=cfg.seed)
@@ -263,50 +262,68 @@ def bench_evaluation(cfg: BenchConfig) -> dict[str, Any]:
                            "evaluator": f"{DEFAULT_COCOEVAL.__module__}.{DEFAULT_COCOEVAL.__name__}",
                            "target": EVAL_TARGETS}
     for iou_type in ("bbox", "segm"):
-        stats: dict[str, list[float]] = {}
-        per_class: dict[str, dict[str, float]] = {}
-        inputs: dict[str, Any] = {}
-
-        def prepare() -> None:  # untimed: fresh ground truth and results for each run (pycocotools edits both)
-            inputs["plain"] = (_fresh_gt(gt), copy.deepcopy(results))
-            inputs["pkdkit"] = (_fresh_gt(gt), copy.deepcopy(results))
-
-        def plain() -> None:
-            coco_gt, res = inputs["plain"]
-            with contextlib.redirect_stdout(io.StringIO()):
-                cocoeval = COCOeval(coco_gt, coco_gt.loadRes(res), iou_type)
-                cocoeval.evaluate()
-                cocoeval.accumulate()
-                cocoeval.summarize()
-            stats["plain"] = [float(s) for s in cocoeval.stats]
-            per_class["plain"] = cocoeval_metrics(cocoeval)["per_class"]
-
-        def pkdkit() -> None:
-            coco_gt, res = inputs["pkdkit"]
-            metrics = coco_evaluate(coco_gt, res, (iou_type,))[iou_type]
-            stats["pkdkit"] = [metrics["stats"][n] for n in STAT_NAMES]
-            per_class["pkdkit"] = metrics["per_class"]
-
-        times: dict[str, list[float]] = {"plain": [], "pkdkit": []}
-        cpu: dict[str, list[float]] = {"plain": [], "pkdkit": []}
-        for r in range(cfg.eval_repeats + 1):  # the first round warms up
-            for name, fn in ((("plain", plain), ("pkdkit", pkdkit)) if r % 2 == 0 else
-                             (("pkdkit", pkdkit), ("plain", plain))):
-                prepare()
-                gc.collect()
-                tic, cpu_tic = time.perf_counter(), time.process_time()
-                fn()
-                if r > 0:
-                    times[name].append(time.perf_counter() - tic)
-                    cpu[name].append(time.process_time() - cpu_tic)
-        diff = max(abs(a - b) for a, b in zip(stats["plain"], stats["pkdkit"]))
-        out[iou_type] = {"plain": summary(times["plain"]), "pkdkit": summary(times["pkdkit"]),
-                         "ratio": statistics.median(times["pkdkit"]) / statistics.median(times["plain"]),
-                         "cpu_ratio": statistics.median(cpu["pkdkit"]) / statistics.median(cpu["plain"]),
-                         "per_class_identical": per_class["plain"] == per_class["pkdkit"],
-                         "stats_identical": stats["plain"] == stats["pkdkit"], "stats_max_abs_diff": diff,
-                         "AP": stats["pkdkit"][0], "stats": dict(zip(STAT_NAMES, stats["pkdkit"]))}
+        out[iou_type] = _compare_evaluators(gt, results, iou_type, cfg.eval_repeats)
+    # COCO-sized images and many-vertex masks (crowd regions as uncompressed RLE, a few categories dominate):
+    # where mask conversions and IoUs weigh most, as on real COCO masks
+    gt_real, results_real = make_eval_set(cfg.eval_images, seed=cfg.seed, real_shaped=True)
+    polygons = [a["segmentation"][0] for a in gt_real["annotations"] if not a["iscrowd"]]
+    out["segm_real"] = {"images": len(gt_real["images"]), "ground_truth": len(gt_real["annotations"]),
+                        "detections": len(results_real),
+                        "polygon_vertices_mean": sum(len(p) // 2 for p in polygons) / max(len(polygons), 1),
+                        **_compare_evaluators(gt_real, results_real, "segm", cfg.eval_repeats)}
     return out
+
+
+def _compare_evaluators(gt: dict, results: list[dict], iou_type: str, repeats: int) -> dict[str, Any]:
+    """Plain pycocotools against `pkdkit.evaluate.coco_evaluate` on the same ground truth and results, interleaved
+    (`repeats` timed rounds after one warm-up round): times, their ratios, and whether all numbers agree."""
+    from pycocotools.cocoeval import COCOeval
+
+    from pkdkit.evaluate import STAT_NAMES, coco_evaluate, cocoeval_metrics
+
+    stats: dict[str, list[float]] = {}
+    per_class: dict[str, dict[str, float]] = {}
+    inputs: dict[str, Any] = {}
+
+    def prepare() -> None:  # untimed: fresh ground truth and results for each run (pycocotools edits both)
+        inputs["plain"] = (_fresh_gt(gt), copy.deepcopy(results))
+        inputs["pkdkit"] = (_fresh_gt(gt), copy.deepcopy(results))
+
+    def plain() -> None:
+        coco_gt, res = inputs["plain"]
+        with contextlib.redirect_stdout(io.StringIO()):
+            cocoeval = COCOeval(coco_gt, coco_gt.loadRes(res), iou_type)
+            cocoeval.evaluate()
+            cocoeval.accumulate()
+            cocoeval.summarize()
+        stats["plain"] = [float(s) for s in cocoeval.stats]
+        per_class["plain"] = cocoeval_metrics(cocoeval)["per_class"]
+
+    def pkdkit() -> None:
+        coco_gt, res = inputs["pkdkit"]
+        metrics = coco_evaluate(coco_gt, res, (iou_type,))[iou_type]
+        stats["pkdkit"] = [metrics["stats"][n] for n in STAT_NAMES]
+        per_class["pkdkit"] = metrics["per_class"]
+
+    times: dict[str, list[float]] = {"plain": [], "pkdkit": []}
+    cpu: dict[str, list[float]] = {"plain": [], "pkdkit": []}
+    for r in range(repeats + 1):  # the first round warms up
+        for name, fn in ((("plain", plain), ("pkdkit", pkdkit)) if r % 2 == 0 else
+                         (("pkdkit", pkdkit), ("plain", plain))):
+            prepare()
+            gc.collect()
+            tic, cpu_tic = time.perf_counter(), time.process_time()
+            fn()
+            if r > 0:
+                times[name].append(time.perf_counter() - tic)
+                cpu[name].append(time.process_time() - cpu_tic)
+    diff = max(abs(a - b) for a, b in zip(stats["plain"], stats["pkdkit"]))
+    return {"plain": summary(times["plain"]), "pkdkit": summary(times["pkdkit"]),
+            "ratio": statistics.median(times["pkdkit"]) / statistics.median(times["plain"]),
+            "cpu_ratio": statistics.median(cpu["pkdkit"]) / statistics.median(cpu["plain"]),
+            "per_class_identical": per_class["plain"] == per_class["pkdkit"],
+            "stats_identical": stats["plain"] == stats["pkdkit"], "stats_max_abs_diff": diff,
+            "AP": stats["pkdkit"][0], "stats": dict(zip(STAT_NAMES, stats["pkdkit"]))}
 
 
 def selection_specs(cfg: BenchConfig, n_models: int) -> dict[str, DetectorSpec]:
@@ -455,8 +472,14 @@ def table(res: dict[str, Any]) -> str:
         ev = res["evaluation"]
         rows.append((f"COCO evaluation ({ev['images']} images, {ev['categories']} categories, "
                      f"{ev['detections_with_masks']} detections with masks, {ev['crowd']} crowd)", "", "", ""))
-        for iou_type in ("bbox", "segm"):
+        for iou_type in ("bbox", "segm", "segm_real"):
+            if iou_type not in ev:
+                continue
             e, target = ev[iou_type], ev["target"][iou_type]
+            if iou_type == "segm_real":
+                rows.append((f"  segm_real: COCO-sized images, many-vertex masks ({e['images']} images, "
+                             f"{e['detections']} detections, {e['polygon_vertices_mean']:.0f} vertices/polygon)",
+                             "", "", ""))
             rows += [(f"  {iou_type}: pycocotools | pkdkit",
                       f"{ms(e['plain']['median_s'])} | {ms(e['pkdkit']['median_s'])}", "", ""),
                      (f"  {iou_type}: time ratio (CPU-time ratio)", f"{e['ratio']:.3f} ({e['cpu_ratio']:.3f})",
