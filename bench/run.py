@@ -22,6 +22,14 @@ What is measured (timed runs interleave A, B, B, A, ... after warm-up; medians a
   ``make_eval_set(real_shaped=True)``), where mask work weighs most: target <= 0.35.
 - ``loader``: images/s of `pkdkit.data.make_loader` (decode, targets, masks) with 0, 1 and 2 workers against
   the training step's, on the tiny and small presets' data (bench/loading.py). Target: >= 3x the step.
+- ``jpeg_loader``: the same on COCO-like data (`pkdkit synth --size coco --format jpeg`: ~640 x 480 JPEGs,
+  many-vertex masks), with 0, 1, 2, 4, ... workers up to the CPUs, beside the student's training step on a
+  batch of it; the per-image cost split into the JPEG decode and the rest (with torchvision's ``decode_jpeg``
+  on the CPU beside PIL's), and the loader workers a GPU's step rate needs (ceil(rate x per-image cost); the
+  rate measured here on CUDA, else read from reports/bench-cuda.json).
+- ``reference``: images/s of `pkdkit.engine.train_step` against a loop in the style of torchvision's
+  ``references/detection`` ``train_one_epoch`` (bench/reference.py), same student, batches and settings,
+  interleaved. Target: >= 0.97.
 - ``selection``: `pkdkit.selection.cost_matrix` time and peak memory for 64, 256 and 1,024 calibration images
   and 1+2, 1+4 models, each point in its own process (bench/scaling.py): time linear, memory flat; and the
   whole selection (cost matrix with bootstrap intervals, order and support) at the preset's default image
@@ -60,6 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/cocodata.py, b
 from cocodata import make_eval_set  # noqa: E402
 
 import loading  # noqa: E402
+import reference  # noqa: E402
 import scaling  # noqa: E402
 from timing import TrainStep, machine_info, peak_growth_mib, summary, time_interleaved  # noqa: E402
 
@@ -96,6 +105,8 @@ class BenchConfig:
     loader_images: dict[str, int] = field(default_factory=lambda: {"tiny": 64, "small": 96})
     loader_passes: int = 3
     loader_steps: int = 4
+    jpeg_images: int = 32  # COCO-like JPEGs of the jpeg_loader part
+    reference_batches: int = 2  # batches per timed pass of the reference-loop comparison
     settings_repeats: int = 20  # per AMP / channels-last / cuDNN variant (CUDA)
     memory_steps: int = 3
     seed: int = 0
@@ -127,7 +138,7 @@ class BenchConfig:
             raise ValueError(f"sizes must be 'tiny' or 'realistic', not {sizes!r}")
         if quick:
             cfg = replace(cfg, repeats=max(cfg.repeats // 2, 6), warmup=2, eval_images=200, eval_repeats=3,
-                          selection_images=scaling.QUICK_IMAGES, loader_images={"tiny": 32, "small": 32},
+                          selection_images=scaling.QUICK_IMAGES, loader_images={"tiny": 32, "small": 32}, jpeg_images=16,
                           loader_passes=2, loader_steps=2, settings_repeats=6)
         return cfg
 
@@ -189,7 +200,7 @@ class WithTeacher(nn.Module):
         losses = self.student(images, targets)
         self.teacher_forward()
         return losses
-PARTS = ("distill", "evaluation", "loader", "selection", "memory", "settings")
+PARTS = ("distill", "evaluation", "loader", "jpeg_loader", "reference", "selection", "memory", "settings")
 
 
 def step_fns(cfg: BenchConfig, device: torch.device, kinds: tuple[str, ...] = STEPS) -> dict[str, TrainStep]:
@@ -234,6 +245,16 @@ def bench_distill_step(cfg: BenchConfig, device: torch.device) -> dict[str, Any]
     out["images_per_s"] = {name: cfg.train.batch_size / m for name, m in med.items()}
     out["final_losses"] = {name: s.last_loss for name, s in steps.items()}
     out["target"] = 1.05
+    return out
+
+
+def bench_reference(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
+    """pkdkit's training step against torchvision's reference loop (bench/reference.py) on the student and
+    `reference_batches` batches of random images (`make_batch`, seeds 0, 1, ...)."""
+    student, _ = build_models(cfg, device)
+    batches = [make_batch(cfg, device, seed) for seed in range(cfg.reference_batches)]
+    out = reference.bench_reference(student, batches, cfg.train, device, cfg.warmup, cfg.repeats)
+    out["student"] = cfg.student.name
     return out
 
 
@@ -498,6 +519,32 @@ def table(res: dict[str, Any]) -> str:
         for row in ld["fed"]:
             rows.append((f"  steps fed by the loader ({row['num_workers']} workers) / steps alone",
                          f"{row['ratio_to_step']:.2f}", "", ""))
+    if "jpeg_loader" in res:
+        jp = res["jpeg_loader"]
+        rows.append((f"data loading, COCO-like JPEGs ({jp['images']} images ~640x480, masks, batch "
+                     f"{jp['batch_size']}; {jp['cpus']} CPUs)", "", "", ""))
+        rows.append((f"  training step, {jp['student']} on {jp['step']['device']} (images/s)",
+                     f"{jp['step']['images_per_s']:.1f}", "", ""))
+        for row in jp["loader"]:
+            rows.append((f"  loader, {row['num_workers']} workers: images/s (x step)",
+                         f"{row['images_per_s']:.0f} ({row['ratio_to_step']:.1f}x)", "", ""))
+        pi = jp["per_image"]
+        rows.append(("  per image: all | PIL JPEG decode (share) | decode_jpeg on CPU",
+                     f"{1000 * pi['item_s']:.1f} | {1000 * pi['pil_decode_s']:.1f} ms ({100 * pi['decode_share']:.0f}%)"
+                     f" | {1000 * pi['torchvision_decode_jpeg_cpu_s']:.1f} ms", "", ""))
+        if "workers_needed" in jp:
+            g = jp["gpu_step"]
+            rows.append((f"  workers for {g['gpu']} ({g['source']}): distill | student step",
+                         " | ".join(f"{jp['workers_needed'][k]} ({g[k]:.0f} img/s)" for k in jp["workers_needed"]),
+                         "", ""))
+    if "reference" in res:
+        rf = res["reference"]
+        rows += [(f"training throughput vs torchvision's reference loop ({rf['student']}, batch {rf['batch_size']})",
+                  "", "", ""),
+                 ("  pkdkit train_step | reference loop (images/s)",
+                  f"{rf['pkdkit']['images_per_s']:.2f} | {rf['reference']['images_per_s']:.2f}", "", ""),
+                 ("  ratio (CPU-time ratio)", f"{rf['ratio']:.3f} ({rf['cpu_ratio']:.3f})", f">= {rf['target']}",
+                  ok(rf["ratio"] >= rf["target"]))]
     if "selection" in res:
         sel = res["selection"]
         for key, g in sel["growth"].items():
@@ -554,6 +601,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, help="untimed distillation steps per variant first")
     parser.add_argument("--batch-size", type=int, help="images per training step")
     parser.add_argument("--only", nargs="+", choices=PARTS, help="run only these parts")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other parts' results already in --out and replace only those run now "
+                             "(recorded under 'merged' with their command, machine and seconds)")
     parser.add_argument("--memory-worker", choices=["student", "distill"], help=argparse.SUPPRESS)
     parser.add_argument("--selection-worker", nargs=2, type=int, metavar=("IMAGES", "MODELS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -581,6 +631,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "loader": ("loader", lambda: {name: loading.bench_loading(
                    name, device, n_images=cfg.loader_images[name], passes=cfg.loader_passes,
                    steps=cfg.loader_steps) for name in cfg.loader_presets}),
+               "jpeg_loader": ("jpeg_loader", lambda: loading.bench_jpeg_loading(
+                   cfg.student, cfg.train, device, n_images=cfg.jpeg_images, passes=cfg.loader_passes,
+                   steps=cfg.loader_steps, gpu_report=ROOT / "reports" / "bench-cuda.json")),
+               "reference": ("reference", lambda: bench_reference(cfg, device)),
                "selection": ("selection", lambda: bench_selection(cfg, args)),
                "memory": ("memory", lambda: bench_memory(cfg, args)),
                "settings": ("settings", lambda: bench_settings(cfg, device) if device.type == "cuda" else
@@ -596,7 +650,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res["seconds"] = time.perf_counter() - t0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2, default=str))
+    written = res
+    if args.merge and out.is_file():
+        written = json.loads(out.read_text())
+        keys = [runners[part][0] for part in parts]
+        written.update({key: res[key] for key in keys})
+        written.setdefault("merged", []).append({"parts": keys, "command": command, "machine": res["machine"],
+                                                 "seconds": res["seconds"]})
+    out.write_text(json.dumps(written, indent=2, default=str))
     print(table(res))
     m = res["machine"]
     print(f"\n{m['cpu']} ({m['cpu_count']} cores), torch {m['torch']}, {m['torch_threads']} threads, "
