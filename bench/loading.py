@@ -11,6 +11,11 @@ Three figures per preset, measured in one process one after the other:
 - ``fed``: images/s of the same steps taking their batches from the loader (0 and 1 workers), as
   `engine.train` does; ``fed / step`` near 1 means the loader is not the bottleneck.
 The target is ``loader / step >= 3`` with the workers the machine can spare.
+
+`bench_jpeg_loading` measures the loader on COCO-like data instead (`pkdkit synth --size coco --format jpeg`:
+JPEGs of ~640 x 480, many-vertex masks): images/s per worker count (0, 1, 2, 4, ... up to the CPUs), the
+student's training step on that data, the per-image cost split into JPEG decode and the rest, and the workers a
+GPU's step rate needs: ceil(GPU images/s x seconds per image in one process).
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from typing import Any
 import torch
 from timing import TrainStep, sync
 
-from pkdkit.data import CocoDetection, make_loader
+from pkdkit.data import CocoDetection, make_loader, to_tensor_image
 from pkdkit.models import build_detector
 from pkdkit.presets import get_preset
 from pkdkit.synthetic import make_synthetic_coco
@@ -153,8 +158,9 @@ def worker_counts(cpus: int | None = None) -> tuple[int, ...]:
 
 def per_image_costs(dataset: CocoDetection, passes: int = 2) -> dict[str, Any]:
     """Seconds per image, in this process, of the whole `dataset[i]` (decode, float conversion, targets, masks,
-    flip) and of its JPEG decode alone (PIL, as `CocoDetection` decodes), and of `torchvision.io.decode_jpeg` on
-    the CPU (libjpeg-turbo to uint8, the API whose ``device="cuda"`` decodes on the GPU). Medians over passes."""
+    flip), of its JPEG decode alone (PIL, as `CocoDetection` decodes), of the decoded image's conversion to a
+    float tensor (`pkdkit.data.to_tensor_image`; both would move to the GPU with a GPU decode, the masks and the
+    rest would not), and of `torchvision.io.decode_jpeg` on the CPU (libjpeg-turbo to uint8, the API whose ``device="cuda"`` decodes on the GPU). Medians over passes."""
     from PIL import Image
 
     with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders for TorchCodec's: measured anyway
@@ -172,15 +178,19 @@ def per_image_costs(dataset: CocoDetection, passes: int = 2) -> dict[str, Any]:
             times.append((time.perf_counter() - tic) / len(dataset))
         return statistics.median(times)
 
-    def pil_decode(k: int) -> None:
+    def pil_decode(k: int) -> Image.Image:
         with Image.open(files[k]) as img:
             img.load()
+        return img
 
     whole = seconds(lambda k: dataset[k])
     decode = seconds(pil_decode)
+    decoded = [pil_decode(k) for k in range(len(dataset))]
+    to_float = seconds(lambda k: to_tensor_image(decoded[k]))
     tv_decode = seconds(lambda k: decode_jpeg(read_file(str(files[k]))))
-    return {"item_s": whole, "pil_decode_s": decode, "decode_share": decode / whole,
-            "torchvision_decode_jpeg_cpu_s": tv_decode, "rest_s": whole - decode, "passes": passes}
+    return {"item_s": whole, "pil_decode_s": decode, "decode_share": decode / whole, "to_float_s": to_float,
+            "to_float_share": to_float / whole, "torchvision_decode_jpeg_cpu_s": tv_decode,
+            "rest_s": whole - decode - to_float, "passes": passes}
 
 
 def gpu_step_rates(path: Path) -> dict[str, Any] | None:

@@ -529,9 +529,10 @@ def table(res: dict[str, Any]) -> str:
             rows.append((f"  loader, {row['num_workers']} workers: images/s (x step)",
                          f"{row['images_per_s']:.0f} ({row['ratio_to_step']:.1f}x)", "", ""))
         pi = jp["per_image"]
-        rows.append(("  per image: all | PIL JPEG decode (share) | decode_jpeg on CPU",
-                     f"{1000 * pi['item_s']:.1f} | {1000 * pi['pil_decode_s']:.1f} ms ({100 * pi['decode_share']:.0f}%)"
-                     f" | {1000 * pi['torchvision_decode_jpeg_cpu_s']:.1f} ms", "", ""))
+        rows.append(("  per image: all | PIL JPEG decode | to float (shares) | decode_jpeg on CPU",
+                     f"{1000 * pi['item_s']:.1f} | {1000 * pi['pil_decode_s']:.1f} | {1000 * pi['to_float_s']:.1f} ms "
+                     f"({100 * pi['decode_share']:.0f}%, {100 * pi['to_float_share']:.0f}%) | "
+                     f"{1000 * pi['torchvision_decode_jpeg_cpu_s']:.1f} ms", "", ""))
         if "workers_needed" in jp:
             g = jp["gpu_step"]
             rows.append((f"  workers for {g['gpu']} ({g['source']}): distill | student step",

@@ -169,6 +169,7 @@ def test_jpeg_loader_benchmark_reports_workers_per_count_decode_share_and_worker
     assert all(max(size) == 640 for size in out["image_sizes"]) and out["format"] == "jpeg"
     per_image = out["per_image"]
     assert 0 < per_image["pil_decode_s"] < per_image["item_s"] and 0 < per_image["decode_share"] < 1
+    assert 0 < per_image["to_float_s"] < per_image["item_s"]
     rates = out["gpu_step"]
     assert rates["gpu"] and rates["distill"] > 0
     assert out["workers_needed"]["distill"] == math.ceil(rates["distill"] * out["item_s_for_workers"])
