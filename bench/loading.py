@@ -201,7 +201,7 @@ def gpu_step_rates(path: Path) -> dict[str, Any] | None:
     rates = report.get("distill_step", {}).get("images_per_s")
     if not rates:
         return None
-    return {"source": str(path), "gpu": report.get("machine", {}).get("gpu"),
+    return {"source": path.name, "gpu": report.get("machine", {}).get("gpu"),
             "batch_size": report.get("config", {}).get("train", {}).get("batch_size"),
             "distill": rates["distill"], "student": rates["student"]}
 
