@@ -160,7 +160,8 @@ def per_image_costs(dataset: CocoDetection, passes: int = 2) -> dict[str, Any]:
     """Seconds per image, in this process, of the whole `dataset[i]` (decode, float conversion, targets, masks,
     flip), of its JPEG decode alone (PIL, as `CocoDetection` decodes), of the decoded image's conversion to a
     float tensor (`pkdkit.data.to_tensor_image`; both would move to the GPU with a GPU decode, the masks and the
-    rest would not), and of `torchvision.io.decode_jpeg` on the CPU (libjpeg-turbo to uint8, the API whose ``device="cuda"`` decodes on the GPU). Medians over passes."""
+    rest would not), and of `torchvision.io.decode_jpeg` on the CPU (libjpeg-turbo to uint8, the API whose
+    ``device="cuda"`` decodes on the GPU). Medians over passes."""
     from PIL import Image
 
     with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders for TorchCodec's: measured anyway

@@ -138,7 +138,8 @@ class BenchConfig:
             raise ValueError(f"sizes must be 'tiny' or 'realistic', not {sizes!r}")
         if quick:
             cfg = replace(cfg, repeats=max(cfg.repeats // 2, 6), warmup=2, eval_images=200, eval_repeats=3,
-                          selection_images=scaling.QUICK_IMAGES, loader_images={"tiny": 32, "small": 32}, jpeg_images=16,
+                          selection_images=scaling.QUICK_IMAGES, loader_images={"tiny": 32, "small": 32},
+                          jpeg_images=16,
                           loader_passes=2, loader_steps=2, settings_repeats=6)
         return cfg
 

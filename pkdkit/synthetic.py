@@ -59,7 +59,8 @@ def make_synthetic_coco(out_dir, n_train: int = 64, n_val: int = 16, size: int |
     size: the side of the square images in pixels, or "coco" for COCO's sizes and many-vertex polygons (see
     the module docstring). image_format: "png" (lossless, the default) or "jpeg".
 
-    Layout: `out_dir/{train,val}/<image_id:06d>.png` (`.jpg` for JPEG) and `out_dir/annotations/instances_{train,val}.json`.
+    Layout: `out_dir/{train,val}/<image_id:06d>.png` (`.jpg` for JPEG) and
+    `out_dir/annotations/instances_{train,val}.json`.
     Image and annotation ids start at 1 in each file. Each image is drawn from its own random stream
     (seed, split, index), so changing `n_train` does not change the val split.
 
