@@ -17,9 +17,19 @@ What is measured (timed runs interleave A, B, B, A, ... after warm-up; medians a
 - ``evaluation``: `pkdkit.evaluate.coco_evaluate` over plain pycocotools (``COCO.loadRes`` + ``COCOeval``
   evaluate/accumulate/summarize) on the same generated set with COCO's 80 categories, crowd regions and
   masks on every detection (bench/cocodata.py), bbox and segm; all 12 stats and per-class AP compared bit
-  for bit. Targets: bbox <= 0.35, segm <= 0.5 (wall time; the CPU-time ratio is reported beside it).
+  for bit. Targets: bbox <= 0.35, segm <= 0.5 (wall time; the CPU-time ratio is reported beside it); and
+  ``segm_real``, segm on real-shaped masks (COCO-sized images, many-vertex polygons, uncompressed crowd RLE:
+  ``make_eval_set(real_shaped=True)``), where mask work weighs most: target <= 0.35.
 - ``loader``: images/s of `pkdkit.data.make_loader` (decode, targets, masks) with 0, 1 and 2 workers against
   the training step's, on the tiny and small presets' data (bench/loading.py). Target: >= 3x the step.
+- ``jpeg_loader``: the same on COCO-like data (`pkdkit synth --size coco --format jpeg`: ~640 x 480 JPEGs,
+  many-vertex masks), with 0, 1, 2, 4, ... workers up to the CPUs, beside the student's training step on a
+  batch of it; the per-image cost split into the JPEG decode and the rest (with torchvision's ``decode_jpeg``
+  on the CPU beside PIL's), and the loader workers a GPU's step rate needs (ceil(rate x per-image cost); the
+  rate measured here on CUDA, else read from reports/bench-cuda.json).
+- ``reference``: images/s of `pkdkit.engine.train_step` against a loop in the style of torchvision's
+  ``references/detection`` ``train_one_epoch`` (bench/reference.py), same student, batches and settings,
+  interleaved. Target: >= 0.97.
 - ``selection``: `pkdkit.selection.cost_matrix` time and peak memory for 64, 256 and 1,024 calibration images
   and 1+2, 1+4 models, each point in its own process (bench/scaling.py): time linear, memory flat; and the
   whole selection (cost matrix with bootstrap intervals, order and support) at the preset's default image
@@ -58,6 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/cocodata.py, b
 from cocodata import make_eval_set  # noqa: E402
 
 import loading  # noqa: E402
+import reference  # noqa: E402
 import scaling  # noqa: E402
 from timing import TrainStep, machine_info, peak_growth_mib, summary, time_interleaved  # noqa: E402
 
@@ -94,6 +105,8 @@ class BenchConfig:
     loader_images: dict[str, int] = field(default_factory=lambda: {"tiny": 64, "small": 96})
     loader_passes: int = 3
     loader_steps: int = 4
+    jpeg_images: int = 32  # COCO-like JPEGs of the jpeg_loader part
+    reference_batches: int = 2  # batches per timed pass of the reference-loop comparison
     settings_repeats: int = 20  # per AMP / channels-last / cuDNN variant (CUDA)
     memory_steps: int = 3
     seed: int = 0
@@ -126,6 +139,7 @@ class BenchConfig:
         if quick:
             cfg = replace(cfg, repeats=max(cfg.repeats // 2, 6), warmup=2, eval_images=200, eval_repeats=3,
                           selection_images=scaling.QUICK_IMAGES, loader_images={"tiny": 32, "small": 32},
+                          jpeg_images=16,
                           loader_passes=2, loader_steps=2, settings_repeats=6)
         return cfg
 
@@ -187,7 +201,7 @@ class WithTeacher(nn.Module):
         losses = self.student(images, targets)
         self.teacher_forward()
         return losses
-PARTS = ("distill", "evaluation", "loader", "selection", "memory", "settings")
+PARTS = ("distill", "evaluation", "loader", "jpeg_loader", "reference", "selection", "memory", "settings")
 
 
 def step_fns(cfg: BenchConfig, device: torch.device, kinds: tuple[str, ...] = STEPS) -> dict[str, TrainStep]:
@@ -235,6 +249,16 @@ def bench_distill_step(cfg: BenchConfig, device: torch.device) -> dict[str, Any]
     return out
 
 
+def bench_reference(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
+    """pkdkit's training step against torchvision's reference loop (bench/reference.py) on the student and
+    `reference_batches` batches of random images (`make_batch`, seeds 0, 1, ...)."""
+    student, _ = build_models(cfg, device)
+    batches = [make_batch(cfg, device, seed) for seed in range(cfg.reference_batches)]
+    out = reference.bench_reference(student, batches, cfg.train, device, cfg.warmup, cfg.repeats)
+    out["student"] = cfg.student.name
+    return out
+
+
 def _fresh_gt(gt: dict) -> Any:
     from pycocotools.coco import COCO
 
@@ -245,13 +269,10 @@ def _fresh_gt(gt: dict) -> Any:
     return coco
 
 
-EVAL_TARGETS = {"bbox": 0.35, "segm": 0.5}  # pkdkit's time / pycocotools' time
+EVAL_TARGETS = {"bbox": 0.35, "segm": 0.5, "segm_real": 0.35}  # pkdkit's time / pycocotools' time
 
 
 def bench_evaluation(cfg: BenchConfig) -> dict[str, Any]:
-    from pycocotools.cocoeval import COCOeval
-
-    from pkdkit.evaluate import STAT_NAMES, coco_evaluate, cocoeval_metrics
     from pkdkit.fasteval import DEFAULT_COCOEVAL
 
     gt, results = make_eval_set(cfg.eval_images, seed=cfg.seed)
@@ -263,50 +284,68 @@ def bench_evaluation(cfg: BenchConfig) -> dict[str, Any]:
                            "evaluator": f"{DEFAULT_COCOEVAL.__module__}.{DEFAULT_COCOEVAL.__name__}",
                            "target": EVAL_TARGETS}
     for iou_type in ("bbox", "segm"):
-        stats: dict[str, list[float]] = {}
-        per_class: dict[str, dict[str, float]] = {}
-        inputs: dict[str, Any] = {}
-
-        def prepare() -> None:  # untimed: fresh ground truth and results for each run (pycocotools edits both)
-            inputs["plain"] = (_fresh_gt(gt), copy.deepcopy(results))
-            inputs["pkdkit"] = (_fresh_gt(gt), copy.deepcopy(results))
-
-        def plain() -> None:
-            coco_gt, res = inputs["plain"]
-            with contextlib.redirect_stdout(io.StringIO()):
-                cocoeval = COCOeval(coco_gt, coco_gt.loadRes(res), iou_type)
-                cocoeval.evaluate()
-                cocoeval.accumulate()
-                cocoeval.summarize()
-            stats["plain"] = [float(s) for s in cocoeval.stats]
-            per_class["plain"] = cocoeval_metrics(cocoeval)["per_class"]
-
-        def pkdkit() -> None:
-            coco_gt, res = inputs["pkdkit"]
-            metrics = coco_evaluate(coco_gt, res, (iou_type,))[iou_type]
-            stats["pkdkit"] = [metrics["stats"][n] for n in STAT_NAMES]
-            per_class["pkdkit"] = metrics["per_class"]
-
-        times: dict[str, list[float]] = {"plain": [], "pkdkit": []}
-        cpu: dict[str, list[float]] = {"plain": [], "pkdkit": []}
-        for r in range(cfg.eval_repeats + 1):  # the first round warms up
-            for name, fn in ((("plain", plain), ("pkdkit", pkdkit)) if r % 2 == 0 else
-                             (("pkdkit", pkdkit), ("plain", plain))):
-                prepare()
-                gc.collect()
-                tic, cpu_tic = time.perf_counter(), time.process_time()
-                fn()
-                if r > 0:
-                    times[name].append(time.perf_counter() - tic)
-                    cpu[name].append(time.process_time() - cpu_tic)
-        diff = max(abs(a - b) for a, b in zip(stats["plain"], stats["pkdkit"]))
-        out[iou_type] = {"plain": summary(times["plain"]), "pkdkit": summary(times["pkdkit"]),
-                         "ratio": statistics.median(times["pkdkit"]) / statistics.median(times["plain"]),
-                         "cpu_ratio": statistics.median(cpu["pkdkit"]) / statistics.median(cpu["plain"]),
-                         "per_class_identical": per_class["plain"] == per_class["pkdkit"],
-                         "stats_identical": stats["plain"] == stats["pkdkit"], "stats_max_abs_diff": diff,
-                         "AP": stats["pkdkit"][0], "stats": dict(zip(STAT_NAMES, stats["pkdkit"]))}
+        out[iou_type] = _compare_evaluators(gt, results, iou_type, cfg.eval_repeats)
+    # COCO-sized images and many-vertex masks (crowd regions as uncompressed RLE, a few categories dominate):
+    # where mask conversions and IoUs weigh most, as on real COCO masks
+    gt_real, results_real = make_eval_set(cfg.eval_images, seed=cfg.seed, real_shaped=True)
+    polygons = [a["segmentation"][0] for a in gt_real["annotations"] if not a["iscrowd"]]
+    out["segm_real"] = {"images": len(gt_real["images"]), "ground_truth": len(gt_real["annotations"]),
+                        "detections": len(results_real),
+                        "polygon_vertices_mean": sum(len(p) // 2 for p in polygons) / max(len(polygons), 1),
+                        **_compare_evaluators(gt_real, results_real, "segm", cfg.eval_repeats)}
     return out
+
+
+def _compare_evaluators(gt: dict, results: list[dict], iou_type: str, repeats: int) -> dict[str, Any]:
+    """Plain pycocotools against `pkdkit.evaluate.coco_evaluate` on the same ground truth and results, interleaved
+    (`repeats` timed rounds after one warm-up round): times, their ratios, and whether all numbers agree."""
+    from pycocotools.cocoeval import COCOeval
+
+    from pkdkit.evaluate import STAT_NAMES, coco_evaluate, cocoeval_metrics
+
+    stats: dict[str, list[float]] = {}
+    per_class: dict[str, dict[str, float]] = {}
+    inputs: dict[str, Any] = {}
+
+    def prepare() -> None:  # untimed: fresh ground truth and results for each run (pycocotools edits both)
+        inputs["plain"] = (_fresh_gt(gt), copy.deepcopy(results))
+        inputs["pkdkit"] = (_fresh_gt(gt), copy.deepcopy(results))
+
+    def plain() -> None:
+        coco_gt, res = inputs["plain"]
+        with contextlib.redirect_stdout(io.StringIO()):
+            cocoeval = COCOeval(coco_gt, coco_gt.loadRes(res), iou_type)
+            cocoeval.evaluate()
+            cocoeval.accumulate()
+            cocoeval.summarize()
+        stats["plain"] = [float(s) for s in cocoeval.stats]
+        per_class["plain"] = cocoeval_metrics(cocoeval)["per_class"]
+
+    def pkdkit() -> None:
+        coco_gt, res = inputs["pkdkit"]
+        metrics = coco_evaluate(coco_gt, res, (iou_type,))[iou_type]
+        stats["pkdkit"] = [metrics["stats"][n] for n in STAT_NAMES]
+        per_class["pkdkit"] = metrics["per_class"]
+
+    times: dict[str, list[float]] = {"plain": [], "pkdkit": []}
+    cpu: dict[str, list[float]] = {"plain": [], "pkdkit": []}
+    for r in range(repeats + 1):  # the first round warms up
+        for name, fn in ((("plain", plain), ("pkdkit", pkdkit)) if r % 2 == 0 else
+                         (("pkdkit", pkdkit), ("plain", plain))):
+            prepare()
+            gc.collect()
+            tic, cpu_tic = time.perf_counter(), time.process_time()
+            fn()
+            if r > 0:
+                times[name].append(time.perf_counter() - tic)
+                cpu[name].append(time.process_time() - cpu_tic)
+    diff = max(abs(a - b) for a, b in zip(stats["plain"], stats["pkdkit"]))
+    return {"plain": summary(times["plain"]), "pkdkit": summary(times["pkdkit"]),
+            "ratio": statistics.median(times["pkdkit"]) / statistics.median(times["plain"]),
+            "cpu_ratio": statistics.median(cpu["pkdkit"]) / statistics.median(cpu["plain"]),
+            "per_class_identical": per_class["plain"] == per_class["pkdkit"],
+            "stats_identical": stats["plain"] == stats["pkdkit"], "stats_max_abs_diff": diff,
+            "AP": stats["pkdkit"][0], "stats": dict(zip(STAT_NAMES, stats["pkdkit"]))}
 
 
 def selection_specs(cfg: BenchConfig, n_models: int) -> dict[str, DetectorSpec]:
@@ -455,8 +494,14 @@ def table(res: dict[str, Any]) -> str:
         ev = res["evaluation"]
         rows.append((f"COCO evaluation ({ev['images']} images, {ev['categories']} categories, "
                      f"{ev['detections_with_masks']} detections with masks, {ev['crowd']} crowd)", "", "", ""))
-        for iou_type in ("bbox", "segm"):
+        for iou_type in ("bbox", "segm", "segm_real"):
+            if iou_type not in ev:
+                continue
             e, target = ev[iou_type], ev["target"][iou_type]
+            if iou_type == "segm_real":
+                rows.append((f"  segm_real: COCO-sized images, many-vertex masks ({e['images']} images, "
+                             f"{e['detections']} detections, {e['polygon_vertices_mean']:.0f} vertices/polygon)",
+                             "", "", ""))
             rows += [(f"  {iou_type}: pycocotools | pkdkit",
                       f"{ms(e['plain']['median_s'])} | {ms(e['pkdkit']['median_s'])}", "", ""),
                      (f"  {iou_type}: time ratio (CPU-time ratio)", f"{e['ratio']:.3f} ({e['cpu_ratio']:.3f})",
@@ -475,6 +520,33 @@ def table(res: dict[str, Any]) -> str:
         for row in ld["fed"]:
             rows.append((f"  steps fed by the loader ({row['num_workers']} workers) / steps alone",
                          f"{row['ratio_to_step']:.2f}", "", ""))
+    if "jpeg_loader" in res:
+        jp = res["jpeg_loader"]
+        rows.append((f"data loading, COCO-like JPEGs ({jp['images']} images ~640x480, masks, batch "
+                     f"{jp['batch_size']}; {jp['cpus']} CPUs)", "", "", ""))
+        rows.append((f"  training step, {jp['student']} on {jp['step']['device']} (images/s)",
+                     f"{jp['step']['images_per_s']:.1f}", "", ""))
+        for row in jp["loader"]:
+            rows.append((f"  loader, {row['num_workers']} workers: images/s (x step)",
+                         f"{row['images_per_s']:.0f} ({row['ratio_to_step']:.1f}x)", "", ""))
+        pi = jp["per_image"]
+        rows.append(("  per image: all | PIL JPEG decode | to float (shares) | decode_jpeg on CPU",
+                     f"{1000 * pi['item_s']:.1f} | {1000 * pi['pil_decode_s']:.1f} | {1000 * pi['to_float_s']:.1f} ms "
+                     f"({100 * pi['decode_share']:.0f}%, {100 * pi['to_float_share']:.0f}%) | "
+                     f"{1000 * pi['torchvision_decode_jpeg_cpu_s']:.1f} ms", "", ""))
+        if "workers_needed" in jp:
+            g = jp["gpu_step"]
+            rows.append((f"  workers for {g['gpu']} ({g['source']}): distill | student step",
+                         " | ".join(f"{jp['workers_needed'][k]} ({g[k]:.0f} img/s)" for k in jp["workers_needed"]),
+                         "", ""))
+    if "reference" in res:
+        rf = res["reference"]
+        rows += [(f"training throughput vs torchvision's reference loop ({rf['student']}, batch {rf['batch_size']})",
+                  "", "", ""),
+                 ("  pkdkit train_step | reference loop (images/s)",
+                  f"{rf['pkdkit']['images_per_s']:.2f} | {rf['reference']['images_per_s']:.2f}", "", ""),
+                 ("  ratio (CPU-time ratio)", f"{rf['ratio']:.3f} ({rf['cpu_ratio']:.3f})", f">= {rf['target']}",
+                  ok(rf["ratio"] >= rf["target"]))]
     if "selection" in res:
         sel = res["selection"]
         for key, g in sel["growth"].items():
@@ -531,6 +603,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, help="untimed distillation steps per variant first")
     parser.add_argument("--batch-size", type=int, help="images per training step")
     parser.add_argument("--only", nargs="+", choices=PARTS, help="run only these parts")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other parts' results already in --out and replace only those run now "
+                             "(recorded under 'merged' with their command, machine and seconds)")
     parser.add_argument("--memory-worker", choices=["student", "distill"], help=argparse.SUPPRESS)
     parser.add_argument("--selection-worker", nargs=2, type=int, metavar=("IMAGES", "MODELS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -558,6 +633,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "loader": ("loader", lambda: {name: loading.bench_loading(
                    name, device, n_images=cfg.loader_images[name], passes=cfg.loader_passes,
                    steps=cfg.loader_steps) for name in cfg.loader_presets}),
+               "jpeg_loader": ("jpeg_loader", lambda: loading.bench_jpeg_loading(
+                   cfg.student, cfg.train, device, n_images=cfg.jpeg_images, passes=cfg.loader_passes,
+                   steps=cfg.loader_steps, gpu_report=ROOT / "reports" / "bench-cuda.json")),
+               "reference": ("reference", lambda: bench_reference(cfg, device)),
                "selection": ("selection", lambda: bench_selection(cfg, args)),
                "memory": ("memory", lambda: bench_memory(cfg, args)),
                "settings": ("settings", lambda: bench_settings(cfg, device) if device.type == "cuda" else
@@ -573,7 +652,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res["seconds"] = time.perf_counter() - t0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2, default=str))
+    written = res
+    if args.merge and out.is_file():
+        written = json.loads(out.read_text())
+        keys = [runners[part][0] for part in parts]
+        written.update({key: res[key] for key in keys})
+        written.setdefault("merged", []).append({"parts": keys, "command": command, "machine": res["machine"],
+                                                 "seconds": res["seconds"]})
+    out.write_text(json.dumps(written, indent=2, default=str))
     print(table(res))
     m = res["machine"]
     print(f"\n{m['cpu']} ({m['cpu_count']} cores), torch {m['torch']}, {m['torch_threads']} threads, "

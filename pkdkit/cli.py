@@ -119,7 +119,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from pkdkit.synthetic import make_synthetic_coco
 
     paths = make_synthetic_coco(args.out, n_train=args.train, n_val=args.val, size=args.size, seed=args.seed,
-                                overwrite=args.force)
+                                overwrite=args.force, image_format=args.format)
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
     return 0
 
@@ -293,11 +293,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------------
 # Parsers: each subcommand's options are added only when that subcommand runs (they import torch).
+def _synth_size(text: str) -> int | str:
+    """`synth --size`: an integer, or "coco"."""
+    if text == "coco":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'coco', got {text!r}") from None
+
+
 def _synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="dataset root to write (train/, val/, annotations/)")
     p.add_argument("--train", type=int, default=64, help="training images (default: %(default)s)")
     p.add_argument("--val", type=int, default=16, help="validation images (default: %(default)s)")
-    p.add_argument("--size", type=int, default=96, help="image side in pixels, >= 32 (default: %(default)s)")
+    p.add_argument("--size", type=_synth_size, default=96,
+                   help="image side in pixels, >= 32, or 'coco': COCO's sizes (640 px long side, varying) with "
+                        "many-vertex polygons (default: %(default)s)")
+    p.add_argument("--format", choices=["png", "jpeg"], default="png",
+                   help="image files: png (lossless) or jpeg (quality 90, decodes as COCO's do) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="the same seed writes the same files (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="replace a dataset already in --out (its images and JSON)")
     p.set_defaults(func=cmd_synth)

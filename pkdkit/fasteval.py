@@ -213,7 +213,11 @@ if COCOeval_faster is not None:
 
         def __init__(self, cocoGt: Any = None, cocoDt: Any = None, iouType: str = "segm"):
             # separate_eval: keep the per-image results so that `accumulate` below can read them.
-            super().__init__(cocoGt, cocoDt, iouType, print_function=_print, separate_eval=True)
+            # rle_iou_max_workers=1: the mask IoUs of one (image, category) pair take microseconds, so a thread
+            # pool (faster-coco-eval's default: 8 threads) spends more on futures, locks and GIL hand-overs than it
+            # saves: ~8% of evaluate()'s CPU time on real-shaped masks (bench/cocodata.py, real_shaped=True).
+            super().__init__(cocoGt, cocoDt, iouType, print_function=_print, separate_eval=True,
+                             rle_iou_max_workers=1)
 
         def accumulate(self, p: Any = None) -> None:
             """pycocotools' accumulation (see `accumulate_evaluations`) of the last ``evaluate()``."""

@@ -11,6 +11,11 @@ compressed RLE, so both pycocotools mask paths are used. Masks are rasterised by
 the stored segmentation, bbox and area agree exactly with the pixels drawn.
 
 The same `seed` gives byte-identical JSON and PNG files.
+
+``size="coco"`` draws images at COCO's sizes (640 px on the long side, 360-512 on the other, landscape or
+portrait) with shape outlines densified into many-vertex, slightly irregular polygons (one vertex every few
+pixels, as COCO's annotators drew them), and ``image_format="jpeg"`` writes JPEG files (quality 90): data that
+costs to decode and transform what COCO's does, to measure the loader on (bench/run.py's ``jpeg_loader``).
 """
 from __future__ import annotations
 
@@ -40,13 +45,22 @@ MIN_FRACTION, MAX_FRACTION = 0.09, 0.8
 RLE_FRACTION = 0.15  # share of unoccluded shapes stored as RLE anyway
 MIN_VISIBLE = 0.5  # an earlier shape must keep at least this share of its pixels visible
 PLACEMENT_TRIES = 10
+# size="coco": (height, width) choices of COCO's common shapes (640 px on the long side), an outline vertex
+# every VERTEX_SPACING pixels, moved off the outline by N(0, OUTLINE_JITTER) pixels
+COCO_SHAPES = ((480, 640), (427, 640), (426, 640), (360, 640), (512, 640), (640, 480), (640, 427))
+VERTEX_SPACING, OUTLINE_JITTER = 5.0, 0.7
+IMAGE_FORMATS = {"png": ("PNG", ".png", {}), "jpeg": ("JPEG", ".jpg", {"quality": 90})}
 
 
-def make_synthetic_coco(out_dir, n_train: int = 64, n_val: int = 16, size: int = 96, seed: int = 0, *,
-                        overwrite: bool = False) -> dict:
+def make_synthetic_coco(out_dir, n_train: int = 64, n_val: int = 16, size: int | str = 96, seed: int = 0, *,
+                        overwrite: bool = False, image_format: str = "png") -> dict:
     """Write the train and val splits under `out_dir` and return their paths.
 
-    Layout: `out_dir/{train,val}/<image_id:06d>.png` and `out_dir/annotations/instances_{train,val}.json`.
+    size: the side of the square images in pixels, or "coco" for COCO's sizes and many-vertex polygons (see
+    the module docstring). image_format: "png" (lossless, the default) or "jpeg".
+
+    Layout: `out_dir/{train,val}/<image_id:06d>.png` (`.jpg` for JPEG) and
+    `out_dir/annotations/instances_{train,val}.json`.
     Image and annotation ids start at 1 in each file. Each image is drawn from its own random stream
     (seed, split, index), so changing `n_train` does not change the val split.
 
@@ -56,14 +70,17 @@ def make_synthetic_coco(out_dir, n_train: int = 64, n_val: int = 16, size: int =
 
     Returns `{"root", "train_images", "train_json", "val_images", "val_json"}` as `Path`s.
     """
-    if size < 32:
-        raise ConfigError(f"synthetic image size must be >= 32 px, got {size}")
+    if size != "coco" and (isinstance(size, str) or size < 32):
+        raise ConfigError(f"synthetic image size must be >= 32 px (an integer) or 'coco', got {size!r}")
+    if image_format not in IMAGE_FORMATS:
+        raise ConfigError(f"synthetic image format must be one of {sorted(IMAGE_FORMATS)}, got {image_format!r}")
     if n_train < 0 or n_val < 0:
         raise ConfigError(f"image counts must be >= 0, got n_train={n_train}, n_val={n_val}")
     root = Path(out_dir)
     existing = [p for p in (root / "annotations" / "instances_train.json", root / "annotations" / "instances_val.json")
                 if p.exists()]
-    existing += [p for split in ("train", "val") if (root / split).is_dir() for p in (root / split).glob("*.png")]
+    existing += [p for split in ("train", "val") if (root / split).is_dir()
+                 for ext in ("*.png", "*.jpg") for p in (root / split).glob(ext)]
     if existing and not overwrite:
         raise ConfigError(f"{root} already holds a dataset ({len(existing)} files, e.g. {existing[0]}); choose "
                           f"another folder, or replace it (synth --force / overwrite=True)")
@@ -74,7 +91,7 @@ def make_synthetic_coco(out_dir, n_train: int = 64, n_val: int = 16, size: int =
     for split_index, (split, n) in enumerate((("train", n_train), ("val", n_val))):
         image_dir = root / split
         image_dir.mkdir(parents=True, exist_ok=True)
-        dataset = _make_split(image_dir, n, size, seed, split_index)
+        dataset = _make_split(image_dir, n, size, seed, split_index, image_format)
         ann_file = root / "annotations" / f"instances_{split}.json"
         write_text(json.dumps(dataset, sort_keys=True, separators=(",", ":")), ann_file)
         paths[f"{split}_images"] = image_dir
@@ -82,16 +99,18 @@ def make_synthetic_coco(out_dir, n_train: int = 64, n_val: int = 16, size: int =
     return paths
 
 
-def _make_split(image_dir: Path, n: int, size: int, seed: int, split_index: int) -> dict:
+def _make_split(image_dir: Path, n: int, size: int | str, seed: int, split_index: int, image_format: str) -> dict:
+    pil_format, suffix, options = IMAGE_FORMATS[image_format]
     images, annotations = [], []
     for k in range(n):
         image_id = k + 1
         rng = np.random.default_rng([seed, split_index, k])
         n_objects = 0 if k % EMPTY_EVERY == 7 else int(rng.integers(1, MAX_OBJECTS + 1))
-        pixels, objects = _draw_image(rng, size, n_objects)
-        file_name = f"{image_id:06d}.png"
-        Image.fromarray(pixels, "RGB").save(image_dir / file_name, format="PNG")
-        images.append({"id": image_id, "file_name": file_name, "width": size, "height": size,
+        hw = COCO_SHAPES[int(rng.integers(len(COCO_SHAPES)))] if size == "coco" else (size, size)
+        pixels, objects = _draw_image(rng, hw, n_objects, dense=size == "coco")
+        file_name = f"{image_id:06d}{suffix}"
+        Image.fromarray(pixels, "RGB").save(image_dir / file_name, format=pil_format, **options)
+        images.append({"id": image_id, "file_name": file_name, "width": hw[1], "height": hw[0],
                        "license": 1, "date_captured": ""})
         for obj in objects:
             annotations.append(_annotation(obj, rng, image_id, len(annotations) + 1))
@@ -106,29 +125,31 @@ def _make_split(image_dir: Path, n: int, size: int, seed: int, split_index: int)
     }
 
 
-def _draw_image(rng: np.random.Generator, size: int, n_objects: int) -> tuple[np.ndarray, list[dict]]:
-    """Return the image `(size, size, 3)` uint8 and the placed objects (polygon, full and visible masks)."""
-    canvas = _background(rng, size)
+def _draw_image(rng: np.random.Generator, hw: tuple[int, int], n_objects: int,
+                dense: bool = False) -> tuple[np.ndarray, list[dict]]:
+    """Return the image `(H, W, 3)` uint8 and the placed objects (polygon, full and visible masks); `dense`:
+    many-vertex outlines (`_densify`)."""
+    canvas = _background(rng, hw)
     objects: list[dict] = []
     for _ in range(n_objects):
-        obj = _place(rng, size, objects)
+        obj = _place(rng, hw, objects, dense)
         if obj is None:
             continue
         for other in objects:  # the new shape occludes everything drawn before it
             other["visible"] &= ~obj["full"]
         colour = _contrasting_colour(rng, canvas, obj["full"])
-        canvas[obj["full"]] = colour * _shading(rng, obj, size)[obj["full"]][:, None]
+        canvas[obj["full"]] = colour * _shading(rng, obj, hw)[obj["full"]][:, None]
         objects.append(obj)
     canvas += rng.normal(0.0, 3.0, canvas.shape)
     return np.clip(canvas, 0, 255).round().astype(np.uint8), objects
 
 
-def _place(rng: np.random.Generator, size: int, objects: list[dict]) -> dict | None:
+def _place(rng: np.random.Generator, hw: tuple[int, int], objects: list[dict], dense: bool) -> dict | None:
     """Sample a shape that leaves every earlier shape at least MIN_VISIBLE visible (None if none fits)."""
     cat = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
     fraction = np.exp(rng.uniform(np.log(MIN_FRACTION), np.log(MAX_FRACTION)))
-    radius = max(4.0, fraction * size / 2)
-    lo, hi = radius + 1, size - radius - 1
+    radius = max(4.0, fraction * min(hw) / 2)
+    lo, hi = radius + 1, np.array([hw[1], hw[0]]) - radius - 1  # (x, y) bounds of the centre
     for _ in range(PLACEMENT_TRIES):  # keep class and size, so large shapes are not selected against
         if objects and rng.random() < 0.4:  # next to an earlier shape, so that some overlap
             anchor = objects[int(rng.integers(len(objects)))]
@@ -137,9 +158,11 @@ def _place(rng: np.random.Generator, size: int, objects: list[dict]) -> dict | N
             cx, cy = anchor["cx"] + dist * np.cos(angle), anchor["cy"] + dist * np.sin(angle)
         else:
             cx, cy = rng.uniform(lo, hi, 2)
-        cx, cy = float(np.clip(cx, lo, hi)), float(np.clip(cy, lo, hi))
+        cx, cy = float(np.clip(cx, lo, hi[0])), float(np.clip(cy, lo, hi[1]))
         polygon = _polygon(cat["name"], cx, cy, radius, rng.uniform(0, 2 * np.pi))
-        full = _rasterise(polygon, size)
+        if dense:
+            polygon = _densify(polygon, rng)
+        full = _rasterise(polygon, hw)
         if full.sum() < 12:
             continue
         if all((o["visible"] & ~full).sum() >= MIN_VISIBLE * o["full"].sum() for o in objects):
@@ -171,17 +194,33 @@ def _polygon(name: str, cx: float, cy: float, r: float, angle: float) -> list[fl
     return [round(float(v), 2) for v in pts.reshape(-1)]
 
 
-def _rasterise(polygon: list[float], size: int) -> np.ndarray:
-    """Boolean mask `(size, size)` of a polygon, rasterised exactly as pycocotools' annToMask does."""
-    rle = mask_utils.merge(mask_utils.frPyObjects([polygon], size, size))
+def _densify(polygon: list[float], rng: np.random.Generator) -> list[float]:
+    """The outline with a vertex every ~VERTEX_SPACING px along each edge, each moved by N(0, OUTLINE_JITTER)
+    px: the many-vertex, slightly irregular polygons of COCO's hand-drawn masks."""
+    pts = np.asarray(polygon).reshape(-1, 2)
+    ends = np.roll(pts, -1, axis=0)
+    parts = []
+    for a, b in zip(pts, ends):
+        n = max(1, int(np.ceil(np.hypot(*(b - a)) / VERTEX_SPACING)))
+        parts.append(a + (b - a) * (np.arange(n) / n)[:, None])
+    dense = np.concatenate(parts)
+    dense = dense + rng.normal(0.0, OUTLINE_JITTER, dense.shape)
+    return [round(float(v), 2) for v in dense.reshape(-1)]
+
+
+def _rasterise(polygon: list[float], hw: tuple[int, int]) -> np.ndarray:
+    """Boolean mask `(H, W)` of a polygon, rasterised exactly as pycocotools' annToMask does."""
+    rle = mask_utils.merge(mask_utils.frPyObjects([polygon], *hw))
     return mask_utils.decode(rle).astype(bool)
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Float image `(size, size, 3)`: base colour + smooth noise + stripes + gradient."""
+def _background(rng: np.random.Generator, hw: tuple[int, int]) -> np.ndarray:
+    """Float image `(H, W, 3)`: base colour + smooth noise + stripes + gradient."""
     base = rng.uniform(50, 205, 3)
-    noise = _smooth_noise(rng, size, cells=int(rng.integers(2, 7))) * rng.uniform(15, 40)
-    yy, xx = np.mgrid[0:size, 0:size] / size
+    noise = _smooth_noise(rng, hw, cells=int(rng.integers(2, 7))) * rng.uniform(15, 40)
+    h, w = hw
+    yy, xx = np.mgrid[0:h, 0:w].astype(float)
+    yy, xx = yy / h, xx / w
     theta = rng.uniform(0, np.pi)
     period = rng.uniform(1 / 12, 1 / 3)
     phase = (xx * np.cos(theta) + yy * np.sin(theta)) / period
@@ -190,16 +229,20 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return base + noise + stripes + gradient * rng.uniform(-60, 60, 3)
 
 
-def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
-    """Value noise `(size, size, 3)`: a random `(cells+1)^2` grid, smoothstep-interpolated."""
+def _smooth_noise(rng: np.random.Generator, hw: tuple[int, int], cells: int) -> np.ndarray:
+    """Value noise `(H, W, 3)`: a random `(cells+1)^2` grid, smoothstep-interpolated."""
     grid = rng.normal(size=(cells + 1, cells + 1, 3))
-    t = np.arange(size) * cells / size
-    i = t.astype(int)
-    f = t - i
-    f = (f * f * (3 - 2 * f))[:, None, None]
-    rows = grid[i] * (1 - f) + grid[i + 1] * f  # (size, cells+1, 3)
-    f = f.transpose(1, 0, 2)
-    return rows[:, i] * (1 - f) + rows[:, i + 1] * f
+
+    def steps(n: int) -> tuple[np.ndarray, np.ndarray]:  # grid cell and smoothstep weight of each of n pixels
+        t = np.arange(n) * cells / n
+        i = t.astype(int)
+        f = t - i
+        return i, (f * f * (3 - 2 * f))[:, None, None]
+
+    (i, f), (j, g) = steps(hw[0]), steps(hw[1])
+    rows = grid[i] * (1 - f) + grid[i + 1] * f  # (H, cells+1, 3)
+    g = g.transpose(1, 0, 2)
+    return rows[:, j] * (1 - g) + rows[:, j + 1] * g
 
 
 def _contrasting_colour(rng: np.random.Generator, canvas: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -213,9 +256,9 @@ def _contrasting_colour(rng: np.random.Generator, canvas: np.ndarray, mask: np.n
     return colour
 
 
-def _shading(rng: np.random.Generator, obj: dict, size: int) -> np.ndarray:
-    """Multiplicative light ramp `(size, size)` across a shape, so shapes are not flat colour."""
-    yy, xx = np.mgrid[0:size, 0:size]
+def _shading(rng: np.random.Generator, obj: dict, hw: tuple[int, int]) -> np.ndarray:
+    """Multiplicative light ramp `(H, W)` across a shape, so shapes are not flat colour."""
+    yy, xx = np.mgrid[0:hw[0], 0:hw[1]]
     angle = rng.uniform(0, 2 * np.pi)
     ramp = ((xx - obj["cx"]) * np.cos(angle) + (yy - obj["cy"]) * np.sin(angle)) / obj["radius"]
     return 1.0 + 0.15 * np.clip(ramp, -1, 1)

@@ -96,7 +96,10 @@ def test_evaluation_benchmark_uses_coco_categories_crowd_and_masks_and_finds_ide
         assert all(row[name]["min_s"] <= row[name]["median_s"] for name in ("plain", "pkdkit"))
         assert math.isclose(row["ratio"], row["pkdkit"]["median_s"] / row["plain"]["median_s"])
         assert math.isfinite(row["cpu_ratio"]), row
-    assert out["target"] == {"bbox": 0.35, "segm": 0.5}
+    real = out["segm_real"]  # COCO-sized images with many-vertex masks, same comparison
+    assert real["stats_identical"] and real["per_class_identical"] and real["polygon_vertices_mean"] > 20
+    assert real["images"] == evaluation_config.eval_images and real["pkdkit"]["n"] == repeats
+    assert out["target"] == {"bbox": 0.35, "segm": 0.5, "segm_real": 0.35}
 
 
 def test_loader_benchmark_compares_the_loader_with_the_training_step(tmp_path):
@@ -143,3 +146,31 @@ def test_report_table_lists_every_part_and_marks_gpu_settings_not_measured(evalu
     text = run.table(res)
     assert "segm: time ratio" in text and "bbox: 12 stats | per-class AP identical" in text
     assert "not measured (no GPU)" in text
+
+
+def test_reference_loop_comparison_trains_the_same_weights_as_the_engine_step(toy_cfg):
+    cfg = replace(toy_cfg, reference_batches=1, warmup=0, repeats=2)
+    out = run.bench_reference(cfg, torch.device("cpu"))
+    assert out["batches"] == 1 and out["images_per_pass"] == cfg.train.batch_size
+    assert out["pkdkit"]["n"] == out["reference"]["n"] == cfg.repeats and out["target"] == 0.97
+    assert math.isclose(out["ratio"], out["pkdkit"]["images_per_s"] / out["reference"]["images_per_s"])
+    # the same steps on the same batches from the same weights: the same last loss, so the same settings
+    assert math.isfinite(out["final_loss"]["pkdkit"]) and out["final_loss"]["pkdkit"] == out["final_loss"]["reference"]
+    assert "vs torchvision's reference loop" in run.table({"reference": out})
+
+
+def test_jpeg_loader_benchmark_reports_workers_per_count_decode_share_and_workers_a_gpu_needs(toy_cfg, tmp_path):
+    assert loading.worker_counts(2) == (0, 1, 2) and loading.worker_counts(16) == (0, 1, 2, 4, 8, 16)
+    report = Path(run.ROOT) / "reports" / "bench-cuda.json"
+    student = replace(toy_cfg.student, num_classes=6)  # the synthetic data's 5 classes + background
+    out = loading.bench_jpeg_loading(student, toy_cfg.train, torch.device("cpu"), n_images=4, passes=1,
+                                     steps=1, workers=(0, 1), gpu_report=report, root=tmp_path)
+    assert [row["num_workers"] for row in out["loader"]] == [0, 1] and len(list(tmp_path.rglob("*.jpg"))) == 4
+    assert all(max(size) == 640 for size in out["image_sizes"]) and out["format"] == "jpeg"
+    per_image = out["per_image"]
+    assert 0 < per_image["pil_decode_s"] < per_image["item_s"] and 0 < per_image["decode_share"] < 1
+    assert 0 < per_image["to_float_s"] < per_image["item_s"]
+    rates = out["gpu_step"]
+    assert rates["gpu"] and rates["distill"] > 0
+    assert out["workers_needed"]["distill"] == math.ceil(rates["distill"] * out["item_s_for_workers"])
+    assert "workers for" in run.table({"jpeg_loader": out})

@@ -11,6 +11,8 @@ import contextlib
 import copy
 import io
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,3 +243,19 @@ def test_accumulation_reads_only_the_image_category_pairs_that_have_annotations(
     assert used.tolist() == [e is not None for e in slow.evalImgs]
     if use_cats:  # per category, most (image, category) pairs have neither annotations nor detections
         assert used.sum() < used.size / 3
+
+
+def test_segm_on_real_shaped_masks_matches_pycocotools_exactly():
+    # COCO-sized images, many-vertex polygons, crowd regions as uncompressed RLE, 80 categories (bench/cocodata.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from cocodata import make_eval_set
+
+    gt, results = make_eval_set(40, seed=1, real_shaped=True)
+    polygons = [a["segmentation"][0] for a in gt["annotations"] if not a["iscrowd"]]
+    vertices = [len(p) // 2 for p in polygons]
+    assert min(vertices) >= 12 and max(vertices) >= 100 and max(i["width"] for i in gt["images"]) == 640
+    assert any(isinstance(a["segmentation"]["counts"], list) for a in gt["annotations"] if a["iscrowd"])
+    fast, fast_text = evaluate_with(FastCOCOeval, gt, results, "segm")
+    slow, slow_text = evaluate_with(COCOeval, gt, results, "segm")
+    assert_same_evaluation(fast, slow)
+    assert list(fast.stats) == list(slow.stats) and fast_text == slow_text and slow.stats[0] > 0

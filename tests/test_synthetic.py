@@ -159,3 +159,25 @@ def test_colour_does_not_determine_class(tiny_coco, train, train_coco):
 def test_rejects_images_too_small_to_hold_shapes(tmp_path):
     with pytest.raises(ValueError, match="size must be >= 32"):
         make_synthetic_coco(tmp_path, n_train=1, n_val=0, size=16)
+
+
+def test_coco_sizes_as_jpeg_vary_like_coco_with_many_vertex_polygons(tmp_path):
+    paths = make_synthetic_coco(tmp_path, n_train=4, n_val=0, size="coco", image_format="jpeg")
+    data, coco = _load(paths["train_json"]), COCO(str(paths["train_json"]))
+    assert not list(paths["train_images"].glob("*.png"))
+    shapes = set()
+    for info in data["images"]:
+        assert info["file_name"].endswith(".jpg") and max(info["width"], info["height"]) == 640
+        with Image.open(paths["train_images"] / info["file_name"]) as img:
+            assert img.format == "JPEG" and img.size == (info["width"], info["height"])
+        shapes.add((info["width"], info["height"]))
+    assert len(shapes) > 1  # sizes vary from image to image
+    polygons = [a for a in data["annotations"] if isinstance(a["segmentation"], list)]
+    assert polygons and min(len(a["segmentation"][0]) // 2 for a in polygons) >= 20  # many vertices
+    for a in data["annotations"]:  # masks, boxes and areas agree at these sizes too
+        mask = coco.annToMask(a)
+        ys, xs = np.nonzero(mask)
+        x, y, w, h = a["bbox"]
+        assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == [x, y, x + w, y + h] and mask.sum() == a["area"]
+    with pytest.raises(ValueError, match="format must be one of"):
+        make_synthetic_coco(tmp_path / "other", n_train=1, n_val=0, image_format="gif")
