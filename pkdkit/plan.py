@@ -50,8 +50,8 @@ from torch import nn
 from pkdkit.config import check_fields, check_types, check_value
 from pkdkit.data import CocoDetection, DataConfig, LabelMap, make_loader
 from pkdkit.distill import Distiller, build_distiller, calibrate_loss_weight, inherit_teacher_head
-from pkdkit.engine import (DistInfo, TrainConfig, barrier, history_file, init_distributed, resolve_device,
-                           seed_everything, train, training_files)
+from pkdkit.engine import (DistInfo, TrainConfig, barrier, history_file, init_distributed, note_evaluation,
+                           resolve_device, seed_everything, train, training_files)
 from pkdkit.errors import ConfigError, reason
 from pkdkit.evaluate import EvalRecord, budget_of, comparison_table, evaluate_detector, evaluation_files
 from pkdkit.features import common_levels, feature_levels
@@ -554,15 +554,26 @@ def _train_stage(run: _PlanRun, k: int, cfg: TrainConfig, distiller: Distiller,
     it; returns the record (None on the other processes)."""
     plan, stage = run.plan, run.plan.stages[k]
     where = f"{plan.name} stage {k + 1}/{len(plan.stages)}"
-    train(distiller, run.train_ds, cfg.replace(progress=run.progress and cfg.progress), plan.stage_dir(k),
-          desc=f"{where} {stage.name}", config=stage_config)
+    cfg = cfg.replace(progress=run.progress and cfg.progress)
+    history = train(distiller, run.train_ds, cfg, plan.stage_dir(k), desc=f"{where} {stage.name}",
+                    config=stage_config, step_offset=_step_offset(plan, k))
     record = None
     if run.info.is_main:
         save_detector(plan.stage_student(k), distiller.student, plan.student, run.label_map, config=stage_config)
-        record = run.evaluate(distiller.student, plan.stage_dir(k), stage_config)
+        record = note_evaluation(plan.stage_dir(k), run.evaluate(distiller.student, plan.stage_dir(k), stage_config),
+                                 history, cfg, where)
         run.say(f"{where} ({stage.name}): evaluated, AP {record.ap:.3f}")
     barrier(run.info)
     return record
+
+
+def _step_offset(plan: Plan, k: int) -> int:
+    """The global step stage k's TensorBoard curves start after: where stage k - 1's history ended (its last
+    epoch's "step"), so a plan's stages read as one set of curves; 0 for stage 1 (or a history without steps)."""
+    if k == 0 or not plan.stage_history(k - 1).exists():
+        return 0
+    epochs = json.loads(plan.stage_history(k - 1).read_text())["epochs"]
+    return int(epochs[-1].get("step", 0)) if epochs else 0
 
 
 CALIBRATION_BATCHES = 4

@@ -31,7 +31,7 @@ HOW_COMPUTED = frozenset({"device", "gpus", "num_workers", "pin_memory", "persis
                           "channels_last", "checkpoint_every"})
 # What is shown or where it goes: never part of what a run is.
 DISPLAY = frozenset({"progress", "run_dir", "figures_dir", "report_metrics", "image_index", "mode", "launch_app",
-                     "fiftyone_dataset", "iou"})
+                     "fiftyone_dataset", "iou", "log_every"})
 # The settings that do not identify a run (a key is matched by its last part: "train.device" is "device").
 NOT_IDENTITY = HOW_COMPUTED | DISPLAY
 
