@@ -63,10 +63,11 @@ def ap_alarm(ap: float, epoch: int, epochs: int) -> Alarm | None:
     """AP still 0 at an evaluation after `epoch` of `epochs`, past half the schedule."""
     if ap > 0 or epoch <= epochs / 2:
         return None
-    return Alarm("ap_zero", f"AP is still 0 at epoch {epoch}/{epochs}, past half the schedule: likely a teacher that "
-                            "did not load or does not detect on this data, classes that do not match the data's, or a "
-                            f"learning rate not scaled to the batch; try `pkdkit doctor` on the plan, check the "
-                            f"teachers' AP on this data, and the lr against {LR_ADVICE}", epoch)
+    return Alarm("ap_zero", f"AP is still 0 at epoch {epoch}/{epochs}, past half the schedule: likely (distilling) a "
+                            "teacher that did not load or does not detect on this data, classes that do not match the "
+                            "data's, a learning rate not scaled to the batch, or too few epochs for this data; try "
+                            "`pkdkit doctor` on the plan, check the teachers' AP on this data, the lr against "
+                            f"{LR_ADVICE}, and a longer schedule", epoch)
 
 
 def ratio_alarm(start: float | None, now: float | None, epoch: int) -> Alarm | None:

@@ -313,8 +313,9 @@ def _train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig
     net = model
     if info.enabled:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    # rank 0 writes TensorBoard; a resumed run drops the events it wrote after its checkpoint
-    writer = open_writer(out_dir, purge_step=step_offset + start_epoch * len(loader)) if info.is_main else None
+    # rank 0 writes TensorBoard (at steps counted from 1: the steps done); a resumed run drops the events it wrote
+    # after its checkpoint
+    writer = open_writer(out_dir, purge_step=step_offset + start_epoch * len(loader) + 1) if info.is_main else None
     try:
         for epoch in range(start_epoch, cfg.epochs):
             seed_everything(epoch_seed(cfg.seed, epoch) + info.rank)

@@ -165,6 +165,34 @@ def keeps_forward_outputs(model) -> bool:
     return any(ref() is not None for ref in outputs)
 
 
+# ----------------------------------------------------------------------------------------------------
+# TensorBoard event files, read back with tensorboard's own reader
+def tb_scalars(folder, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of a TensorBoard scalar in the event files of `folder`, read by tensorboard's own reader."""
+    return [(e.step, e.value) for e in _events(folder).Scalars(tag)]
+
+
+def tb_tags(folder) -> dict[str, list[str]]:
+    """The tags of each kind ("scalars", "tensors" (text), ...) in the TensorBoard event files of `folder`."""
+    return _events(folder).Tags()
+
+
+def tb_texts(folder, tag: str) -> list[tuple[int, str]]:
+    """(step, text) of a TensorBoard text summary (kept as a string tensor, tagged `<tag>/text_summary`)."""
+    events = _events(folder)
+    name = f"{tag}/text_summary"
+    return [(e.step, e.tensor_proto.string_val[0].decode()) for e in events.Tensors(name)] \
+        if name in events.Tags()["tensors"] else []
+
+
+def _events(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    return events
+
+
 def screenshot_dir():
     """Where browser tests leave their screenshots for a person to look at: $PKDKIT_SCREENSHOTS, else not kept."""
     from pathlib import Path

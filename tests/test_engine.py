@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import tb_scalars, tb_tags, tb_texts
 
 from pkdkit.data import CocoDetection, make_loader
 from pkdkit.engine import (FiniteChecks, NonFiniteLossError, StepAt, TrainConfig, build_optimizer, build_scheduler,
@@ -60,6 +61,7 @@ def test_short_training_run_loss_falls_and_train_ap_is_above_zero(tiny_coco, tmp
     assert record["metrics"]["bbox"]["stats"]["AP50"] > 0
     metrics = json.loads((tmp_path / "history.json").read_text())
     assert metrics["config"]["spec"]["backbone"] == "resnet18" and metrics["config"]["train"]["lr"] == 1e-3
+    assert all(e["alarms"] == [] for e in metrics["epochs"])  # a healthy run raises no alarm
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3, 4, 5, 6]
     state = load_checkpoint(tmp_path / "last.pt")
     assert {"model", "optimizer", "scheduler", "scaler", "rng", "epoch"} <= set(state) and state["epoch"] == 6
@@ -152,6 +154,9 @@ def test_checkpoint_every_n_epochs_resumes_from_the_last_one_written_and_ends_th
     assert [e["epoch"] for e in json.loads((stopped / "history.json").read_text())["epochs"]] == [1, 2]
     resumed = run(stopped)
     assert [e["loss"] for e in resumed] == [e["loss"] for e in history]
+    # TensorBoard: the resumed run dropped what it wrote after its checkpoint (epoch 3): each step once
+    assert [s for s, _ in tb_scalars(stopped, "loss/total")] == [2, 4, 6, 8]
+    assert [v for _, v in tb_scalars(stopped, "loss/total")] == pytest.approx([e["loss"] for e in history])
     _assert_same_weights(load_checkpoint(straight / "last.pt")["model"], load_checkpoint(stopped / "last.pt")["model"])
     assert load_checkpoint(straight / "last.pt")["epoch"] == 4  # the last epoch is always written
 
@@ -240,6 +245,17 @@ def test_train_detector_writes_model_eval_and_config_and_skips_when_done(tiny_co
     spec = DetectorSpec(num_classes=train_ds.label_map.num_classes, **SPEC)
     record = train_detector(spec, train_ds, val_ds, CFG.replace(epochs=1), tmp_path)
     assert {"model.pt", "eval.json", "eval_results.json", "last.pt", "history.json"} <= {p.name for p in tmp_path.iterdir()}
+    # TensorBoard in the run's folder, read back with tensorboard's reader: the training scalars at the logging
+    # interval (the epoch's last step, 2), the 12 COCO stats of the evaluation, the AP alarm of an untrained model
+    epoch = json.loads((tmp_path / "history.json").read_text())["epochs"][0]
+    assert tb_scalars(tmp_path, "loss/total") == [(2, pytest.approx(epoch["loss"]))]
+    for tag in ("loss/classification", "loss/bbox_regression", "train/lr", "train/grad_norm", "train/images_per_s"):
+        assert [s for s, _ in tb_scalars(tmp_path, tag)] == [2], tag
+    assert tb_scalars(tmp_path, "eval/bbox/AP") == [(2, pytest.approx(record.ap))]
+    assert len([t for t in tb_tags(tmp_path)["scalars"] if t.startswith("eval/bbox/")]) == 12
+    assert [a["name"] for a in record["alarms"]] == (["ap_zero"] if record.ap == 0 else [])
+    assert json.loads((tmp_path / "eval.json").read_text())["alarms"] == record["alarms"]
+    assert [s for s, _ in tb_texts(tmp_path, "alarms")] == ([2] if record.ap == 0 else [])
     assert record["config"]["spec"] == spec.to_dict() and set(record["metrics"]["bbox"]["stats"]) >= {"AP", "AR100"}
     _, spec2, label_map, _ = load_detector(tmp_path / "model.pt")
     assert spec2 == spec and label_map == train_ds.label_map
