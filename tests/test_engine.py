@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tb_scalars, tb_tags, tb_texts
+from conftest import TINY_SPEC, TINY_TRAIN, tb_scalars, tb_tags, tb_texts
 
 from pkdkit.data import CocoDetection, make_loader
 from pkdkit.engine import (FiniteChecks, NonFiniteLossError, StepAt, TrainConfig, build_optimizer, build_scheduler,
@@ -20,10 +20,8 @@ from pkdkit.engine import (FiniteChecks, NonFiniteLossError, StepAt, TrainConfig
 from pkdkit.evaluate import evaluate_detector
 from pkdkit.models import DetectorSpec, build_detector, load_checkpoint, load_detector
 
-SPEC = dict(arch="retinanet", backbone="resnet18", fpn_channels=32, min_size=96, max_size=96,
-            anchor_sizes=(8, 16, 32, 64, 128))
-CFG = TrainConfig(epochs=3, batch_size=8, optimizer="adamw", lr=1e-3, weight_decay=0.05, warmup_iters=2,
-                  grad_clip=10.0, device="cpu", progress=False)
+SPEC = TINY_SPEC
+CFG = TrainConfig(**TINY_TRAIN)
 
 
 def _datasets(tiny_coco):
@@ -240,28 +238,26 @@ def test_lr_schedule_warms_up_then_steps_or_decays():
         TrainConfig(optimizer="lamb")
 
 
-def test_train_detector_writes_model_eval_and_config_and_skips_when_done(tiny_coco, tmp_path):
-    train_ds, val_ds = _datasets(tiny_coco)
-    spec = DetectorSpec(num_classes=train_ds.label_map.num_classes, **SPEC)
-    record = train_detector(spec, train_ds, val_ds, CFG.replace(epochs=1), tmp_path)
-    assert {"model.pt", "eval.json", "eval_results.json", "last.pt", "history.json"} <= {p.name for p in tmp_path.iterdir()}
+def test_train_detector_writes_model_eval_and_config_and_skips_when_done(tiny_run, tmp_path):
+    run, record, spec, train_ds, val_ds = (tiny_run[k] for k in ("dir", "record", "spec", "train_ds", "val_ds"))
+    assert {"model.pt", "eval.json", "eval_results.json", "last.pt", "history.json"} <= {p.name for p in run.iterdir()}
     # TensorBoard in the run's folder, read back with tensorboard's reader: the training scalars at the logging
     # interval (the epoch's last step, 2), the 12 COCO stats of the evaluation, the AP alarm of an untrained model
-    epoch = json.loads((tmp_path / "history.json").read_text())["epochs"][0]
-    assert tb_scalars(tmp_path, "loss/total") == [(2, pytest.approx(epoch["loss"]))]
+    epoch = json.loads((run / "history.json").read_text())["epochs"][0]
+    assert tb_scalars(run, "loss/total") == [(2, pytest.approx(epoch["loss"]))]
     for tag in ("loss/classification", "loss/bbox_regression", "train/lr", "train/grad_norm", "train/images_per_s"):
-        assert [s for s, _ in tb_scalars(tmp_path, tag)] == [2], tag
-    assert tb_scalars(tmp_path, "eval/bbox/AP") == [(2, pytest.approx(record.ap))]
-    assert len([t for t in tb_tags(tmp_path)["scalars"] if t.startswith("eval/bbox/")]) == 12
+        assert [s for s, _ in tb_scalars(run, tag)] == [2], tag
+    assert tb_scalars(run, "eval/bbox/AP") == [(2, pytest.approx(record.ap))]
+    assert len([t for t in tb_tags(run)["scalars"] if t.startswith("eval/bbox/")]) == 12
     assert [a["name"] for a in record["alarms"]] == (["ap_zero"] if record.ap == 0 else [])
-    assert json.loads((tmp_path / "eval.json").read_text())["alarms"] == record["alarms"]
-    assert [s for s, _ in tb_texts(tmp_path, "alarms")] == ([2] if record.ap == 0 else [])
+    assert json.loads((run / "eval.json").read_text())["alarms"] == record["alarms"]
+    assert [s for s, _ in tb_texts(run, "alarms")] == ([2] if record.ap == 0 else [])
     assert record["config"]["spec"] == spec.to_dict() and set(record["metrics"]["bbox"]["stats"]) >= {"AP", "AR100"}
-    _, spec2, label_map, _ = load_detector(tmp_path / "model.pt")
+    _, spec2, label_map, _ = load_detector(run / "model.pt")
     assert spec2 == spec and label_map == train_ds.label_map
-    mtime = (tmp_path / "model.pt").stat().st_mtime
-    assert train_detector(spec, train_ds, val_ds, CFG.replace(epochs=1), tmp_path) == record
-    assert (tmp_path / "model.pt").stat().st_mtime == mtime
+    mtime = (run / "model.pt").stat().st_mtime
+    assert train_detector(spec, train_ds, val_ds, CFG.replace(epochs=1), run) == record
+    assert (run / "model.pt").stat().st_mtime == mtime
     with pytest.raises(ValueError, match="num_classes=3"):
         train_detector(DetectorSpec(num_classes=3, **SPEC), train_ds, val_ds, CFG, tmp_path / "other")
 
@@ -319,8 +315,13 @@ def test_torchrun_two_cpu_processes_train_with_gloo(tiny_coco, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "eval_results.json", "history.json", "last.pt", "model.pt"]
+    assert sorted(p.name for p in out.iterdir() if "tfevents" not in p.name) == ["eval.json", "eval_results.json",
+                                                                              "history.json", "last.pt", "model.pt"]
     metrics = json.loads((out / "history.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    # TensorBoard: written by rank 0 alone (the process id is in the event files' names), losses over both ranks
+    assert len({p.name.split(".")[-2] for p in out.glob("events.out.tfevents.*")}) == 1
+    assert tb_scalars(out, "loss/total") == [(1, pytest.approx(metrics["epochs"][0]["loss"])),
+                                             (2, pytest.approx(metrics["epochs"][1]["loss"]))]
     # 16 training images over 2 ranks at batch 8: one step per rank per epoch
     assert load_checkpoint(out / "last.pt")["scheduler"]["last_epoch"] == 2
