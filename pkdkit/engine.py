@@ -313,43 +313,50 @@ def _train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig
     net = model
     if info.enabled:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    # rank 0 writes TensorBoard (at steps counted from 1: the steps done); a resumed run drops the events it wrote
-    # after its checkpoint
+    # rank 0 writes TensorBoard (at steps counted from 1: the steps done), flushed with each checkpoint; a resumed
+    # run drops the events written after its checkpoint
     writer = open_writer(out_dir, purge_step=step_offset + start_epoch * len(loader) + 1) if info.is_main else None
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            seed_everything(epoch_seed(cfg.seed, epoch) + info.rank)
-            loader.sampler.set_epoch(epoch)
-            t0 = time.time()
-            means = train_one_epoch(net, loader, optimizer, scheduler, scaler, cfg, device, epoch, info=info,
-                                    ckpt_path=ckpt_path, desc=desc, writer=writer, step_offset=step_offset)
-            step = step_offset + (epoch + 1) * len(loader)
-            record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                                      "seconds": round(time.time() - t0, 2), **means}
-            extra = on_epoch_end(epoch, model) if on_epoch_end is not None and info.is_main else {}
-            record.update(extra)
-            history.append(record)
-            alarms = epoch_alarms(history, cfg.grad_clip)
-            if "metrics" in extra:  # an evaluation
-                alarms += evaluation_alarms(extra, epoch + 1, cfg.epochs)
-            record["alarms"] = [a.to_dict() for a in alarms]
-            if info.is_main:
-                if "metrics" in extra:
-                    log_evaluation(writer, extra, step)
-                _report_alarms(alarms, writer, step, cfg.progress, desc)
-                if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
-                    _save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, epoch + 1, history, full_config)
-                    write_json({"config": full_config, "epochs": history}, history_path)
-                if cfg.progress:
-                    progress_step(f"{desc} epoch {epoch + 1}/{cfg.epochs}: " +
-                                  ", ".join(f"{k}={v:.4f}" for k, v in record.items()
-                                            if isinstance(v, float) and k not in ("lr", "seconds"))
-                                  + f" ({record['seconds']:.0f} s)")
-            barrier(info)
-    finally:
-        if writer is not None:
-            writer.close()
+    for epoch in range(start_epoch, cfg.epochs):
+        seed_everything(epoch_seed(cfg.seed, epoch) + info.rank)
+        loader.sampler.set_epoch(epoch)
+        t0 = time.time()
+        means = train_one_epoch(net, loader, optimizer, scheduler, scaler, cfg, device, epoch, info=info,
+                                ckpt_path=ckpt_path, desc=desc, writer=writer, step_offset=step_offset)
+        step = step_offset + (epoch + 1) * len(loader)
+        record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
+                                  "seconds": round(time.time() - t0, 2), **means}
+        if on_epoch_end is not None and info.is_main:
+            record.update(on_epoch_end(epoch, model))
+        history.append(record)
+        alarms = _epoch_alarms(history, cfg)
+        if info.is_main:
+            report_alarms(alarms, writer, step, cfg.progress, desc)
+            if "metrics" in record:  # on_epoch_end evaluated
+                log_evaluation(writer, record, step)
+            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+                _save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, epoch + 1, history, full_config)
+                write_json({"config": full_config, "epochs": history}, history_path)
+                writer.flush()
+            if cfg.progress:
+                progress_step(f"{desc} epoch {epoch + 1}/{cfg.epochs}: " +
+                              ", ".join(f"{k}={v:.4f}" for k, v in record.items()
+                                        if isinstance(v, float) and k not in ("lr", "seconds"))
+                              + f" ({record['seconds']:.0f} s)")
+        barrier(info)
+    if writer is not None:
+        writer.close()
     return history
+
+
+def _epoch_alarms(history: list[dict[str, Any]], cfg: TrainConfig) -> list[Alarm]:
+    """The alarms of the last epoch of `history` (`pkdkit.alarms.epoch_alarms`, and the AP alarm when its record
+    holds an evaluation), kept in its record (``"alarms"``)."""
+    record = history[-1]
+    alarms = epoch_alarms(history, cfg.grad_clip)
+    if "metrics" in record:
+        alarms += evaluation_alarms(record, record["epoch"], cfg.epochs)
+    record["alarms"] = [a.to_dict() for a in alarms]
+    return alarms
 
 
 def evaluation_alarms(record: dict[str, Any], epoch: int, epochs: int) -> list[Alarm]:
@@ -358,7 +365,7 @@ def evaluation_alarms(record: dict[str, Any], epoch: int, epochs: int) -> list[A
     return [alarm] if alarm is not None else []
 
 
-def _report_alarms(alarms: list[Alarm], writer: Any, step: int, progress: bool, desc: str) -> None:
+def report_alarms(alarms: list[Alarm], writer: Any, step: int, progress: bool, desc: str) -> None:
     """Alarms as progress lines (`pkdkit.progress.step`) and TensorBoard text at global `step`."""
     if writer is not None:
         log_alarms(writer, alarms, step)
@@ -379,7 +386,7 @@ def note_evaluation(out_dir: str | os.PathLike, record: EvalRecord, history: lis
     record["alarms"] = [a.to_dict() for a in epoch_alarms_ + alarms]
     with contextlib.closing(open_writer(out_dir)) as writer:
         log_evaluation(writer, record, step)
-        _report_alarms(alarms, writer, step, cfg.progress, desc)
+        report_alarms(alarms, writer, step, cfg.progress, desc)
     if "path" in record:
         write_json({k: v for k, v in record.items() if k != "path"}, record["path"])
     return record

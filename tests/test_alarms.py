@@ -54,3 +54,19 @@ def test_a_distillation_level_at_zero_for_an_epoch():
 def test_a_healthy_history_raises_none():
     assert epoch_alarms([_epoch(1, 0.5), _epoch(2, 0.8), _epoch(3, 1.5)], grad_clip=35.0) == []
     assert epoch_alarms([], grad_clip=35.0) == []
+
+
+def test_alarms_are_progress_lines_and_tensorboard_text(tmp_path, capsys):
+    from conftest import tb_texts
+
+    from pkdkit.engine import report_alarms
+    from pkdkit.board import open_writer
+
+    alarms = [ap_alarm(0.0, 12, 12), clipping_alarm(0.9, 35.0, 12)]
+    with open_writer(tmp_path) as writer:
+        report_alarms(alarms, writer, 120, True, "plan stage 2/3 r50")
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["[pkdkit] plan stage 2/3 r50 ALARM ap_zero",
+                                                      "[pkdkit] plan stage 2/3 r50 ALARM clipped"]
+    assert [(step, text.split("**")[1]) for step, text in tb_texts(tmp_path, "alarms")] == [(120, "ap_zero"),
+                                                                                          (120, "clipped")]

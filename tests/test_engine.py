@@ -141,7 +141,7 @@ def test_checkpoint_every_n_epochs_resumes_from_the_last_one_written_and_ends_th
         def stop(epoch: int, model) -> dict:
             if epoch + 1 == stop_in_epoch:
                 raise KeyboardInterrupt
-            return {}
+            return {"metrics": {"bbox": {"stats": {"AP": 0.0, "AP50": 0.0}}}}  # an evaluation that found nothing
         return train(build_detector(spec), train_ds, cfg, out, config={"spec": spec.to_dict()}, on_epoch_end=stop)
 
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
@@ -155,6 +155,9 @@ def test_checkpoint_every_n_epochs_resumes_from_the_last_one_written_and_ends_th
     # TensorBoard: the resumed run dropped what it wrote after its checkpoint (epoch 3): each step once
     assert [s for s, _ in tb_scalars(stopped, "loss/total")] == [2, 4, 6, 8]
     assert [v for _, v in tb_scalars(stopped, "loss/total")] == pytest.approx([e["loss"] for e in history])
+    assert [s for s, _ in tb_scalars(stopped, "eval/bbox/AP")] == [2, 4, 6, 8]
+    # AP 0 at the evaluations past half the schedule (epochs 3 and 4 of 4): an alarm in each epoch's record
+    assert [[a["name"] for a in e["alarms"]] for e in resumed] == [[], [], ["ap_zero"], ["ap_zero"]]
     _assert_same_weights(load_checkpoint(straight / "last.pt")["model"], load_checkpoint(stopped / "last.pt")["model"])
     assert load_checkpoint(straight / "last.pt")["epoch"] == 4  # the last epoch is always written
 
