@@ -28,7 +28,7 @@ start ratio is recorded for every stage. Loss hyper-parameters and levels defaul
 the student's detector family (`pkdkit.losses.loss_defaults`).
 
 The run directory holds ``plan.yaml``, ``stage_<k>_<name>/{calibration.json, last.pt, student.pt,
-history.json, eval.json}``, ``summary.json`` and, when fine-tuning, ``baseline/eval.json`` (the checkpoint
+history.json, eval.json, TensorBoard events (global steps continuing the stage before)}``, ``summary.json`` and, when fine-tuning, ``baseline/eval.json`` (the checkpoint
 the plan started from). Every record carries its `budget`: the initialisation and the student's total epochs.
 Running a plan again skips finished stages and resumes an interrupted one exactly. Leading stages that an
 earlier plan already trained identically are taken from it rather than trained again (`reuse_stages`).
