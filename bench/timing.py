@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pkdkit.engine import FiniteChecks, StepAt, TrainConfig, build_optimizer, build_scheduler, train_step
+from pkdkit.engine import FiniteChecks, LossMeter, StepAt, TrainConfig, build_optimizer, build_scheduler, train_step
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -122,7 +122,8 @@ def amp_dtype_for(device: torch.device) -> torch.dtype:
 class TrainStep:
     """One training step of `model` (forward `(images, targets) -> {name: loss}`): `pkdkit.engine.train_step`
     itself, the very step `engine.train` runs (autocast, backward, gradient clipping, optimizer step, the
-    finite checks and the per-iteration scheduler), on a fixed batch, with its own optimizer, scheduler (a run
+    finite checks and the per-iteration scheduler; the losses summed on the device and, with the checks, read
+    back every ``train.log_every`` steps, as the engine does), on a fixed batch, with its own optimizer, scheduler (a run
     of `total_iters` steps: it sets the learning rate, not the step's cost) and scaler.
 
     amp: None follows the engine (``train.amp`` on CUDA only, float16 with a GradScaler); True/False force it,
@@ -143,11 +144,21 @@ class TrainStep:
             self.amp, self.amp_dtype = amp, amp_dtype or amp_dtype_for(device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp and self.amp_dtype == torch.float16)
         self.steps = 0
-        self.last_loss = float("nan")
+        self.losses: dict[str, torch.Tensor] = {}
+        self.meter = LossMeter(device)
 
     def __call__(self) -> None:
         losses = train_step(self.model, self.images, self.targets, self.optimizer, self.scheduler, self.scaler,
                             self.train, self.device, checks=self.checks, at=StepAt(step=self.steps),
                             amp_dtype=self.amp_dtype if self.amp else None)
         self.steps += 1
-        self.last_loss = losses["loss"].item()  # the engine reads every step's losses: a sync, as here
+        self.losses = losses
+        self.meter.add(losses)
+        if self.steps % self.train.log_every == 0:  # the engine reads the checks and losses back as often
+            self.checks.check()
+            self.meter.read()
+
+    @property
+    def last_loss(self) -> float:
+        """The last step's loss (read back from the device now: after the timing)."""
+        return self.losses["loss"].item() if self.losses else float("nan")

@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pkdkit.alarms import Alarm, ap_alarm, distill_ratio, epoch_alarms
+from pkdkit.board import log_alarms, log_evaluation, log_training, open_writer
 from pkdkit.config import check_keys, check_range, check_types
 from pkdkit.data import CocoDetection, make_loader, mixed_seed
 from pkdkit.errors import ConfigError, PkdkitError
@@ -92,6 +94,10 @@ class TrainConfig:
                 "last; a killed run resumes from it exactly. Raise it where an epoch takes seconds and writing "
                 "the checkpoint a good part of that (the tiny preset)"})
     progress: bool = field(default=True, metadata={"help": "progress bars and per-epoch lines"})
+    log_every: int = field(default=50, metadata={
+        "help": "read the losses and the finite checks back from the device, update the progress bar and write "
+                "TensorBoard every this many steps (and at the end of each epoch): no host synchronisation on "
+                "the steps between"})
 
     def __post_init__(self) -> None:
         """Type and range of every setting (ConfigError naming it): a NaN or infinite learning rate must not
@@ -104,7 +110,7 @@ class TrainConfig:
             raise ConfigError(f"schedule must be 'multistep' or 'cosine', not {self.schedule!r}")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"device must be auto, cpu, cuda, cuda:<index> or mps, not {self.device!r}")
-        for name in ("epochs", "batch_size", "checkpoint_every"):
+        for name in ("epochs", "batch_size", "checkpoint_every", "log_every"):
             check_range(name, getattr(self, name), 1)
         for name in ("warmup_iters", "seed", "weight_decay"):
             check_range(name, getattr(self, name), 0)
@@ -280,7 +286,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 # The loop
 def train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig, out_dir: str | os.PathLike, *,
           desc: str = "train", config: dict[str, Any] | None = None,
-          on_epoch_end: Callable[[int, nn.Module], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+          on_epoch_end: Callable[[int, nn.Module], dict[str, Any]] | None = None,
+          step_offset: int = 0) -> list[dict[str, Any]]:
     """Train `model` (forward `(images, targets) -> {name: loss}`) on `dataset`; returns per-epoch metrics.
 
     Writes `out_dir/last.pt` and `out_dir/history.json` (with `config`, which should describe everything
@@ -294,11 +301,17 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig,
     A resumed run must have the same `config`, training settings and training-set annotations (RunMismatchError
     names what differs).
     After every optimizer step the weights are checked as well as the loss before it, so a NaN or an
-    infinity never reaches a checkpoint.
+    infinity never reaches a checkpoint (`FiniteChecks`, read every `cfg.log_every` steps and before each
+    checkpoint).
+
+    TensorBoard event files go into `out_dir` (`pkdkit.board`: losses, ratio, learning rate, gradient norm,
+    images/s every `cfg.log_every` steps; alarms; the COCO stats of an evaluation `on_epoch_end` returns), at
+    global steps starting after `step_offset` (a plan's earlier stages). Each epoch record holds its loss means,
+    its "step" (global, after it), its "monitor" statistics and its "alarms" (`pkdkit.alarms`).
     """
     info = init_distributed(cfg.device)
     with run_lock(out_dir) if info.is_main else contextlib.nullcontext():
-        return _train(model, dataset, cfg, Path(out_dir), info, desc, config, on_epoch_end)
+        return _train(model, dataset, cfg, Path(out_dir), info, desc, config, on_epoch_end, step_offset)
 
 
 def training_files(out_dir: str | os.PathLike) -> tuple[Path, Path]:
@@ -325,7 +338,7 @@ def detector_files(out_dir: str | os.PathLike) -> tuple[Path, Path]:
 
 def _train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig, out_dir: Path, info: DistInfo,
            desc: str, config: dict[str, Any] | None,
-           on_epoch_end: Callable[[int, nn.Module], dict[str, Any]] | None) -> list[dict[str, Any]]:
+           on_epoch_end: Callable[[int, nn.Module], dict[str, Any]] | None, step_offset: int) -> list[dict[str, Any]]:
     # set-up: device, loader, optimisation
     device = _device_for(cfg, info)
     ckpt_path, history_path = training_files(out_dir)
@@ -351,28 +364,83 @@ def _train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig
     net = model
     if info.enabled:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # rank 0 writes TensorBoard (at steps counted from 1: the steps done), flushed with each checkpoint; a resumed
+    # run drops the events written after its checkpoint
+    writer = open_writer(out_dir, purge_step=step_offset + start_epoch * len(loader) + 1) if info.is_main else None
     for epoch in range(start_epoch, cfg.epochs):
         seed_everything(epoch_seed(cfg.seed, epoch) + info.rank)
         loader.sampler.set_epoch(epoch)
         t0 = time.time()
         means = train_one_epoch(net, loader, optimizer, scheduler, scaler, cfg, device, epoch, info=info,
-                                ckpt_path=ckpt_path, desc=desc)
-        record: dict[str, Any] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+                                ckpt_path=ckpt_path, desc=desc, writer=writer, step_offset=step_offset)
+        step = step_offset + (epoch + 1) * len(loader)
+        record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
                                   "seconds": round(time.time() - t0, 2), **means}
         if on_epoch_end is not None and info.is_main:
             record.update(on_epoch_end(epoch, model))
         history.append(record)
+        alarms = _epoch_alarms(history, cfg)
         if info.is_main:
+            report_alarms(alarms, writer, step, cfg.progress, desc)
+            if "metrics" in record:  # on_epoch_end evaluated
+                log_evaluation(writer, record, step)
             if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
                 _save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, epoch + 1, history, full_config)
                 write_json({"config": full_config, "epochs": history}, history_path)
+                writer.flush()
             if cfg.progress:
                 progress_step(f"{desc} epoch {epoch + 1}/{cfg.epochs}: " +
                               ", ".join(f"{k}={v:.4f}" for k, v in record.items()
                                         if isinstance(v, float) and k not in ("lr", "seconds"))
                               + f" ({record['seconds']:.0f} s)")
         barrier(info)
+    if writer is not None:
+        writer.close()
     return history
+
+
+def _epoch_alarms(history: list[dict[str, Any]], cfg: TrainConfig) -> list[Alarm]:
+    """The alarms of the last epoch of `history` (`pkdkit.alarms.epoch_alarms`, and the AP alarm when its record
+    holds an evaluation), kept in its record (``"alarms"``)."""
+    record = history[-1]
+    alarms = epoch_alarms(history, cfg.grad_clip)
+    if "metrics" in record:
+        alarms += evaluation_alarms(record, record["epoch"], cfg.epochs)
+    record["alarms"] = [a.to_dict() for a in alarms]
+    return alarms
+
+
+def evaluation_alarms(record: dict[str, Any], epoch: int, epochs: int) -> list[Alarm]:
+    """The alarms of an evaluation record (`pkdkit.evaluate.EvalRecord`) after `epoch` of `epochs`."""
+    alarm = ap_alarm(EvalRecord.of(record).ap, epoch, epochs)
+    return [alarm] if alarm is not None else []
+
+
+def report_alarms(alarms: list[Alarm], writer: Any, step: int, progress: bool, desc: str) -> None:
+    """Alarms as progress lines (`pkdkit.progress.step`) and TensorBoard text at global `step`."""
+    if writer is not None:
+        log_alarms(writer, alarms, step)
+    if progress:
+        for alarm in alarms:
+            progress_step(f"{desc} ALARM {alarm.name}: {alarm.message}")
+
+
+def note_evaluation(out_dir: str | os.PathLike, record: EvalRecord, history: list[dict[str, Any]], cfg: TrainConfig,
+                    desc: str) -> EvalRecord:
+    """After a run in `out_dir` (its `history`) is evaluated (`record`, written in `out_dir`): its COCO stats and
+    alarms (the run's epochs' and the evaluation's, `pkdkit.alarms`) into the folder's TensorBoard events at
+    the run's last step, the alarms printed, and kept in the record (``"alarms"``, its file rewritten).
+    Returns the record."""
+    step = int(history[-1].get("step", 0)) if history else 0
+    epoch_alarms_ = [Alarm(**a) for r in history for a in r.get("alarms", [])]
+    alarms = evaluation_alarms(record, cfg.epochs, cfg.epochs)
+    record["alarms"] = [a.to_dict() for a in epoch_alarms_ + alarms]
+    with contextlib.closing(open_writer(out_dir)) as writer:
+        log_evaluation(writer, record, step)
+        report_alarms(alarms, writer, step, cfg.progress, desc)
+    if "path" in record:
+        write_json({k: v for k, v in record.items() if k != "path"}, record["path"])
+    return record
 
 
 def _resume(ckpt_path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -405,34 +473,101 @@ def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
 
 def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer,
                     scheduler: Any, scaler: torch.amp.GradScaler, cfg: TrainConfig, device: torch.device,
-                    epoch: int, *, info: DistInfo, ckpt_path: Path, desc: str = "train") -> dict[str, float]:
+                    epoch: int, *, info: DistInfo, ckpt_path: Path, desc: str = "train", writer: Any = None,
+                    step_offset: int = 0) -> dict[str, Any]:
     """One pass over `loader`, one `train_step` per batch. Returns the epoch's mean of every loss and of their
-    sum ("loss"). A non-finite loss or weight stops training (NonFiniteLossError naming the step; `ckpt_path`
-    is the checkpoint left intact)."""
+    sum ("loss"), averaged over the ranks, and its "monitor" statistics (`pkdkit.alarms.epoch_alarms`): the
+    distillation / detection ratio ``kd_ratio`` (and in the first epoch ``kd_ratio_start``, the first logging
+    interval's), the share of steps whose gradients were clipped, the last gradient norm measured.
+
+    Nothing is read back from the device between logging intervals (every `cfg.log_every` steps and the
+    epoch's last): the losses are summed and the finite checks kept on the device, then read at once, the bar
+    updated and (rank 0, `writer`) TensorBoard written at global step `step_offset` + steps done. A non-finite
+    loss or weight stops training there (NonFiniteLossError naming the step where it first happened;
+    `ckpt_path` is the checkpoint left intact): the epoch's last read comes before any checkpoint."""
     checks = FiniteChecks(model, info, ckpt_path)
     module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     seed_step = getattr(module, "seed_step", None)  # a model with random draws of its own (a Distiller's masks)
+    meter = LossMeter(device, info)
     model.train()
-    sums: dict[str, float] = {}
+    monitor: dict[str, Any] = {}
     # a bar beside the loader, not around it: a tqdm bar calls iter() on what it wraps once more,
     # which would start (and drop) a second set of loader workers every epoch
     bar = progress_bar(total=len(loader), desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}",
                        disable=not (cfg.progress and info.is_main), leave=False, dynamic_ncols=True)
+    tic, images_seen = time.perf_counter(), 0
     for i, (images, targets) in enumerate(loader):
         at = StepAt(epoch, i, epoch * len(loader) + i)
         if seed_step is not None:
             seed_step(step_seed(cfg.seed, at.step, info.rank))
+        read_now = (i + 1) % cfg.log_every == 0 or i + 1 == len(loader)
+        checks.measure_grad_norm = read_now and writer is not None
+        images_seen += len(images)
         losses = train_step(model, images, targets, optimizer, scheduler, scaler, cfg, device, checks=checks, at=at)
-        values = {k: v.item() for k, v in losses.items()}
-        for k, v in values.items():
-            sums[k] = sums.get(k, 0.0) + v
-        kd = sum(v for k, v in values.items() if k.startswith("distill"))
-        bar.set_postfix(loss=f"{values['loss']:.3f}", det=f"{values['loss'] - kd:.3f}", kd=f"{kd:.4f}",
-                        lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        meter.add(losses)
         bar.update()
+        if read_now:
+            checks.check()
+            values = meter.read()
+            ratio = distill_ratio(values)
+            if epoch == 0 and "kd_ratio_start" not in monitor and ratio is not None:
+                monitor["kd_ratio_start"] = ratio
+            kd = sum(v for k, v in values.items() if k.startswith("distill"))
+            lr = optimizer.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{values['loss']:.3f}", det=f"{values['loss'] - kd:.3f}", kd=f"{kd:.4f}",
+                            lr=f"{lr:.2e}")
+            if writer is not None:
+                now = time.perf_counter()
+                grad_norm = checks.grad_norm.item() if checks.grad_norm is not None else None
+                log_training(writer, step_offset + at.step + 1, values, lr=lr, grad_norm=grad_norm,
+                             images_per_s=images_seen * info.world_size / max(now - tic, 1e-9))
+                tic, images_seen = now, 0
     bar.close()
-    n = max(len(loader), 1)
-    return {k: v / n for k, v in sums.items()}
+    means = meter.means()
+    ratio = distill_ratio(means)
+    monitor.update({"kd_ratio": ratio} if ratio is not None else {})
+    if cfg.grad_clip:
+        monitor["clipped_fraction"] = checks.clipped_fraction()
+    if checks.grad_norm is not None:
+        monitor["grad_norm"] = checks.grad_norm.item()
+    return {**means, "monitor": monitor}
+
+
+class LossMeter:
+    """The loss values of an epoch's steps summed on the device (no host synchronisation per step), read back
+    at logging intervals: `read` gives the means since the last read and `means` the epoch's, both averaged
+    over the ranks (one all-reduce per read)."""
+
+    def __init__(self, device: torch.device, info: DistInfo = DistInfo()) -> None:
+        # float64 sums of the float32 values: the epoch means a per-step `.item()` summed in Python gave
+        self.dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.info, self.names, self.sums = info, [], None
+        self.steps, self.read_steps, self.read_sums = 0, 0, []
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        """One step's losses ({name: 0-d tensor}, the same names each step)."""
+        if self.sums is None:
+            self.names = list(losses)
+            self.sums = torch.zeros(len(self.names), dtype=self.dtype, device=losses["loss"].device)
+            self.read_sums = [0.0] * len(self.names)
+        self.sums += torch.stack([losses[k].detach().float() for k in self.names]).to(self.dtype)
+        self.steps += 1
+
+    def read(self) -> dict[str, float]:
+        """The mean of each loss over the steps since the last read (and over the ranks); synchronises."""
+        sums = self.sums.clone()
+        if self.info.enabled:
+            dist.all_reduce(sums)
+            sums /= self.info.world_size
+        now = sums.tolist()
+        n = max(self.steps - self.read_steps, 1)
+        window = {k: (a - b) / n for k, a, b in zip(self.names, now, self.read_sums)}
+        self.read_sums, self.read_steps = now, self.steps
+        return window
+
+    def means(self) -> dict[str, float]:
+        """The epoch's mean of each loss, as of the last `read` (the engine reads at the epoch's last step)."""
+        return {k: v / max(self.read_steps, 1) for k, v in zip(self.names, self.read_sums)}
 
 
 @dataclass(frozen=True)
@@ -455,7 +590,8 @@ def train_step(model: nn.Module, images: list[torch.Tensor], targets: list[dict[
     """One training step as torchvision's reference does it, and the one `train` runs: batch to `device`,
     forward `(images, targets) -> {name: loss}` under autocast, sum, backward (scaled by `scaler`), optional
     gradient clipping (`cfg.grad_clip`), optimizer step, `checks` of the loss (before the backward) and of the
-    weights (after the step), and the per-iteration `scheduler` step.
+    weights (after the step), kept on the device (`FiniteChecks.check` reads them), and the per-iteration
+    `scheduler` step. Nothing here waits for the device.
 
     images: (3, H, W) tensors; targets: torchvision target dicts (boxes (K, 4), labels (K,), ...).
     amp_dtype: the autocast dtype; None: float16 when `scaler` is enabled (the engine's AMP, CUDA only), else
@@ -471,9 +607,13 @@ def train_step(model: nn.Module, images: list[torch.Tensor], targets: list[dict[
     checks.loss(loss, losses, at)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    if cfg.grad_clip:
+    if cfg.grad_clip or checks.measure_grad_norm:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(checks.params, cfg.grad_clip)
+        if cfg.grad_clip:
+            checks.gradients(torch.nn.utils.clip_grad_norm_(checks.params, cfg.grad_clip), cfg.grad_clip)
+        else:  # the norm alone, fused, on the steps whose norm is logged
+            grads = [p.grad for p in checks.params if p.grad is not None]
+            checks.gradients(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))), None)
     scaler.step(optimizer)
     scaler.update()
     checks.weights(at)
@@ -487,20 +627,35 @@ SAME_SETTINGS = "run again with the same settings, or use another output folder 
 
 class FiniteChecks:
     """The finite checks of every training step of `model`'s trainable parameters: a non-finite loss, or a
-    weight a huge learning rate pushed to inf, raises NonFiniteLossError naming the step before it can reach a
-    checkpoint (`ckpt_path`, said to be intact). Under DDP every rank learns of a failure on any rank. Each
-    check reads one number back from the device now."""
+    weight a huge learning rate pushed to inf, raises NonFiniteLossError naming the step where it first
+    happened, before it can reach a checkpoint (`ckpt_path`, said to be intact). Under DDP every rank learns of
+    a failure on any rank.
+
+    Each step's checks stay on the device (the first bad step's index, the loss terms there, the tensors found
+    non-finite), so a step never waits for the device; `check()` reads them back, and the engine calls it at
+    every logging interval and at the end of each epoch, before any checkpoint. A non-finite loss therefore goes
+    through its backward and optimizer step (the weights become non-finite too), but never into a checkpoint.
+    It also keeps the gradient norm (`gradients`): the last one measured and how many steps were clipped."""
+
+    NONE = 2**62  # "no bad step yet" (the minimum over ranks is the first bad step of any)
 
     def __init__(self, model: nn.Module, info: DistInfo = DistInfo(), ckpt_path: Path | None = None) -> None:
         module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         self.named_params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named_params]
         self.info, self.ckpt_path = info, ckpt_path
-
-    def _failed(self, bad: torch.Tensor) -> bool:
-        if self.info.enabled:
-            dist.all_reduce(bad)
-        return bad.item() > 0
+        self.measure_grad_norm = False  # train_step measures the norm without clipping only when asked
+        self.grad_norm: torch.Tensor | None = None
+        self._ats: list[StepAt] = []  # the steps since this object was made, by index
+        self._names: list[str] = []
+        device = self.params[0].device
+        self._count = torch.zeros((), dtype=torch.int64, device=device)
+        self._first_loss = torch.full((), self.NONE, dtype=torch.int64, device=device)
+        self._first_weights = torch.full((), self.NONE, dtype=torch.int64, device=device)
+        self._bad_parts: torch.Tensor | None = None
+        self._bad_tensors = torch.zeros(len(self.params), dtype=torch.bool, device=device)
+        self._clipped = torch.zeros((), dtype=torch.int64, device=device)
+        self._measured = 0
 
     def _kept(self) -> str:
         ckpt = self.ckpt_path
@@ -508,21 +663,54 @@ class FiniteChecks:
                 else "no checkpoint was written yet")
 
     def loss(self, loss: torch.Tensor, losses: dict[str, torch.Tensor], at: StepAt) -> None:
-        """Before the backward: the summed loss is finite."""
-        if self._failed(torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=loss.device)):
-            parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-            raise NonFiniteLossError(f"non-finite loss at {at}: {parts}; training stopped, {self._kept()}")
+        """Before the backward: whether the summed loss is finite, and its terms at the first step it is not."""
+        self._ats.append(at)
+        self._names = list(losses)
+        parts = torch.stack([v.detach().float() for v in losses.values()])  # (terms,)
+        new = ~torch.isfinite(loss.detach()) & (self._first_loss == self.NONE)
+        self._bad_parts = parts if self._bad_parts is None else torch.where(new, parts, self._bad_parts)
+        self._first_loss = torch.where(new, self._count, self._first_loss)
 
     def weights(self, at: StepAt) -> None:
-        """After the optimizer step: the loss was finite, but a huge learning rate can still push weights to inf.
-        A tensor's sum is finite exactly when its values are (short of an overflow, which only diverged weights
-        reach), and summing costs a tenth of `isfinite(...).all()`: about 10 ms per step for a ResNet-50 on a CPU."""
-        finite = torch.isfinite(torch.stack([p.detach().float().sum() for p in self.params]))  # (P,)
-        if self._failed((~finite).sum().float()):
-            names = [n for (n, _), ok in zip(self.named_params, finite.tolist()) if not ok]
-            raise NonFiniteLossError(f"non-finite weights after the optimizer step at {at}: {len(names)} tensors, "
-                                     f"e.g. {names[:3]} (is the learning rate too high?); training stopped, "
+        """After the optimizer step: the loss may have been finite while a huge learning rate pushed weights to
+        inf. One fused reduction (`torch._foreach_norm`, one norm per tensor): a norm is finite exactly when
+        the tensor's values are (short of an overflow, which only diverged weights reach)."""
+        with torch.no_grad():
+            bad = ~torch.isfinite(torch.stack(torch._foreach_norm(self.params)))  # (P,)
+        new = bad.any() & (self._first_weights == self.NONE)
+        self._bad_tensors = torch.where(new, bad, self._bad_tensors)
+        self._first_weights = torch.where(new, self._count, self._first_weights)
+        self._count += 1
+
+    def gradients(self, norm: torch.Tensor, clip: float | None) -> None:
+        """The step's gradient norm before clipping (0-d, on the device); with `clip`, counts a clipped step."""
+        self.grad_norm = norm.detach()
+        if clip:
+            self._clipped += norm.detach() > clip
+            self._measured += 1
+
+    def clipped_fraction(self) -> float:
+        """The share of the steps (with clipping) whose gradient norm was above the clip; synchronises."""
+        return self._clipped.item() / max(self._measured, 1)
+
+    def check(self) -> None:
+        """Read the checks of every step so far (one synchronisation; the minimum over ranks under DDP); raise
+        NonFiniteLossError naming the first step whose loss or weights were not finite."""
+        first = torch.stack([self._first_loss, self._first_weights])
+        if self.info.enabled:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        loss_at, weights_at = first.tolist()
+        if loss_at < self.NONE and loss_at <= weights_at:
+            mine = self._first_loss.item() == loss_at  # the terms are this rank's when the loss was
+            parts = (", ".join(f"{k}={v:.4g}" for k, v in zip(self._names, self._bad_parts.tolist())) if mine
+                     else "on another rank")
+            raise NonFiniteLossError(f"non-finite loss at {self._ats[loss_at]}: {parts}; training stopped, "
                                      f"{self._kept()}")
+        if weights_at < self.NONE:
+            names = [n for (n, _), bad in zip(self.named_params, self._bad_tensors.tolist()) if bad]
+            raise NonFiniteLossError(f"non-finite weights after the optimizer step at {self._ats[weights_at]}: "
+                                     f"{len(names)} tensors, e.g. {names[:3]} (is the learning rate too high?); "
+                                     f"training stopped, {self._kept()}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -581,13 +769,14 @@ def train_detector(spec: DetectorSpec, train_ds: CocoDetection, val_ds: CocoDete
             if cfg.progress and info.is_main:
                 progress_step(f"train {spec.name}: trained earlier, AP {record.ap:.3f} ({out_dir.name})")
             return record
-        train(model, train_ds, cfg, out_dir, desc=f"train {spec.name}", config=full)
+        history = train(model, train_ds, cfg, out_dir, desc=f"train {spec.name}", config=full)
         record = EvalRecord()
         if info.is_main:
             done = {**full, RAN_ON: ran_on(cfg, info)}  # where it was trained: in its model and record
             save_detector(model_file, model, spec, label_map, config=done)
             record = evaluate_detector(model, val_ds, label_map, out_dir=out_dir, name="eval",
                                        device=_device_for(cfg, info), config=done, progress=cfg.progress)
+            note_evaluation(out_dir, record, history, cfg, f"train {spec.name}")
             if cfg.progress:
                 progress_step(f"train {spec.name}: evaluated, AP {record.ap:.3f} ({out_dir.name})")
         barrier(info)

@@ -28,7 +28,7 @@ start ratio is recorded for every stage. Loss hyper-parameters and levels defaul
 the student's detector family (`pkdkit.losses.loss_defaults`).
 
 The run directory holds ``plan.yaml``, ``stage_<k>_<name>/{calibration.json, last.pt, student.pt,
-history.json, eval.json}``, ``summary.json`` and, when fine-tuning, ``baseline/eval.json`` (the checkpoint
+history.json, eval.json, TensorBoard events (global steps continuing the stage before)}``, ``summary.json`` and, when fine-tuning, ``baseline/eval.json`` (the checkpoint
 the plan started from). Every record carries its `budget`: the initialisation and the student's total epochs.
 Running a plan again skips finished stages and resumes an interrupted one exactly. Leading stages that an
 earlier plan already trained identically are taken from it rather than trained again (`reuse_stages`).
@@ -50,8 +50,8 @@ from torch import nn
 from pkdkit.config import check_fields, check_types, check_value
 from pkdkit.data import CocoDetection, DataConfig, LabelMap, make_loader
 from pkdkit.distill import Distiller, build_distiller, calibrate_loss_weight, inherit_teacher_head
-from pkdkit.engine import (DistInfo, TrainConfig, barrier, history_file, init_distributed, ran_on, resolve_device,
-                           seed_everything, train, training_files)
+from pkdkit.engine import (DistInfo, TrainConfig, barrier, history_file, init_distributed, note_evaluation, ran_on,
+                           resolve_device, seed_everything, train, training_files)
 from pkdkit.errors import ConfigError, reason
 from pkdkit.evaluate import EvalRecord, budget_of, comparison_table, evaluate_detector, evaluation_files
 from pkdkit.features import common_levels, feature_levels
@@ -554,16 +554,27 @@ def _train_stage(run: _PlanRun, k: int, cfg: TrainConfig, distiller: Distiller,
     it; returns the record (None on the other processes)."""
     plan, stage = run.plan, run.plan.stages[k]
     where = f"{plan.name} stage {k + 1}/{len(plan.stages)}"
-    train(distiller, run.train_ds, cfg.replace(progress=run.progress and cfg.progress), plan.stage_dir(k),
-          desc=f"{where} {stage.name}", config=stage_config)
+    cfg = cfg.replace(progress=run.progress and cfg.progress)
+    history = train(distiller, run.train_ds, cfg, plan.stage_dir(k), desc=f"{where} {stage.name}",
+                    config=stage_config, step_offset=_step_offset(plan, k))
     record = None
     if run.info.is_main:
         done = {**stage_config, RAN_ON: ran_on(cfg, run.info)}  # where it was trained: in its student and record
         save_detector(plan.stage_student(k), distiller.student, plan.student, run.label_map, config=done)
-        record = run.evaluate(distiller.student, plan.stage_dir(k), done)
+        record = note_evaluation(plan.stage_dir(k), run.evaluate(distiller.student, plan.stage_dir(k), done),
+                                 history, cfg, where)
         run.say(f"{where} ({stage.name}): evaluated, AP {record.ap:.3f}")
     barrier(run.info)
     return record
+
+
+def _step_offset(plan: Plan, k: int) -> int:
+    """The global step stage k's TensorBoard curves start after: where stage k - 1's history ended (its last
+    epoch's "step"), so a plan's stages read as one set of curves; 0 for stage 1 (or a history without steps)."""
+    if k == 0 or not plan.stage_history(k - 1).exists():
+        return 0
+    epochs = json.loads(plan.stage_history(k - 1).read_text())["epochs"]
+    return int(epochs[-1].get("step", 0)) if epochs else 0
 
 
 CALIBRATION_BATCHES = 4

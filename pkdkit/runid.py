@@ -48,7 +48,7 @@ RAN_ON = "ran_on"
 HOW_COMPUTED = SAME_WEIGHTS | MAY_CHANGE_NUMERICS | {RAN_ON}
 # What is shown or where it goes: never part of what a run is.
 DISPLAY = frozenset({"progress", "run_dir", "figures_dir", "report_metrics", "image_index", "mode", "launch_app",
-                     "fiftyone_dataset", "iou"})
+                     "fiftyone_dataset", "iou", "log_every"})
 # The settings that do not identify a run (a key is matched by its last part: "train.device" is "device").
 NOT_IDENTITY = HOW_COMPUTED | DISPLAY
 

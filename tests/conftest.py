@@ -20,6 +20,30 @@ def tiny_coco(tmp_path_factory):
     return make_synthetic_coco(root, n_train=16, n_val=8, size=96, seed=0)
 
 
+# The tiny supervised run of tests/test_engine.py: a RetinaNet-ResNet18 at 96 px, thin FPN, on `tiny_coco`.
+TINY_SPEC = dict(arch="retinanet", backbone="resnet18", fpn_channels=32, min_size=96, max_size=96,
+                 anchor_sizes=(8, 16, 32, 64, 128))
+TINY_TRAIN = dict(epochs=3, batch_size=8, optimizer="adamw", lr=1e-3, weight_decay=0.05, warmup_iters=2,
+                  grad_clip=10.0, device="cpu", progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_coco, tmp_path_factory):
+    """A finished `train_detector` run of `TINY_SPEC` for one epoch (model, evaluation, history, TensorBoard
+    events): {"dir", "record", "spec", "train_ds", "val_ds", "cfg"}. Tests only read it."""
+    from pkdkit.data import CocoDetection
+    from pkdkit.engine import TrainConfig, train_detector
+    from pkdkit.models import DetectorSpec
+
+    train_ds = CocoDetection(tiny_coco["train_images"], tiny_coco["train_json"], train=True)
+    val_ds = CocoDetection(tiny_coco["val_images"], tiny_coco["val_json"])
+    spec = DetectorSpec(num_classes=train_ds.label_map.num_classes, **TINY_SPEC)
+    cfg = TrainConfig(**{**TINY_TRAIN, "epochs": 1})
+    out = tmp_path_factory.mktemp("tiny_run")
+    record = train_detector(spec, train_ds, val_ds, cfg, out)
+    return {"dir": out, "record": record, "spec": spec, "train_ds": train_ds, "val_ds": val_ds, "cfg": cfg}
+
+
 # ----------------------------------------------------------------------------------------------------
 # The real-data path without downloads: a COCO-2017-layout folder and torchvision weight files in a
 # temporary TORCH_HOME. The torch hub cache does not re-check files that are present, so files with
@@ -163,6 +187,34 @@ def keeps_forward_outputs(model) -> bool:
             m.training = training
     gc.collect()
     return any(ref() is not None for ref in outputs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# TensorBoard event files, read back with tensorboard's own reader
+def tb_scalars(folder, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of a TensorBoard scalar in the event files of `folder`, read by tensorboard's own reader."""
+    return [(e.step, e.value) for e in _events(folder).Scalars(tag)]
+
+
+def tb_tags(folder) -> dict[str, list[str]]:
+    """The tags of each kind ("scalars", "tensors" (text), ...) in the TensorBoard event files of `folder`."""
+    return _events(folder).Tags()
+
+
+def tb_texts(folder, tag: str) -> list[tuple[int, str]]:
+    """(step, text) of a TensorBoard text summary (kept as a string tensor, tagged `<tag>/text_summary`)."""
+    events = _events(folder)
+    name = f"{tag}/text_summary"
+    return [(e.step, e.tensor_proto.string_val[0].decode()) for e in events.Tensors(name)] \
+        if name in events.Tags()["tensors"] else []
+
+
+def _events(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    return events
 
 
 def screenshot_dir():

@@ -80,3 +80,48 @@ def test_executed_notebook_01_shows_its_figures_and_tables_in_jupyterlab(jupyter
         page.screenshot(path=str(shots / "jupyterlab_01_figure.png"))
         tables.first.scroll_into_view_if_needed()
         page.screenshot(path=str(shots / "jupyterlab_01_table.png"))
+
+
+@pytest.fixture
+def tensorboard_server(tiny_run, tmp_path):
+    """`tensorboard --logdir` on the folder holding a finished tiny run (as `--logdir <run_dir>` shows every run
+    under it); yields its URL and stops the server afterwards."""
+    port = free_port()
+    log = open(tmp_path / "tensorboard.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(tiny_run["dir"].parent),
+                             "--port", str(port), "--host", "127.0.0.1"], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/data/logdir", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"TensorBoard did not start: {(tmp_path / 'tensorboard.log').read_text()[-2000:]}")
+                time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_tensorboard_shows_the_loss_chart_of_a_finished_run(tensorboard_server, tiny_run, browser_page):
+    page = browser_page
+    page.goto(f"{tensorboard_server}/#timeseries", wait_until="domcontentloaded", timeout=60_000)
+    page.locator("metrics-tag-filter input").fill("loss/total")  # the cards below the fold render lazily
+    card = page.locator("scalar-card", has=page.locator('tb-truncated-path[title="loss/total"]'))
+    card.wait_for(timeout=60_000)
+    assert card.locator("line-chart").count() == 1  # the chart, and its data table: the run and its step
+    page.wait_for_function("document.querySelector('scalar-card tb-data-table') !== null", timeout=30_000)
+    table = card.locator("tb-data-table").inner_text()
+    assert tiny_run["dir"].name in table and "2" in table.split()
+    shots = screenshot_dir()
+    if shots:
+        page.screenshot(path=str(shots / "tensorboard_loss.png"))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import free_port, keeps_forward_outputs
+from conftest import free_port, keeps_forward_outputs, tb_scalars, tb_tags
 
 from pkdkit.data import CocoDetection
 from pkdkit.data import make_loader
@@ -165,6 +165,21 @@ def test_two_stage_plan_hands_the_student_over_and_reruns_skip(tiny_coco, label_
     # student-only hand-over: no distillation adapters in student.pt
     assert not any(k.startswith("losses.") for k in load_checkpoint(s2 / "student.pt")["model"])
     assert json.loads((s2 / "history.json").read_text())["epochs"][-1]["epoch"] == 2
+    # TensorBoard: the stages continue one global step (stage 1: steps 1-2, stage 2: 3-6), each level's term,
+    # the ratio and the evaluation at each stage's end
+    assert [s for s, _ in tb_scalars(s1, "loss/total")] == [2] and [s for s, _ in tb_scalars(s2, "loss/total")] == [4, 6]
+    assert {f"distill/{lvl}" for lvl in ("p3", "p4", "p5", "p6", "p7")} | {"distill/ratio"} <= set(tb_tags(s1)["scalars"])
+    assert [s for s, _ in tb_scalars(s1, "eval/bbox/AP")] == [2] and [s for s, _ in tb_scalars(s2, "eval/bbox/AP")] == [6]
+    ratio = tb_scalars(s1, "distill/ratio")[0][1]
+    assert ratio == pytest.approx(json.loads((s1 / "history.json").read_text())["epochs"][0]["monitor"]["kd_ratio"])
+    # alarms: stage 1 trains as it should (none while training; its untrained 1-epoch student's AP 0 is one);
+    # stage 2's 100x alpha_mgd makes distillation swamp the detection loss: gradients clipped on every step
+    alarms = {name: [a["name"] for a in json.loads((d / "eval.json").read_text())["alarms"]]
+              for d, name in ((s1, "r34"), (s2, "fcos50"))}
+    assert [e["alarms"] for e in json.loads((s1 / "history.json").read_text())["epochs"]] == [[]]
+    assert alarms["r34"] == [] or alarms["r34"] == ["ap_zero"]
+    assert alarms["fcos50"][:2] == ["clipped", "clipped"]
+    assert all([a["name"] for a in summary["rows"][name]["alarms"]] == alarms[name] for name in alarms)
     assert (run / "plan.yaml").exists() and json.loads((run / "summary.json").read_text())["table"] == summary["table"]
     mtimes = {p: p.stat().st_mtime for p in (s1 / "student.pt", s2 / "student.pt")}
     again = run_plan(load_plan(plan_path), progress=False)

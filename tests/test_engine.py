@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import TINY_SPEC, TINY_TRAIN, tb_scalars, tb_tags, tb_texts
 
 from pkdkit.data import CocoDetection, make_loader
 from pkdkit.engine import (FiniteChecks, NonFiniteLossError, StepAt, TrainConfig, build_optimizer, build_scheduler,
@@ -19,10 +20,8 @@ from pkdkit.engine import (FiniteChecks, NonFiniteLossError, StepAt, TrainConfig
 from pkdkit.evaluate import evaluate_detector
 from pkdkit.models import DetectorSpec, build_detector, load_checkpoint, load_detector
 
-SPEC = dict(arch="retinanet", backbone="resnet18", fpn_channels=32, min_size=96, max_size=96,
-            anchor_sizes=(8, 16, 32, 64, 128))
-CFG = TrainConfig(epochs=3, batch_size=8, optimizer="adamw", lr=1e-3, weight_decay=0.05, warmup_iters=2,
-                  grad_clip=10.0, device="cpu", progress=False)
+SPEC = TINY_SPEC
+CFG = TrainConfig(**TINY_TRAIN)
 
 
 def _datasets(tiny_coco):
@@ -60,6 +59,7 @@ def test_short_training_run_loss_falls_and_train_ap_is_above_zero(tiny_coco, tmp
     assert record["metrics"]["bbox"]["stats"]["AP50"] > 0
     metrics = json.loads((tmp_path / "history.json").read_text())
     assert metrics["config"]["spec"]["backbone"] == "resnet18" and metrics["config"]["train"]["lr"] == 1e-3
+    assert all(e["alarms"] == [] for e in metrics["epochs"])  # a healthy run raises no alarm
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3, 4, 5, 6]
     state = load_checkpoint(tmp_path / "last.pt")
     assert {"model", "optimizer", "scheduler", "scaler", "rng", "epoch"} <= set(state) and state["epoch"] == 6
@@ -141,7 +141,7 @@ def test_checkpoint_every_n_epochs_resumes_from_the_last_one_written_and_ends_th
         def stop(epoch: int, model) -> dict:
             if epoch + 1 == stop_in_epoch:
                 raise KeyboardInterrupt
-            return {}
+            return {"metrics": {"bbox": {"stats": {"AP": 0.0, "AP50": 0.0}}}}  # an evaluation that found nothing
         return train(build_detector(spec), train_ds, cfg, out, config={"spec": spec.to_dict()}, on_epoch_end=stop)
 
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
@@ -152,6 +152,12 @@ def test_checkpoint_every_n_epochs_resumes_from_the_last_one_written_and_ends_th
     assert [e["epoch"] for e in json.loads((stopped / "history.json").read_text())["epochs"]] == [1, 2]
     resumed = run(stopped)
     assert [e["loss"] for e in resumed] == [e["loss"] for e in history]
+    # TensorBoard: the resumed run dropped what it wrote after its checkpoint (epoch 3): each step once
+    assert [s for s, _ in tb_scalars(stopped, "loss/total")] == [2, 4, 6, 8]
+    assert [v for _, v in tb_scalars(stopped, "loss/total")] == pytest.approx([e["loss"] for e in history])
+    assert [s for s, _ in tb_scalars(stopped, "eval/bbox/AP")] == [2, 4, 6, 8]
+    # AP 0 at the evaluations past half the schedule (epochs 3 and 4 of 4): an alarm in each epoch's record
+    assert [[a["name"] for a in e["alarms"]] for e in resumed] == [[], [], ["ap_zero"], ["ap_zero"]]
     _assert_same_weights(load_checkpoint(straight / "last.pt")["model"], load_checkpoint(stopped / "last.pt")["model"])
     assert load_checkpoint(straight / "last.pt")["epoch"] == 4  # the last epoch is always written
 
@@ -213,11 +219,15 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(tiny_coco,
         data.poisoned = True
         return {}
 
-    with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 1 \(global step 3\).*last good checkpoint .*last.pt is intact"):
-        train(build_detector(spec), data, CFG.replace(epochs=2), tmp_path, on_epoch_end=poison_after_first_epoch)
+    # the checks are read at the epoch's last step (log_every > the 2 steps of an epoch), after the NaN loss of
+    # step 1 went through its optimizer step: the error still names step 1, and no checkpoint holds it
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at epoch 2, step 1 \(global step 3\): "
+                                                 r"classification=nan.*last good checkpoint .*last.pt is intact"):
+        train(build_detector(spec), data, CFG.replace(epochs=2, log_every=50), tmp_path,
+              on_epoch_end=poison_after_first_epoch)
     state = load_checkpoint(tmp_path / "last.pt")
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.json", "last.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir() if "tfevents" not in p.name) == ["history.json", "last.pt"]
 
 
 def test_lr_schedule_warms_up_then_steps_or_decays():
@@ -231,19 +241,28 @@ def test_lr_schedule_warms_up_then_steps_or_decays():
         TrainConfig(optimizer="lamb")
 
 
-def test_train_detector_writes_model_eval_and_config_and_skips_when_done(tiny_coco, tmp_path):
-    train_ds, val_ds = _datasets(tiny_coco)
-    spec = DetectorSpec(num_classes=train_ds.label_map.num_classes, **SPEC)
-    record = train_detector(spec, train_ds, val_ds, CFG.replace(epochs=1), tmp_path)
-    assert {"model.pt", "eval.json", "eval_results.json", "last.pt", "history.json"} <= {p.name for p in tmp_path.iterdir()}
+def test_train_detector_writes_model_eval_and_config_and_skips_when_done(tiny_run, tmp_path):
+    run, record, spec, train_ds, val_ds = (tiny_run[k] for k in ("dir", "record", "spec", "train_ds", "val_ds"))
+    assert {"model.pt", "eval.json", "eval_results.json", "last.pt", "history.json"} <= {p.name for p in run.iterdir()}
+    # TensorBoard in the run's folder, read back with tensorboard's reader: the training scalars at the logging
+    # interval (the epoch's last step, 2), the 12 COCO stats of the evaluation, the AP alarm of an untrained model
+    epoch = json.loads((run / "history.json").read_text())["epochs"][0]
+    assert tb_scalars(run, "loss/total") == [(2, pytest.approx(epoch["loss"]))]
+    for tag in ("loss/classification", "loss/bbox_regression", "train/lr", "train/grad_norm", "train/images_per_s"):
+        assert [s for s, _ in tb_scalars(run, tag)] == [2], tag
+    assert tb_scalars(run, "eval/bbox/AP") == [(2, pytest.approx(record.ap))]
+    assert len([t for t in tb_tags(run)["scalars"] if t.startswith("eval/bbox/")]) == 12
+    assert [a["name"] for a in record["alarms"]] == (["ap_zero"] if record.ap == 0 else [])
+    assert json.loads((run / "eval.json").read_text())["alarms"] == record["alarms"]
+    assert [s for s, _ in tb_texts(run, "alarms")] == ([2] if record.ap == 0 else [])
     assert record["config"]["spec"] == spec.to_dict() and set(record["metrics"]["bbox"]["stats"]) >= {"AP", "AR100"}
     assert record["config"]["ran_on"] == {"device": "cpu", "torch": torch.__version__, "threads": torch.get_num_threads(),
                                           "amp": False, "channels_last": False, "world_size": 1}  # where it trained
-    _, spec2, label_map, _ = load_detector(tmp_path / "model.pt")
+    _, spec2, label_map, _ = load_detector(run / "model.pt")
     assert spec2 == spec and label_map == train_ds.label_map
-    mtime = (tmp_path / "model.pt").stat().st_mtime
-    assert train_detector(spec, train_ds, val_ds, CFG.replace(epochs=1), tmp_path) == record
-    assert (tmp_path / "model.pt").stat().st_mtime == mtime
+    mtime = (run / "model.pt").stat().st_mtime
+    assert train_detector(spec, train_ds, val_ds, CFG.replace(epochs=1), run) == record
+    assert (run / "model.pt").stat().st_mtime == mtime
     with pytest.raises(ValueError, match="num_classes=3"):
         train_detector(DetectorSpec(num_classes=3, **SPEC), train_ds, val_ds, CFG, tmp_path / "other")
 
@@ -301,8 +320,13 @@ def test_torchrun_two_cpu_processes_train_with_gloo(tiny_coco, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "eval_results.json", "history.json", "last.pt", "model.pt"]
+    assert sorted(p.name for p in out.iterdir() if "tfevents" not in p.name) == ["eval.json", "eval_results.json",
+                                                                              "history.json", "last.pt", "model.pt"]
     metrics = json.loads((out / "history.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    # TensorBoard: written by rank 0 alone (the process id is in the event files' names), losses over both ranks
+    assert len({p.name.split(".")[-2] for p in out.glob("events.out.tfevents.*")}) == 1
+    assert tb_scalars(out, "loss/total") == [(1, pytest.approx(metrics["epochs"][0]["loss"])),
+                                             (2, pytest.approx(metrics["epochs"][1]["loss"]))]
     # 16 training images over 2 ranks at batch 8: one step per rank per epoch
     assert load_checkpoint(out / "last.pt")["scheduler"]["last_epoch"] == 2
