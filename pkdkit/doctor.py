@@ -432,9 +432,11 @@ def _plan_findings(doc: _Doctor, plan: Plan) -> list[Finding]:
             continue
         previous = plan.stage_student(k - 1) if k else None
         finished = previous is not None and previous.exists()
-        key = ("stage", asdict(stage) | {"name": None}, cfg.to_dict(), plan.stage_calibration(k),
-               plan.student.to_dict(), plan.student_init, str(previous) if finished else None, plan.inherits(k),
-               asdict(settings))
+        calibration = plan.stage_calibration(k)
+        # what the stage's checks depend on: not its name, its schedule's length or its folder
+        key = ("stage", asdict(stage) | {"name": None}, cfg.to_dict() | {"epochs": None, "checkpoint_every": None},
+               calibration.read_text() if calibration.exists() else None, plan.student.to_dict(), plan.student_init,
+               str(previous) if finished else None, plan.inherits(k), k == 0)
         findings += doc.once(key, lambda: _stage_findings(doc, plan, k, start, t_model, t_labels, val_ds.label_map,
                                                           train_ds, cfg, batch_size, device, finished))
     return findings
