@@ -51,7 +51,7 @@ from pkdkit.engine import (FiniteChecks, NonFiniteLossError, StepAt, TrainConfig
                            seed_everything, train_step)
 from pkdkit.errors import PkdkitError
 from pkdkit.evaluate import coco_evaluate, predict
-from pkdkit.features import feature_levels, input_scale
+from pkdkit.features import input_scale
 from pkdkit.files import write_json
 from pkdkit.models import (CheckpointError, DetectorSpec, build_detector, is_torchvision_weight, load_checkpoint,
                            load_model, state_fingerprint)
@@ -128,8 +128,9 @@ class DoctorSettings:
 
     def __post_init__(self) -> None:
         check_types(self, "doctor setting")
-        for name in ("images", "batches", "steps", "gpus"):
+        for name in ("images", "batches", "gpus"):
             check_range(name, getattr(self, name), 1)
+        check_range("steps", self.steps, 2)  # a fall needs a first and a last step
         check_range("batch_size", self.batch_size, 1)
 
 
@@ -316,10 +317,9 @@ def teacher_ap_finding(teacher: nn.Module, teacher_labels: LabelMap, val_ds: Coc
 def levels_finding(distiller: Distiller, teacher_size: list[int] | None, stage: str) -> Finding:
     """Which levels the stage distils, their strides, the channels of both models there (a 1x1 adapter where
     they differ) and the teacher's input scale (its maps are resized to the student's)."""
-    s_levels, t_levels = feature_levels(distiller.student), feature_levels(distiller.teacher)
     parts = []
-    for level in distiller.losses:
-        s, t = s_levels[level], t_levels[level]
+    for level, loss in distiller.losses.items():  # each loss was built for both models' channels at its level
+        s, t = loss.student_channels, loss.teacher_channels
         parts.append(f"{level} (stride {2 ** int(level[1:])}, channels {s}" + (f" -> {t}, adapter" if s != t else "")
                      + ")")
     scale = input_scale(distiller.teacher, distiller.student)
@@ -371,6 +371,16 @@ class _Doctor:
     def __init__(self, settings: DoctorSettings, progress: bool) -> None:
         self.settings, self.progress = settings, progress
         self.memo: dict[str, Any] = {}
+        self.combined: dict[int, Finding] = {}  # each finding once, naming every stage it is about
+
+    def add(self, into: list[Finding], shared: list[Finding], stage: str) -> None:
+        """Append `shared` (findings, maybe made for another plan's stage) to `into` as findings about `stage`."""
+        for f in shared:
+            mine = replace(f, stage=stage) if f.stage is not None else f
+            into.append(mine)
+            first = self.combined.setdefault(id(f), replace(mine))
+            if mine.stage is not None and mine.stage not in first.stage.split("; "):
+                first.stage += f"; {mine.stage}"
 
     def once(self, key: Any, compute: Callable[[], Any]) -> Any:
         key = json.dumps(key, sort_keys=True, default=str)
@@ -390,10 +400,8 @@ def _stage_label(plan: Plan, k: int) -> str:
 def _plan_findings(doc: _Doctor, plan: Plan) -> list[Finding]:
     settings = doc.settings
     device = resolve_device(plan.train.device)
-    val_ds = doc.once(("val", plan.data.val_json, plan.data.val_images),
-                      lambda: first_images(plan.data.val_dataset(), settings.images))
-    train_ds = doc.once(("train", plan.data.train_json, plan.data.train_images),
-                        lambda: plan.data.train_dataset(val_ds.label_map))
+    val_ds = doc.once(("val", asdict(plan.data)), lambda: first_images(plan.data.val_dataset(), settings.images))
+    train_ds = doc.once(("train", asdict(plan.data)), lambda: plan.data.train_dataset(val_ds.label_map))
     findings: list[Finding] = []
 
     def student() -> tuple[nn.Module | None, Finding]:
@@ -410,7 +418,7 @@ def _plan_findings(doc: _Doctor, plan: Plan) -> list[Finding]:
                                                   + f" (seed {plan.train.seed}), {len(model.state_dict())} tensors")
 
     start, finding = doc.once(("student", plan.student.to_dict(), plan.student_init, plan.train.seed), student)
-    findings.append(finding)
+    doc.add(findings, [finding], None)
     for k, stage in enumerate(plan.stages):
         label = _stage_label(plan, k)
 
@@ -423,11 +431,12 @@ def _plan_findings(doc: _Doctor, plan: Plan) -> list[Finding]:
                                                               doc.progress)]
 
         t_model, t_labels, t_findings = doc.once(("teacher", stage.teacher, stage.teacher_size), teacher)
-        findings += t_findings
+        doc.add(findings, t_findings, label)
         cfg = plan.stage_train(k)
         batch_size = settings.batch_size or cfg.batch_size
-        findings.append(doc.once(("lr", cfg.lr, cfg.batch_size, cfg.optimizer, settings.gpus),
-                                 lambda: lr_finding(cfg.lr, cfg.batch_size * settings.gpus, cfg.optimizer, label)))
+        doc.add(findings, [doc.once(("lr", cfg.lr, cfg.batch_size, cfg.optimizer, settings.gpus),
+                                    lambda: lr_finding(cfg.lr, cfg.batch_size * settings.gpus, cfg.optimizer, label))],
+                label)
         if start is None or t_model is None:
             continue
         previous = plan.stage_student(k - 1) if k else None
@@ -437,8 +446,9 @@ def _plan_findings(doc: _Doctor, plan: Plan) -> list[Finding]:
         key = ("stage", asdict(stage) | {"name": None}, cfg.to_dict() | {"epochs": None, "checkpoint_every": None},
                calibration.read_text() if calibration.exists() else None, plan.student.to_dict(), plan.student_init,
                str(previous) if finished else None, plan.inherits(k), k == 0)
-        findings += doc.once(key, lambda: _stage_findings(doc, plan, k, start, t_model, t_labels, val_ds.label_map,
-                                                          train_ds, cfg, batch_size, device, finished))
+        doc.add(findings, doc.once(key, lambda: _stage_findings(doc, plan, k, start, t_model, t_labels,
+                                                                val_ds.label_map, train_ds, cfg, batch_size, device,
+                                                                finished)), label)
     return findings
 
 
@@ -468,8 +478,11 @@ def _stage_findings(doc: _Doctor, plan: Plan, k: int, start: nn.Module, teacher:
     loader = make_loader(train_ds, batch_size, shuffle=True, seed=cfg.seed)
     batches = list(itertools.islice(iter(loader), doc.settings.batches))
     calibration = plan.stage_calibration(k)
-    measured = calibrate_loss_weight(distiller, batches, stage.loss_ratio if stage.loss_weight == "auto" else None,
-                                     device)
+    try:
+        measured = calibrate_loss_weight(distiller, batches, stage.loss_ratio if stage.loss_weight == "auto" else None,
+                                         device)
+    except PkdkitError as e:  # auto: a loss that starts at 0 leaves nothing to calibrate against
+        return findings + [Finding("loss_ratio", "FAIL", label, str(e))]
     if calibration.exists():
         weight = json.loads(calibration.read_text())["weight"]
     else:
@@ -487,15 +500,13 @@ def _stage_findings(doc: _Doctor, plan: Plan, k: int, start: nn.Module, teacher:
 def run_doctor(plans: Plan | Iterable[Plan], settings: DoctorSettings | None = None, *, progress: bool = True,
                write: bool = True) -> Findings:
     """Run every check on `plans` (one plan, or several that share teachers and stages: each is checked once)
-    and return the findings in order; with `write`, each plan's own findings go to `doctor.json` in its
-    out_dir, the one file the doctor writes. It seeds the RNGs as the plan's stages do (`run_plan` seeds them
+    and return the findings in order, each once (its `stage` names every plan stage it is about, joined by "; ");
+    with `write`, each plan's own findings go to `doctor.json` in its out_dir, the one file the doctor writes. It seeds the RNGs as the plan's stages do (`run_plan` seeds them
     again)."""
     plans = [plans] if isinstance(plans, Plan) else list(plans)
     doc = _Doctor(settings or DoctorSettings(), progress)
-    found: Findings = Findings()
     for plan in plans:
-        mine = _plan_findings(doc, plan)
-        found += [f for f in mine if not any(f is g for g in found)]
+        mine = Findings(_plan_findings(doc, plan))
         if write:
-            write_json(Findings(mine).records(), Path(plan.out_dir) / REPORT)
-    return found
+            write_json(mine.records(), Path(plan.out_dir) / REPORT)
+    return Findings(doc.combined.values())

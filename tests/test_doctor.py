@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,10 @@ import yaml
 from pkdkit.cli import main
 from pkdkit.data import CocoDetection
 from pkdkit.distill import build_distiller
-from pkdkit.doctor import (REPORT, Finding, Findings, frozen_finding, level_share_finding, lr_finding, ratio_finding,
-                           suggested_lr)
+from pkdkit.doctor import (REPORT, DoctorSettings, frozen_finding, level_share_finding, lr_finding, ratio_finding,
+                           run_doctor, suggested_lr)
 from pkdkit.models import DetectorSpec, build_detector, save_detector
+from pkdkit.plan import load_plan
 
 SIZE = dict(arch="retinanet", backbone="resnet18", fpn_channels=32, min_size=96, max_size=96,
             anchor_sizes=(8, 16, 32, 64, 128))
@@ -73,7 +75,9 @@ def test_a_teacher_that_detects_nothing_fails_naming_the_stage_and_the_teacher_a
     records = json.loads((tmp_path / "plan" / REPORT).read_text())
     assert [r["status"] for r in records if r["check"] == "teacher_ap"] == ["OK", "FAIL"]
     assert all(set(r) == {"check", "status", "stage", "message"} for r in records)
-    assert len(out.strip().splitlines()) == len(records) + 2  # one line per finding, the counts, the report
+    # one line per finding, the lr rule the two stages share once; then the counts and the report
+    assert "OK   lr: check stage 1 (detects); check stage 2 (blank): lr 0.01 at batch 16" in out
+    assert len(out.strip().splitlines()) == len(records) - 1 + 2
 
 
 def test_a_healthy_plan_passes_or_only_warns(tiny_coco, checkpoints, tmp_path, capsys):
@@ -88,8 +92,22 @@ def test_a_healthy_plan_passes_or_only_warns(tiny_coco, checkpoints, tmp_path, c
     assert status["loss_ratio"] == "OK"  # loss_weight auto: distillation starts at the detection loss
     smoke = next(r["message"] for r in records if r["check"] == "smoke_run")
     assert "detection loss" in smoke and "steps on one batch of 2 images at lr 0.01" in smoke
-    findings = Findings(Finding(**r) for r in records)  # as `run_doctor` returns them, for notebooks
+
+
+
+def test_plans_sharing_a_stage_check_it_once_and_each_report_names_its_own_plan(tiny_coco, checkpoints, tmp_path):
+    """As notebook 3 calls it: the plans of the comparison share teachers and first stages."""
+    plan = load_plan(_plan_file(tiny_coco, checkpoints, tmp_path, ["detects"]))
+    other = replace(plan, name="other", out_dir=str(tmp_path / "other"), train=plan.train.replace(epochs=3))
+    settings = DoctorSettings(images=4, batches=1, steps=2, batch_size=2)
+    findings = run_doctor([plan, other], settings, progress=False)
     assert not findings.failed and "| status | check | stage | finding |" in findings._repr_markdown_()
+    smoke = [f for f in findings if f.check == "smoke_run"]
+    assert len(smoke) == 1 and smoke[0].stage == "check stage 1 (detects); other stage 1 (detects)"
+    for p in (plan, other):
+        records = json.loads((Path(p.out_dir) / REPORT).read_text())
+        assert len(records) == len(findings)
+        assert {r["stage"] for r in records} == {None, f"{p.name} stage 1 (detects)"}
 
 
 def test_one_level_carrying_most_of_the_distillation_term_or_none_of_it_warns():
