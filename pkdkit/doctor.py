@@ -113,8 +113,9 @@ class Findings(list):
 
 @dataclass
 class DoctorSettings:
-    """How much work each check does. The defaults take about a minute for the tiny preset on a CPU; tests
-    use fewer steps (a smoke run on a 16-image dataset needs no more than a few steps to show the fall).
+    """How much work each check does. With the defaults, notebook 3's four tiny plans (two teachers, 64 px) take
+    90 s on a busy 2-core CPU, 50 s with steps=5 and batches=1 (notebook 3's quick look); tests use fewer
+    steps still (on one batch of a 16-image dataset a few steps show the fall).
 
     images: validation images each teacher is evaluated on; batches: training batches the loss ratio and the
     level shares are measured on; steps: smoke-run steps; batch_size: images per batch (None: the stage's);
