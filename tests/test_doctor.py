@@ -25,7 +25,7 @@ FAST = ["--images", "4", "--batches", "1", "--steps", "3", "--batch-size", "2", 
 
 @pytest.fixture(scope="module")
 def checkpoints(tiny_coco, tmp_path_factory):
-    """Two teachers: "blank", untrained (RetinaNet's prior 0.01: every score under the 0.05 threshold, so it
+    """Three teachers: "misfit", whose weights do not fit the spec it names (another FPN width); "blank", untrained (RetinaNet's prior 0.01: every score under the 0.05 threshold, so it
     detects nothing, AP 0), and "detects", the same with the classifier prior at 0.5, so it makes confident
     detections everywhere and some of them hit objects (AP > 0), as a teacher that detects does."""
     labels = CocoDetection(tiny_coco["val_images"], tiny_coco["val_json"]).label_map
@@ -40,6 +40,8 @@ def checkpoints(tiny_coco, tmp_path_factory):
             with torch.no_grad():
                 bias.view(-1, labels.num_classes)[:, 1:] = 0.0
         out[name] = str(save_detector(root / f"{name}.pt", model, spec, labels))
+    misfit = build_detector(replace(spec, fpn_channels=16))
+    out["misfit"] = str(save_detector(root / "misfit.pt", misfit, spec, labels))
     return spec, out
 
 
@@ -58,9 +60,9 @@ def _listing(*folders: Path) -> dict[str, float]:
     return {str(p): p.stat().st_mtime for f in folders for p in sorted(Path(f).rglob("*")) if p.is_file()}
 
 
-def test_a_teacher_that_detects_nothing_fails_naming_the_stage_and_the_teacher_and_only_the_report_is_written(
+def test_teachers_that_detect_nothing_or_do_not_load_fail_naming_the_stage_and_only_the_report_is_written(
         tiny_coco, checkpoints, tmp_path, capsys):
-    plan_file = _plan_file(tiny_coco, checkpoints, tmp_path, ["detects", "blank"])
+    plan_file = _plan_file(tiny_coco, checkpoints, tmp_path, ["detects", "blank", "misfit"])
     data = Path(tiny_coco["train_json"]).parent.parent
     (tmp_path / "plan").mkdir()  # as a plan's folder exists once it ran
     before = _listing(tmp_path, data)
@@ -69,6 +71,8 @@ def test_a_teacher_that_detects_nothing_fails_naming_the_stage_and_the_teacher_a
     blank = checkpoints[1]["blank"]
     assert f"FAIL teacher_ap: check stage 2 (blank): teacher {blank} has AP 0 on the first 4 validation images" in out
     assert "detects nothing here" in out and "train it longer" in out
+    misfit = next(line for line in out.splitlines() if line.startswith("FAIL load: check stage 3 (misfit)"))
+    assert f"teacher {checkpoints[1]['misfit']}: " in misfit and " shape (e.g. backbone.fpn." in misfit
     after = _listing(tmp_path, data)
     assert set(after) - set(before) == {str(tmp_path / "plan" / REPORT)}  # the report, nothing else,
     assert {k: after[k] for k in before} == before  # and nothing changed
@@ -76,8 +80,8 @@ def test_a_teacher_that_detects_nothing_fails_naming_the_stage_and_the_teacher_a
     assert [r["status"] for r in records if r["check"] == "teacher_ap"] == ["OK", "FAIL"]
     assert all(set(r) == {"check", "status", "stage", "message"} for r in records)
     # one line per finding, the lr rule the two stages share once; then the counts and the report
-    assert "OK   lr: check stage 1 (detects); check stage 2 (blank): lr 0.01 at batch 16" in out
-    assert len(out.strip().splitlines()) == len(records) - 1 + 2
+    assert "OK   lr: check stage 1 (detects); check stage 2 (blank); check stage 3 (misfit): lr 0.01 at batch" in out
+    assert len(out.strip().splitlines()) == len(records) - 2 + 2
 
 
 def test_a_healthy_plan_passes_or_only_warns(tiny_coco, checkpoints, tmp_path, capsys):
