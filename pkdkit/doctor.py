@@ -113,9 +113,9 @@ class Findings(list):
 
 @dataclass
 class DoctorSettings:
-    """How much work each check does. With the defaults, notebook 3's four tiny plans (two teachers, 64 px) take
-    90 s on a busy 2-core CPU, 50 s with steps=5 and batches=1 (notebook 3's quick look); tests use fewer
-    steps still (on one batch of a 16-image dataset a few steps show the fall).
+    """How much work each check does. Notebook 3's quick look (steps=5, batches=1) on its four tiny plans (two
+    teachers, 64 px) took 4.2 s on 2 quiet CPU cores (a smoke step 0.2 s; the defaults run 4x the steps on 2x
+    the batches); tests use fewer steps still (on one batch of a 16-image dataset a few steps show the fall).
 
     images: validation images each teacher is evaluated on; batches: training batches the loss ratio and the
     level shares are measured on; steps: smoke-run steps; batch_size: images per batch (None: the stage's);
