@@ -1,4 +1,4 @@
-"""`pkdkit synth | train | evaluate | select | distill | notebooks | inspect | export`: thin argparse wrappers
+"""`pkdkit synth | train | evaluate | select | distill | doctor | notebooks | inspect | export`: thin argparse wrappers
 over the library.
 
 pkdkit's own errors (bad data, a checkpoint, a plan, a setting, a run folder in use or made with other
@@ -185,6 +185,20 @@ def cmd_distill(args: argparse.Namespace) -> int:
     with run_lock(plan.out_dir) if info.is_main else nullcontext():
         run_plan(plan, progress=not args.quiet)
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from pkdkit.doctor import REPORT, DoctorSettings, run_doctor
+    from pkdkit.plan import load_plan
+
+    plan = load_plan(args.plan)
+    settings = DoctorSettings(images=args.images, batches=args.batches, steps=args.steps, gpus=args.gpus,
+                              batch_size=args.batch_size)
+    if args.device:
+        plan.train = plan.train.replace(device=args.device)
+    findings = run_doctor(plan, settings, progress=not args.quiet)
+    print(f"{findings}\nreport: {Path(plan.out_dir) / REPORT}")
+    return 1 if findings.failed else 0
 
 
 def cmd_select(args: argparse.Namespace) -> int:
@@ -389,6 +403,24 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_distill)
 
 
+def _doctor_args(p: argparse.ArgumentParser) -> None:
+    from pkdkit.doctor import DoctorSettings
+
+    d = DoctorSettings()
+    p.add_argument("plan", help="plan file (YAML or JSON), as for `pkdkit distill`")
+    p.add_argument("--device", help="overrides the plan's device: auto, cpu, cuda, cuda:<index>")
+    p.add_argument("--gpus", type=int, default=d.gpus, help="processes the plan will run on: the learning rate is "
+                                                            "checked at batch_size x gpus (default: %(default)s)")
+    p.add_argument("--images", type=int, default=d.images, help="validation images each teacher is evaluated on "
+                                                                "(default: %(default)s)")
+    p.add_argument("--batches", type=int, default=d.batches, help="training batches the loss ratio and level shares "
+                                                                  "are measured on (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=d.steps, help="steps of the smoke run (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, help="images per batch of those measurements and the smoke run "
+                                                  "(default: the stage's batch_size)")
+    p.set_defaults(func=cmd_doctor)
+
+
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a pkdkit checkpoint (e.g. distill/<plan>/stage_<k>_<name>/student.pt)")
     p.add_argument("--format", choices=["torchvision", "onnx"], default="torchvision",
@@ -519,6 +551,8 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] 
                "--student CKPT --teachers NAME=CKPT ... --out DIR [options]", _select_args),
     "distill": ("run a distillation plan (YAML/JSON): stages, hand-over, evaluation", "PLAN [options]",
                 _distill_args),
+    "doctor": ("check a plan before it runs: teachers load and detect, loss balance, a smoke run, the learning "
+               "rate (OK/WARN/FAIL lines, doctor.json; exit status 1 on a FAIL)", "PLAN [options]", _doctor_args),
     "notebooks": ("run the notebooks headless with papermill", "{run,experiment} --out DIR [options]",
                   _notebooks_args),
     "inspect": ("open the FiftyOne App on a run directory's validation images and predictions (Ctrl-C stops)",

@@ -129,13 +129,15 @@ def calibrate_loss_weight(distiller: Distiller, batches: Iterable[tuple[list[tor
     `batches` (``(images, targets)`` as the training loader yields them), without changing anything: weights,
     BatchNorm statistics and every RNG are restored afterwards.
 
-    Returns {"detection", "distillation" (with weight 1), "start_ratio" (distillation * current weight /
-    detection), "batches"}; with `ratio`, also "ratio" and "weight" = ratio * detection / distillation, the
+    Returns {"detection", "distillation" (with weight 1), "levels" ({level: its part of the distillation
+    term, with weight 1}), "start_ratio" (distillation * current weight / detection), "batches"}; with
+    `ratio`, also "ratio" and "weight" = ratio * detection / distillation, the
     weight at which the distillation term starts at `ratio` times the detection loss (not applied here).
     """
     device = torch.device(device)
     state = copy.deepcopy(distiller.state_dict())
     weight, det, kd, n = distiller.weight, 0.0, 0.0, 0
+    levels = dict.fromkeys(distiller.losses, 0.0)
     distiller.to(device).train()
     distiller.weight = 1.0
     try:
@@ -145,6 +147,8 @@ def calibrate_loss_weight(distiller: Distiller, batches: Iterable[tuple[list[tor
                 targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
                 losses = distiller(images, targets)
                 kd += sum(v.item() for k, v in losses.items() if k.startswith("distill"))
+                for level in levels:
+                    levels[level] += losses[f"distill_{level}"].item()
                 det += sum(v.item() for k, v in losses.items() if not k.startswith("distill"))
                 n += 1
     finally:
@@ -152,9 +156,9 @@ def calibrate_loss_weight(distiller: Distiller, batches: Iterable[tuple[list[tor
         distiller.load_state_dict(state)
     if n == 0:
         raise ValueError("calibrate_loss_weight: no batches given")
-    det, kd = det / n, kd / n
+    det, kd, levels = det / n, kd / n, {level: v / n for level, v in levels.items()}
     out = {"detection": det, "distillation": kd, "start_ratio": weight * kd / det if det > 0 else float("nan"),
-           "batches": n}
+           "levels": levels, "batches": n}
     if ratio is not None:
         if not ratio > 0:
             raise ValueError(f"loss ratio must be > 0, got {ratio}")

@@ -483,7 +483,8 @@ def test_help_is_fast_and_imports_no_torch():
 def test_subcommand_help_lists_the_choices_and_describes_every_option(capsys):
     for command, choices in (("train", ["fcos", "maskrcnn", "resnet50", "swin_t", "adamw", "cosine"]),
                              ("select", ["shortest_path", "greedy", "closed_form", "sgd", "mgd", "cwd"]),
-                             ("synth", ["--force"]), ("evaluate", ["--device"]), ("distill", ["--device"])):
+                             ("synth", ["--force"]), ("evaluate", ["--device"]), ("distill", ["--device"]),
+                             ("doctor", ["--gpus", "--steps", "--batch-size"])):
         parser = build_parser([command])
         with pytest.raises(SystemExit):
             parser.parse_args([command, "--help"])
