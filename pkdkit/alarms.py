@@ -52,11 +52,11 @@ def distill_ratio(losses: Mapping[str, float]) -> float | None:
     return kd / det if has_kd and det > 0 else None
 
 
-def level_shares(losses: Mapping[str, float]) -> dict[str, float]:
-    """Each distillation level's share of the distillation term, {loss name: fraction} (summing to 1); empty when
-    the distillation term is 0 or absent."""
-    kd = distillation_part(losses)[1]
-    return {k: float(v) / kd for k, v in losses.items() if k.startswith("distill")} if kd > 0 else {}
+def level_shares(terms: Mapping[str, float]) -> dict[str, float]:
+    """Each distillation level's share of the distillation term, {name: fraction} (summing to 1), from the
+    levels' terms alone (e.g. the ``distill_*`` loss values); empty when they sum to 0."""
+    kd = sum(float(v) for v in terms.values())
+    return {k: float(v) / kd for k, v in terms.items()} if kd > 0 else {}
 
 
 def ap_alarm(ap: float, epoch: int, epochs: int) -> Alarm | None:
@@ -93,7 +93,7 @@ def clipping_alarm(fraction: float | None, grad_clip: float | None, epoch: int) 
 def zero_level_alarms(means: Mapping[str, float], epoch: int) -> list[Alarm]:
     """Each distillation level whose term was 0 over a whole epoch (its epoch mean, `means`) while the
     distillation term as a whole was not (a weight of 0, distillation switched off, raises none)."""
-    if not level_shares(means):
+    if not level_shares({k: v for k, v in means.items() if k.startswith("distill")}):
         return []
     return [Alarm("level_zero", f"the distillation term of {k} was 0 for all of epoch {epoch} while the other "
                                 "levels' were not: that level teaches the student nothing (a feature map too small "

@@ -44,6 +44,7 @@ import torch
 from pycocotools.coco import COCO
 from torch import nn
 
+from pkdkit.alarms import level_shares
 from pkdkit.config import check_range, check_types
 from pkdkit.data import CocoDetection, LabelMap, make_loader
 from pkdkit.distill import Distiller, build_distiller, calibrate_loss_weight, inherit_teacher_head
@@ -162,17 +163,6 @@ def lr_finding(lr: float, batch_size: int, optimizer: str = "sgd", stage: str | 
     return Finding("lr", "OK", stage, where)
 
 
-def distill_ratio(detection: float, distillation: float) -> float:
-    """distillation / detection (both as the training loss sums them), inf when the detection loss is 0."""
-    return distillation / detection if detection > 0 else math.inf
-
-
-def level_shares(terms: dict[str, float]) -> dict[str, float]:
-    """Each level's share of the distillation term, {level: term / sum}; all 0 when the sum is 0."""
-    total = sum(terms.values())
-    return {level: (v / total if total > 0 else 0.0) for level, v in terms.items()}
-
-
 def ratio_finding(ratio: float, weight: float, stage: str | None = None, note: str = "") -> Finding:
     """The distillation / detection ratio at the start of a stage (with its distillation `weight`): WARN outside
     `RATIO_RANGE`."""
@@ -194,7 +184,7 @@ def ratio_finding(ratio: float, weight: float, stage: str | None = None, note: s
 def level_share_finding(terms: dict[str, float], stage: str | None = None, note: str = "") -> Finding:
     """Each level's share of the distillation term `terms` ({level: term}): WARN when one level carries more
     than `MAX_LEVEL_SHARE` or a level's share is below `ZERO_SHARE` (it is not distilled at all)."""
-    shares = level_shares(terms)
+    shares = level_shares(terms) or dict.fromkeys(terms, 0.0)
     text = ", ".join(f"{level} {100 * s:.1f}%" for level, s in shares.items())
     big = [level for level, s in shares.items() if s > MAX_LEVEL_SHARE]
     zero = [level for level, s in shares.items() if s < ZERO_SHARE]
@@ -488,7 +478,8 @@ def _stage_findings(doc: _Doctor, plan: Plan, k: int, start: nn.Module, teacher:
         weight = json.loads(calibration.read_text())["weight"]
     else:
         weight = measured["weight"] if stage.loss_weight == "auto" else float(stage.loss_weight)
-    ratio = weight * distill_ratio(measured["detection"], measured["distillation"])
+    det = measured["detection"]
+    ratio = weight * measured["distillation"] / det if det > 0 else math.inf
     findings += [ratio_finding(ratio, weight, label, note), level_share_finding(measured["levels"], label, note)]
     before = None
     if k == 0:
