@@ -2,6 +2,7 @@
 /usr/bin/chromium; skipped where playwright or chromium is missing)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,6 +20,34 @@ from conftest import free_port, screenshot_dir
 EXAMPLE = Path(__file__).resolve().parent.parent / "reports" / "example-tiny"
 
 
+@contextlib.contextmanager
+def served(cmd: list[str], base: str, probe: str, log_path: Path, *, env: dict[str, str] | None = None,
+           timeout: float = 60):
+    """Start the server `cmd` (output to `log_path`), wait until `base + probe` answers 200, yield `base`; the
+    server is stopped afterwards (a start that fails or times out raises with the log's end)."""
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(base + probe, timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"{cmd[2]} did not start: {log_path.read_text()[-2000:]}")
+                time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
 @pytest.fixture
 def jupyterlab(tmp_path):
     """JupyterLab serving a copy of the committed example's notebook 01 (and its figures); yields its URL."""
@@ -30,28 +59,9 @@ def jupyterlab(tmp_path):
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", f"--ServerApp.token={token}",
            f"--ServerApp.root_dir={tmp_path}", "--ServerApp.ip=127.0.0.1", "--allow-root",
            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
-    log = open(tmp_path / "jupyterlab.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"JupyterLab did not start: {(tmp_path / 'jupyterlab.log').read_text()[-2000:]}")
-                time.sleep(1)
+    with served(cmd, f"http://127.0.0.1:{port}", f"/api/status?token={token}", tmp_path / "jupyterlab.log", env=env,
+                timeout=120) as base:
         yield f"{base}/lab/tree/01_data_and_teachers.ipynb?token={token}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def test_executed_notebook_01_shows_its_figures_and_tables_in_jupyterlab(jupyterlab, browser_page):
@@ -87,29 +97,10 @@ def tensorboard_server(tiny_run, tmp_path):
     """`tensorboard --logdir` on the folder holding a finished tiny run (as `--logdir <run_dir>` shows every run
     under it); yields its URL and stops the server afterwards."""
     port = free_port()
-    log = open(tmp_path / "tensorboard.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(tiny_run["dir"].parent),
-                             "--port", str(port), "--host", "127.0.0.1"], stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/data/logdir", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"TensorBoard did not start: {(tmp_path / 'tensorboard.log').read_text()[-2000:]}")
-                time.sleep(0.2)
+    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(tiny_run["dir"].parent), "--port", str(port),
+           "--host", "127.0.0.1"]
+    with served(cmd, f"http://127.0.0.1:{port}", "/data/logdir", tmp_path / "tensorboard.log", timeout=60) as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def test_tensorboard_shows_the_loss_chart_of_a_finished_run(tensorboard_server, tiny_run, browser_page):
