@@ -85,19 +85,7 @@ def bench_loading(preset_name: str, device: torch.device, *, n_images: int, pass
                                "batch_size": batch_size, "student": preset.student.name, "masks": True,
                                "loader": [loader_images_per_s(dataset, batch_size, w, passes, device)
                                           for w in workers]}
-        torch.manual_seed(0)
-        model = build_detector(preset.student).to(device).train()
-        images, targets = next(iter(make_loader(dataset, batch_size, shuffle=True, seed=0)))
-        images = [im.to(device) for im in images]
-        targets = [{k: v.to(device) for k, v in t.items() if k != "masks"} for t in targets]
-        step = TrainStep(model, images, targets, preset.train, device)
-        step()  # warm-up
-        sync(device)
-        tic = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync(device)
-        out["step"] = {"images_per_s": steps * batch_size / (time.perf_counter() - tic), "steps": steps}
+        model, out["step"] = _step_rate(preset.student, dataset, preset.train, batch_size, steps, device)
         out["fed"] = [_fed_steps(model, dataset, preset.train, device, steps, w) for w in fed_workers]
     step_rate = out["step"]["images_per_s"]
     for row in out["loader"] + out["fed"]:
@@ -229,20 +217,8 @@ def bench_jpeg_loading(student: Any, train: Any, device: torch.device, *, n_imag
                                "loader": [loader_images_per_s(dataset, train.batch_size, w, passes, device)
                                           for w in workers],
                                "per_image": per_image_costs(dataset)}
-        torch.manual_seed(0)
-        model = build_detector(student).to(device).train()
-        images, targets = next(iter(make_loader(dataset, train.batch_size, shuffle=True, seed=0)))
-        images = [im.to(device) for im in images]
-        targets = [{k: v.to(device) for k, v in t.items() if k != "masks"} for t in targets]
-        step = TrainStep(model, images, targets, train, device)
-        step()  # warm-up
-        sync(device)
-        tic = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync(device)
-        out["step"] = {"images_per_s": steps * train.batch_size / (time.perf_counter() - tic), "steps": steps,
-                       "device": str(device)}
+        _, out["step"] = _step_rate(student, dataset, train, train.batch_size, steps, device)
+        out["step"]["device"] = str(device)
     for row in out["loader"]:
         row["ratio_to_step"] = row["images_per_s"] / out["step"]["images_per_s"]
     item_s = 1 / out["loader"][0]["images_per_s"] if out["loader"][0]["num_workers"] == 0 else \
@@ -258,3 +234,22 @@ def bench_jpeg_loading(student: Any, train: Any, device: torch.device, *, n_imag
         out["workers_needed"] = {name: workers_needed(rates[name], item_s)
                                  for name in ("distill", "student") if name in rates}
     return out
+
+
+def _step_rate(spec: Any, dataset: Any, train: Any, batch_size: int, steps: int,
+               device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(model, {"images_per_s", "steps"}): the engine's training step of a fresh `spec` detector on one batch of
+    `dataset` (masks left out), repeated `steps` times after a warm-up."""
+    torch.manual_seed(0)
+    model = build_detector(spec).to(device).train()
+    images, targets = next(iter(make_loader(dataset, batch_size, shuffle=True, seed=0)))
+    images = [im.to(device) for im in images]
+    targets = [{k: v.to(device) for k, v in t.items() if k != "masks"} for t in targets]
+    step = TrainStep(model, images, targets, train, device)
+    step()  # warm-up
+    sync(device)
+    tic = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return model, {"images_per_s": steps * batch_size / (time.perf_counter() - tic), "steps": steps}
