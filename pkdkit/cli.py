@@ -248,6 +248,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from pkdkit.files import write_json
+    from pkdkit.profile import profile_refs, profile_table, run_models, sample_image
+
+    refs, sizes, aps = run_models(args.run, args.plan) if args.run else ({}, {}, {})
+    refs.update(_name_eq_path(m) for m in args.models)
+    if not refs:
+        raise ConfigError("pkdkit profile: give MODEL checkpoints / torchvision weight names, or --run RUN_DIR")
+    profiles = profile_refs(refs, sizes=sizes, aps=aps, image=sample_image(args.size) if args.size else None,
+                            threads=args.threads, repeats=args.repeats, warmup=args.warmup, onnx=not args.no_onnx,
+                            progress=not args.quiet)
+    print(profile_table(profiles))
+    if args.json:
+        print(f"written to {write_json([p.to_dict() for p in profiles], args.json)}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------
 # Parsers: each subcommand's options are added only when that subcommand runs (they import torch).
 def _synth_args(p: argparse.ArgumentParser) -> None:
@@ -344,6 +361,22 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def _profile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("models", nargs="*", metavar="MODEL", help="pkdkit checkpoints or torchvision COCO weight names, "
+                                                             "optionally NAME=MODEL")
+    p.add_argument("--run", help="a run directory: its baseline student, candidate teachers and distilled student, "
+                                 "with their AP")
+    p.add_argument("--plan", default="progressive", help="with --run: the plan whose last student is profiled "
+                                                         "(default: %(default)s)")
+    p.add_argument("--size", type=int, help="side of the square image timed (default: each model's min_size)")
+    p.add_argument("--threads", type=int, help="CPU threads of PyTorch and ONNX Runtime (default: torch's)")
+    p.add_argument("--repeats", type=int, default=20, help="timed runs; the median is shown (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs before (default: %(default)s)")
+    p.add_argument("--no-onnx", action="store_true", help="time PyTorch only (no ONNX export)")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.set_defaults(func=cmd_profile)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     try:
         from pkdkit.fiftyone_app import inspect_run
@@ -416,6 +449,8 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] 
                 "RUN_DIR [--port PORT]", _inspect_args),
     "export": ("a deployable student: a torchvision state dict or an ONNX file",
                "CHECKPOINT --out FILE [--format torchvision|onnx]", _export_args),
+    "profile": ("parameters, FLOPs and latency (PyTorch, ONNX Runtime) at batch 1, with AP where known",
+                "MODEL [MODEL ...] | --run RUN_DIR [options]", _profile_args),
 }
 
 
