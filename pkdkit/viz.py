@@ -679,10 +679,11 @@ def plot_speed_accuracy(profiles: Sequence[Any], latency: str | None = None) -> 
     seen: list[float] = []
     for r in shown:
         x, y = r[latency], 100 * r["ap"]
-        ax.scatter([x], [y], s=20 + 12 * r["params"] / 1e6, alpha=0.75, zorder=3)
+        size = 20 + 12 * r["params"] / 1e6  # marker area in points^2
+        ax.scatter([x], [y], s=size, alpha=0.75, zorder=3)
         left = any(abs(x - s) < 1e-9 for s in seen)  # same cost as a model already drawn: label on the other side
         ax.annotate(f"{r['name']}\n{r['params'] / 1e6:.1f} M, {r['flops'] / 1e9:.2g} GFLOPs", (x, y),
-                    xytext=(-8 if left else 8, 0), textcoords="offset points", va="center",
+                    xytext=((-1 if left else 1) * (size ** 0.5 / 2 + 4), 0), textcoords="offset points", va="center",
                     ha="right" if left else "left", fontsize=8)
         seen.append(x)
     xs, ys = [r[latency] for r in shown], [100 * r["ap"] for r in shown]
