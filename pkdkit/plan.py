@@ -362,6 +362,14 @@ def validate_plan(plan: Plan, dataset_label_map: LabelMap) -> None:
             if not t_map.match_by_name(dataset_label_map):
                 raise PlanError(f"{where}: head_loss: teacher {stage.teacher} shares no category (by name) with the "
                                 f"data ({plan.data.train_json}); remove head_loss")
+            t_size = list(size or (t_spec.min_size, t_spec.max_size))
+            s_size = [plan.student.min_size, plan.student.max_size]
+            same_boxes = plan.student.arch != "retinanet" or t_spec.anchor_sizes == plan.student.anchor_sizes
+            if t_spec.arch != plan.student.arch or t_size != s_size or not same_boxes:
+                raise PlanError(f"{where}: head_loss needs the student's anchors in the teacher: the same detector "
+                                f"(student {plan.student.arch}, teacher {t_spec.arch}) at the same input size "
+                                f"(student {s_size}, teacher {t_size}; see teacher_size) with the same anchor sizes "
+                                f"(student {plan.student.anchor_sizes}, teacher {t_spec.anchor_sizes}); remove head_loss")
         t_levels = feature_levels(build_detector(replace(t_spec, weights=None, backbone_weights=None)))
         try:
             common_levels({"student": student_levels, "teacher": t_levels}, stage.levels)

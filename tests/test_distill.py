@@ -246,6 +246,8 @@ def test_a_stage_another_plan_trained_identically_is_linked_not_trained_again_an
     (lambda d, t: d["stages"][0].update(teacher=t["frcnn"], head_loss="kd"),
      r"stage 1 \(r34\): head_loss 'kd' is for dense heads \(retinanet, fcos\); the teacher is a fasterrcnn"),
     (lambda d, t: d["stages"][0].update(head_loss="logits"), r"stage 1 \(r34\): unknown head_loss 'logits'"),
+    (lambda d, t: d["stages"][1].update(head_loss="kd"),
+     r"stage 2 \(fcos50\): head_loss needs the student's anchors in the teacher: the same detector \(student retinanet, teacher fcos\)"),
 ])
 def test_invalid_plans_fail_early_with_the_stage_and_reason(tiny_coco, label_map, teachers, tmp_path, change, message):
     d = _plan_dict(tiny_coco, label_map, teachers, tmp_path / "run")
