@@ -302,6 +302,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
                      progress=not args.quiet)
     print(f"{len(result.results)} detections on {len(result.images)} images: {result.results_file} (COCO results); "
           f"drawn images in {result.drawn_dir}")
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from pkdkit.files import write_json
+    from pkdkit.profile import profile_refs, profile_table, run_models, sample_image
+
+    refs, sizes, aps = run_models(args.run, args.plan) if args.run else ({}, {}, {})
+    refs.update(_name_eq_path(m) for m in args.models)
+    if not refs:
+        raise ConfigError("pkdkit profile: give MODEL checkpoints / torchvision weight names, or --run RUN_DIR")
+    profiles = profile_refs(refs, sizes=sizes, aps=aps, image=sample_image(args.size) if args.size else None,
+                            threads=args.threads, repeats=args.repeats, warmup=args.warmup, onnx=not args.no_onnx,
+                            progress=not args.quiet)
+    print(profile_table(profiles))
+    if args.json:
+        print(f"written to {write_json([p.to_dict() for p in profiles], args.json)}")
     return 0
 
 
@@ -467,6 +483,22 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_predict)
 
 
+def _profile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("models", nargs="*", metavar="MODEL", help="pkdkit checkpoints or torchvision COCO weight names, "
+                                                             "optionally NAME=MODEL")
+    p.add_argument("--run", help="a run directory: its baseline student, candidate teachers and distilled student, "
+                                 "with their AP")
+    p.add_argument("--plan", default="progressive", help="with --run: the plan whose last student is profiled "
+                                                         "(default: %(default)s)")
+    p.add_argument("--size", type=int, help="side of the square image timed (default: each model's min_size)")
+    p.add_argument("--threads", type=int, help="CPU threads of PyTorch and ONNX Runtime (default: torch's)")
+    p.add_argument("--repeats", type=int, default=20, help="timed runs; the median is shown (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs before (default: %(default)s)")
+    p.add_argument("--no-onnx", action="store_true", help="time PyTorch only (no ONNX export)")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.set_defaults(func=cmd_profile)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     try:
         from pkdkit.fiftyone_app import inspect_run
@@ -563,6 +595,8 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] 
                 "--from voc|yolo SRC --out DIR [options]", _convert_args),
     "predict": ("run a model on image files or folders: COCO results JSON and the images with their boxes",
                 "MODEL IMAGE_OR_FOLDER [...] --out DIR [options]", _predict_args),
+    "profile": ("parameters, FLOPs and latency (PyTorch, ONNX Runtime) at batch 1, with AP where known",
+                "MODEL [MODEL ...] | --run RUN_DIR [options]", _profile_args),
 }
 
 

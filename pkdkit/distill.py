@@ -21,7 +21,7 @@ from torch import nn
 
 from pkdkit.data import LabelMap
 from pkdkit.features import FeatureTap, common_levels, feature_levels, features_at, input_scale
-from pkdkit.losses import build_loss, loss_defaults
+from pkdkit.losses import HEAD_LOSSES, build_loss, loss_defaults
 from pkdkit.models import detector_arch
 from pkdkit.errors import ConfigError
 
@@ -32,15 +32,21 @@ class Distiller(nn.Module):
     The teacher is held outside the module tree (`self._teacher`): it is not trained, not in
     `parameters()` or `state_dict()`, and stays in eval mode. Loss modules (1x1 adapters, MGD's
     generation block) are trained together with the student. `weight` multiplies every level's loss
-    (on top of the loss's own weights, e.g. MGD's alpha): 0 turns distillation off.
+    (on top of the loss's own weights, e.g. MGD's alpha): 0 turns feature distillation off.
 
     Random draws of the losses (MGD's masks: the losses with a `generator` attribute) come from the distiller's
     own CPU generator, in level order, which `seed_step` re-seeds before each training step: the masks depend on
     the run's seed and the step alone, not on what else draws from torch's global RNG (the data loader, the
     detector's samplers), so they are the same with any loader and when a run resumes.
+
+    `head` (optional, `build_head_distill`): response distillation of a dense head, ``distill_head`` =
+    its weight x its loss on the classification logits of the classes both models know; the student's
+    logits come from a forward hook on ``student.head.classification_head`` (removed after each forward),
+    the teacher's from its classification head on its FPN maps.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, losses: dict[str, nn.Module], weight: float = 1.0):
+    def __init__(self, student: nn.Module, teacher: nn.Module, losses: dict[str, nn.Module], weight: float = 1.0,
+                 head: "HeadDistill | None" = None):
         super().__init__()
         _check_same_input(student, teacher)
         self.student = student
@@ -50,6 +56,7 @@ class Distiller(nn.Module):
         for loss in self.losses.values():
             if hasattr(loss, "generator"):
                 loss.generator = self.generator
+        self.head_kd = head
         teacher.eval().requires_grad_(False)
         self._teacher = (teacher,)  # a tuple keeps nn.Module from registering it
         # A teacher with another input size sees the batch at its own size; its maps come back at the student's.
@@ -65,8 +72,15 @@ class Distiller(nn.Module):
         self.generator.manual_seed(seed)
 
     def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        with FeatureTap(self.student) as tap:
-            losses = dict(self.student(images, targets))
+        logits: list[torch.Tensor] = []
+        hook = (self.student.head.classification_head.register_forward_hook(lambda _m, _i, out: logits.append(out))
+                if self.head_kd is not None else None)
+        try:
+            with FeatureTap(self.student) as tap:
+                losses = dict(self.student(images, targets))
+        finally:
+            if hook is not None:
+                hook.remove()
         student_feats = tap.features
         batch = tap.images.tensors  # (N, 3, H, W): what the student's backbone saw
         teacher = self.teacher
@@ -75,11 +89,73 @@ class Distiller(nn.Module):
         with torch.no_grad():
             teacher_feats = features_at(teacher, batch, self.teacher_scale,
                                         {k: tuple(student_feats[k].shape[-2:]) for k in self.losses})
+            teacher_logits = (teacher.head.classification_head(list(teacher_feats.values()))
+                              if self.head_kd is not None else None)
         boxes = [t["boxes"] for t in tap.targets]
         for level, loss in self.losses.items():
             s, t = student_feats[level], teacher_feats[level]
             losses[f"distill_{level}"] = self.weight * loss(s, t, boxes=boxes, image_size=tuple(batch.shape[-2:]))
+        if self.head_kd is not None:
+            losses[HEAD_KEY] = self.head_kd(logits[-1], teacher_logits)
         return losses
+
+
+HEAD_KEY = "distill_head"  # the loss name of response distillation (a "distill" loss to the engine's bar)
+DENSE_ARCHS = ("retinanet", "fcos")  # detectors whose `head.classification_head` scores every anchor/location
+
+
+class HeadDistill(nn.Module):
+    """Response distillation of a dense head: `weight` x `loss` on the classification logits (N, A, K) of the
+    student's classes `student_cols` against the teacher's `teacher_cols` (the same categories, matched by name).
+    `skipped`: the student's category names the teacher does not know (left out of the loss)."""
+
+    def __init__(self, loss: nn.Module, weight: float, student_cols: list[int], teacher_cols: list[int],
+                 skipped: list[str]):
+        super().__init__()
+        self.loss, self.weight, self.skipped = loss, float(weight), list(skipped)
+        self.student_cols, self.teacher_cols = list(student_cols), list(teacher_cols)
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        if student_logits.shape[:2] != teacher_logits.shape[:2]:
+            raise ConfigError(f"head distillation needs the same anchors in student and teacher, found "
+                              f"{student_logits.shape[1]} and {teacher_logits.shape[1]} per image; use the same "
+                              "input size, FPN levels and anchors per location")
+        s = student_logits[..., torch.tensor(self.student_cols, device=student_logits.device)]
+        t = teacher_logits[..., torch.tensor(self.teacher_cols, device=teacher_logits.device)]
+        return self.weight * self.loss(s, t)
+
+
+def build_head_distill(student: nn.Module, teacher: nn.Module, loss: str = "kd", weight: float = 1.0,
+                       temperature: float = 1.0, student_labels: LabelMap | None = None,
+                       teacher_labels: LabelMap | None = None) -> HeadDistill:
+    """Response distillation for a dense (RetinaNet/FCOS) student and teacher with the same anchors: the same
+    input size, FPN levels and anchors per location (ConfigError otherwise). With both label maps the
+    classes are matched by name, as `inherit_teacher_head` matches classifier rows; without, both must have
+    the same classes."""
+    for who, model in (("student", student), ("teacher", teacher)):
+        if detector_arch(model) not in DENSE_ARCHS:
+            raise ConfigError(f"head_loss {loss!r} is for dense heads ({', '.join(DENSE_ARCHS)}); the {who} is a "
+                              f"{detector_arch(model)} (two-stage): distil its features only")
+    if loss not in HEAD_LOSSES:
+        raise ConfigError(f"unknown head_loss {loss!r}; available: {sorted(HEAD_LOSSES)}")
+    s_head, t_head = student.head.classification_head, teacher.head.classification_head
+    if input_scale(teacher, student) != 1.0 or list(feature_levels(student)) != list(feature_levels(teacher)) \
+            or s_head.num_anchors != t_head.num_anchors:
+        raise ConfigError(f"head distillation needs the same anchors/locations in student and teacher: input size "
+                          f"{student.transform.min_size[-1]} vs {teacher.transform.min_size[-1]}, FPN levels "
+                          f"{list(feature_levels(student))} vs {list(feature_levels(teacher))}, anchors per location "
+                          f"{s_head.num_anchors} vs {t_head.num_anchors}")
+    if student_labels is not None and teacher_labels is not None:
+        pairs = student_labels.match_by_name(teacher_labels)  # {student label: teacher label}
+        if not pairs:
+            raise ConfigError("head distillation: the teacher knows none of the student's categories (by name)")
+        skipped = [n for n, lab in zip(student_labels.names, student_labels.labels) if lab not in pairs]
+    elif s_head.num_classes == t_head.num_classes:
+        pairs, skipped = {k: k for k in range(1, s_head.num_classes)}, []
+    else:
+        raise ConfigError(f"head distillation between {s_head.num_classes} and {t_head.num_classes} classes needs "
+                          "both label maps to match the classes by name")
+    return HeadDistill(HEAD_LOSSES[loss](temperature=temperature), weight, list(pairs), list(pairs.values()), skipped)
 
 
 def _check_same_input(student: nn.Module, teacher: nn.Module) -> None:
@@ -113,14 +189,15 @@ def distill_params(student: nn.Module, loss: str = "mgd", loss_params: dict[str,
 
 
 def build_distiller(student: nn.Module, teacher: nn.Module, loss: str = "mgd", loss_params: dict[str, Any] | None = None,
-                    levels: list[str] | None = None, weight: float = 1.0) -> Distiller:
+                    levels: list[str] | None = None, weight: float = 1.0, head: HeadDistill | None = None) -> Distiller:
     """A Distiller with one `loss` per distilled FPN level (`distill_levels`), its hyper-parameters from
-    `distill_params`, and `weight` on the whole distillation term."""
+    `distill_params`, and `weight` on the feature distillation term; `head`: response distillation
+    (`build_head_distill`) or None."""
     s_levels, t_levels = feature_levels(student), feature_levels(teacher)
     params = distill_params(student, loss, loss_params)
     losses = {k: build_loss(loss, s_levels[k], t_levels[k], **params)
               for k in distill_levels(student, teacher, loss, levels)}
-    return Distiller(student, teacher, losses, weight)
+    return Distiller(student, teacher, losses, weight, head)
 
 
 def calibrate_loss_weight(distiller: Distiller, batches: Iterable[tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]],
@@ -146,7 +223,7 @@ def calibrate_loss_weight(distiller: Distiller, batches: Iterable[tuple[list[tor
                 images = [im.to(device) for im in images]
                 targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
                 losses = distiller(images, targets)
-                kd += sum(v.item() for k, v in losses.items() if k.startswith("distill"))
+                kd += sum(v.item() for k, v in losses.items() if k.startswith("distill") and k != HEAD_KEY)
                 for level in levels:
                     levels[level] += losses[f"distill_{level}"].item()
                 det += sum(v.item() for k, v in losses.items() if not k.startswith("distill"))

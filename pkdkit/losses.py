@@ -537,3 +537,46 @@ def _loss_class(name: str) -> type[_FeatureLoss]:
     if name not in LOSSES:
         raise ConfigError(f"unknown loss {name!r}; available: {sorted(LOSSES)}")
     return LOSSES[name]
+
+
+class HeadKDLoss(nn.Module):
+    """Response (logit) distillation on a dense detector's classification outputs (RetinaNet, FCOS).
+
+    Hinton et al., *Distilling the Knowledge in a Neural Network* (2015): soft targets at temperature T and
+    a T^2 factor, in the per-class sigmoid (binary) form dense detectors use, where each anchor/location has K
+    independent class probabilities instead of one softmax (the classification-head KD of General Instance
+    Distillation, Dai et al., CVPR 2021, and of Focal and Global KD's head loss, Yang et al., CVPR 2022).
+    Each anchor is weighted by the teacher's confidence, its highest class probability, so the many anchors
+    the teacher calls background weigh little (the weighting of score-guided dense KD, e.g. Zhou et al.,
+    *Dense Teacher*, ECCV 2022). With z_s, z_t the logits (N, A, K) of student and teacher::
+
+        q = sigmoid(z_t / T),  p = sigmoid(z_s / T)
+        KL(q || p) = q log(q / p) + (1 - q) log((1 - q) / (1 - p))           (per anchor and class)
+        w_na = max_k sigmoid(z_t[n, a, k])                                   (teacher's confidence, T = 1)
+        L = T^2 * sum_{n,a} w_na * sum_k KL(q || p)_{nak} / sum_{n,a} w_na
+
+    L is 0 when the logits are equal and its gradient goes only into the student (the teacher is detached).
+    KL is computed as BCE(z_s / T, q) - BCE(z_t / T, q), stable for any logit.
+    """
+
+    def __init__(self, temperature: float = 1.0):
+        super().__init__()
+        _positive(type(self).__name__, temperature=temperature)
+        self.temperature = float(temperature)
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        """`student_logits`, `teacher_logits`: (N, A, K) classification logits of the same anchors and classes."""
+        if student_logits.shape != teacher_logits.shape:
+            raise ValueError(f"head KD needs equal shapes, got student {tuple(student_logits.shape)} and teacher "
+                             f"{tuple(teacher_logits.shape)}")
+        t = self.temperature
+        zs, zt = student_logits / t, teacher_logits.detach() / t
+        q = torch.sigmoid(zt)
+        kl = (F.binary_cross_entropy_with_logits(zs, q, reduction="none")
+              - F.binary_cross_entropy_with_logits(zt, q, reduction="none")).sum(-1)  # (N, A)
+        w = torch.sigmoid(teacher_logits.detach()).amax(-1)  # (N, A)
+        return t * t * (w * kl).sum() / w.sum().clamp_min(1e-12)
+
+
+HEAD_LOSSES: dict[str, type[nn.Module]] = {"kd": HeadKDLoss}
+__all__ += ["HeadKDLoss", "HEAD_LOSSES"]

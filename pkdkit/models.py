@@ -653,7 +653,7 @@ def export_onnx(model: nn.Module, spec: DetectorSpec, label_map: LabelMap, out: 
     out = Path(out)
     onnx_bytes = io.BytesIO()
     with torch.no_grad():
-        torch.onnx.export(_OnnxDetector(model), (example,), onnx_bytes, opset_version=opset, dynamo=False,
+        torch.onnx.export(_OnnxDetector(model).eval(), (example,), onnx_bytes, opset_version=opset, dynamo=False,
                           input_names=["image"], output_names=["boxes", "scores", "labels"],
                           dynamic_axes={"image": {1: "height", 2: "width"}, "boxes": {0: "detections"},
                                         "scores": {0: "detections"}, "labels": {0: "detections"}})

@@ -49,14 +49,15 @@ from torch import nn
 
 from pkdkit.config import check_fields, check_types, check_value
 from pkdkit.data import CocoDetection, DataConfig, LabelMap, make_loader
-from pkdkit.distill import Distiller, build_distiller, calibrate_loss_weight, inherit_teacher_head
+from pkdkit.distill import (DENSE_ARCHS, Distiller, build_distiller, build_head_distill, calibrate_loss_weight,
+                            inherit_teacher_head)
 from pkdkit.engine import (DistInfo, TrainConfig, barrier, history_file, init_distributed, note_evaluation, ran_on,
                            resolve_device, seed_everything, train, training_files)
 from pkdkit.errors import ConfigError, reason
 from pkdkit.evaluate import EvalRecord, budget_of, comparison_table, evaluate_detector, evaluation_files
 from pkdkit.features import common_levels, feature_levels
 from pkdkit.files import check_name, link_files, write_json, write_text
-from pkdkit.losses import build_loss, loss_hparams
+from pkdkit.losses import HEAD_LOSSES, build_loss, loss_hparams
 from pkdkit.models import (CheckpointError, DetectorSpec, build_detector, initial_weights_label, is_torchvision_weight,
                            load_checkpoint, load_model, model_meta, save_detector, state_fingerprint)
 from pkdkit.ordering import Selection
@@ -82,7 +83,10 @@ class Stage:
     docstring) with loss_ratio the target start ratio of distillation to detection loss.
     `teacher_size`: the teacher's input size; when it differs from the student's, the teacher sees the
     student's batch rescaled to its own size and its FPN maps are resized to the student's
-    (`pkdkit.features.features_at`)."""
+    (`pkdkit.features.features_at`).
+    head_loss: response distillation of a dense head besides the feature loss ("kd": `pkdkit.losses.HeadKDLoss`
+    at `head_temperature`, times `head_loss_weight`; RetinaNet/FCOS student and teacher at the same input size);
+    ``loss_weight: 0`` with a head_loss distils the responses alone."""
 
     name: str
     teacher: str
@@ -94,6 +98,9 @@ class Stage:
     loss_ratio: float = 1.0
     train: dict[str, Any] = field(default_factory=dict)
     teacher_size: list[int] | None = None  # [min_size, max_size] the teacher runs at; None: its own
+    head_loss: str | None = None  # "kd": response distillation of a dense head (None: features only)
+    head_loss_weight: float = 1.0
+    head_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         """Every field's type, the loss and its parameters (`_check_loss_params`), the distillation weight:
@@ -110,6 +117,12 @@ class Stage:
         if not 0 < self.loss_ratio < float("inf"):
             raise ConfigError(f"stage {self.name!r}: loss_ratio must be a finite number > 0, not {self.loss_ratio}")
         self.loss_params = _check_loss_params(self)
+        if self.head_loss is not None and self.head_loss not in HEAD_LOSSES:
+            raise ConfigError(f"unknown head_loss {self.head_loss!r}; available: "
+                              f"{sorted(HEAD_LOSSES)}")
+        if not 0 <= self.head_loss_weight < float("inf") or not 0 < self.head_temperature < float("inf"):
+            raise ConfigError(f"head_loss_weight must be a finite number >= 0 and "
+                              f"head_temperature one > 0, not {self.head_loss_weight} and {self.head_temperature}")
 
 
 @dataclass
@@ -340,6 +353,23 @@ def validate_plan(plan: Plan, dataset_label_map: LabelMap) -> None:
             raise PlanError(f"{where}: inherit_teacher_head: teacher {stage.teacher} shares no category (by name) "
                             f"with the data ({plan.data.train_json}: {list(dataset_label_map.names)[:8]}...; "
                             f"teacher: {list(t_map.names)[:8]}...); set inherit_teacher_head: false")
+        if stage.head_loss is not None:
+            two_stage = [f"{who} is a {spec.arch}" for who, spec in (("student", plan.student), ("teacher", t_spec))
+                         if spec.arch not in DENSE_ARCHS]
+            if two_stage:
+                raise PlanError(f"{where}: head_loss {stage.head_loss!r} is for dense heads ({', '.join(DENSE_ARCHS)}); "
+                                f"the {' and the '.join(two_stage)} (two-stage): remove head_loss")
+            if not t_map.match_by_name(dataset_label_map):
+                raise PlanError(f"{where}: head_loss: teacher {stage.teacher} shares no category (by name) with the "
+                                f"data ({plan.data.train_json}); remove head_loss")
+            t_size = list(size or (t_spec.min_size, t_spec.max_size))
+            s_size = [plan.student.min_size, plan.student.max_size]
+            same_boxes = plan.student.arch != "retinanet" or t_spec.anchor_sizes == plan.student.anchor_sizes
+            if t_spec.arch != plan.student.arch or t_size != s_size or not same_boxes:
+                raise PlanError(f"{where}: head_loss needs the student's anchors in the teacher: the same detector "
+                                f"(student {plan.student.arch}, teacher {t_spec.arch}) at the same input size "
+                                f"(student {s_size}, teacher {t_size}; see teacher_size) with the same anchor sizes "
+                                f"(student {plan.student.anchor_sizes}, teacher {t_spec.anchor_sizes}); remove head_loss")
         t_levels = feature_levels(build_detector(replace(t_spec, weights=None, backbone_weights=None)))
         try:
             common_levels({"student": student_levels, "teacher": t_levels}, stage.levels)
@@ -521,7 +551,17 @@ def _prepare_stage(run: _PlanRun, student: _Student, k: int, cfg: TrainConfig) -
     if inherited is not None:
         student.init += f" + neck/head of {stage.name} ({len(inherited['copied'])} tensors)"
         run.say(_inheritance_message(stage, inherited))
-    distiller = build_distiller(model, teacher, stage.loss, stage.loss_params or None, stage.levels)
+    head = None
+    if stage.head_loss is not None:
+        try:
+            head = build_head_distill(model, teacher, stage.head_loss, stage.head_loss_weight, stage.head_temperature,
+                                      run.label_map, t_map)
+        except ConfigError as e:
+            raise PlanError(f"stage {k + 1} ({stage.name}): {e}") from None
+        if head.skipped:
+            run.say(f"stage {k + 1} ({stage.name}): head_loss {stage.head_loss}: the teacher does not know the "
+                    f"categories {head.skipped}; they are left out of the response distillation")
+    distiller = build_distiller(model, teacher, stage.loss, stage.loss_params or None, stage.levels, head=head)
     calibration = _calibrate(distiller, stage, run.train_ds, cfg, plan.stage_calibration(k), run.device,
                              run.info.is_main)
     distiller.weight = calibration["weight"]
@@ -536,7 +576,8 @@ def _prepare_stage(run: _PlanRun, student: _Student, k: int, cfg: TrainConfig) -
                               "init_fingerprint": fingerprint, "teacher_spec": t_spec.to_dict(), "inherited": inherited,
                               "levels_used": list(distiller.losses),
                               "loss_params_used": {n: getattr(first, n) for n in loss_hparams(stage.loss)},
-                              "loss_weight_used": distiller.weight, "calibration": calibration}}
+                              "loss_weight_used": distiller.weight, "calibration": calibration,
+                              **({"head_classes_skipped": head.skipped} if head is not None else {})}}
     return distiller, stage_config
 
 

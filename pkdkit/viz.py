@@ -655,3 +655,44 @@ def note(ax: Any, text: str) -> None:
     """A panel that says why there is nothing to draw."""
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=10, color="0.3")
     bare(ax)
+
+
+_LATENCIES = {"ort_cpu_ms": "ONNX Runtime, CPU", "torch_cpu_ms": "PyTorch, CPU", "ort_cuda_ms": "ONNX Runtime, CUDA",
+              "torch_cuda_ms": "PyTorch, CUDA"}
+
+
+def plot_speed_accuracy(profiles: Sequence[Any], latency: str | None = None) -> Figure:
+    """Latency against AP, one labelled point per model (`pkdkit.profile.Profile`s or their `to_dict()`): the
+    figure an engineer picks a model from (up and to the left is better). `latency`: which one (a key of
+    `_LATENCIES`); default ONNX Runtime on the CPU when every model has it, else PyTorch on the CPU. Models
+    without an AP are left out (named in the title)."""
+    rows = [p if isinstance(p, Mapping) else p.to_dict() for p in profiles]
+    if latency is None:
+        latency = "ort_cpu_ms" if rows and all(r.get("ort_cpu_ms") is not None for r in rows) else "torch_cpu_ms"
+    if latency not in _LATENCIES:
+        raise ValueError(f"plot_speed_accuracy: latency must be one of {sorted(_LATENCIES)}, not {latency!r}")
+    shown = [r for r in rows if r.get("ap") is not None and r.get(latency) is not None]
+    if not shown:
+        raise ValueError("plot_speed_accuracy: no model has both an AP and this latency")
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    seen: list[float] = []
+    for r in shown:
+        x, y = r[latency], 100 * r["ap"]
+        size = 20 + 12 * r["params"] / 1e6  # marker area in points^2
+        ax.scatter([x], [y], s=size, alpha=0.75, zorder=3)
+        left = any(abs(x - s) < 1e-9 for s in seen)  # same cost as a model already drawn: label on the other side
+        ax.annotate(f"{r['name']}\n{r['params'] / 1e6:.1f} M, {r['flops'] / 1e9:.2g} GFLOPs", (x, y),
+                    xytext=((-1 if left else 1) * (size ** 0.5 / 2 + 4), 0), textcoords="offset points", va="center",
+                    ha="right" if left else "left", fontsize=8)
+        seen.append(x)
+    xs, ys = [r[latency] for r in shown], [100 * r["ap"] for r in shown]
+    pad_x, pad_y = 0.35 * (max(xs) - min(xs) or max(xs)), 0.15 * (max(ys) - min(ys) or 1.0)
+    ax.set_xlim(max(0.0, min(xs) - pad_x), max(xs) + pad_x)
+    ax.set_ylim(min(ys) - pad_y, max(ys) + pad_y)
+    first = shown[0]
+    ax.set(xlabel=f"latency at batch 1 (ms, median; {_LATENCIES[latency]}, {first['threads']} thread(s))",
+           ylabel="bbox AP (%)", title="Speed and accuracy (point size: parameters)"
+           + (f"; no AP: {', '.join(r['name'] for r in rows if r not in shown)}" if len(shown) < len(rows) else ""))
+    ax.grid(alpha=0.3)
+    return fig

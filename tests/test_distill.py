@@ -1,6 +1,7 @@
 """Distiller, plans and staged runs with hand-over, on real torchvision detectors (tiny sizes)."""
 from __future__ import annotations
 
+import copy
 import json
 import signal
 import subprocess
@@ -16,9 +17,9 @@ from conftest import free_port, keeps_forward_outputs, tb_scalars, tb_tags
 
 from pkdkit.data import CocoDetection
 from pkdkit.data import make_loader
-from pkdkit.distill import Distiller, build_distiller, calibrate_loss_weight, inherit_teacher_head
+from pkdkit.distill import Distiller, build_distiller, build_head_distill, calibrate_loss_weight, inherit_teacher_head
 from pkdkit.engine import TrainConfig, seed_everything, train, train_detector
-from pkdkit.errors import RunMismatchError
+from pkdkit.errors import ConfigError, RunMismatchError
 from pkdkit.models import (DetectorSpec, build_detector, load_checkpoint, load_detector, save_detector,
                            state_fingerprint)
 from pkdkit.plan import Plan, PlanError, load_plan, reuse_stages, run_plan, shared_stages
@@ -260,6 +261,11 @@ def test_a_stage_another_plan_trained_identically_is_linked_not_trained_again_an
     (lambda d, t: d["stages"][0].update(levels=["p2"]), r"stage 1 \(r34\): levels \['p2'\] are not in every model"),
     (lambda d, t: d["stages"][0].update(train={"optimizer": "lamb"}), r"stage 1 \(r34\): optimizer must be"),
     (lambda d, t: d["student"].update(num_classes=3), r"student has num_classes=3 but the data"),
+    (lambda d, t: d["stages"][0].update(teacher=t["frcnn"], head_loss="kd"),
+     r"stage 1 \(r34\): head_loss 'kd' is for dense heads \(retinanet, fcos\); the teacher is a fasterrcnn"),
+    (lambda d, t: d["stages"][0].update(head_loss="logits"), r"stage 1 \(r34\): unknown head_loss 'logits'"),
+    (lambda d, t: d["stages"][1].update(head_loss="kd"),
+     r"stage 2 \(fcos50\): head_loss needs the student's anchors in the teacher: the same detector \(student retinanet, teacher fcos\)"),
 ])
 def test_invalid_plans_fail_early_with_the_stage_and_reason(tiny_coco, label_map, teachers, tmp_path, change, message):
     d = _plan_dict(tiny_coco, label_map, teachers, tmp_path / "run")
@@ -325,9 +331,13 @@ def test_stage_one_starts_from_the_baselines_initialisation_and_inherits_the_hea
     val_ds = CocoDetection(tiny_coco["val_images"], tiny_coco["val_json"])
     baseline = train_detector(spec, train_ds, val_ds, CFG, tmp_path / "baseline")["config"]["budget"]
     d = _plan_dict(tiny_coco, label_map, teachers, tmp_path / "run", stages=[
-        {"name": "r34", "teacher": teachers["r34"], "loss": "mse", "loss_weight": 0}])
+        {"name": "r34", "teacher": teachers["r34"], "loss": "mse", "loss_weight": 0, "head_loss": "kd",
+         "head_loss_weight": 2.0, "head_temperature": 2.0}])  # features off: response distillation alone
     record = run_plan(load_plan(_write_plan(tmp_path, d)), progress=False)["rows"]["r34"]["config"]
     stage = record["stage"]
+    assert (stage["head_loss"], stage["head_loss_weight"], stage["head_classes_skipped"]) == ("kd", 2.0, [])
+    history = json.loads((tmp_path / "run" / "stage_1_r34" / "history.json").read_text())
+    assert "distill_head" in json.dumps(history)
     assert stage["init_from"] == "initial" and stage["init_fingerprint"] == baseline["init_fingerprint"]
     assert baseline == {"init": "initial (random, seed 0)", "epochs": 1, "init_fingerprint": baseline["init_fingerprint"]}
     copied = set(stage["inherited"]["copied"])
@@ -387,3 +397,33 @@ def test_distiller_takes_the_authors_levels_and_weights_for_the_students_family(
     assert (one_stage.losses["p3"].alpha_mgd, one_stage.losses["p3"].lambda_mgd) == (2e-5, 0.5)
     cwd = build_distiller(mask_student, frcnn_teacher, "cwd")
     assert list(cwd.losses) == ["p2", "p3", "p4", "p5", "p6"] and cwd.losses["p2"].loss_weight == 10.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Response distillation of dense heads
+def test_head_distillation_uses_the_name_matched_classes_and_never_trains_the_teacher(tiny_coco, label_map, teachers):
+    torch.manual_seed(0)
+    student = build_detector(_student_spec(label_map))
+    teacher, _, t_map, _ = load_detector(teachers["wrong_classes"])  # 3 classes: the data's first 2 categories
+    head = build_head_distill(student, teacher, "kd", 1.0, 2.0, label_map, t_map)
+    assert (head.student_cols, head.teacher_cols, head.skipped) == ([1, 2], [1, 2], list(label_map.names[2:]))
+    distiller = build_distiller(student, teacher, "mse", levels=["p3"], head=head)
+    ds = CocoDetection(tiny_coco["train_images"], tiny_coco["train_json"], train=True)
+    images, targets = zip(*[ds[i] for i in range(2)])
+    losses = distiller(list(images), list(targets))
+    assert set(losses) == {"classification", "bbox_regression", "distill_p3", "distill_head"}
+    losses["distill_head"].backward()
+    grad = student.head.classification_head.cls_logits.weight.grad.view(-1, label_map.num_classes, *student.head.classification_head.cls_logits.weight.shape[1:])
+    assert grad[:, 1:3].abs().sum() > 0 and grad[:, 3:].abs().sum() == 0 and grad[:, 0].abs().sum() == 0
+    assert all(p.grad is None for p in teacher.parameters())
+    assert not student.head.classification_head._forward_hooks  # the hook is removed after each forward
+    same = build_head_distill(student, copy.deepcopy(student))  # same classes without label maps: all but background
+    assert same.student_cols == list(range(1, label_map.num_classes))
+
+
+def test_head_distillation_is_refused_for_two_stage_detectors_and_other_anchors(label_map, teachers):
+    student = build_detector(_student_spec(label_map))
+    with pytest.raises(ConfigError, match="is for dense heads .*the teacher is a fasterrcnn"):
+        build_head_distill(student, load_detector(teachers["frcnn"])[0])
+    with pytest.raises(ConfigError, match="same anchors/locations.*anchors per location 9 vs 1"):
+        build_head_distill(student, build_detector(replace(_student_spec(label_map), arch="fcos")))

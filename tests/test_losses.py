@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from pkdkit.losses import LOSSES, CWDLoss, FGDLoss, MGDLoss, MSELoss, PKDLoss, build_loss, fgd_masks, loss_hparams
+from pkdkit.losses import HeadKDLoss
 
 N, H, W = 2, 5, 6
 IMAGE_SIZE = (40, 48)  # padded input batch; stride 8 onto (H, W)
@@ -401,3 +402,31 @@ def test_each_loss_map_is_per_position_and_sums_to_the_loss(name):
     where = loss.loss_map(s, t, **kwargs)
     assert where.shape == (N, H, W)
     assert where.sum().item() == pytest.approx(value.item(), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Response distillation of a dense head (HeadKDLoss)
+def test_head_kd_matches_written_out_binary_kl_weighted_by_teacher_confidence():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 7, 3, generator=g, dtype=torch.float64), 3 * torch.randn(2, 7, 3, generator=g, dtype=torch.float64)
+    T = 2.0
+    total, weights = 0.0, 0.0
+    for n in range(2):
+        for a in range(7):
+            w = max(1 / (1 + math.exp(-t[n, a, k].item())) for k in range(3))
+            kl = 0.0
+            for k in range(3):
+                q, p = 1 / (1 + math.exp(-t[n, a, k].item() / T)), 1 / (1 + math.exp(-s[n, a, k].item() / T))
+                kl += q * math.log(q / p) + (1 - q) * math.log((1 - q) / (1 - p))
+            total, weights = total + w * kl, weights + w
+    assert HeadKDLoss(temperature=T)(s, t).item() == pytest.approx(T * T * total / weights, rel=1e-9)
+
+
+def test_head_kd_is_zero_at_equal_logits_and_trains_only_the_student():
+    t = torch.randn(2, 7, 3, requires_grad=True)
+    assert HeadKDLoss(temperature=4.0)(t.detach().clone(), t).item() == 0.0
+    s = torch.randn(2, 7, 3, requires_grad=True)
+    HeadKDLoss()(s, t).backward()
+    assert t.grad is None and s.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        HeadKDLoss(temperature=0.0)

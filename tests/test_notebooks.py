@@ -162,14 +162,17 @@ def test_every_notebook_executes_headless_and_writes_its_outputs(demo_run):
     figures = sorted(p.name for p in (report / "figures").glob("*.png"))
     for expected in ("01_samples.png", "01_candidates_ap.png", "02_cost_matrix.png", "03_final_ap.png",
                      "03_losses_progressive.png", "04_feature_maps.png", "04_difference_after.png",
-                     "04_loss_view.png", "05_pr_curves.png"):
+                     "04_loss_view.png", "05_pr_curves.png", "05_speed_accuracy.png"):
         assert expected in figures
         assert (report / "figures" / expected).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_report_metrics_hold_every_section_and_the_parameters(demo_run):
     metrics = json.loads((demo_run / "report" / "metrics.json").read_text())
-    assert {"candidates", "selection", "distillation", "comparison", "evaluation", "fiftyone", "parameters"} <= set(metrics)
+    assert {"candidates", "selection", "distillation", "comparison", "evaluation", "fiftyone", "profile",
+            "parameters"} <= set(metrics)
+    assert [p["name"] for p in metrics["profile"]][-1] == "student (progressive)"
+    assert all(p["flops"] > 0 and p["torch_cpu_ms"] > 0 and p["ort_cpu_ms"] > 0 for p in metrics["profile"])
     assert metrics["preset"] == "tiny" and metrics["parameters"]["distill_epochs"] == 1
     assert metrics["parameters"]["threads"] == 2 and "notebook_seconds" not in metrics  # timings apart: metrics repeat
     assert set(json.loads((demo_run / "report" / "timings.json").read_text())["notebook_seconds"]) == set(NOTEBOOKS)

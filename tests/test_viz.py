@@ -381,3 +381,23 @@ def test_ap_bars_gain_is_against_the_control_with_the_same_epochs():
     table = comparison_table(rows, stats=("AP",)).splitlines()
     assert table[3].endswith("| 0.0 |") and table[4].endswith("| +3.5 |")
     assert table[5].endswith("| +0.9 |") and table[6].endswith("| n/a |")
+
+
+def test_speed_accuracy_has_one_labelled_point_per_model_with_an_ap(tmp_path):
+    def row(name, ms, ap, params=11e6):
+        return {"name": name, "params": params, "flops": 2e9, "torch_cpu_ms": 2 * ms, "ort_cpu_ms": ms, "ap": ap,
+                "threads": 2}
+
+    rows = [row("fcos_r50", 40.0, 0.31, 32e6), row("fcos_r34", 30.0, 0.27, 27e6), row("student (baseline)", 20.0, 0.18),
+            row("student (progressive)", 20.0, 0.22), row("no record", 10.0, None)]
+    fig = viz.plot_speed_accuracy(rows)
+    ax = fig.axes[0]
+    points = [c.get_offsets()[0].tolist() for c in ax.collections]
+    assert points == [[40.0, 31.0], [30.0, 27.0], [20.0, 18.0], [20.0, 22.0]]
+    labels = [t.get_text().split("\n")[0] for t in ax.texts]
+    assert labels == ["fcos_r50", "fcos_r34", "student (baseline)", "student (progressive)"]
+    assert "ONNX Runtime, CPU, 2 thread(s)" in ax.get_xlabel() and "no AP: no record" in ax.get_title()
+    assert "PyTorch, CPU" in viz.plot_speed_accuracy(rows, latency="torch_cpu_ms").axes[0].get_xlabel()
+    fig.savefig(tmp_path / "speed.png")
+    with pytest.raises(ValueError, match="latency must be one of"):
+        viz.plot_speed_accuracy(rows, latency="gpu")
