@@ -302,6 +302,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                      progress=not args.quiet)
     print(f"{len(result.results)} detections on {len(result.images)} images: {result.results_file} (COCO results); "
           f"drawn images in {result.drawn_dir}")
+    return 0
 
 
 def cmd_profile(args: argparse.Namespace) -> int:

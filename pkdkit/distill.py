@@ -204,7 +204,8 @@ def calibrate_loss_weight(distiller: Distiller, batches: Iterable[tuple[list[tor
                           ratio: float | None = None, device: str | torch.device = "cpu") -> dict[str, float]:
     """Measure the detection loss and the distillation term at the start of a stage, on a few training
     `batches` (``(images, targets)`` as the training loader yields them), without changing anything: weights,
-    BatchNorm statistics and every RNG are restored afterwards.
+    BatchNorm statistics and every RNG (the distiller's own generator too) are restored afterwards; the
+    masks of batch k are seeded by k, so every call measures the same.
 
     Returns {"detection", "distillation" (with weight 1), "levels" ({level: its part of the distillation
     term, with weight 1}), "start_ratio" (distillation * current weight / detection), "batches"}; with
@@ -212,7 +213,7 @@ def calibrate_loss_weight(distiller: Distiller, batches: Iterable[tuple[list[tor
     weight at which the distillation term starts at `ratio` times the detection loss (not applied here).
     """
     device = torch.device(device)
-    state = copy.deepcopy(distiller.state_dict())
+    state, generator = copy.deepcopy(distiller.state_dict()), distiller.generator.get_state()
     weight, det, kd, n = distiller.weight, 0.0, 0.0, 0
     levels = dict.fromkeys(distiller.losses, 0.0)
     distiller.to(device).train()
@@ -222,6 +223,7 @@ def calibrate_loss_weight(distiller: Distiller, batches: Iterable[tuple[list[tor
             for images, targets in batches:
                 images = [im.to(device) for im in images]
                 targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+                distiller.seed_step(n)  # the same masks on every call, whatever ran before
                 losses = distiller(images, targets)
                 kd += sum(v.item() for k, v in losses.items() if k.startswith("distill") and k != HEAD_KEY)
                 for level in levels:
@@ -231,6 +233,7 @@ def calibrate_loss_weight(distiller: Distiller, batches: Iterable[tuple[list[tor
     finally:
         distiller.weight = weight
         distiller.load_state_dict(state)
+        distiller.generator.set_state(generator)
     if n == 0:
         raise ValueError("calibrate_loss_weight: no batches given")
     det, kd, levels = det / n, kd / n, {level: v / n for level, v in levels.items()}

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -54,8 +55,13 @@ class Profile:
     ap: float | None = None
     ort_score_diff: float | None = None  # max |ONNX Runtime - PyTorch| over the sorted detection scores of the image
 
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "input_size": list(self.input_size)}
+    def to_dict(self, relative_to: str | os.PathLike | None = None) -> dict[str, Any]:
+        """The row as JSON; with `relative_to` (a run directory), a checkpoint `ref` inside it is written relative
+        to it, so a report does not hold the machine's absolute paths."""
+        ref = self.ref
+        if relative_to is not None and Path(ref).is_absolute() and Path(ref).is_relative_to(Path(relative_to).resolve()):
+            ref = str(Path(ref).relative_to(Path(relative_to).resolve()))
+        return {**asdict(self), "ref": ref, "input_size": list(self.input_size)}
 
 
 def count_flops(model: nn.Module, *inputs: Any) -> int:
