@@ -449,7 +449,8 @@ def _stage_findings(doc: _Doctor, plan: Plan, k: int, start: nn.Module, teacher:
     """levels, loss_ratio, level_share, smoke_run (stage 1) and teacher_frozen of stage k, on copies of the
     student (the smoke run trains it; the teacher, shared with other stages, only runs in eval mode)."""
     stage, label = plan.stages[k], _stage_label(plan, k)
-    doc.say(f"{label}: levels, loss ratio and level shares on {doc.settings.batches} batches"
+    doc.say(f"{label}: levels, loss ratio and level shares on {doc.settings.batches} "
+            f"batch{'es' if doc.settings.batches != 1 else ''}"
             + (f", a smoke run of {doc.settings.steps} steps" if k == 0 else ""))
     seed_everything(cfg.seed + 1000 * (k + 1))
     if finished:
