@@ -1,5 +1,5 @@
-"""`pkdkit synth | train | evaluate | select | distill | doctor | notebooks | inspect | export`: thin argparse wrappers
-over the library.
+"""`pkdkit synth | train | evaluate | select | distill | doctor | notebooks | inspect | export | convert | predict |
+profile`: thin argparse wrappers over the library.
 
 pkdkit's own errors (bad data, a checkpoint, a plan, a setting, a run folder in use or made with other
 settings) are printed as one message and exit with status 1; `pkdkit --debug ...` shows the traceback.
