@@ -10,7 +10,7 @@ a difference of two APs is judged against:
   before this module (reports/experiment-tiny: pooled sample std of AP over its 6 runs and 3 seeds 0.80 AP
   points, so 1.13 points for a difference), used as the single-run noise. The study regenerated since (7 runs,
   every shared run bit-identical) gave 1.08 points, and the one after the loader's per-item generators changed
-  every run's weights 0.59 points; the constant is kept (the larger, so the more cautious) so that committed
+  every run's weights 0.54 points; the constant is kept (the larger, so the more cautious) so that committed
   verdicts stay reproducible.
 
 `judge_order_check` turns `pkdkit.workflow.order_check`'s numbers into a verdict and a sentence.
