@@ -13,7 +13,7 @@ and writes into `out`: ``results.json``, COCO results (``image_id``, ``category_
 folder sorted), which pycocotools' ``loadRes`` reads; and ``drawn/``, each image with its boxes of score >=
 `score_threshold` (``torchvision.utils.draw_bounding_boxes``, labelled "name score"). Every detection the model
 returns is in results.json (the threshold is for the pictures), so AP can be computed from it. In a notebook
-the first drawn images are shown as a grid (`plot_predictions`).
+the first drawn images are shown as a grid (`pkdkit.viz.plot_predictions`).
 """
 from __future__ import annotations
 
@@ -25,9 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
-from matplotlib.figure import Figure
 from PIL import Image
 from torch import nn
 from torchvision.utils import draw_bounding_boxes
@@ -39,7 +37,7 @@ from pkdkit.errors import ConfigError, reason
 from pkdkit.evaluate import results_to_json
 from pkdkit.models import CheckpointError, DetectorSpec, build_detector, eval_mode, is_torchvision_weight, load_model
 from pkdkit.progress import bar as progress_bar
-from pkdkit.viz import bare
+from pkdkit.viz import plot_predictions
 from pkdkit.viz import show as show_figure
 
 RESULTS_FILE = "results.json"
@@ -169,24 +167,6 @@ def draw(image: torch.Tensor, detections: list[dict], score_threshold: float) ->
 
 _TAB10 = [(0.12, 0.47, 0.71), (1.0, 0.5, 0.05), (0.17, 0.63, 0.17), (0.84, 0.15, 0.16), (0.58, 0.4, 0.74),
           (0.55, 0.34, 0.29), (0.89, 0.47, 0.76), (0.5, 0.5, 0.5), (0.74, 0.74, 0.13), (0.09, 0.75, 0.81)]
-
-
-def plot_predictions(drawn: Sequence[tuple[str, torch.Tensor]], cols: int = 3) -> Figure:
-    """A grid of drawn images (name, uint8 `(3, H, W)`), titled with their names (a Figure without pyplot)."""
-    if not drawn:
-        raise ValueError("plot_predictions: no images to show")
-    cols = min(cols, len(drawn))
-    rows = -(-len(drawn) // cols)
-    fig = Figure(figsize=(3.2 * cols, 3.2 * rows), layout="constrained")
-    axes = np.asarray(fig.subplots(rows, cols, squeeze=False))
-    for ax, (name, pixels) in zip(axes.flat, drawn):
-        ax.imshow(pixels.permute(1, 2, 0).numpy())
-        ax.set_title(name, fontsize=8)
-    for ax in axes.flat:
-        bare(ax)
-        if not ax.images:
-            ax.set_axis_off()
-    return fig
 
 
 def _prepare_out(out: Path, force: bool) -> None:

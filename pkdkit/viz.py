@@ -584,10 +584,7 @@ def plot_samples(dataset: Any, n: int = 6, *, indices: Sequence[int] | None = No
     indices = list(range(min(n, len(dataset)))) if indices is None else list(indices)
     if not indices:
         raise ValueError("plot_samples: no images to show (empty dataset or indices)")
-    cols = min(cols, len(indices))
-    rows = -(-len(indices) // cols)
-    fig = Figure(figsize=(3.0 * cols, 3.0 * rows), layout="constrained")
-    axes = np.asarray(fig.subplots(rows, cols, squeeze=False))
+    fig, axes = image_grid(len(indices), cols, 3.0)
     label_map = getattr(dataset, "label_map", None)
     for ax, i in zip(axes.flat, indices):
         image, target = dataset[i]
@@ -601,6 +598,31 @@ def plot_samples(dataset: Any, n: int = 6, *, indices: Sequence[int] | None = No
         image_id = int(target["image_id"]) if "image_id" in target else i
         k = len(target["boxes"])
         ax.set_title(f"image {image_id}: {k} object{'s' if k != 1 else ''}", fontsize=9)
+    return finish_grid(fig, axes)
+
+
+def plot_predictions(drawn: Sequence[tuple[str, torch.Tensor]], cols: int = 3) -> Figure:
+    """A grid of drawn images (name, uint8 `(3, H, W)`, e.g. `pkdkit.predict`'s), titled with their names."""
+    if not drawn:
+        raise ValueError("plot_predictions: no images to show")
+    fig, axes = image_grid(len(drawn), cols, 3.2)
+    for ax, (name, pixels) in zip(axes.flat, drawn):
+        ax.imshow(pixels.permute(1, 2, 0).numpy())
+        ax.set_title(name, fontsize=8)
+    return finish_grid(fig, axes)
+
+
+def image_grid(n: int, cols: int, inches: float) -> tuple[Figure, np.ndarray]:
+    """(figure, axes (rows, cols)): `n` image panels of `inches` each, in rows of at most `cols`; draw into the
+    first `n` axes, then `finish_grid`."""
+    cols = min(cols, n)
+    rows = -(-n // cols)
+    fig = Figure(figsize=(inches * cols, inches * rows), layout="constrained")
+    return fig, np.asarray(fig.subplots(rows, cols, squeeze=False))
+
+
+def finish_grid(fig: Figure, axes: np.ndarray) -> Figure:
+    """An `image_grid` once drawn: no ticks, the panels left without an image hidden."""
     for ax in axes.flat:
         bare(ax)
         if not ax.images:

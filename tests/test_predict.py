@@ -12,7 +12,8 @@ from pycocotools.coco import COCO
 from pkdkit.cli import main
 from pkdkit.data import CocoDetection
 from pkdkit.models import CheckpointError, DetectorSpec, build_detector, export_model, save_detector
-from pkdkit.predict import plot_predictions, predict
+from pkdkit.predict import predict
+from pkdkit.viz import plot_predictions
 
 
 @pytest.fixture(scope="module")
